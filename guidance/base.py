@@ -1,0 +1,113 @@
+"""The guidance protocol: one canonical record per step in, a guided prediction out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from samplers.base import Level
+from samplers.schedule import check_prediction_type, from_x0, to_eps, to_x0
+
+BRANCHES = ("cond", "uncond")
+
+
+@dataclass
+class Step:
+    """Everything a guide may look at in one sampling step.
+
+    ``x = alpha * x0 + sigma * eps`` at network time ``t``; ``pred_cond`` / ``pred_uncond`` are the
+    network's outputs in ``prediction_type`` space. Rows whose unconditional branch was not evaluated
+    (``uncond_mask`` False) carry ``pred_uncond == pred_cond`` there, so any CFG-type combination reduces
+    to the conditional prediction on those rows.
+    """
+
+    x: Tensor
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    index: int
+    num_steps: int
+    pred_cond: Tensor
+    pred_uncond: Tensor | None
+    prediction_type: str = "epsilon"
+    uncond_mask: Tensor | None = None
+    cond: Any = None
+    evaluate: Callable[[Tensor, Any], Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_prediction_type(self.prediction_type)
+
+    def x0(self, pred: Tensor) -> Tensor:
+        """Model output -> x0 estimate at this step."""
+        return to_x0(pred, self.x, self.alpha, self.sigma, self.prediction_type)
+
+    def eps(self, pred: Tensor) -> Tensor:
+        """Model output -> epsilon estimate at this step."""
+        return to_eps(pred, self.x, self.alpha, self.sigma, self.prediction_type)
+
+    def from_x0(self, x0: Tensor) -> Tensor:
+        """x0 estimate -> model output in this step's prediction type."""
+        return from_x0(x0, self.x, self.alpha, self.sigma, self.prediction_type)
+
+    @property
+    def ve_sigma(self) -> float:
+        """Scale-free noise level ``sigma / alpha`` (k-diffusion's sigma)."""
+        return float(self.sigma / self.alpha)
+
+
+class Guided(NamedTuple):
+    """A guide's answer, in the model's prediction type: ``denoise`` for the data term, ``renoise`` for noise."""
+
+    denoise: Tensor
+    renoise: Tensor
+
+
+class Guidance:
+    """Base class of every guide.
+
+    Subclasses implement :meth:`combine`. ``changes_renoise`` is True for guides whose ``renoise``
+    differs from ``denoise`` (CFG++): the sampler or scheduler hook then uses both.
+    """
+
+    changes_renoise: bool = False
+
+    def needs_uncond(self, level: Level, batch_size: int) -> Tensor:
+        """Which rows need the unconditional branch at this level (bool, shape ``(batch_size,)``)."""
+        return torch.ones(batch_size, dtype=torch.bool, device=level.alpha.device)
+
+    def combine(self, step: Step) -> Guided:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-run state; called at the start of every sampling call."""
+
+    def __call__(self, step: Step) -> Guided:
+        return self.combine(step)
+
+
+def check_scale(name: str, value: float, minimum: float = 0.0) -> float:
+    """Validate a real scale: finite and >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
+    return float(value)
+
+
+def require_uncond(step: Step, who: str) -> Tensor:
+    if step.pred_uncond is None:
+        raise ValueError(f"{who} needs the unconditional prediction; got pred_uncond=None")
+    if step.pred_uncond.shape != step.pred_cond.shape:
+        raise ValueError(
+            f"{who}: pred_cond and pred_uncond must have the same shape, got {tuple(step.pred_cond.shape)} "
+            f"and {tuple(step.pred_uncond.shape)}")
+    return step.pred_uncond
+
+
+def batch_view(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample vector ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""
+    return v.view(-1, *[1] * (like.ndim - 1))

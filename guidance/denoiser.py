@@ -1,0 +1,87 @@
+"""Turn a network + a guide into the denoiser callable the samplers run."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from samplers.base import Denoised, Level
+from samplers.schedule import check_prediction_type
+
+from .base import Guidance, Step
+
+ModelFn = Callable[[Tensor, Tensor, Any], Tensor]  # (x_t, t, cond) -> model output
+
+
+def cat_cond(a: Any, b: Any) -> Any:
+    """Concatenate two conditions along the batch (tensors, dicts of tensors, or None)."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    raise TypeError(f"conditions must be tensors or dicts of tensors, got {type(a).__name__}")
+
+
+def take_rows(c: Any, rows: Tensor) -> Any:
+    """Select batch rows of a condition (tensors, dicts of tensors, or None)."""
+    if c is None:
+        return None
+    if isinstance(c, Tensor):
+        return c[rows]
+    if isinstance(c, dict):
+        return {k: take_rows(v, rows) for k, v in c.items()}
+    raise TypeError(f"conditions must be tensors or dicts of tensors, got {type(c).__name__}")
+
+
+class GuidedDenoiser:
+    """A sampler denoiser (``(x_t, Level) -> Denoised``) that evaluates cond/uncond in one batch and guides.
+
+    Unconditional rows are evaluated only where ``guide.needs_uncond`` asks; ``rows`` counts network rows.
+    With ``guide=None`` it is the plain conditional model. The guide is reset at step 0 of every run.
+    """
+
+    def __init__(self, model_fn: ModelFn, guide: Guidance | None, cond: Any, uncond: Any = None,
+                 prediction_type: str = "epsilon") -> None:
+        if guide is not None and not isinstance(guide, Guidance):
+            raise TypeError(f"guide must be a guidance.Guidance, got {type(guide).__name__}")
+        if guide is not None and uncond is None:
+            raise ValueError("a guide needs an unconditional condition (uncond); pass e.g. the null class")
+        self.model_fn, self.guide, self.cond, self.uncond = model_fn, guide, cond, uncond
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.rows = 0
+        self.calls = 0
+
+    def _eval(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        self.rows += x.shape[0]
+        self.calls += 1
+        return self.model_fn(x, t, cond)
+
+    def __call__(self, x: Tensor, level: Level) -> Denoised:
+        batch = x.shape[0]
+        if self.guide is None:
+            out = self._eval(x, level.t, self.cond)
+            step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, out, None,
+                        self.prediction_type)
+            x0 = step.x0(out)
+            return Denoised(x0, x0)
+        if level.index == 0:
+            self.guide.reset()
+        mask = self.guide.needs_uncond(level, batch).to(x.device)
+        rows = mask.nonzero().squeeze(1)
+        n_u = len(rows)
+        out = self._eval(torch.cat([x[rows], x]), level.t, cat_cond(take_rows(self.uncond, rows), self.cond))
+        pred_cond = out[n_u:]
+        if n_u == batch:
+            pred_uncond = out[:n_u]
+        else:
+            pred_uncond = pred_cond.clone()
+            pred_uncond[rows] = out[:n_u]
+        step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
+                    self.prediction_type, uncond_mask=mask, cond=self.cond,
+                    evaluate=lambda x_, c_: self._eval(x_, level.t, c_))
+        guided = self.guide.combine(step)
+        return Denoised(step.x0(guided.denoise), step.x0(guided.renoise))

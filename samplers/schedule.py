@@ -1,0 +1,118 @@
+"""Noise-schedule arithmetic shared by every sampler and guide.
+
+Convention (VP and its generalisations): ``x_t = alpha * x0 + sigma * eps``. For a DDPM schedule
+``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``. The scale-free "VE sigma"
+``sigma / alpha`` is what k-diffusion calls sigma; ``x / alpha`` is its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
+
+def to_x0(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
+    """Model output -> x0 estimate (Tweedie for epsilon; ``alpha x - sigma v`` for v on VP schedules)."""
+    if prediction_type == "epsilon":
+        return (x - sigma * pred) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * pred
+    if prediction_type == "sample":
+        return pred
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def to_eps(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
+    """Model output -> epsilon estimate."""
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return sigma * x + alpha * pred
+    if prediction_type == "sample":
+        return (x - alpha * pred) / sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def from_x0(x0: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
+    """x0 estimate -> model output of the given type (inverse of :func:`to_x0`; v assumes alpha^2+sigma^2=1)."""
+    if prediction_type == "epsilon":
+        return (x - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (alpha * x - x0) / sigma
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def alpha_sigma(alpha_bar: Tensor) -> tuple[Tensor, Tensor]:
+    """VP coefficients from a cumulative product of alphas."""
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The noise levels a sampler visits.
+
+    ``timesteps[i]`` is what the network is told at step ``i``; ``sigmas`` holds ``num_steps + 1``
+    VE sigmas (``sigma/alpha``): ``sigmas[i]`` at step ``i`` and ``sigmas[i + 1]`` the level it moves to
+    (the last one is 0 for a sampler that ends on clean data, or the schedule's final level).
+    """
+
+    timesteps: Tensor
+    sigmas: Tensor  # float64, length num_steps + 1
+
+    def __post_init__(self) -> None:
+        if self.sigmas.ndim != 1 or self.timesteps.ndim != 1 or len(self.sigmas) != len(self.timesteps) + 1:
+            raise ValueError("Plan needs 1-D timesteps (N) and sigmas (N + 1)")
+        if len(self.timesteps) < 1:
+            raise ValueError("Plan needs at least one step")
+        if bool((self.sigmas[:-1] <= 0).any()) or bool((self.sigmas < 0).any()):
+            raise ValueError("Plan sigmas must be positive (the last may be 0)")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def alpha(self, i: int) -> Tensor:
+        """VP alpha of level ``i`` (1 at sigma = 0)."""
+        return 1 / (1 + self.sigmas[i] ** 2).sqrt()
+
+    def sigma_vp(self, i: int) -> Tensor:
+        return self.sigmas[i] / (1 + self.sigmas[i] ** 2).sqrt()
+
+
+def plan_from_scheduler(scheduler, num_inference_steps: int, device: torch.device | str | None = None) -> Plan:
+    """Read the noise levels a diffusers scheduler would visit with ``num_inference_steps`` steps.
+
+    Schedulers that keep ``sigmas`` (Euler, Euler-ancestral, DPM-Solver) give them directly; DDIM/DDPM-style
+    schedulers give ``alphas_cumprod`` at each timestep and at DDIM's previous timestep
+    (``t - T // N``, ``final_alpha_cumprod`` below 0).
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    timesteps = scheduler.timesteps.clone()
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(timesteps) + 1:
+        ve = torch.as_tensor(sigmas, dtype=torch.float64).clone()
+    else:
+        abar = scheduler.alphas_cumprod.to(torch.float64)
+        final = getattr(scheduler, "final_alpha_cumprod", abar[0])
+        final = torch.as_tensor(final, dtype=torch.float64)
+        ratio = scheduler.config.num_train_timesteps // num_inference_steps
+        levels = [abar[int(t)] for t in timesteps]
+        prev = int(timesteps[-1]) - ratio
+        levels.append(abar[prev] if prev >= 0 else final)
+        ab = torch.stack(levels)
+        ve = ((1 - ab) / ab).sqrt()
+    return Plan(timesteps=timesteps.to(device) if device is not None else timesteps, sigmas=ve)
