@@ -8,9 +8,11 @@ from .cfgpp import CFGPlusPlus, equivalent_cfg_scale
 from .denoiser import GuidedDenoiser
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
+from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 
 __all__ = [
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
-    "GuidedDenoiser", "HookStats", "Step", "apply", "equivalent_cfg_scale",
+    "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
+    "parse_guide_spec",
 ]
