@@ -199,6 +199,9 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
         raise ValueError("this pipeline is already inside guidance.apply; nested apply is not supported")
     session = _Session(pipe, guide)
     if guide.changes_renoise:
+        if not session.uncond_first:
+            raise TypeError(f"{type(guide).__name__} changes the renoise term; {type(pipe).__name__} steps its "
+                            "scheduler on the doubled CFG batch, which apply() cannot split")
         check_scheduler(session.scheduler)
     session.install()
     pipe._diffguide_session = session

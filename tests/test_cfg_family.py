@@ -1,0 +1,190 @@
+"""Formulas of the CFG family against independent few-line references and diffusers' own code."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers.guiders import ClassifierFreeZeroStarGuidance
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+import guidance
+from guidance.base import Step
+from guidance.scheduler_step import renoise_step
+from samplers.base import Level
+
+
+def make_step(c, u, x=None, index=0, num_steps=10, alpha=0.8, prediction_type="epsilon"):
+    x = torch.randn_like(c) if x is None else x
+    alpha = torch.tensor(alpha, dtype=c.dtype)
+    return Step(x, torch.tensor(500), alpha, (1 - alpha**2).sqrt(), index, num_steps, c, u, prediction_type)
+
+
+# ---- independent references (guidance.md Appendix A) -------------------------------------------------
+def ref_apg(d_c, d_u, w, eta, r, beta, state):
+    delta = d_c - d_u
+    if beta != 0.0:
+        delta = delta + beta * (state if state is not None else torch.zeros_like(delta))
+    state = delta
+    if r > 0:
+        n = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.ndim - 1))
+        delta = delta * torch.clamp(r / n, max=1.0)
+    v = d_c.double().flatten(1)
+    v = v / v.norm(dim=1, keepdim=True)
+    par = ((delta.double().flatten(1) * v).sum(1, keepdim=True) * v).view_as(delta).to(delta.dtype)
+    return d_c + (w - 1) * ((delta - par) + eta * par), state
+
+
+def ref_zero_star(v_c, v_u, w):
+    s = (v_c.flatten(1) * v_u.flatten(1)).sum(1) / (v_u.flatten(1).pow(2).sum(1) + 1e-8)
+    s = s.view(-1, *[1] * (v_c.ndim - 1))
+    return s * v_u + w * (v_c - s * v_u)
+
+
+def test_cfg_matches_diffusers_order():
+    c, u = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    out = guidance.CFG(7.5).combine(make_step(c, u))
+    assert torch.equal(out.denoise, u + 7.5 * (c - u)) and torch.equal(out.renoise, out.denoise)
+
+
+@pytest.mark.parametrize("eta,r,beta", [(0.0, 3.0, -0.5), (1.0, 0.0, 0.0), (0.3, 2.0, 0.4)])
+def test_apg_equals_paper_and_diffusers_original_formulation(eta, r, beta):
+    torch.manual_seed(0)
+    w = 4.0
+    apg = guidance.APG(w, eta=eta, norm_threshold=r, momentum=beta)
+    buf = MomentumBuffer(beta) if beta != 0 else None
+    state = None
+    for _ in range(3):
+        d_c, d_u = torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.randn(2, 1, 6, 6, dtype=torch.float64)
+        ours = apg.update(d_c, d_u)
+        paper, state = ref_apg(d_c, d_u, w, eta, r, beta, state)
+        theirs = normalized_guidance(d_c, d_u, w - 1, buf, eta, r, use_original_formulation=True)
+        assert torch.allclose(ours, paper, atol=1e-12)
+        assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+def test_apg_reduces_to_cfg_and_resets():
+    d_c, d_u = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    plain = guidance.APG(3.0, eta=1.0, norm_threshold=0.0, momentum=0.0).update(d_c, d_u)
+    assert torch.allclose(plain, d_u + 3.0 * (d_c - d_u), atol=1e-12)
+    apg = guidance.APG(3.0, momentum=-0.5)
+    first = apg.update(d_c, d_u)
+    apg.update(d_c, d_u)
+    apg.reset()
+    assert torch.equal(apg.update(d_c, d_u), first)
+
+
+def test_apg_works_in_x0_space_for_eps_models():
+    c, u = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    step = make_step(c, u)
+    pred = guidance.APG(5.0, eta=0.0, norm_threshold=2.0, momentum=0.0).combine(step).denoise
+    x0_ref, _ = ref_apg(step.x0(c), step.x0(u), 5.0, 0.0, 2.0, 0.0, None)
+    assert torch.allclose(step.x0(pred), x0_ref, atol=1e-12)
+
+
+def test_cfgpp_ddim_step_equals_diffusers_step_plus_correction():
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(10)
+    x, c, u = (torch.randn(2, 4, 6, 6) for _ in range(3))
+    lam = 0.6
+    eps_l = u + lam * (c - u)
+    t = sched.timesteps[3]
+    got = renoise_step(sched, sched.step, eps_l, u, t, x, "epsilon", {}).prev_sample
+    abar_prev = sched.alphas_cumprod[t - 100]
+    want = sched.step(eps_l, t, x).prev_sample + (1 - abar_prev).sqrt() * (u - eps_l)
+    assert torch.allclose(got, want, atol=1e-6)
+    # and the closed form of CFG++ (paper Alg. 2)
+    abar = sched.alphas_cumprod[t].double()
+    x0 = (x.double() - (1 - abar).sqrt() * eps_l.double()) / abar.sqrt()
+    ref = abar_prev.double().sqrt() * x0 + (1 - abar_prev.double()).sqrt() * u.double()
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+
+
+def test_cfgpp_is_cfg_with_time_varying_scale():
+    """CFG++ DDIM step == CFG DDIM step with omega_t = lam s_t / (s_t - s_prev) (float64)."""
+    torch.manual_seed(1)
+    x, c, u = (torch.randn(3, 8, dtype=torch.float64) for _ in range(3))
+    abar, abar_prev, lam = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64), 0.7
+
+    def ddim(eps_data, eps_noise):
+        x0 = (x - (1 - abar).sqrt() * eps_data) / abar.sqrt()
+        return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_noise
+
+    cfgpp = ddim(u + lam * (c - u), u)
+    w = guidance.equivalent_cfg_scale(lam, abar, abar_prev)
+    cfg = ddim(u + w * (c - u), u + w * (c - u))
+    assert torch.allclose(cfgpp, cfg, atol=1e-12)
+
+
+def test_cfgpp_euler_correction_equals_ve_formula():
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched.set_timesteps(8)
+    x, c, u = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3))
+    sched.sigmas = sched.sigmas.double()
+    lam = 0.5
+    eps_l = u + lam * (c - u)
+    s, s_next = float(sched.sigmas[0]), float(sched.sigmas[1])
+    got = renoise_step(sched, sched.step, eps_l, u, sched.timesteps[0], x, "epsilon", {}).prev_sample
+    d_l, d_u = x - s * eps_l, x - s * u  # VE denoised estimates
+    want = d_l + s_next * (x - d_u) / s
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_cfg_zero_star_matches_reference_and_diffusers():
+    c, u = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    ours = guidance.CFGZeroStar(4.0).combine(make_step(c, u, index=2)).denoise
+    assert torch.allclose(ours, ref_zero_star(c, u, 4.0), atol=1e-6)
+    theirs = ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=1)
+    theirs.set_state(step=2, num_inference_steps=10, timestep=torch.tensor(500))
+    assert torch.allclose(ours, theirs.forward(c, u).pred, atol=1e-5)
+    zero = guidance.CFGZeroStar(4.0, zero_init_steps=1).combine(make_step(c, u, index=0)).denoise
+    assert torch.equal(zero, torch.zeros_like(c))
+
+
+def test_rescale_reference():
+    c, u = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    out = guidance.CFGRescale(5.0, 0.7).combine(make_step(c, u)).denoise
+    x = u + 5.0 * (c - u)
+    r = c.std(dim=(1, 2, 3), keepdim=True) / x.std(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out, 0.7 * x * r + 0.3 * x, atol=1e-6)
+
+
+def test_interval_gates_on_ve_sigma_and_skips_rows():
+    inner = guidance.APG(3.0, momentum=0.0)
+    guide = guidance.GuidanceInterval(inner, sigma_lo=0.5, sigma_hi=2.0)
+    c, u = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    inside = make_step(c, u, alpha=1 / math.sqrt(2))  # ve sigma 1
+    outside = make_step(c, u, alpha=0.2)  # ve sigma ~4.9
+    assert torch.equal(guide.combine(inside).denoise, inner.combine(inside).denoise)
+    assert torch.equal(guide.combine(outside).denoise, c)
+    lvl = lambda a: Level(torch.tensor(1), torch.tensor(a), torch.tensor((1 - a * a) ** 0.5), 0, 10)
+    assert guide.needs_uncond(lvl(1 / math.sqrt(2)), 2).all() and not guide.needs_uncond(lvl(0.2), 2).any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: guidance.CFG(-1.0), lambda: guidance.CFG(float("nan")), lambda: guidance.CFGPlusPlus(float("inf")),
+    lambda: guidance.APG(2.0, eta=1.5), lambda: guidance.APG(2.0, momentum=1.0), lambda: guidance.APG(2.0, norm_threshold=-1),
+    lambda: guidance.CFGRescale(2.0, phi=2.0), lambda: guidance.GuidanceInterval(guidance.CFG(2.0), 2.0, 1.0),
+    lambda: guidance.CFGZeroStar(2.0, zero_init_steps=-1),
+])
+def test_bad_hyper_parameters_raise_value_error(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_bad_types_raise_type_error():
+    with pytest.raises(TypeError):
+        guidance.CFG("7")
+    with pytest.raises(TypeError):
+        guidance.GuidanceInterval("cfg", 0.1, 1.0)
+
+
+def test_shape_mismatch_and_missing_uncond():
+    c = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        guidance.CFG(2.0).combine(make_step(c, torch.randn(2, 1, 4, 5), x=c))
+    with pytest.raises(ValueError, match="unconditional"):
+        guidance.CFGPlusPlus(0.5).combine(make_step(c, None))
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_step(c, c, prediction_type="flow")

@@ -1,0 +1,165 @@
+"""guidance.apply on real diffusers pipelines: bit-exact CFG, no extra rows, restoration, CFG++ schedulers."""
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, UNet2DModel)
+
+import guidance
+from guidance import GuidedDenoiser
+from samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler
+from tasks.pipelines import ClassConditionalPipeline
+from tiny_pipes import tiny_dit, tiny_sd, tiny_sdxl
+
+
+def tiny_class_pipe():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=11).eval()
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PIPES = {
+    "sd": (tiny_sd, dict(prompt=["a cat", "dog"], height=16, width=16)),
+    "sdxl": (tiny_sdxl, dict(prompt=["a cat", "dog"], height=16, width=16)),
+    "dit": (tiny_dit, dict(class_labels=[0, 1])),
+    "class": (tiny_class_pipe, dict(class_labels=[3, 7])),
+}
+
+
+def count_rows(pipe):
+    net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    rows = []
+    handle = net.register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    return rows, handle
+
+
+@pytest.mark.parametrize("name", list(PIPES))
+def test_cfg_through_apply_is_bit_exact_with_native(name):
+    make, kw = PIPES[name]
+    pipe = make()
+    kw = dict(kw, num_inference_steps=4, output_type="np")
+    rows, handle = count_rows(pipe)
+    native = pipe(guidance_scale=5.0, generator=torch.Generator().manual_seed(3), **kw).images
+    native_rows = sum(rows)
+    rows.clear()
+    with guidance.apply(pipe, guidance.CFG(5.0)) as stats:
+        hooked = pipe(generator=torch.Generator().manual_seed(3), **kw).images  # no guidance_scale passed
+    handle.remove()
+    assert abs(native - hooked).max() == 0.0
+    assert stats.rows == native_rows == sum(rows)
+    again = pipe(guidance_scale=5.0, generator=torch.Generator().manual_seed(3), **kw).images
+    assert abs(native - again).max() == 0.0  # restored
+
+
+def test_cfg_exact_in_bf16_with_images_per_prompt():
+    pipe = tiny_sd().to(dtype=torch.bfloat16)
+    kw = dict(prompt="a cat", num_images_per_prompt=2, height=16, width=16, num_inference_steps=3, output_type="pt")
+    native = pipe(guidance_scale=3.0, generator=torch.Generator().manual_seed(0), **kw).images
+    with guidance.apply(pipe, guidance.CFG(3.0)):
+        hooked = pipe(guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    assert native.shape[0] == 2 and torch.equal(native, hooked)
+
+
+def test_guide_scale_rules_over_pipeline_argument():
+    pipe = tiny_class_pipe()
+    kw = dict(class_labels=[1, 2], num_inference_steps=3, output_type="pt")
+    native = pipe(guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw).images
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        hooked = pipe(guidance_scale=9.0, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(native, hooked)
+
+
+def test_cfg_scale_one_evaluates_only_conditional_rows():
+    pipe = tiny_class_pipe()
+    kw = dict(class_labels=[1, 2, 3], num_inference_steps=3, output_type="pt")
+    native = pipe(guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    with guidance.apply(pipe, guidance.CFG(1.0)) as stats:
+        hooked = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert stats.rows == 3 * 3 and torch.equal(native, hooked)
+
+
+def test_rescale_equals_native_guidance_rescale():
+    pipe = tiny_sd()
+    kw = dict(prompt=["a cat"], height=16, width=16, num_inference_steps=3, output_type="np")
+    native = pipe(guidance_scale=6.0, guidance_rescale=0.7, generator=torch.Generator().manual_seed(0), **kw).images
+    with guidance.apply(pipe, guidance.CFGRescale(6.0, 0.7)):
+        hooked = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(native - hooked).max() == 0.0
+
+
+def test_restores_pipeline_on_exception():
+    pipe = tiny_sd()
+
+    class Boom(guidance.CFG):
+        def combine(self, step):
+            raise RuntimeError("boom")
+
+    cls, fwd = type(pipe), pipe.unet.forward
+    with pytest.raises(RuntimeError, match="boom"):
+        with guidance.apply(pipe, Boom(2.0)):
+            pipe(prompt="a", height=16, width=16, num_inference_steps=2)
+    assert type(pipe) is cls and "forward" not in pipe.unet.__dict__ and pipe.unet.forward == fwd
+    assert "step" not in pipe.scheduler.__dict__
+
+
+@pytest.mark.parametrize("sched_cls,sampler", [
+    (lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1), sample_ddim),
+    (lambda: EulerDiscreteScheduler(), sample_euler),
+    (lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2), sample_dpmpp_2m),
+])
+def test_cfgpp_through_pipeline_equals_our_sampler_loop(sched_cls, sampler):
+    """Two code paths (scheduler hook vs our loop) give the same CFG++ trajectory."""
+    pipe = tiny_sd(scheduler=sched_cls())
+    steps, lam = 6, 0.8
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with guidance.apply(pipe, guidance.CFGPlusPlus(lam)):
+        hooked = pipe(prompt=["a cat", "dog"], height=16, width=16, num_inference_steps=steps, latents=noise.clone(),
+                      output_type="latent").images
+    cond, uncond = pipe.encode_prompt(["a cat", "dog"], "cpu", 1, True)
+    plan = plan_from_scheduler(sched_cls(), steps)
+    x = noise * pipe.scheduler.init_noise_sigma  # the pipeline's state: VP for DDIM/DPM, x/alpha for Euler
+    if isinstance(pipe.scheduler, EulerDiscreteScheduler):
+        x = x * float(plan.alpha(0))
+    model = GuidedDenoiser(diffusers_model_fn(pipe.unet), guidance.CFGPlusPlus(lam), cond, uncond)
+    with torch.no_grad():
+        ours = sampler(model, x, plan, disable=True)  # ends at sigma 0 (Euler, DPM) or DDIM's final VP level
+    assert torch.allclose(hooked, ours, atol=2e-4, rtol=1e-4), (hooked - ours).abs().max()
+
+
+def test_cfgpp_rejects_schedulers_it_cannot_serve():
+    with pytest.raises(ValueError, match="support"):
+        with guidance.apply(tiny_sd(scheduler=PNDMScheduler()), guidance.CFGPlusPlus(0.5)):
+            pass
+    clipping = tiny_class_pipe()
+    clipping.scheduler = DDIMScheduler(clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample"):
+        with guidance.apply(clipping, guidance.CFGPlusPlus(0.5)):
+            pass
+    with pytest.raises(TypeError, match="doubled"):
+        with guidance.apply(tiny_dit(), guidance.CFGPlusPlus(0.5)):
+            pass
+    # Euler-ancestral is served
+    with guidance.apply(tiny_sd(scheduler=EulerAncestralDiscreteScheduler()), guidance.CFGPlusPlus(0.5)) as st:
+        tiny = st
+    assert tiny.rows == 0
+
+
+def test_apply_bad_input():
+    pipe = tiny_sd()
+    with pytest.raises(TypeError, match="Guidance"):
+        with guidance.apply(pipe, "cfg"):
+            pass
+    with pytest.raises(TypeError, match="supports"):
+        with guidance.apply(object(), guidance.CFG(2.0)):
+            pass
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        with guidance.apply(pipe, guidance.CFG(2.0)):
+            pipe(prompt="a", height=16, width=16, num_inference_steps=2, guidance_rescale=0.5)
+    with guidance.apply(pipe, guidance.CFG(2.0)):
+        with pytest.raises(ValueError, match="already"):
+            with guidance.apply(pipe, guidance.CFG(2.0)):
+                pass
