@@ -9,6 +9,7 @@ from .denoiser import GuidedDenoiser
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .registry import GUIDES, build_guide, parse_guide_spec
+from .registry import GUIDES, make_guide, parse_params, register
 from .rescale import CFGRescale
 
 __all__ = [

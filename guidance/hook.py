@@ -146,11 +146,15 @@ class _Session:
         level = self._level(timestep, sample.device, sample.dtype)
         mask = self.guide.needs_uncond(level, batch).to(torch.bool).cpu()
         picked = uncond_rows[mask]
-        rows = torch.cat([picked, cond_rows]).to(sample.device)
-        out = self._orig_forward(sample[rows], _rows(timestep, rows, full), *_rows(list(args), rows, full),
-                                 **_rows(kwargs, rows, full))
-        tensor = out[0] if isinstance(out, tuple) else out.sample
         n_u = len(picked)
+        if n_u == batch and self.uncond_first:  # the pipeline's own batch: pass it through untouched
+            rows = torch.arange(full)
+            out = self._orig_forward(sample, timestep, *args, **kwargs)
+        else:
+            rows = torch.cat([picked, cond_rows]).to(sample.device)
+            out = self._orig_forward(sample[rows], _rows(timestep, rows, full), *_rows(list(args), rows, full),
+                                     **_rows(kwargs, rows, full))
+        tensor = out[0] if isinstance(out, tuple) else out.sample
         channels = sample.shape[1]
         pred_all = tensor[:, :channels]
         pred_cond = pred_all[n_u:]

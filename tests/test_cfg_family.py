@@ -188,3 +188,14 @@ def test_shape_mismatch_and_missing_uncond():
         guidance.CFGPlusPlus(0.5).combine(make_step(c, None))
     with pytest.raises(ValueError, match="prediction_type"):
         make_step(c, c, prediction_type="flow")
+
+
+def test_registry_builds_and_validates():
+    assert isinstance(guidance.make_guide("apg", **guidance.parse_params("scale=5,eta=0.5")), guidance.APG)
+    assert guidance.parse_params("scale=3,zero_init_steps=1") == {"scale": 3.0, "zero_init_steps": 1}
+    with pytest.raises(ValueError, match="known"):
+        guidance.make_guide("nope")
+    with pytest.raises(ValueError, match="takes"):
+        guidance.make_guide("cfg", lam=1.0)
+    with pytest.raises(ValueError, match="name=value"):
+        guidance.parse_params("scale")
