@@ -1,0 +1,239 @@
+"""Forward operators: adjointness, pseudo-inverses, projections, noise, shapes, independent references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.operators import (OPERATORS, AveragePooling, BicubicDownsampling, Blur, Grayscale, HeatEquation,
+                             Inpainting, LinearOperator, PhaseRetrieval, box_mask, compose, gaussian_kernel,
+                             make_operator, motion_kernel, random_mask)
+
+SHAPE = (3, 16, 16)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def linear_operators() -> dict[str, LinearOperator]:
+    g = _gen(1)
+    ops = {
+        "inpaint_box": Inpainting(box_mask(SHAPE, 6, generator=g), SHAPE),
+        "inpaint_random": Inpainting(random_mask(SHAPE, 0.7, g, per_channel=True), SHAPE),
+        "sr_avg": AveragePooling(SHAPE, 2),
+        "sr_bicubic_2": BicubicDownsampling(SHAPE, 2),
+        "sr_bicubic_4": BicubicDownsampling(SHAPE, 4),
+        "blur_gauss": Blur(SHAPE, gaussian_kernel(7, 1.2)),
+        "blur_motion": Blur(SHAPE, motion_kernel(9, 0.7, g)),
+        "grayscale": Grayscale(SHAPE),
+        "grayscale_luma": Grayscale(SHAPE, (0.299, 0.587, 0.114)),
+    }
+    ops["inpaint@sr_avg"] = compose(Inpainting(random_mask((3, 8, 8), 0.5, g), (3, 8, 8)), ops["sr_avg"])
+    ops["grayscale@blur"] = ops["grayscale"] @ ops["blur_gauss"]
+    ops["sr_bicubic@inpaint"] = ops["sr_bicubic_2"] @ ops["inpaint_box"]
+    return ops
+
+
+LINEAR = linear_operators()
+EXACT_PINV = ["inpaint_box", "inpaint_random", "sr_avg", "sr_bicubic_2", "sr_bicubic_4", "grayscale",
+              "grayscale_luma", "inpaint@sr_avg"]
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_adjointness(name):
+    op = LINEAR[name]
+    g = _gen(2)
+    x = torch.randn(3, *op.in_shape, generator=g, dtype=torch.float64)
+    v = torch.randn(3, *op.out_shape, generator=g, dtype=torch.float64)
+    lhs = (op.forward(x) * v).sum()
+    rhs = (x * op.adjoint(v)).sum()
+    assert abs(float(lhs - rhs)) < 1e-10 * float(op.forward(x).norm() * v.norm())
+    assert op.is_linear and not op.is_blackbox
+
+
+@pytest.mark.parametrize("name", EXACT_PINV)
+def test_pinv_identities(name):
+    """Penrose conditions A A^+ A = A and A^+ A A^+ = A^+, and A^+ y in range(A^T) (minimum norm)."""
+    op = LINEAR[name]
+    g = _gen(3)
+    x = torch.randn(2, *op.in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(2, *op.out_shape, generator=g, dtype=torch.float64)
+    ax = op.forward(x)
+    assert torch.allclose(op.forward(op.pinv(ax)), ax, atol=1e-9)
+    py = op.pinv(y)
+    assert torch.allclose(op.pinv(op.forward(py)), py, atol=1e-9)
+    assert op.project_null(py).abs().max() < 1e-9          # no null-space component
+
+
+def test_blur_pinv_respects_cutoff():
+    """For circular blur, A A^+ A differs from A only on frequencies below rcond * max|k̂|."""
+    op = LINEAR["blur_gauss"]
+    x = torch.randn(2, *SHAPE, generator=_gen(4), dtype=torch.float64)
+    err = (op.forward(op.pinv(op.forward(x))) - op.forward(x)).norm()
+    assert err <= op.rcond * x.norm() + 1e-9
+    kept = (op.inverse_spectrum != 0).float().mean()
+    assert 0 < kept < 1   # the Gaussian's spectrum decays below the cut-off at high frequencies
+
+
+PROJECTION_TOL = {name: 1e-9 for name in EXACT_PINV} | {"blur_gauss": 1e-3, "blur_motion": 1e-3}
+
+
+@pytest.mark.parametrize("name", list(PROJECTION_TOL))
+def test_projection_onto_measurement_set(name):
+    """A(project(x, y)) = y for y in range(A), and projecting twice changes nothing.
+
+    Exact pseudo-inverses reach 1e-9; the spectral cut-off of blur leaves at most ``rcond ||x_true||``.
+    """
+    op = LINEAR[name]
+    g = _gen(5)
+    truth = torch.randn(2, *op.in_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(2, *op.in_shape, generator=g, dtype=torch.float64)
+    y = op.forward(truth)
+    p = op.project(x, y)
+    tol = PROJECTION_TOL[name]
+    assert (op.forward(p) - y).norm() <= tol * truth.norm()
+    assert (op.project(p, y) - p).norm() <= tol * truth.norm()                      # idempotent
+
+
+def test_conjugate_gradient_pinv_of_composition():
+    """The CG pseudo-inverse of a composition fits consistent data and returns the minimum-norm solution."""
+    op = LINEAR["sr_bicubic@inpaint"]
+    g = _gen(11)
+    truth = torch.randn(2, *op.in_shape, generator=g, dtype=torch.float64)
+    y = op.forward(truth)
+    x = op.pinv(y)
+    assert (op.forward(x) - y).norm() <= 1e-6 * y.norm()
+    inner_mask = op.inner.mask.bool().expand_as(x)
+    assert x[~inner_mask].abs().max() < 1e-12          # nothing placed where the inner mask hides pixels
+
+
+def test_inpainting_projection_sets_measured_pixels_exactly():
+    op = LINEAR["inpaint_random"]
+    x, y = torch.randn(2, 2, *SHAPE, generator=_gen(6))
+    p = op.project(x, op.forward(y))
+    m = op.mask.bool().expand(2, *SHAPE)
+    assert torch.equal(p[m], y[m]) and torch.equal(p[~m], x[~m])
+
+
+def test_masks_are_binary_with_requested_size():
+    box = box_mask((1, 16, 16), (5, 7), generator=_gen(0), margin=2)
+    assert set(box.unique().tolist()) == {0.0, 1.0} and int((box == 0).sum()) == 35
+    rnd = random_mask((3, 16, 16), 0.7, _gen(0))
+    assert set(rnd.unique().tolist()) == {0.0, 1.0} and rnd.shape == (1, 16, 16)
+    assert int((rnd == 0).sum()) == round(0.7 * 256)
+    with pytest.raises(ValueError):
+        Inpainting(torch.full((1, 16, 16), 0.5))
+    with pytest.raises(ValueError):
+        random_mask((1, 4, 4), 1.5)
+    with pytest.raises(ValueError):
+        box_mask((1, 8, 8), 9)
+
+
+def test_bicubic_matches_torch_antialias():
+    x = torch.randn(2, *SHAPE, generator=_gen(7), dtype=torch.float64)
+    for factor in (2, 4):
+        ref = F.interpolate(x, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
+        assert torch.allclose(BicubicDownsampling(SHAPE, factor).forward(x), ref, atol=1e-12)
+
+
+def test_blur_is_circular_convolution():
+    """Reference: direct circular convolution (flipped-kernel correlation with circular padding)."""
+    kernel = motion_kernel(7, 0.8, _gen(8))
+    op = Blur(SHAPE, kernel)
+    x = torch.randn(2, *SHAPE, generator=_gen(9), dtype=torch.float64)
+    weight = kernel.flip(0, 1)[None, None].expand(3, 1, 7, 7)
+    ref = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="circular"), weight, groups=3)
+    assert torch.allclose(op.forward(x), ref, atol=1e-12)
+    assert math.isclose(float(kernel.sum()), 1.0) and float(kernel.min()) >= 0
+
+
+def test_kernels():
+    k = gaussian_kernel(21, 1.5)
+    r = torch.arange(21, dtype=torch.float64) - 10
+    assert math.isclose(float(k.sum()), 1.0) and torch.allclose(k, k.T)
+    assert math.isclose(float((k.sum(1) * r**2).sum()), 1.5**2, rel_tol=1e-6)   # variance of a sampled Gaussian
+    assert torch.equal(motion_kernel(9, 0.5, _gen(3)), motion_kernel(9, 0.5, _gen(3)))
+    assert not torch.equal(motion_kernel(9, 0.5, _gen(3)), motion_kernel(9, 0.5, _gen(4)))
+
+
+@pytest.mark.parametrize("name", ["sr_avg", "blur_gauss", "inpaint_random"])
+def test_measurement_noise_statistics(name):
+    sigma_y = 0.05
+    op = make_operator(name, (1, 32, 32), sigma_y=sigma_y, generator=_gen(0))
+    x = torch.randn(64, 1, 32, 32, generator=_gen(1), dtype=torch.float64)
+    noise = op.measure(x, _gen(2)) - op.forward(x)
+    if isinstance(op, Inpainting):
+        measured = op.mask.bool().expand_as(noise)
+        assert torch.equal(noise[~measured], torch.zeros_like(noise[~measured]))
+        noise = noise[measured]
+    n = noise.numel()
+    assert abs(float(noise.mean())) < 4 * sigma_y / math.sqrt(n)
+    assert abs(float(noise.std()) - sigma_y) < 4 * sigma_y / math.sqrt(2 * n)
+    assert torch.equal(op.measure(x, _gen(2)), op.measure(x, _gen(2)))              # seeded
+    assert not torch.equal(op.measure(x, _gen(2)), op.measure(x, _gen(3)))
+
+
+def test_shape_mismatches_raise():
+    op = AveragePooling((1, 16, 16), 2)
+    with pytest.raises(ValueError):
+        op.forward(torch.zeros(1, 1, 15, 16))
+    with pytest.raises(ValueError):
+        op.adjoint(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError):
+        op.pinv(torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError):
+        AveragePooling((1, 15, 16), 2)
+    with pytest.raises(ValueError):
+        Inpainting(torch.ones(1, 8, 8), (1, 16, 16))
+    with pytest.raises(ValueError):
+        Blur((1, 16, 16), torch.ones(4, 4) / 16)
+    with pytest.raises(ValueError):
+        compose(AveragePooling((1, 16, 16), 2), AveragePooling((1, 16, 16), 2))
+    with pytest.raises(TypeError):
+        op.forward(torch.zeros(1, 1, 16, 16, dtype=torch.long))
+    with pytest.raises(ValueError):
+        make_operator("nope", (1, 16, 16))
+    with pytest.raises(ValueError):
+        AveragePooling((1, 16, 16), 2, sigma_y=-0.1)
+
+
+def test_registry_builds_every_operator():
+    x = torch.zeros(2, 1, 16, 16)
+    for name in OPERATORS:
+        op = make_operator(name, (1, 16, 16), sigma_y=0.01, generator=_gen(0))
+        assert op.forward(x).shape == (2, *op.out_shape)
+
+
+def test_phase_retrieval_matches_numpy_and_has_finite_gradient():
+    op = PhaseRetrieval((1, 8, 8), oversample=2.0)
+    x = torch.randn(2, 1, 8, 8, generator=_gen(10), dtype=torch.float64)
+    ref = np.abs(np.fft.fft2(np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2))), norm="ortho"))
+    assert np.allclose(op.forward(x).numpy(), ref, atol=1e-7)
+    assert torch.allclose(op.forward(-x), op.forward(x)) and not op.is_linear
+    z = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    op.forward(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_heat_equation_blackbox():
+    """Fourier mode k decays by (1 - 4 kappa dt sin^2(pi k / W))^n per explicit step; gradients are refused."""
+    op = HeatEquation((1, 16, 16), kappa=1.0, dt=0.2, num_steps=5, stride=1)
+    k = 3
+    col = torch.cos(2 * math.pi * k * torch.arange(16, dtype=torch.float64) / 16)
+    x = col.expand(16, 16)[None, None].clone()
+    factor = (1 - 4 * 0.2 * math.sin(math.pi * k / 16) ** 2) ** 5
+    assert torch.allclose(op.forward(x), factor * x, atol=1e-12)
+    assert op.is_blackbox and not op.is_linear
+    with pytest.raises(TypeError, match="EnKG"):
+        op.forward(torch.zeros(1, 1, 16, 16, requires_grad=True))
+    with torch.no_grad():
+        assert op.forward(torch.zeros(1, 1, 16, 16, requires_grad=True)).shape == (1, 1, 16, 16)
+    sub = HeatEquation((1, 16, 16), stride=2, reaction=1.0)
+    assert sub.out_shape == (1, 8, 8) and (sub @ AveragePooling((1, 32, 32), 2)).is_blackbox
+    with pytest.raises(ValueError):
+        HeatEquation((1, 16, 16), kappa=1.0, dt=0.3)
