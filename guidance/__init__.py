@@ -9,7 +9,6 @@ from .denoiser import GuidedDenoiser
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .registry import GUIDES, build_guide, parse_guide_spec
-from .registry import GUIDES, make_guide, parse_params, register
 from .rescale import CFGRescale
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""Build guides by name, for command lines and configuration files."""
+"""Build guides by name, for command lines and config files: ``build_guide("apg", 4.0, eta=0.0)``."""
 
 from __future__ import annotations
 
-import inspect
+import math
 from typing import Any
 
 from .apg import APG
@@ -10,46 +10,71 @@ from .base import Guidance
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
+from .interval import GuidanceInterval
 from .rescale import CFGRescale
 
-GUIDES: dict[str, type[Guidance]] = {
-    "cfg": CFG,
-    "cfgpp": CFGPlusPlus,
-    "apg": APG,
-    "rescale": CFGRescale,
-    "cfg-zero-star": CFGZeroStar,
+# name -> (class, name of the constructor argument that is "the scale" of the method)
+GUIDES: dict[str, tuple[type[Guidance], str]] = {
+    "cfg": (CFG, "scale"),
+    "cfgpp": (CFGPlusPlus, "lam"),
+    "apg": (APG, "scale"),
+    "cfg-rescale": (CFGRescale, "scale"),
+    "cfg-zero-star": (CFGZeroStar, "scale"),
 }
+INTERVAL_KEYS = ("sigma_lo", "sigma_hi")
 
 
-def register(name: str, cls: type[Guidance]) -> None:
-    """Make ``cls`` available to :func:`make_guide` under ``name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Guidance)):
-        raise TypeError(f"{cls!r} is not a guidance.Guidance subclass")
-    GUIDES[name] = cls
+def build_guide(name: str, scale: float | None = None, **params: Any) -> Guidance:
+    """Construct guide ``name`` with its main scale (``lam`` for CFG++) and keyword hyper-parameters.
 
-
-def parse_params(text: str | None) -> dict[str, Any]:
-    """``"scale=3,eta=0"`` -> ``{"scale": 3.0, "eta": 0.0}`` (numbers become floats/ints, the rest stays text)."""
-    params: dict[str, Any] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"guidance parameters must look like 'name=value,name=value', got {item!r}")
-        value = value.strip()
-        try:
-            params[key.strip()] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            params[key.strip()] = value
-    return params
-
-
-def make_guide(name: str, **params: Any) -> Guidance:
-    """``make_guide("apg", scale=5, eta=0)``; unknown names or parameters raise ValueError listing what exists."""
+    ``sigma_lo`` / ``sigma_hi`` wrap the guide in :class:`GuidanceInterval`.
+    """
     if name not in GUIDES:
-        raise ValueError(f"unknown guidance {name!r}; known: {', '.join(sorted(GUIDES))}")
-    cls = GUIDES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = set(params) - set(allowed)
-    if unknown:
-        raise ValueError(f"{name} does not take {sorted(unknown)}; it takes {allowed}")
-    return cls(**params)
+        raise ValueError(f"unknown guide {name!r}; known: {', '.join(GUIDES)}")
+    cls, scale_arg = GUIDES[name]
+    interval = {key: params.pop(key) for key in INTERVAL_KEYS if key in params}
+    if scale is not None:
+        if scale_arg in params:
+            raise ValueError(f"{name}: give the scale once, either as scale or as {scale_arg}=")
+        params[scale_arg] = scale
+    try:
+        guide = cls(**params)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if interval:
+        guide = GuidanceInterval(guide, interval.get("sigma_lo", 0.0), interval.get("sigma_hi", math.inf))
+    return guide
+
+
+def _number(text: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_guide_spec(spec: str) -> tuple[str, list[float] | None, dict[str, Any]]:
+    """Parse ``NAME[@S1,S2,...][:KEY=VALUE,...]`` into ``(name, scales or None, params)``.
+
+    Example: ``"apg@1,2,4:eta=0,norm_threshold=2"`` -> ``("apg", [1.0, 2.0, 4.0], {"eta": 0, "norm_threshold": 2})``.
+    """
+    head, _, tail = spec.partition(":")
+    name, _, scale_text = head.partition("@")
+    name = name.strip()
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide {name!r} in {spec!r}; known: {', '.join(GUIDES)}")
+    scales = None
+    if scale_text:
+        try:
+            scales = [float(s) for s in scale_text.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"scales in {spec!r} must be numbers separated by commas") from None
+    params: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in tail.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"guide parameter {item!r} in {spec!r} must look like key=value")
+        params[key.strip()] = _number(value.strip())
+    return name, scales, params

@@ -191,11 +191,13 @@ def test_shape_mismatch_and_missing_uncond():
 
 
 def test_registry_builds_and_validates():
-    assert isinstance(guidance.make_guide("apg", **guidance.parse_params("scale=5,eta=0.5")), guidance.APG)
-    assert guidance.parse_params("scale=3,zero_init_steps=1") == {"scale": 3.0, "zero_init_steps": 1}
+    name, scales, params = guidance.parse_guide_spec("apg@1,2:eta=0.5,norm_threshold=2")
+    assert (name, scales, params) == ("apg", [1.0, 2.0], {"eta": 0.5, "norm_threshold": 2})
+    guide = guidance.build_guide("cfgpp", 0.4, sigma_hi=3.0)
+    assert isinstance(guide, guidance.GuidanceInterval) and guide.guide.lam == 0.4
     with pytest.raises(ValueError, match="known"):
-        guidance.make_guide("nope")
-    with pytest.raises(ValueError, match="takes"):
-        guidance.make_guide("cfg", lam=1.0)
-    with pytest.raises(ValueError, match="name=value"):
-        guidance.parse_params("scale")
+        guidance.build_guide("nope")
+    with pytest.raises(TypeError):
+        guidance.build_guide("cfg", 2.0, lam=1.0)
+    with pytest.raises(ValueError, match="key=value"):
+        guidance.parse_guide_spec("cfg:scale")
