@@ -1,12 +1,13 @@
 """Sampling loops over a denoiser callable, and the schedule arithmetic they share."""
 
 from .base import Denoised, DenoiseFn, Level
+from .inversion import invert_ddim
 from .models import diffusers_model_fn
 from .sampling import SAMPLERS, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
 from .schedule import Plan, alpha_sigma, from_x0, plan_from_scheduler, to_eps, to_x0
 
 __all__ = [
-    "Denoised", "DenoiseFn", "Level", "Plan", "SAMPLERS", "alpha_sigma", "diffusers_model_fn", "from_x0",
+    "Denoised", "DenoiseFn", "Level", "Plan", "SAMPLERS", "alpha_sigma", "diffusers_model_fn", "from_x0", "invert_ddim",
     "plan_from_scheduler", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "to_eps",
     "to_x0",
 ]
