@@ -1,0 +1,96 @@
+"""Retrain the embedded model zoo (``tasks/zoo/``) reproducibly.
+
+    python scripts/train_zoo.py --model all                 # everything, into tasks/zoo/
+    python scripts/train_zoo.py --model digits-class --out /tmp/zoo --steps 500
+    python scripts/train_zoo.py --quick                     # a few steps of each, into a temp dir
+
+Each model directory also gets a ``training.json`` with the seed, steps, wall time and the numbers
+measured right after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip")
+STEPS = {"digits-classifier": 800, "digits-class": 2500, "digits-class-weak": 300,
+         "digits-t2i": 4000, "digits-clip": 2000}
+VAE_STEPS = 1500
+QUICK_STEPS = 3
+QUICK_BATCH = 8
+
+
+def train_one(name: str, out: Path, steps: int, batch_size: int | None, seed: int, progress: bool,
+              weak_steps: int | None = None, vae_steps: int = VAE_STEPS) -> dict:
+    """Train model ``name`` into ``out / name``; returns its measured numbers."""
+    from tasks import training
+
+    kwargs = {"seed": seed, "progress": progress}
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    target = out / name
+    if name == "digits-classifier":
+        return training.train_classifier(target, steps=steps, **kwargs)
+    if name in ("digits-class", "digits-class-weak"):
+        snapshots = {weak_steps: out / "digits-class-weak"} if weak_steps else None
+        return training.train_class_diffusion(target, steps=steps, snapshots=snapshots, **kwargs)
+    if name == "digits-t2i":
+        return training.train_t2i(target, steps=steps, vae_steps=vae_steps, **kwargs)
+    if name == "digits-clip":
+        return training.train_clip(target, steps=steps, **kwargs)
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="all", choices=(*MODELS, "all"), help="model to train")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: tasks/zoo, or a temp dir with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: per model)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: per model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps of each model, small batches")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="zoo-quick-")) if args.quick else Path(__file__).parents[1] / "tasks" / "zoo"
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = list(MODELS) if args.model == "all" else [args.model]
+    # digits-class-weak is an early EMA snapshot of the digits-class run: training digits-class writes both.
+    weak_steps = QUICK_STEPS - 1 if args.quick else STEPS["digits-class-weak"]
+    if "digits-class" in names and "digits-class-weak" in names:
+        names.remove("digits-class-weak")
+
+    for name in names:
+        steps = args.steps or (QUICK_STEPS if args.quick else STEPS[name])
+        batch_size = args.batch_size or (QUICK_BATCH if args.quick else None)
+        start = time.perf_counter()
+        print(f"== {name}: {steps} steps -> {args.out / name}", flush=True)
+        result = train_one(name, args.out, steps, batch_size, args.seed, not args.no_progress,
+                           weak_steps if name == "digits-class" else None,
+                           QUICK_STEPS if args.quick else VAE_STEPS)
+        record = {"model": name, "seed": args.seed, "threads": args.threads, "batch_size": batch_size,
+                  **result, "wall_seconds": round(time.perf_counter() - start, 1)}
+        (args.out / name / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        if name == "digits-class" and weak_steps:
+            weak = {"model": "digits-class-weak", "seed": args.seed, "threads": args.threads,
+                    "steps": weak_steps, "snapshot_of": "digits-class",
+                    "train_seconds": result.get(f"snapshot_{weak_steps}_seconds")}
+            (args.out / "digits-class-weak" / "training.json").write_text(json.dumps(weak, indent=2) + "\n")
+        print(json.dumps(record), flush=True)
+    print(f"done: {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,92 @@
+"""The embedded model zoo: small digits models trained by ``scripts/train_zoo.py`` and shipped in ``tasks/zoo/``.
+
+    from tasks import zoo
+    pipe = zoo.load("digits-class")                  # ClassConditionalPipeline
+    sd = zoo.load("digits-t2i")                      # StableDiffusionPipeline
+    classifier = zoo.load("digits-classifier")       # DigitClassifier (eval mode)
+    model, preprocess, tokenizer = zoo.load("digits-clip")
+
+``load`` also takes a local folder laid out like one of these, or a Hugging Face Hub repo id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+MODELS: dict[str, str] = {
+    "digits-class": "class-conditional pixel UNet2DModel, 16x16, DDIM (ClassConditionalPipeline)",
+    "digits-class-weak": "early EMA checkpoint of digits-class (for autoguidance)",
+    "digits-classifier": "CNN digit classifier on 16x16 [-1, 1] images with a 64-d features() embedding",
+    "digits-t2i": "tiny StableDiffusionPipeline: AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer",
+    "digits-clip": "tiny open_clip model trained contrastively on digit images and captions",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def list_models() -> list[str]:
+    """Names of the shipped models."""
+    return list(MODELS)
+
+
+def model_path(name: str) -> Path:
+    """Folder of a shipped model."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return ZOO_DIR / name
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    if str(name_or_path) in MODELS:
+        return model_path(str(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, str) and _REPO_ID.match(name_or_path) and not path.exists():
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path))
+    raise ValueError(f"{str(name_or_path)!r} is neither a known model, a folder nor a hub repo id; "
+                     f"known models: {', '.join(MODELS)}")
+
+
+def _kind(folder: Path) -> str:
+    if (folder / "model_index.json").is_file():
+        return "pipeline"
+    for config in folder.glob("*.json"):
+        if "vision_cfg" in json.loads(config.read_text()):
+            return "clip"
+    if (folder / "config.json").is_file():
+        return "classifier"
+    raise ValueError(f"{folder} holds no model_index.json, open_clip config or classifier config.json")
+
+
+def load(name_or_path: str | Path, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> Any:
+    """Load a zoo model by name, local folder or hub repo id, ready to use (eval mode).
+
+    Returns a ``ClassConditionalPipeline`` or ``StableDiffusionPipeline`` (via ``from_pretrained``), a
+    ``DigitClassifier``, or a ``DigitClip`` (unpacks to ``model, preprocess, tokenizer``).
+    """
+    folder = _resolve(name_or_path)
+    kind = _kind(folder)
+    if kind == "pipeline":
+        from diffusers import DiffusionPipeline
+
+        from tasks.pipelines import ClassConditionalPipeline
+
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        cls = ClassConditionalPipeline if class_name == ClassConditionalPipeline.__name__ else DiffusionPipeline
+        pipe = cls.from_pretrained(folder, torch_dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
+    if kind == "classifier":
+        from tasks.classifier import DigitClassifier
+
+        return DigitClassifier.from_pretrained(folder).to(device=device, dtype=dtype).eval()
+    from tasks import clip
+
+    return clip.load_pretrained(folder, device=device, dtype=dtype)
