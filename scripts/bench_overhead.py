@@ -27,7 +27,7 @@ def bench_pipe() -> StableDiffusionPipeline:
     pipe = tiny_sd()
     torch.manual_seed(0)
     pipe.unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, norm_num_groups=8, attention_head_dim=8).eval()
     pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = bench_pipe()
     net_rows: list[int] = []
     pipe.unet.register_forward_pre_hook(lambda m, a, k: net_rows.append(a[0].shape[0]), with_kwargs=True)
-    kw = dict(prompt=["a handwritten digit"] * args.batch, height=32, width=32, num_inference_steps=args.steps,
+    kw = dict(prompt=["a handwritten digit"] * args.batch, height=64, width=64, num_inference_steps=args.steps,
               output_type="latent")
     guides = {"CFG(7.5)": guidance.CFG(7.5), "APG(7.5)": guidance.APG(7.5, norm_threshold=5.0),
               "CFG++(0.6)": guidance.CFGPlusPlus(0.6)}
@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in times:  # warm-up
         run(name)
         times[name].clear()
-    for _ in range(args.repeats):
-        for name in times:
+    names = list(times)
+    for r in range(args.repeats):  # rotate the order each round so no run always follows another
+        for name in names[r % len(names):] + names[: r % len(names)]:
             run(name)
     base = statistics.median(times["native"])
     lines = ["Written by `scripts/bench_overhead.py`: offline StableDiffusionPipeline (random weights, UNet "
-             f"(32, 64) channels, 16x16 latents), batch {args.batch}, {args.steps} DDIM steps, median of "
+             f"(64, 128) channels, 32x32 latents), batch {args.batch}, {args.steps} DDIM steps, median of "
              f"{args.repeats} interleaved runs.", "",
              "| run | wall-time ratio vs native CFG | UNet rows | rows ratio |", "|---|---|---|---|"]
     for name in times:
