@@ -1,17 +1,25 @@
 """Guidance objects and the hook that runs them inside diffusers pipelines."""
 
+from .adaptive import AdaptiveGuidance
 from .apg import APG
+from .autoguidance import Autoguidance
 from .base import Guidance, Guided, Step
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale
 from .denoiser import GuidedDenoiser
+from .dynamic import DynamicCFG
+from .feedback import ClassifierConfidence, ClipAlignment, vae_decoder
+from .gfcg import GFCG
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
+from .linear_ag import LinearAG
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 
 __all__ = [
+    "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
+    "vae_decoder",
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "parse_guide_spec",

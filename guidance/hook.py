@@ -79,6 +79,7 @@ class _Session:
 
     def install(self) -> None:
         self._orig_forward = self.net.forward
+        self._forward_signature = inspect.signature(self._orig_forward)
         self._patch(self.net, "forward", self.forward)
         if self.guide.changes_renoise:
             self._orig_step = self.scheduler.step
@@ -163,21 +164,53 @@ class _Session:
         else:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
+        cond, evaluate = self._cond_branch(sample, timestep, args, kwargs, cond_rows, full)
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask.to(sample.device))
+                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
+        self.step_rows = len(rows)
+        self.stats.calls += 1
         guided = self.guide.combine(step)
         self.last_step, self.renoise = step, guided.renoise
         extra = tensor[n_u:, channels:]
         half = torch.cat([guided.denoise, extra], dim=1) if extra.shape[1] else guided.denoise
         new = torch.cat([half, half])
-        self.stats.calls += 1
-        self.stats.rows += len(rows)
-        self.stats.rows_per_step.append(len(rows))
+        self.stats.rows += self.step_rows
+        self.stats.rows_per_step.append(self.step_rows)
         self.index += 1
         if isinstance(out, tuple):
             return (new,) + tuple(out[1:])
         out.sample = new
         return out
+
+    def _cond_branch(self, sample: Tensor, timestep: Any, args: tuple, kwargs: dict, cond_rows: Tensor, full: int):
+        """``step.cond`` (the conditional half's class labels or text embeddings, as ``diffusers_model_fn`` takes
+        them) and ``step.evaluate(x, cond)``: one more counted network pass on the conditional rows' inputs,
+        with ``x`` and the condition replaced (e.g. GFCG's reference class)."""
+        signature = self._forward_signature
+        bound = signature.bind(sample, timestep, *args, **kwargs)
+        for name, value in bound.arguments.items():
+            bound.arguments[name] = _rows(value, cond_rows.to(sample.device), full)
+        sample_name = next(iter(bound.arguments))
+        key = "class_labels" if bound.arguments.get("class_labels") is not None else "encoder_hidden_states"
+        cond = bound.arguments.get(key)
+        if bound.arguments.get("added_cond_kwargs") is not None:
+            cond = {key: cond, "added_cond_kwargs": bound.arguments["added_cond_kwargs"]}
+
+        def evaluate(x: Tensor, new_cond: Any) -> Tensor:
+            if x.shape != bound.arguments[sample_name].shape:
+                raise ValueError(f"step.evaluate takes x of the step's shape "
+                                 f"{tuple(bound.arguments[sample_name].shape)}, got {tuple(x.shape)}")
+            replace = new_cond if isinstance(new_cond, dict) else {key: new_cond}
+            unknown = set(replace) - set(signature.parameters)
+            if unknown:
+                raise ValueError(f"{type(self.net).__name__}.forward takes no {sorted(unknown)}")
+            call = inspect.BoundArguments(signature, dict(bound.arguments, **replace, **{sample_name: x}))
+            out = self._orig_forward(*call.args, **call.kwargs)
+            self.step_rows += x.shape[0]
+            self.stats.calls += 1
+            return (out[0] if isinstance(out, tuple) else out.sample)[:, : x.shape[1]]
+
+        return cond, evaluate
 
     # -- the scheduler (guides that renoise differently) --------------------------------------------------
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
