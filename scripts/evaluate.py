@@ -1,0 +1,294 @@
+"""Sample and score a model x guide x scale grid, or score an image folder: ``diffguide-evaluate``.
+
+    diffguide-evaluate --model digits-class --guide cfg@1,2,3 --guide apg@2,4:eta=0 --guide cfgpp@0.2,0.6 \\
+        --num-images 500 --steps 20 --out runs/digits-class
+    diffguide-evaluate --images path/to/pngs --metrics fid kid --real digits-train --out runs/folder
+    torchrun --nproc_per_node 2 -m scripts.evaluate ...          # data-parallel (CPU: gloo)
+    accelerate launch --multi_gpu --num_processes 2 -m scripts.evaluate ...
+
+Each grid point is a resumable folder ``OUT/<model>/<method>/scale-<s>/`` (images written as they are
+produced; rerun the same command after an interruption). Writes ``OUT/results.json``, ``results.csv``
+and ``plot.png`` (each metric against ``--plot-x``: the guidance scale, the NFE or another metric).
+Metrics: fid, kid (features of ``--feature``: the digits classifier, or inception), accuracy (the
+digits classifier), clip_score (an open_clip model), psnr/ssim/lpips only make sense with references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SCALES = {"cfgpp": [0.2, 0.4, 0.6, 0.8]}
+SAMPLE_METRICS = ("fid", "kid", "accuracy", "clip_score")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffguide-evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", nargs="+", help="shipped model name(s) or local pipeline folder(s)")
+    src.add_argument("--images", help="score this image folder instead of sampling (labels/prompts from "
+                                      "its metadata.jsonl: file_name, label, text)")
+    p.add_argument("--guide", action="append", default=None,
+                   help="guide spec NAME[@S1,S2,...][:KEY=VALUE,...], repeatable (default: cfg)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0],
+                   help="scales for guides given without @scales (cfgpp default: 0.2 0.4 0.6 0.8)")
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed hash(seed, i)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help=f"metrics to compute (default: fid kid accuracy, + clip_score for text models); "
+                        f"known: {', '.join(SAMPLE_METRICS)}")
+    p.add_argument("--feature", default="digits", choices=("digits", "inception"),
+                   help="FID/KID features: the digits classifier (offline) or Inception-v3 (needs its weights)")
+    p.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--real", default="digits-train", help="real set: digits-train, digits-test, digits-all or a folder")
+    p.add_argument("--stats-dir", default=None, help="cache of real statistics (default ~/.cache/diffguide/real_stats)")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--classifier", default="digits-classifier", help="shipped name or folder of the classifier")
+    p.add_argument("--clip", default="digits-clip", help="shipped name, or an open_clip model name")
+    p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or local weights file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--plot-x", default="scale", help="x axis of the plot: scale, nfe or a metric name")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the process's accelerate device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("num_images", "steps", "batch_size", "kid_subset_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    unknown = set(args.metrics or []) - set(SAMPLE_METRICS) - {"psnr", "ssim", "lpips"}
+    if unknown:
+        p.error(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(SAMPLE_METRICS)}")
+    if args.plot_x not in ("scale", "nfe", *SAMPLE_METRICS):
+        p.error(f"--plot-x must be scale, nfe or one of {', '.join(SAMPLE_METRICS)}, got {args.plot_x!r}")
+    if set(args.metrics or []) & {"psnr", "ssim", "lpips"}:
+        p.error("psnr, ssim and lpips compare against reference images; use tasks.metrics directly")
+    return args
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_pipeline(name: str, device):
+    """A local diffusers folder (``ClassConditionalPipeline`` or any diffusers pipeline) or a shipped model."""
+    path = Path(name)
+    if (path / "model_index.json").exists():
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if class_name == "ClassConditionalPipeline":
+            from tasks.pipelines import ClassConditionalPipeline
+            pipe = ClassConditionalPipeline.from_pretrained(path)
+        else:
+            from diffusers import DiffusionPipeline
+            pipe = DiffusionPipeline.from_pretrained(path)
+        return pipe.to(device)
+    from tasks import zoo
+    return zoo.load(name, device=device)
+
+
+def load_classifier(name: str, device):
+    path = Path(name)
+    if (path / "config.json").exists():
+        from tasks.classifier import DigitClassifier
+        return DigitClassifier.from_pretrained(path).to(device).eval()
+    from tasks import zoo
+    return zoo.load(name, device=device)
+
+
+def load_clip(name: str, pretrained: str | None, device) -> tuple:
+    import open_clip
+
+    if name in open_clip.list_models():
+        from tasks.metrics import load_open_clip
+        model, preprocess, tokenizer = load_open_clip(name, pretrained)
+        return model.to(device), preprocess, tokenizer
+    from tasks import zoo
+    model, preprocess, tokenizer = zoo.load(name, device=device)
+    return model, preprocess, tokenizer
+
+
+def build_metrics(args, names: list[str], device, state):
+    """ImageMetrics with real statistics loaded, and a key naming everything the values depend on."""
+    from tasks.evaluation import module_fingerprint, prepare_real
+    from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id
+
+    classifier = load_classifier(args.classifier, device) if {"accuracy", "fid", "kid"} & set(names) else None
+    feature = None
+    if {"fid", "kid"} & set(names):
+        feature = (DigitFeatures(classifier) if args.feature == "digits"
+                   else InceptionFeatures(weights_path=args.inception_weights).to(device))
+    clip = load_clip(args.clip, args.clip_pretrained, device) if "clip_score" in names else None
+    metrics = ImageMetrics(names, feature=feature, classifier=classifier, clip=clip,
+                           kid_subset_size=args.kid_subset_size).to(device)
+    key = {"metrics": sorted(names), "real": args.real, "kid_subset_size": args.kid_subset_size,
+           "feature": extractor_id(feature) if feature is not None else None,
+           "classifier": module_fingerprint(classifier) if "accuracy" in names else None,
+           "clip": module_fingerprint(clip[0]) if clip is not None else None}
+    return metrics, feature, key
+
+
+# ------------------------------------------------------------------------------------------ the runs
+def grid_points(args) -> list[tuple[str, list[float], dict]]:
+    import guidance
+
+    specs = args.guide or ["cfg"]
+    points = []
+    for spec in specs:
+        name, scales, params = guidance.parse_guide_spec(spec)
+        points.append((name, scales or DEFAULT_SCALES.get(name, args.scales), params))
+    return points
+
+
+def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
+    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, module_fingerprint,
+                                  pipeline_kind, prepare_real, sample_run, score_images, write_metadata)
+    from tasks.metrics import DEFAULT_CACHE
+    from tasks.run_folder import RunFolder, config_hash
+
+    rows = []
+    points = grid_points(args)
+    for model_name in args.model:
+        pipe = load_pipeline(model_name, device)
+        pipe.set_progress_bar_config(disable=True)
+        kind = pipeline_kind(pipe)
+        names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))
+        metrics, feature, metrics_key = build_metrics(args, names, device, state)
+        size = pipe.unet.config.sample_size * (getattr(pipe, "vae_scale_factor", 1) if kind == "text" else 1)
+        if feature is not None:
+            prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
+        fingerprint = module_fingerprint(pipe.unet)
+        model_tag = Path(model_name).name
+        for guide, scales, params in points:
+            for scale in scales:
+                cfg = SamplingConfig(model=model_tag, guide=guide, scale=float(scale), params=params,
+                                     num_images=args.num_images, steps=args.steps, seed=args.seed, eta=args.eta)
+                folder = RunFolder(Path(args.out) / model_tag / cfg.label() / f"scale-{scale:g}",
+                                   config_dict(cfg, fingerprint))
+                start = time.perf_counter()
+                written = sample_run(pipe, cfg, folder, state, args.batch_size, progress)
+                if state.is_main_process:
+                    write_metadata(folder, cfg, kind)
+                sample_seconds = time.perf_counter() - start
+                key = config_hash({"run": folder.hash, **metrics_key})
+                cached = folder.read_json("metrics.json")
+                if cached is not None and cached.get("key") == key:
+                    results = cached["results"]
+                else:
+                    metrics.reset()
+                    indices = range(cfg.num_images)
+                    results = score_images(metrics, [folder.image_path(i) for i in indices], state,
+                                           labels=image_labels(indices, getattr(pipe, "num_classes", 10)),
+                                           prompts=image_prompts(indices) if kind == "text" else None,
+                                           progress=progress, device=device)
+                    if state.is_main_process:
+                        folder.write_json("metrics.json", {"key": key, "results": results})
+                nfe = (folder.read_json("nfe.json") or {}).get("network_rows_per_image")
+                row = {"model": model_tag, "method": cfg.label(), "guide": guide, "params": params,
+                       "scale": float(scale), "nfe": nfe, "num_images": cfg.num_images, "steps": cfg.steps,
+                       "seed": cfg.seed, **results, "sampled_now": written,
+                       "sample_seconds": round(sample_seconds, 2), "folder": str(folder.root)}
+                rows.append(row)
+                if state.is_main_process and progress:
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+                    print(f"{model_tag} {cfg.label()} @ {scale:g}: {shown}", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_images(args, state, device, progress: bool) -> list[dict[str, Any]]:
+    from tasks.evaluation import folder_images, prepare_real, score_images
+    from tasks.metrics import DEFAULT_CACHE
+
+    paths, labels, prompts = folder_images(args.images)
+    names = args.metrics or (["fid", "kid"] + (["accuracy"] if labels else []) + (["clip_score"] if prompts else []))
+    metrics, feature, _ = build_metrics(args, names, device, state)
+    if feature is not None:
+        from tasks.run_folder import load_image
+        size = load_image(paths[0]).shape[-1]
+        prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
+    results = score_images(metrics, paths, state, labels=labels, prompts=prompts, progress=progress, device=device)
+    return [{"images": str(args.images), "num_images": len(paths), **results}]
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def write_outputs(rows: list[dict[str, Any]], out: Path, plot_x: str) -> None:
+    from tasks.run_folder import atomic_write, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns)
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows)
+
+    atomic_write(out / "results.csv", write_csv)
+    if rows and "method" in rows[0]:
+        atomic_write(out / "plot.png", lambda tmp: plot_rows(rows, tmp, plot_x))
+
+
+def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics: list[str] | None = None,
+              title: str | None = None) -> None:
+    """One panel per metric, one line per model/method, against ``x`` (scale, nfe or a metric)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = metrics or [m for m in ("fid", "kid", "accuracy", "clip_score") if m in rows[0] and m != x]
+    if x not in rows[0]:
+        raise ValueError(f"--plot-x {x!r} is not a column; choose from {', '.join(k for k in rows[0] if k != 'params')}")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for model in models:
+            for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+                line = sorted((r[x], r[metric]) for r in rows if r["model"] == model and r["method"] == method
+                              and r.get(metric) is not None)
+                label = method if len(models) == 1 else f"{model}: {method}"
+                ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)
+        ax.set_xlabel({"scale": "guidance scale (lam for cfgpp)", "nfe": "NFE per image"}.get(x, x))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = torch.device(args.device) if args.device else state.device
+    progress = not args.no_progress
+    try:
+        rows = run_grid(args, state, device, progress) if args.model else run_images(args, state, device, progress)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if state.is_main_process:
+        write_outputs(rows, Path(args.out), args.plot_x)
+        print(f"wrote {Path(args.out) / 'results.json'}, results.csv and plot.png ({len(rows)} rows)",
+              file=sys.stderr, flush=True)
+    state.wait_for_everyone()
+    if state.use_distributed:
+        state.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,126 @@
+"""A resumable output folder for one sampling run: a stored configuration, one PNG per image index.
+
+Image ``i`` is written as ``images/{i:06d}.png`` by an atomic rename, so a killed run leaves only
+complete images; restarting with the same configuration samples exactly the missing indices. A folder
+written under another configuration is refused (its hash is stored in ``config.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_NAME = re.compile(r"^(\d{6})\.png$")
+TEMP_PREFIX = ".partial-"
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """Generator seed of image ``index``: a 63-bit hash of ``(base_seed, index)``, independent of batching."""
+    digest = hashlib.sha256(f"diffguide:{int(base_seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable hash of a JSON-serialisable configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """``(C, H, W)`` float in [0, 1] -> 8-bit gray (C=1) or RGB (C=3) PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0], "L") if array.shape[-1] == 1 else Image.fromarray(array, "RGB")
+
+
+def load_image(path: str | Path) -> Tensor:
+    """A PNG/JPEG file -> ``(C, H, W)`` float in [0, 1]; gray stays 1 channel, everything else becomes RGB."""
+    with Image.open(path) as image:
+        image = image.convert("L") if image.mode in ("L", "I;16", "1") else image.convert("RGB")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array)
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+class RunFolder:
+    """Folder of one run: ``config.json``, ``images/000000.png ...``, and JSON side files."""
+
+    def __init__(self, root: str | Path, config: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.hash = config_hash(config)
+        self.images = self.root / "images"
+
+    def check(self) -> bool:
+        """True if the folder holds this configuration, False if it is new; ValueError for another one."""
+        path = self.root / "config.json"
+        if not path.exists():
+            return False
+        stored = json.loads(path.read_text())
+        if stored.get("hash") != self.hash:
+            old = stored.get("config", {})
+            changed = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            raise ValueError(f"{self.root} holds a run with another configuration (differs in: "
+                             f"{', '.join(changed) or 'hash'}); use another output folder or delete it")
+        return True
+
+    def claim(self) -> None:
+        """Create the folder and store the configuration (or verify the stored one); remove partial files."""
+        if not self.check():
+            self.images.mkdir(parents=True, exist_ok=True)
+            write_json(self.root / "config.json", {"hash": self.hash, "config": self.config})
+        self.images.mkdir(parents=True, exist_ok=True)
+        for stale in self.images.glob(TEMP_PREFIX + "*"):
+            stale.unlink(missing_ok=True)
+
+    def image_path(self, index: int) -> Path:
+        return self.images / f"{index:06d}.png"
+
+    def existing(self) -> set[int]:
+        """Indices of the images already written."""
+        if not self.images.is_dir():
+            return set()
+        return {int(m.group(1)) for m in map(IMAGE_NAME.match, os.listdir(self.images)) if m}
+
+    def missing(self, num_images: int) -> list[int]:
+        done = self.existing()
+        return [i for i in range(num_images) if i not in done]
+
+    def write_image(self, index: int, image: Tensor) -> None:
+        atomic_write(self.image_path(index), lambda tmp: to_pil(image).save(tmp, format="PNG"))
+
+    def read_images(self, indices: Iterable[int]) -> Tensor:
+        return torch.stack([load_image(self.image_path(i)) for i in indices])
+
+    def read_json(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, name: str, data: Any) -> None:
+        write_json(self.root / name, data)

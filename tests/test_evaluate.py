@@ -1,0 +1,128 @@
+"""Evaluation runs as a user runs them: real subprocesses, 1 vs 2 processes, a kill and a restart."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from scripts import evaluate
+from tasks.classifier import DigitClassifier
+from tasks.evaluation import blocks, image_labels
+from tasks.pipelines import ClassConditionalPipeline
+from tasks.run_folder import RunFolder, image_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_IMAGES, STEPS, BATCH = 24, 40, 3
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=11)
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, timestep_spacing="trailing")
+    ClassConditionalPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "pipe")
+    DigitClassifier(channels=(4, 8), feature_dim=8).save_pretrained(root / "classifier")
+    return root
+
+
+def arguments(assets, out):
+    return ["--model", str(assets / "pipe"), "--classifier", str(assets / "classifier"), "--guide", "cfg@2",
+            "--num-images", str(NUM_IMAGES), "--steps", str(STEPS), "--batch-size", str(BATCH),
+            "--metrics", "fid", "kid", "accuracy", "--kid-subset-size", "10", "--stats-dir", str(assets / "stats"),
+            "--out", str(out), "--no-progress"]
+
+
+def command(assets, out, nproc=1):
+    args = arguments(assets, out)
+    if nproc == 1:
+        return [sys.executable, "-m", "scripts.evaluate", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "scripts.evaluate", *args]
+
+
+def run(cmd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((Path(cmd[cmd.index("--out") + 1]) / "results.json").read_text())
+
+
+def image_bytes(out):
+    folder = out / "pipe" / "cfg" / "scale-2" / "images"
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def run_here(argv):
+    """The same command in this process (it is already warm: no import time)."""
+    return evaluate.main(argv)
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    out = assets / "one-process"
+    return run_here(arguments(assets, out))[0], image_bytes(out)
+
+
+def test_seeds_and_blocks_do_not_depend_on_batching():
+    assert image_seed(0, 5) == image_seed(0, 5) != image_seed(1, 4)
+    assert blocks([0, 1, 5, 6, 7, 9], 4) == [[0, 1], [5, 6, 7], [9]]
+    assert image_labels(range(12)) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_one_process_run(reference):
+    row, images = reference
+    assert sorted(images) == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    assert row["nfe"] == 2 * STEPS and row["sampled_now"] == NUM_IMAGES
+    assert row["fid"] > 0 and 0 <= row["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_metrics(assets, reference):
+    out = assets / "two-processes"
+    row = run(command(assets, out, nproc=2))[0]
+    assert row["sampled_now"] == NUM_IMAGES                     # no padding duplicates
+    assert image_bytes(out) == reference[1]
+    for key in ("fid", "kid", "accuracy"):
+        assert row[key] == pytest.approx(reference[0][key], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(assets, reference):
+    out = assets / "killed"
+    images = out / "pipe" / "cfg" / "scale-2" / "images"
+    proc = subprocess.Popen(command(assets, out), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (images.is_dir() and any(images.glob("0*.png"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing images"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list(images.glob("0*.png")))
+    assert 0 < written < NUM_IMAGES
+    row = run_here(arguments(assets, out))[0]
+    assert row["sampled_now"] == NUM_IMAGES - written             # continues, samples nothing twice
+    assert image_bytes(out) == reference[1]
+    assert {k: row[k] for k in ("fid", "kid", "accuracy")} == {k: reference[0][k] for k in ("fid", "kid", "accuracy")}
+
+
+def test_other_configuration_is_refused(assets, reference, tmp_path):
+    argv = arguments(assets, assets / "one-process")
+    argv[argv.index("--steps") + 1] = str(STEPS + 1)
+    with pytest.raises(SystemExit, match=r"another configuration \(differs in: steps\)"):
+        run_here(argv)
+    folder = RunFolder(tmp_path, {"steps": 3})
+    folder.claim()
+    with pytest.raises(ValueError, match="differs in: steps"):
+        RunFolder(tmp_path, {"steps": 4}).check()
