@@ -265,7 +265,8 @@ def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the command line ``argv``; returns the result rows (every process gets them)."""
     args = parse_args(argv)
     import torch
     from accelerate import PartialState
@@ -287,6 +288,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if state.use_distributed:
         state.destroy_process_group()
     return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def image_bytes(out):
 
 def run_here(argv):
     """The same command in this process (it is already warm: no import time)."""
-    return evaluate.main(argv)
+    return evaluate.run(argv)
 
 
 @pytest.fixture(scope="module")
