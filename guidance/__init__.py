@@ -8,12 +8,15 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale
 from .denoiser import GuidedDenoiser
+from .dps import DPS
 from .dynamic import DynamicCFG
+from .enkg import EnKG
 from .feedback import ClassifierConfidence, ClipAlignment, vae_decoder
 from .gfcg import GFCG
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
+from .mcg import MCG
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 
@@ -23,4 +26,5 @@ __all__ = [
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "parse_guide_spec",
+    "DPS", "EnKG", "MCG",
 ]

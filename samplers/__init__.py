@@ -1,6 +1,7 @@
 """Sampling loops over a denoiser callable, and the schedule arithmetic they share."""
 
 from .base import Denoised, DenoiseFn, Level
+from .inverse import SolverStats, Transition, sample_inverse
 from .inversion import invert_ddim
 from .models import diffusers_model_fn
 from .sampling import SAMPLERS, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
@@ -10,4 +11,5 @@ __all__ = [
     "Denoised", "DenoiseFn", "Level", "Plan", "SAMPLERS", "alpha_sigma", "diffusers_model_fn", "from_x0", "invert_ddim",
     "plan_from_scheduler", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "to_eps",
     "to_x0",
+    "SolverStats", "Transition", "sample_inverse",
 ]

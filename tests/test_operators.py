@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.operators import (OPERATORS, AveragePooling, BicubicDownsampling, Blur, Grayscale, HeatEquation,
-                             Inpainting, LinearOperator, PhaseRetrieval, box_mask, compose, gaussian_kernel,
+                             Inpainting, LinearOperator, MatrixOperator, PhaseRetrieval, random_matrix, box_mask, compose, gaussian_kernel,
                              make_operator, motion_kernel, random_mask)
 
 SHAPE = (3, 16, 16)
@@ -32,6 +32,8 @@ def linear_operators() -> dict[str, LinearOperator]:
         "blur_motion": Blur(SHAPE, motion_kernel(9, 0.7, g)),
         "grayscale": Grayscale(SHAPE),
         "grayscale_luma": Grayscale(SHAPE, (0.299, 0.587, 0.114)),
+        "matrix_wide": MatrixOperator(random_matrix(5, 8, g)),
+        "matrix_rank_deficient": MatrixOperator(random_matrix(6, 8, g, torch.tensor([2.0, 1.0, 1.0, 0.5, 0.0, 0.0]))),
     }
     ops["inpaint@sr_avg"] = compose(Inpainting(random_mask((3, 8, 8), 0.5, g), (3, 8, 8)), ops["sr_avg"])
     ops["grayscale@blur"] = ops["grayscale"] @ ops["blur_gauss"]
@@ -41,7 +43,7 @@ def linear_operators() -> dict[str, LinearOperator]:
 
 LINEAR = linear_operators()
 EXACT_PINV = ["inpaint_box", "inpaint_random", "sr_avg", "sr_bicubic_2", "sr_bicubic_4", "grayscale",
-              "grayscale_luma", "inpaint@sr_avg"]
+              "grayscale_luma", "inpaint@sr_avg", "matrix_wide", "matrix_rank_deficient"]
 
 
 @pytest.mark.parametrize("name", list(LINEAR))

@@ -14,6 +14,7 @@ from .blackbox import HeatEquation
 from .blur import Blur, gaussian_kernel, motion_kernel
 from .color import LUMA_WEIGHTS, Grayscale
 from .inpainting import Inpainting, box_mask, random_mask
+from .matrix import MatrixOperator, random_matrix
 from .nonlinear import PhaseRetrieval
 from .resize import AveragePooling, BicubicDownsampling, bicubic_matrix
 
@@ -60,6 +61,6 @@ def make_operator(name: str, shape: Sequence[int], sigma_y: float = 0.0, generat
 
 __all__ = [
     "AveragePooling", "BicubicDownsampling", "Blur", "Composed", "ComposedLinear", "Grayscale", "HeatEquation",
-    "Inpainting", "LUMA_WEIGHTS", "LinearOperator", "OPERATORS", "Operator", "PhaseRetrieval", "bicubic_matrix",
-    "box_mask", "compose", "conjugate_gradient", "gaussian_kernel", "make_operator", "motion_kernel", "random_mask",
+    "Inpainting", "LUMA_WEIGHTS", "LinearOperator", "MatrixOperator", "OPERATORS", "Operator", "PhaseRetrieval", "bicubic_matrix",
+    "box_mask", "compose", "conjugate_gradient", "gaussian_kernel", "make_operator", "motion_kernel", "random_mask", "random_matrix",
 ]
