@@ -19,11 +19,11 @@ class DynamicCFG(Guidance):
 
     For each candidate ``s`` in ``candidates`` the guided prediction ``u + s (c - u)`` gives an x0 estimate
     (linear in ``s``, so candidates cost evaluator calls only, never network passes); it is decoded with
-    ``decode`` (the VAE for latent models), clamped to [-1, 1] and scored by each evaluator. Scores are
-    normalised over the candidates (``"zscore"``, per sample) and summed with ``weights``; the argmax is the
-    scale of that step (per sample, or one for the batch with ``per_sample=False``; ties go to the earlier
-    candidate). This is the paper's greedy search; its candidate set, evaluator weights and warm-up are not
-    public and are parameters here.
+    ``decode`` (the VAE for latent models), clamped to [-1, 1] (``clip``) and scored by each evaluator.
+    Scores are normalised over the candidates (``"zscore"``, per sample; scores equal up to rounding count
+    as a tie) and summed with ``weights``; the argmax is the scale of that step (per sample, or one for the
+    batch with ``per_sample=False``; ties go to the earlier candidate). This is the paper's greedy search;
+    its candidate set, evaluator weights and warm-up are not public and are parameters here.
 
     Args:
         evaluators: one evaluator or a sequence; each ``(images (B, C, H, W), step) -> scores (B,)``, higher
@@ -32,6 +32,7 @@ class DynamicCFG(Guidance):
         weights: one weight per evaluator, or ``fn(step_index, num_steps) -> weights`` (time-varying).
         normalize: ``"zscore"`` (scores standardised over the candidates before weighting) or ``"none"``.
         decode: ``latents -> images`` for latent models (e.g. ``feedback.vae_decoder(pipe.vae)``).
+        clip: clamp the (decoded) x0 to [-1, 1] before scoring (off for non-image data).
         per_sample: choose a scale per sample (default) or one scale for the whole batch (mean score).
         warmup_steps: the first steps use ``warmup_scale`` without evaluator calls (x0 is still noise there).
         warmup_scale: scale of the warm-up steps (default: the largest candidate).
@@ -44,7 +45,7 @@ class DynamicCFG(Guidance):
     def __init__(self, evaluators: Evaluator | Sequence[Evaluator],
                  candidates: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 5.0),
                  weights: Sequence[float] | Callable[[int, int], Sequence[float]] | None = None,
-                 normalize: str = "zscore", decode: Decode | None = None, per_sample: bool = True,
+                 normalize: str = "zscore", decode: Decode | None = None, clip: bool = True, per_sample: bool = True,
                  warmup_steps: int = 0, warmup_scale: float | None = None) -> None:
         self.evaluators = [evaluators] if callable(evaluators) else list(evaluators)
         if not self.evaluators:
@@ -66,7 +67,7 @@ class DynamicCFG(Guidance):
         self.normalize = normalize
         if decode is not None and not callable(decode):
             raise TypeError(f"decode must be a callable latents -> images, got {type(decode).__name__}")
-        self.decode, self.per_sample = decode, bool(per_sample)
+        self.decode, self.clip, self.per_sample = decode, bool(clip), bool(per_sample)
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
@@ -93,7 +94,7 @@ class DynamicCFG(Guidance):
         batch = step.pred_cond.shape[0]
         weights = self.weights(step.index, step.num_steps) if callable(self.weights) else self.weights
         weights = [1.0] * len(self.evaluators) if weights is None else self._check_weights(weights)
-        images = [predicted_images(step.x0(uncond + s * (step.pred_cond - uncond)), self.decode)
+        images = [predicted_images(step.x0(uncond + s * (step.pred_cond - uncond)), self.decode, self.clip)
                   for s in self.candidates]
         total = torch.zeros(len(self.candidates), batch, dtype=torch.float64, device=step.pred_cond.device)
         for k, (evaluator, weight) in enumerate(zip(self.evaluators, weights)):
@@ -103,7 +104,9 @@ class DynamicCFG(Guidance):
                                    for img in images])
             self.evaluator_calls += len(images)
             if self.normalize == "zscore" and len(self.candidates) > 1:
-                per = (per - per.mean(0)) / per.std(0, unbiased=False).clamp_min(1e-12)
+                std = per.std(0, unbiased=False)
+                tied = std <= 1e-9 * per.abs().amax(0)   # candidates indistinguishable up to rounding
+                per = torch.where(tied, 0.0, (per - per.mean(0)) / std.clamp_min(torch.finfo(per.dtype).tiny))
             total += weight * per
         return total
 
