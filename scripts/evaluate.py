@@ -76,28 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_pipeline(name: str, device):
-    """A local diffusers folder (``ClassConditionalPipeline`` or any diffusers pipeline) or a shipped model."""
-    path = Path(name)
-    if (path / "model_index.json").exists():
-        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
-        if class_name == "ClassConditionalPipeline":
-            from tasks.pipelines import ClassConditionalPipeline
-            pipe = ClassConditionalPipeline.from_pretrained(path)
-        else:
-            from diffusers import DiffusionPipeline
-            pipe = DiffusionPipeline.from_pretrained(path)
-        return pipe.to(device)
+def load_model(name: str, device):
+    """A shipped model name or a local folder laid out like one (see ``tasks.zoo.load``)."""
     from tasks import zoo
-    return zoo.load(name, device=device)
 
-
-def load_classifier(name: str, device):
-    path = Path(name)
-    if (path / "config.json").exists():
-        from tasks.classifier import DigitClassifier
-        return DigitClassifier.from_pretrained(path).to(device).eval()
-    from tasks import zoo
     return zoo.load(name, device=device)
 
 
@@ -108,8 +90,7 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
         from tasks.metrics import load_open_clip
         model, preprocess, tokenizer = load_open_clip(name, pretrained)
         return model.to(device), preprocess, tokenizer
-    from tasks import zoo
-    model, preprocess, tokenizer = zoo.load(name, device=device)
+    model, preprocess, tokenizer = load_model(name, device)
     return model, preprocess, tokenizer
 
 
@@ -118,7 +99,7 @@ def build_metrics(args, names: list[str], device, state):
     from tasks.evaluation import module_fingerprint, prepare_real
     from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id
 
-    classifier = load_classifier(args.classifier, device) if {"accuracy", "fid", "kid"} & set(names) else None
+    classifier = load_model(args.classifier, device) if {"accuracy", "fid", "kid"} & set(names) else None
     feature = None
     if {"fid", "kid"} & set(names):
         feature = (DigitFeatures(classifier) if args.feature == "digits"
@@ -154,7 +135,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     rows = []
     points = grid_points(args)
     for model_name in args.model:
-        pipe = load_pipeline(model_name, device)
+        pipe = load_model(model_name, device)
         pipe.set_progress_bar_config(disable=True)
         kind = pipeline_kind(pipe)
         names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))
