@@ -1,0 +1,486 @@
+"""Textual inversion of a new token on a few images: zeroth-order (ZOODiP) or backprop (diffusers' recipe).
+
+    pipe = zoo.load("digits-t2i")
+    images = load_image_folder("my_sevens/", *expected_image_format(pipe))
+    trainer = TextualInversion(pipe, images, "<s1>", "digit", PersonalizeConfig(method="zo", steps=500))
+    path = trainer.train("out/")            # out/learned_embeds.safetensors, loadable by diffusers:
+    fresh.load_textual_inversion(path, token="<s1>")
+
+Both methods minimise the latent-diffusion loss of ZOODiP Eq. 1 / Textual Inversion,
+``L(theta) = E ||target - net(z_t, t, c(y*; theta))||^2`` over the one new embedding row ``theta``:
+
+- ``method="zo"`` (ZOODiP, Seo et al. CVPR 2025): int8 weights, ``n + 1`` forward passes per step sharing
+  image, noise and timestep, :func:`guidance.zo_personalize.random_gradient_estimate`, Subspace Gradient,
+  ZO-Adam, PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever built.
+- ``method="backprop"`` (diffusers ``examples/textual_inversion``): float weights, AdamW (weight decay 1e-2)
+  over the whole token-embedding matrix with every row but the new one restored after each step,
+  ``t ~ U{0..999}``.
+
+All randomness (image, flip, caption template, latent sample, noise, timestep, ZO directions) comes from one
+``torch.Generator`` seeded by ``config.seed``; a checkpoint stores its state, so a resumed run continues
+exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+EMBEDDING_FILE = "learned_embeds.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+                    "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
+                    "a good photo of a {}")
+Method = Literal["zo", "backprop"]
+
+
+# ------------------------------------------------------------------------------------------- images
+def expected_image_format(pipe) -> tuple[int, str]:
+    """``(size, PIL mode)`` of the pipeline's training images: ``sample_size * vae_scale_factor``, "L" or "RGB"."""
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    channels = int(pipe.vae.config.in_channels)
+    modes = {1: "L", 3: "RGB"}
+    if channels not in modes:
+        raise ValueError(f"the VAE takes {channels}-channel images; only 1 (L) and 3 (RGB) are supported")
+    return size, modes[channels]
+
+
+def load_image_folder(folder: str | Path, size: int, mode: str, resize: bool = False) -> Tensor:
+    """Images of ``folder`` as ``(N, C, size, size)`` float32 in [-1, 1], in file-name order.
+
+    Every file with an image extension must be ``size x size`` in PIL ``mode`` ("L" or "RGB"); with
+    ``resize=True`` other sizes are resized (bicubic, as diffusers' textual inversion does) and other modes
+    converted. Raises ``ValueError`` for a missing or empty folder, unreadable files and, without ``resize``,
+    images of another size or mode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images in {str(folder)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    tensors, wrong = [], []
+    for path in files:
+        try:
+            with Image.open(path) as opened:
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+        if image.size != (size, size) or image.mode != mode:
+            if not resize:
+                wrong.append(f"{path.name} ({image.size[0]}x{image.size[1]} {image.mode})")
+                continue
+            image = image.convert(mode).resize((size, size), Image.Resampling.BICUBIC)
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        tensors.append(array.reshape(size, size, len(mode)).permute(2, 0, 1).float() / 127.5 - 1.0)
+    if wrong:
+        raise ValueError(f"images must be {size}x{size} in mode {mode!r} for this pipeline; got "
+                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}. Pass resize=True "
+                         "(--resize) to resize and convert them")
+    return torch.stack(tensors)
+
+
+# ------------------------------------------------------------------------------------------- tokens
+def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token: str) -> int:
+    """Add ``token`` to the tokenizer, grow the embedding matrix, copy the initializer's row; returns its id.
+
+    ``token`` must be new: a string the tokenizer already reads as one token (a word of its vocabulary or an
+    added token) is refused, as diffusers' ``load_textual_inversion`` would refuse it later.
+    ``initializer_token`` must be exactly one existing token.
+    """
+    for name, value in (("token", token), ("initializer_token", initializer_token)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        if not value.strip() or value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"{name} must be one non-empty word without spaces, got {value!r}")
+    if token in tokenizer.get_vocab() or len(tokenizer.encode(token, add_special_tokens=False)) == 1:
+        raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary; choose a new string "
+                         "such as '<s1>'")
+    init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise ValueError(f"initializer_token {initializer_token!r} must be a single token of the vocabulary, "
+                         f"it encodes to {len(init_ids)} tokens")
+    if tokenizer.add_tokens([token]) != 1:
+        raise ValueError(f"the tokenizer refused to add {token!r}")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = weight[init_ids[0]]
+    if tokenizer.encode(f"a {token}", add_special_tokens=False)[-1] != token_id:
+        raise ValueError(f"the tokenizer does not read {token!r} back as one token")
+    return token_id
+
+
+def save_learned_embedding(path: str | Path, token: str, embedding: Tensor) -> Path:
+    """Write ``{token: embedding[1, d]}`` (the format of diffusers ``load_textual_inversion``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({token: embedding.detach().float().reshape(1, -1).cpu().contiguous()}, path)
+    return path
+
+
+def load_learned_embedding(path: str | Path) -> tuple[str, Tensor]:
+    """``(token, embedding[d])`` from a file written by :func:`save_learned_embedding`."""
+    state = load_file(str(path))
+    if len(state) != 1:
+        raise ValueError(f"{path} holds {len(state)} tensors; a learned embedding file holds one")
+    token, tensor = next(iter(state.items()))
+    return token, tensor.reshape(-1)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class PersonalizeConfig:
+    """Hyper-parameters; ``None`` means the method's default (:meth:`resolved`).
+
+    ZO defaults are ZOODiP's (paper: n=2, mu=1e-3, tau=128, nu=1e-3, PUTS 500..900, lr 5e-3); backprop
+    defaults are diffusers' textual inversion (AdamW, weight decay 1e-2, uniform timesteps, lr 5e-4).
+    """
+
+    method: Method = "zo"
+    steps: int = 1000
+    learning_rate: float | None = None
+    batch_size: int = 1
+    num_directions: int = 2
+    mu: float = 1e-3
+    scaling: Literal["repo", "paper"] = "repo"
+    tau: int = 128
+    nu: float = 1e-3
+    timestep_range: tuple[int, int] | None = None
+    weight_decay: float = 1e-2
+    flip_prob: float = 0.5
+    templates: tuple[str, ...] = OBJECT_TEMPLATES
+    seed: int = 0
+    save_every: int = 100
+    quantize: bool | None = None
+
+    DEFAULTS = {"zo": {"learning_rate": 5e-3, "timestep_range": (500, 900), "quantize": True},
+                "backprop": {"learning_rate": 5e-4, "timestep_range": (0, 1000), "quantize": False}}
+
+    def resolved(self, num_train_timesteps: int = 1000) -> "PersonalizeConfig":
+        """A validated copy with the method defaults filled in."""
+        if self.method not in self.DEFAULTS:
+            raise ValueError(f"method must be 'zo' or 'backprop', got {self.method!r}")
+        values = asdict(self)
+        for key, default in self.DEFAULTS[self.method].items():
+            if values[key] is None:
+                values[key] = default
+        if self.method == "backprop" and self.timestep_range is None:
+            values["timestep_range"] = (0, num_train_timesteps)
+        values["timestep_range"] = tuple(int(v) for v in values["timestep_range"])
+        values["templates"] = tuple(values["templates"])
+        config = PersonalizeConfig(**values)
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        for name in ("steps", "batch_size", "num_directions", "tau", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("learning_rate", "mu", "nu"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError("templates must be a non-empty list of strings with exactly one '{}' each")
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["templates"], values["timestep_range"] = list(self.templates), list(self.timestep_range or ())
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> "PersonalizeConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        values["templates"] = tuple(values["templates"])
+        values["timestep_range"] = tuple(values["timestep_range"]) if values.get("timestep_range") else None
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+@dataclass
+class _Batch:
+    input_ids: Tensor
+    noisy_latents: Tensor
+    timesteps: Tensor
+    target: Tensor
+
+
+class TextualInversion:
+    """Learn the embedding row of a new ``token`` of ``pipe`` from ``images`` ``(N, C, H, W)`` in [-1, 1].
+
+    Construction adds the token (initialised from ``initializer_token``), quantizes the pipeline to int8 if
+    ``config.quantize`` (default for ``zo``) and caches the VAE posteriors of the images and their mirror
+    images. :meth:`step` does one update and returns the loss at the current embedding; :meth:`train` loops
+    with a progress bar, checkpoints every ``config.save_every`` steps and can resume.
+    """
+
+    def __init__(self, pipe, images: Tensor, token: str, initializer_token: str,
+                 config: PersonalizeConfig | None = None) -> None:
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.images, self.token, self.initializer_token = pipe, images, token, initializer_token
+        config = PersonalizeConfig() if config is None else config
+        if not isinstance(config, PersonalizeConfig):
+            raise TypeError(f"config must be a PersonalizeConfig, got {type(config).__name__}")
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise TypeError(f"pipe must be a StableDiffusionPipeline-like pipeline with a {name!r} component")
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.config = config.resolved(self.noise_scheduler.config.num_train_timesteps)
+        self._check_images(self.images)
+        self.token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, self.token, self.initializer_token)
+        if self.config.quantize:                          # token embeddings stay float: quanto skips nn.Embedding
+            from tasks.quantize import COMPONENTS, is_quantized, quantize_module
+
+            for name in COMPONENTS:
+                if not is_quantized(getattr(pipe, name)):
+                    quantize_module(getattr(pipe, name))
+        self.embedding_weight = pipe.text_encoder.get_input_embeddings().weight
+        self.device, self.dtype = self.embedding_weight.device, self.embedding_weight.dtype
+        self.unet_dtype = next(pipe.unet.parameters()).dtype
+        self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        self.timestep_sampler = PartialUniformTimesteps(*self.config.timestep_range,
+                                                        num_train_timesteps=self.noise_scheduler.config.num_train_timesteps)
+        self.template_ids = pipe.tokenizer([t.format(self.token) for t in self.config.templates], padding="max_length",
+                                           max_length=pipe.tokenizer.model_max_length, truncation=True,
+                                           return_tensors="pt").input_ids.to(self.device)
+        cut = [t for t, ids in zip(self.config.templates, self.template_ids) if self.token_id not in ids]
+        if cut:
+            raise ValueError(f"the token is cut off by the tokenizer's max length "
+                             f"({pipe.tokenizer.model_max_length}) in templates {cut}; use shorter templates")
+        self._encode_images()
+        self.step_count = 0
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+        if self.config.method == "zo":
+            self.theta = self.embedding_weight[self.token_id].detach().float().clone()     # fp32 master copy
+            self.optimizer = ZOAdam(self.config.learning_rate)
+            self.subspace = SubspaceGradient(self.theta.numel(), self.config.tau, self.config.nu)
+        else:
+            self.embedding_weight.requires_grad_(True)
+            self.original_embeddings = self.embedding_weight.detach().clone()
+            self.keep_rows = torch.ones(len(self.original_embeddings), dtype=torch.bool, device=self.device)
+            self.keep_rows[self.token_id] = False
+            self.optimizer = torch.optim.AdamW([self.embedding_weight], lr=self.config.learning_rate,
+                                               betas=(0.9, 0.999), eps=1e-8, weight_decay=self.config.weight_decay)
+
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a tensor (N, C, H, W), got {type(images).__name__}")
+        size, mode = expected_image_format(self.pipe)
+        expected = (len(mode), size, size)
+        if images.ndim != 4 or len(images) == 0 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (N >= 1, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+        if not images.is_floating_point() or images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+            raise ValueError("images must be floating point in [-1, 1]")
+
+    @torch.no_grad()
+    def _encode_images(self) -> None:
+        vae = self.pipe.vae
+        pixels = self.images.to(self.device, next(vae.parameters()).dtype)
+        pixels = torch.cat([pixels, pixels.flip(-1)])                 # row i + N is image i mirrored
+        posterior = vae.encode(pixels).latent_dist
+        self.latent_mean, self.latent_std = posterior.mean.float(), posterior.std.float()
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @property
+    def embedding(self) -> Tensor:
+        """The current learned vector ``(d,)`` (float32)."""
+        if self.config.method == "zo":
+            return self.theta.clone()
+        return self.embedding_weight[self.token_id].detach().float().clone()
+
+    def sample_batch(self) -> _Batch:
+        """Images, mirror flips, templates, latents ``z ~ q(z|x)``, noise and timesteps from the generator."""
+        gen, b, n = self.generator, self.config.batch_size, len(self.images)
+        index = torch.randint(n, (b,), generator=gen)
+        flip = torch.rand(b, generator=gen) < self.config.flip_prob
+        rows = (index + n * flip.long()).to(self.device)
+        template = torch.randint(len(self.template_ids), (b,), generator=gen).to(self.device)
+        mean, std = self.latent_mean[rows], self.latent_std[rows]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(mean)) * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        timesteps = self.timestep_sampler.sample(b, gen, self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        return _Batch(self.template_ids[template], noisy.to(self.unet_dtype), timesteps, target)
+
+    def _loss(self, batch: _Batch) -> Tensor:
+        states = self.pipe.text_encoder(batch.input_ids)[0].to(self.unet_dtype)
+        pred = self.pipe.unet(batch.noisy_latents, batch.timesteps, states).sample
+        return F.mse_loss(pred.float(), batch.target.float())
+
+    def step(self) -> float:
+        """One optimisation step; returns the loss at the embedding before the update."""
+        batch = self.sample_batch()
+        if self.config.method == "zo":
+            loss = self._zo_step(batch)
+        else:
+            loss = self._backprop_step(batch)
+        self.step_count += 1
+        return loss
+
+    @torch.no_grad()
+    def _zo_step(self, batch: _Batch) -> float:
+        def loss_at(vector: Tensor) -> Tensor:
+            self.embedding_weight[self.token_id] = vector.to(self.dtype)          # write, never add/subtract
+            return self._loss(batch)
+
+        cfg = self.config
+        estimate = random_gradient_estimate(loss_at, self.theta, cfg.num_directions, cfg.mu, self.generator,
+                                            cfg.scaling, effective_dim=self.subspace.effective_dim)
+        self.optimizer.step(self.theta, self.subspace.project(estimate.grad))
+        self.subspace.push(self.theta)
+        self.embedding_weight[self.token_id] = self.theta.to(self.dtype)
+        return float(estimate.base_loss)
+
+    def _backprop_step(self, batch: _Batch) -> float:
+        loss = self._loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():                                      # only the new row may change
+            self.embedding_weight[self.keep_rows] = self.original_embeddings[self.keep_rows]
+        return float(loss.detach())
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to continue: the vector, optimiser state, SG history/basis, generator state."""
+        state = {"embedding": self.embedding, "generator": self.generator.get_state(),
+                 "step_count": torch.tensor(self.step_count)}
+        if self.config.method == "zo":
+            state |= {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+            state |= {f"subspace.{k}": v for k, v in self.subspace.state_dict().items()}
+        else:
+            adam = self.optimizer.state.get(self.embedding_weight, {})
+            if adam:                              # the other rows are restored every step: only this row matters
+                state |= {"optimizer.step": torch.as_tensor(adam["step"]).float(),
+                          "optimizer.exp_avg": adam["exp_avg"][self.token_id].clone(),
+                          "optimizer.exp_avg_sq": adam["exp_avg_sq"][self.token_id].clone()}
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        vector = state["embedding"].to(self.device, torch.float32)
+        if vector.numel() != self.embedding_weight.shape[1]:
+            raise ValueError(f"checkpoint embedding has {vector.numel()} values, the text encoder "
+                             f"{self.embedding_weight.shape[1]}")
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        self.embedding_weight[self.token_id] = vector.to(self.dtype)
+        sub = lambda prefix: {k[len(prefix):]: v.to(self.device) for k, v in state.items() if k.startswith(prefix)}
+        if self.config.method == "zo":
+            self.theta = vector.clone()
+            self.optimizer.load_state_dict(sub("optimizer."))
+            self.subspace.load_state_dict(sub("subspace."))
+        elif "optimizer.step" in state:
+            exp_avg, exp_avg_sq = torch.zeros_like(self.embedding_weight), torch.zeros_like(self.embedding_weight)
+            exp_avg[self.token_id], exp_avg_sq[self.token_id] = state["optimizer.exp_avg"], state["optimizer.exp_avg_sq"]
+            self.optimizer.state[self.embedding_weight] = {"step": state["optimizer.step"].clone(),
+                                                           "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+    def save_checkpoint(self, out_dir: str | Path) -> Path:
+        """Write ``learned_embeds.safetensors`` and ``checkpoint/state.safetensors`` + ``state.json``."""
+        out_dir = Path(out_dir)
+        folder = out_dir / CHECKPOINT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        embedding_path = save_learned_embedding(out_dir / EMBEDDING_FILE, self.token, self.embedding)
+        _atomic_save(self.state_dict(), folder / "state.safetensors")
+        meta = {"step": self.step_count, "token": self.token, "initializer_token": self.initializer_token,
+                "num_images": len(self.images), "config": self.config.to_json()}
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder / "state.json")
+        return embedding_path
+
+    def load_checkpoint(self, out_dir: str | Path) -> int:
+        """Restore the state saved by :meth:`save_checkpoint`; returns the step reached.
+
+        The token, initializer, number of images and every setting except ``steps`` and ``save_every`` must
+        match the checkpoint's (``ValueError`` names the differences).
+        """
+        folder = Path(out_dir) / CHECKPOINT_DIR
+        meta = json.loads((folder / "state.json").read_text())
+        saved = PersonalizeConfig.from_json(meta["config"]).to_json()
+        ours = self.config.to_json()
+        diffs = [f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in ours
+                 if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
+        for key, now in (("token", self.token), ("initializer_token", self.initializer_token),
+                         ("num_images", len(self.images))):
+            if meta[key] != now:
+                diffs.append(f"{key}: checkpoint {meta[key]!r} vs now {now!r}")
+        if diffs:
+            raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
+        self.load_state_dict(load_file(str(folder / "state.safetensors")))
+        return self.step_count
+
+    def train(self, out_dir: str | Path, resume: bool = False, progress: bool = True,
+              callback: Callable[[int, float], None] | None = None) -> Path:
+        """Run until ``config.steps``; returns the path of ``learned_embeds.safetensors``.
+
+        With ``resume=True`` an existing checkpoint in ``out_dir`` is continued (a missing one starts afresh);
+        without it an existing checkpoint is an error, so no run is overwritten by accident.
+        ``callback(step, loss)`` is called after every step.
+        """
+        out_dir = Path(out_dir)
+        has_checkpoint = (out_dir / CHECKPOINT_DIR / "state.json").is_file()
+        if has_checkpoint and not resume:
+            raise ValueError(f"{out_dir} already holds a checkpoint; resume it or choose another output folder")
+        if has_checkpoint and self.step_count == 0:
+            self.load_checkpoint(out_dir)
+        bar = tqdm(total=self.config.steps, initial=min(self.step_count, self.config.steps), disable=not progress,
+                   desc=f"textual inversion ({self.config.method})", unit="step")
+        saved_at = self.step_count
+        while self.step_count < self.config.steps:
+            loss = self.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if callback is not None:
+                callback(self.step_count, loss)
+            if self.step_count % self.config.save_every == 0:
+                self.save_checkpoint(out_dir)
+                saved_at = self.step_count
+        bar.close()
+        if saved_at != self.step_count or not (out_dir / EMBEDDING_FILE).is_file():
+            self.save_checkpoint(out_dir)
+        return out_dir / EMBEDDING_FILE

@@ -1,0 +1,230 @@
+"""Int8 inference, ZO / backprop textual inversion, diffusers loading, exact resume and bad input, on tiny_sd()."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.personalize import (PersonalizeConfig, TextualInversion, add_placeholder_token, expected_image_format,
+                               load_image_folder, load_learned_embedding, save_learned_embedding)
+from tasks.quantize import is_quantized, quantize_pipeline, weight_report
+from tiny_pipes import tiny_sd
+
+pytest.importorskip("optimum.quanto")
+
+UNET_REL_TOL = 0.03      # int8 per-channel weights: relative L2 error of the UNet's eps prediction
+IMAGE_ABS_TOL = 0.03     # max |difference| of decoded pipeline images in [0, 1]
+
+
+TEMPLATES = ("a {}", "the {} a", "{}")         # the tiny tokenizer reads characters: keep prompts short
+
+
+def config(**kwargs):
+    return PersonalizeConfig(**{"templates": TEMPLATES, **kwargs})
+
+
+def images(n=3, seed=0):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def generate(pipe, prompt, seed=0):
+    return pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                height=16, width=16, guidance_scale=1.0).images
+
+
+def test_quantized_inference_matches_float_and_stays_int8():
+    from optimum.quanto.nn import QModuleMixin
+
+    ref, pipe = tiny_sd(), tiny_sd()
+    float_bytes = {n: weight_report(getattr(ref, n)).bytes for n in ("unet", "vae", "text_encoder")}
+    quantize_pipeline(pipe)
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name)
+        plain = [n for n, m in module.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(m, QModuleMixin)]
+        assert not plain, plain
+        report = weight_report(module)
+        linear_weights = sum(m.weight.numel() for m in getattr(ref, name).modules()
+                             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+        assert report.int8_params == linear_weights                  # every Linear/Conv2d weight, nothing else
+        assert report.bytes < float_bytes[name] - 2.5 * linear_weights   # 1 byte instead of 4, plus scales
+    assert type(pipe.text_encoder.get_input_embeddings()) is torch.nn.Embedding       # TI row stays writable
+    gen = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(4, 4, 8, 8, generator=gen), torch.tensor([10, 300, 600, 900])
+    ids = ref.tokenizer(["a cat"] * 4, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = ref.text_encoder(ids)[0]
+        eps_float, eps_int8 = ref.unet(latents, t, states).sample, pipe.unet(latents, t, states).sample
+    assert (eps_int8 - eps_float).norm() / eps_float.norm() < UNET_REL_TOL
+    assert not torch.equal(eps_int8, eps_float)
+    difference = (generate(pipe, "a cat") - generate(ref, "a cat")).abs().max()
+    assert 0 < difference < IMAGE_ABS_TOL
+    # inference did not leave float weights behind
+    assert all(v.dtype == torch.int8 for k, v in pipe.unet.state_dict().items() if k.endswith("weight._data"))
+    assert any(k.endswith("weight._data") for k in pipe.unet.state_dict())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_pipeline(pipe)
+    with pytest.raises(ValueError, match="components"):
+        quantize_pipeline(tiny_sd(), components=("scheduler",))
+
+
+def test_zo_estimate_on_the_pipeline_agrees_with_autograd():
+    """The ZO loss writes the row and reuses one batch: its RGE aligns with the backprop gradient."""
+    from guidance.zo_personalize import random_gradient_estimate
+
+    trainer = TextualInversion(tiny_sd(), images(), "<s1>", "a", config(method="zo", quantize=False))
+    batch = trainer.sample_batch()
+    weight = trainer.embedding_weight
+    weight.requires_grad_(True)
+    exact = torch.autograd.grad(trainer._loss(batch), weight)[0][trainer.token_id]
+    weight.requires_grad_(False)
+
+    def loss_at(vector):
+        with torch.no_grad():
+            weight[trainer.token_id] = vector
+            return trainer._loss(batch)
+
+    estimate = random_gradient_estimate(loss_at, trainer.theta, 256, 1e-3, torch.Generator().manual_seed(0), "paper")
+    cosine = torch.nn.functional.cosine_similarity(estimate.grad, exact, dim=0)
+    assert cosine > 0.7, float(cosine)       # E[cos] ~ sqrt(n / (n + d)) = 0.97 for n = 256, d = 16
+
+
+@pytest.mark.parametrize("method", ["zo", "backprop"])
+def test_resume_continues_exactly(method, tmp_path):
+    cfg = config(method=method, steps=6, tau=4, save_every=3, learning_rate=1e-2)
+    straight = TextualInversion(tiny_sd(), images(), "<s1>", "a", cfg)
+    straight.train(tmp_path / "straight", progress=False)
+
+    first = TextualInversion(tiny_sd(), images(), "<s1>", "a", PersonalizeConfig(**{**cfg.__dict__, "steps": 3}))
+    first.train(tmp_path / "resumed", progress=False)
+    meta = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 3
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        TextualInversion(tiny_sd(), images(), "<s1>", "a", cfg).train(tmp_path / "resumed", progress=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TextualInversion(tiny_sd(), images(), "<s1>", "a",
+                         PersonalizeConfig(**{**cfg.__dict__, "learning_rate": 1.0})).train(
+            tmp_path / "resumed", resume=True, progress=False)
+    second = TextualInversion(tiny_sd(), images(), "<s1>", "a", cfg)
+    path = second.train(tmp_path / "resumed", resume=True, progress=False)
+    assert second.step_count == 6
+    assert torch.equal(second.embedding, straight.embedding)
+    assert not torch.equal(straight.embedding, first.embedding)
+    if method == "zo":
+        assert straight.subspace.basis is not None and torch.equal(second.subspace.basis, straight.subspace.basis)
+        assert torch.equal(second.optimizer.exp_avg, straight.optimizer.exp_avg)
+    token, vector = load_learned_embedding(path)
+    assert token == "<s1>" and torch.equal(vector, straight.embedding)
+
+
+def test_saved_embedding_loads_in_a_fresh_pipeline_and_changes_the_output(tmp_path):
+    trainer = TextualInversion(tiny_sd(), images(), "<s1>", "a",
+                               config(method="zo", steps=5, learning_rate=0.05, save_every=5))
+    initial = trainer.embedding
+    path = trainer.train(tmp_path / "run", progress=False)
+    learned = trainer.embedding
+    assert (learned - initial).abs().max() > 0.05
+
+    fresh = tiny_sd()
+    fresh.load_textual_inversion(str(path), token="<s1>")
+    token_id = fresh.tokenizer.convert_tokens_to_ids("<s1>")
+    assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[token_id], learned)
+    with_learned = generate(fresh, "a <s1>")
+
+    baseline = tiny_sd()
+    save_learned_embedding(tmp_path / "init.safetensors", "<s1>", initial)
+    baseline.load_textual_inversion(str(tmp_path / "init.safetensors"), token="<s1>")
+    with_initial = generate(baseline, "a <s1>")
+    assert (with_learned - with_initial).abs().max() > 1e-3
+    # the same learned token in the (int8) training pipeline gives the same picture up to quantization error
+    assert (generate(trainer.pipe, "a <s1>") - with_learned).abs().max() < IMAGE_ABS_TOL
+
+
+def save_images(folder, arrays, mode):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(arrays):
+        Image.fromarray(array, mode=mode).save(folder / f"{i:02d}.png")
+
+
+def test_load_image_folder_and_bad_images(tmp_path):
+    pipe = tiny_sd()
+    size, mode = expected_image_format(pipe)
+    assert (size, mode) == (16, "RGB")
+    rng = np.random.default_rng(0)
+    good = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    save_images(tmp_path / "good", good, "RGB")
+    loaded = load_image_folder(tmp_path / "good", size, mode)
+    assert loaded.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(loaded[1], torch.from_numpy(good[1]).permute(2, 0, 1).float() / 127.5 - 1)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path / "empty", size, mode)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", size, mode)
+    save_images(tmp_path / "big", [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)], "RGB")
+    with pytest.raises(ValueError, match=r"16x16 in mode 'RGB'.*20x20 RGB"):
+        load_image_folder(tmp_path / "big", size, mode)
+    save_images(tmp_path / "gray", [rng.integers(0, 256, (16, 16), dtype=np.uint8)], "L")
+    with pytest.raises(ValueError, match="16x16 L"):
+        load_image_folder(tmp_path / "gray", size, mode)
+    assert load_image_folder(tmp_path / "big", size, mode, resize=True).shape == (1, 3, 16, 16)
+    assert load_image_folder(tmp_path / "gray", size, mode, resize=True).shape == (1, 3, 16, 16)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_image_folder(tmp_path / "broken", size, mode)
+    with pytest.raises(ValueError, match="shape"):
+        TextualInversion(pipe, torch.zeros(2, 1, 16, 16), "<s1>", "a", config())
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        TextualInversion(pipe, torch.full((2, 3, 16, 16), 2.0), "<s1>", "a", config())
+    with pytest.raises(ValueError, match="cut off"):
+        TextualInversion(pipe, images(), "<s1>", "a", config(templates=("a photo of a very long {}",)))
+
+
+def test_bad_tokens_and_config():
+    pipe = tiny_sd()
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "a", "b")
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<|endoftext|>", "b")
+    with pytest.raises(ValueError, match="single token"):
+        add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<s1>", "cat")
+    with pytest.raises(ValueError, match="without spaces"):
+        add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<s 1>", "a")
+    size = len(pipe.tokenizer)
+    token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<s1>", "a")
+    assert token_id == size and pipe.text_encoder.get_input_embeddings().weight.shape[0] == size + 1
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<s1>", "a")
+    for bad, match in (({"method": "adam"}, "method"), ({"steps": 0}, "steps"), ({"templates": ("no slot",)}, "templates"),
+                       ({"flip_prob": 2.0}, "flip_prob"), ({"timestep_range": (900, 500)}, "low < high")):
+        with pytest.raises(ValueError, match=match):
+            TextualInversion(tiny_sd(), images(), "<s2>", "a", config(**bad))
+    with pytest.raises(TypeError, match="PersonalizeConfig"):
+        TextualInversion(tiny_sd(), images(), "<s2>", "a", {"method": "zo"})
+
+
+def test_command_line_trains_resumes_and_rejects_bad_input(tmp_path, capsys):
+    from scripts.personalize import main
+
+    model = tmp_path / "model"
+    tiny_sd().save_pretrained(model)
+    rng = np.random.default_rng(1)
+    save_images(tmp_path / "imgs", [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)], "RGB")
+    common = [str(tmp_path / "imgs"), "--model", str(model), "--token", "<s1>", "--initializer-token", "a",
+              "--out", str(tmp_path / "out"), "--save-every", "2", "--tau", "2", "--no-progress",
+              "--template", "a {}", "--template", "{}"]
+    main(common + ["--steps", "2"])
+    main(common + ["--steps", "4", "--resume"])
+    meta = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 4 and meta["config"]["method"] == "zo"
+    assert "4 steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="already in the tokenizer's vocabulary"):
+        main(common[:4] + ["a"] + common[5:] + ["--steps", "1"])
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        main([str(tmp_path / "none")] + common[1:])
