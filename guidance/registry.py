@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import Guidance
 from .cfg import CFG
@@ -20,6 +21,7 @@ GUIDES: dict[str, tuple[type[Guidance], str]] = {
     "apg": (APG, "scale"),
     "cfg-rescale": (CFGRescale, "scale"),
     "cfg-zero-star": (CFGZeroStar, "scale"),
+    "ag": (AdaptiveGuidance, "scale"),
 }
 INTERVAL_KEYS = ("sigma_lo", "sigma_hi")
 

@@ -134,6 +134,13 @@ def test_ag_rejects_thresholds_outside_unit_interval(bad):
         AdaptiveGuidance(2.0, threshold=bad)
 
 
+def test_ag_by_name():
+    guide = guidance.build_guide("ag", 2.0, threshold=0.95, space="x0")
+    assert isinstance(guide, AdaptiveGuidance) and (guide.scale, guide.threshold, guide.space) == (2.0, 0.95, "x0")
+    with pytest.raises(ValueError, match="threshold"):
+        guidance.build_guide("ag", 2.0, threshold=1.5)
+
+
 def test_ag_bad_input():
     with pytest.raises(TypeError):
         AdaptiveGuidance(2.0, threshold="0.9")
