@@ -17,6 +17,8 @@ from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
 from .mcg import MCG
+from .p2l import P2L
+from .psld import PSLD
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 
@@ -26,5 +28,5 @@ __all__ = [
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "parse_guide_spec",
-    "DPS", "EnKG", "MCG",
+    "DPS", "EnKG", "MCG", "P2L", "PSLD",
 ]

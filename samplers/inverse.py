@@ -95,13 +95,14 @@ def ddim_move(x: Tensor, x0_hat: Tensor, alpha: Tensor, sigma: Tensor, alpha_nex
     return x_next, eps_hat, float(alpha_next) - c * float(alpha / sigma)
 
 
-def sample_inverse(model: DenoiseFn, x: Tensor, plan: Plan, solver: InverseSolver, eta: float | None = None,
+def sample_inverse(model: DenoiseFn | None, x: Tensor, plan: Plan, solver: InverseSolver, eta: float | None = None,
                    generator: torch.Generator | None = None, callback: Callable[[dict], Any] | None = None,
                    disable: bool = False) -> Tensor:
     """Solve an inverse problem by reverse diffusion from VP noise ``x`` with a measurement ``solver``.
 
     ``eta`` defaults to the solver's (1 for DPS/MCG as in their DDPM code, 0 for EnKG's PF-ODE and P2L's
-    DDIM). ``solver.stats`` counts denoiser, gradient and forward-model evaluations.
+    DDIM). ``solver.stats`` counts denoiser, gradient and forward-model evaluations. ``model=None`` takes the
+    solver's own denoiser (``solver.denoiser()``, e.g. P2L's, which reads its tuned text embedding).
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
@@ -110,6 +111,10 @@ def sample_inverse(model: DenoiseFn, x: Tensor, plan: Plan, solver: InverseSolve
     for hook in ("prepare", "correct", "reset"):
         if not callable(getattr(solver, hook, None)):
             raise TypeError(f"solver must have a {hook}() method (see samplers.inverse.InverseSolver)")
+    if model is None:
+        if not callable(getattr(solver, "denoiser", None)):
+            raise TypeError(f"{type(solver).__name__} has no denoiser(); pass the model")
+        model = solver.denoiser()
     eta = float(solver.default_eta if eta is None else eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")

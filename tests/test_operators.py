@@ -239,3 +239,17 @@ def test_heat_equation_blackbox():
     assert sub.out_shape == (1, 8, 8) and (sub @ AveragePooling((1, 32, 32), 2)).is_blackbox
     with pytest.raises(ValueError):
         HeatEquation((1, 16, 16), kappa=1.0, dt=0.3)
+
+
+@pytest.mark.parametrize("name", ["inpaint_random", "blur_gauss", "sr_avg", "matrix_wide", "inpaint@sr_avg"])
+def test_prox_l2_solves_the_normal_equations(name):
+    """``(A^T A + w I) x = A^T y + w z`` for the closed forms (inpainting, blur) and conjugate gradients."""
+    op = LINEAR[name]
+    g = _gen(12)
+    z = torch.randn(2, *op.in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(2, *op.out_shape, generator=g, dtype=torch.float64)
+    x = op.prox_l2(z, y, 0.3)
+    lhs = op.adjoint(op.forward(x)) + 0.3 * x
+    assert torch.allclose(lhs, op.adjoint(y) + 0.3 * z, atol=1e-9)
+    with pytest.raises(ValueError):
+        op.prox_l2(z, y, 0.0)

@@ -134,6 +134,19 @@ class LinearOperator(Operator):
         """Component of ``v`` in the null space of A: ``(I - A^+ A) v``."""
         return v - self.pinv(self.forward(v))
 
+    def _prox_l2(self, z: Tensor, y: Tensor, weight: float) -> Tensor:
+        rhs = self._adjoint(y) + weight * z
+        return conjugate_gradient(lambda v: self._adjoint(self._forward(v)) + weight * v, rhs, self.cg_iterations,
+                                  self.cg_tolerance)
+
+    def prox_l2(self, z: Tensor, y: Tensor, weight: float) -> Tensor:
+        """``argmin_x ||A x - y||^2 + weight ||x - z||^2 = (A^T A + weight I)^{-1} (A^T y + weight z)``."""
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        _check_batch(z, self.in_shape, "z", f"{self.name}.prox_l2")
+        _check_batch(y, self.out_shape, "y", f"{self.name}.prox_l2")
+        return self._prox_l2(z, y, float(weight))
+
 
 class Composed(Operator):
     """``x -> outer(inner(x))``; the noise is the outer operator's unless ``sigma_y`` is given."""

@@ -100,3 +100,10 @@ class Blur(LinearOperator):
 
     def _pinv(self, y: Tensor) -> Tensor:
         return self._filter(y, self.inverse_spectrum)
+
+    def _prox_l2(self, z: Tensor, y: Tensor, weight: float) -> Tensor:
+        spectrum = self.spectrum.to(z.device)
+        cdtype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
+        numerator = torch.fft.rfft2(y) * spectrum.conj().to(cdtype) + weight * torch.fft.rfft2(z)
+        out = torch.fft.irfft2(numerator / (spectrum.abs() ** 2 + weight).to(cdtype), s=z.shape[-2:])
+        return out.to(z.dtype)

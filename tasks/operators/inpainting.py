@@ -44,6 +44,10 @@ class Inpainting(LinearOperator):
     def _pinv(self, y: Tensor) -> Tensor:
         return y * self._m(y)
 
+    def _prox_l2(self, z: Tensor, y: Tensor, weight: float) -> Tensor:
+        m = self._m(z)
+        return (m * y + weight * z) / (m + weight)
+
     def project(self, x: Tensor, y: Tensor) -> Tensor:
         """``(1 - m) x + m y``: measured pixels are set to ``y`` exactly."""
         m = self._m(x)
