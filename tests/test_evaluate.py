@@ -126,3 +126,41 @@ def test_other_configuration_is_refused(assets, reference, tmp_path):
     folder.claim()
     with pytest.raises(ValueError, match="differs in: steps"):
         RunFolder(tmp_path, {"steps": 4}).check()
+
+
+def test_image_folder_scores_like_the_grid(assets, reference):
+    row, _ = reference
+    images = Path(row["folder"]) / "images"                       # has metadata.jsonl with the labels
+    argv = ["--images", str(images), "--classifier", str(assets / "classifier"), "--metrics", "fid", "kid",
+            "accuracy", "--kid-subset-size", "10", "--stats-dir", str(assets / "stats"),
+            "--out", str(assets / "folder-eval"), "--no-progress"]
+    result = run_here(argv)[0]
+    assert result["num_images"] == NUM_IMAGES
+    assert {k: result[k] for k in ("fid", "kid", "accuracy")} == {k: row[k] for k in ("fid", "kid", "accuracy")}
+
+
+def test_text_to_image_grid_with_clip_score(assets, tmp_path):
+    import json as _json
+
+    import open_clip
+
+    from tiny_pipes import tiny_sd
+
+    tiny_sd().save_pretrained(tmp_path / "sd")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
+                                              "patch_size": 4},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "eval-tiny-clip.json").write_text(_json.dumps(config))
+    open_clip.add_model_config(tmp_path / "eval-tiny-clip.json")
+    argv = ["--model", str(tmp_path / "sd"), "--guide", "cfg@1", "--guide", "cfgpp@0.5", "--num-images", "12",
+            "--steps", "2", "--batch-size", "8", "--classifier", str(assets / "classifier"), "--clip",
+            "eval-tiny-clip", "--stats-dir", str(assets / "stats"), "--kid-subset-size", "5",
+            "--out", str(tmp_path / "out"), "--plot-x", "nfe", "--no-progress"]
+    rows = run_here(argv)
+    assert [(r["method"], r["nfe"]) for r in rows] == [("cfg", 2.0), ("cfgpp", 4.0)]
+    assert all(set(r) >= {"fid", "kid", "accuracy", "clip_score"} for r in rows)
+    meta = (Path(rows[0]["folder"]) / "images" / "metadata.jsonl").read_text().splitlines()
+    assert _json.loads(meta[1]) == {"file_name": "000001.png", "label": 1,
+                                                           "text": "a handwritten digit one"}
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 0
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("model,method,guide")

@@ -8,6 +8,8 @@ its feature lists sync across processes even when ranks made different numbers o
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -50,13 +52,16 @@ class KID(KernelInceptionDistance):
     """Kernel distance (polynomial MMD) over ``subsets`` random subsets; returns ``(mean, std)``.
 
     Subsets of ``min(subset_size, n_real, n_fake)`` rows are drawn with a generator seeded by ``seed``,
-    so the value does not change between runs on the same features.
+    so the value does not change between runs on the same features. Keeps every feature vector in
+    memory (N x d floats), unlike FID.
     """
 
     def __init__(self, feature: nn.Module, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
                  **kwargs) -> None:
-        super().__init__(feature=_check_feature(feature), subsets=subsets, subset_size=subset_size,
-                         reset_real_features=False, normalize=True, **kwargs)
+        with warnings.catch_warnings():             # the memory note above, without a warning per instance
+            warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
+            super().__init__(feature=_check_feature(feature), subsets=subsets, subset_size=subset_size,
+                             reset_real_features=False, normalize=True, **kwargs)
         self.num_features = int(feature.num_features)
         self.seed = seed
 
