@@ -164,3 +164,11 @@ def test_text_to_image_grid_with_clip_score(assets, tmp_path):
                                                            "text": "a handwritten digit one"}
     assert (tmp_path / "out" / "plot.png").stat().st_size > 0
     assert (tmp_path / "out" / "results.csv").read_text().startswith("model,method,guide")
+
+
+def test_batch_size_is_not_part_of_the_result(assets, reference):
+    argv = arguments(assets, assets / "other-batch")
+    argv[argv.index("--batch-size") + 1] = "5"
+    row = run_here(argv)[0]
+    for key in ("fid", "kid", "accuracy"):                       # same seeds per image; float noise at most
+        assert row[key] == pytest.approx(reference[0][key], rel=1e-2, abs=1e-6)

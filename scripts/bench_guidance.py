@@ -1,0 +1,158 @@
+"""CFG vs APG vs CFG++ on the shipped digits models: FID-digits, classifier accuracy, CLIP score, NFE.
+
+    python scripts/bench_guidance.py                        # the committed numbers (resumable)
+    python scripts/bench_guidance.py --num-images 100 --out /tmp/bench   # a quick look
+
+Runs ``diffguide-evaluate`` on ``digits-class`` and ``digits-t2i`` over a grid of scales per method,
+then writes the ``guidance`` section of BENCHMARKS.md with one table and ``docs/bench_guidance.png``,
+and the ``zoo-metrics`` section (FID-digits of every shipped generator, next to real held-out digits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts import evaluate  # noqa: E402
+from scripts._bench_md import write_section  # noqa: E402
+
+GUIDES = {
+    "digits-class": ["cfg@1,1.5,2,3,5", "apg@1.5,2,3,5:eta=0,norm_threshold=1,momentum=-0.5", "cfgpp@0.2,0.4,0.6,0.8"],
+    "digits-t2i": ["cfg@1,2,3,5,7.5", "apg@2,3,5,7.5:eta=0,norm_threshold=1,momentum=-0.5", "cfgpp@0.2,0.4,0.6,0.8"],
+}
+ZOO_EXTRA = {"digits-class-weak": ["cfg@1,2"]}
+PLOT = "docs/bench_guidance.png"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-images", type=int, default=300, help="images per grid point")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_guidance"), help="run folders (resumable)")
+    p.add_argument("--models", nargs="+", default=list(GUIDES), choices=list(GUIDES))
+    p.add_argument("--zoo", default=None, help="folder with the models instead of the shipped zoo "
+                                             "(e.g. a fresh scripts/train_zoo.py output)")
+    p.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def model(args, name: str) -> str:
+    return str(Path(args.zoo) / name) if args.zoo else name
+
+
+def common(args) -> list[str]:
+    return ["--classifier", model(args, "digits-classifier"), "--clip", model(args, "digits-clip"),
+            "--num-images", str(args.num_images), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--seed", str(args.seed), "--out", args.out, "--kid-subset-size", "100"] + \
+           (["--no-progress"] if args.no_progress else [])
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def real_floor(args) -> dict[str, float]:
+    """FID-digits / KID of the held-out real digits (test split) against the train split: the floor."""
+    from tasks import zoo
+    from tasks.digits import load_digits_tensors
+    from tasks.evaluation import real_images
+    from tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics, extractor_id, real_stats_file
+
+    feature = DigitFeatures(zoo.load(model(args, "digits-classifier")))
+    metrics = ImageMetrics(["fid", "kid", "accuracy"], feature=feature, classifier=feature.classifier,
+                           kid_subset_size=100)
+    metrics.load_real(real_stats_file("digits-train-16px", extractor_id(feature), DEFAULT_CACHE))
+    images = real_images("digits-test", 16)
+    metrics.update(images, labels=load_digits_tensors("test")[1])
+    return metrics.compute() | {"num_images": len(images)}
+
+
+def guidance_table(rows: list[dict]) -> str:
+    lines = ["| model | method | scale | NFE | FID-digits ↓ | KID-digits ×10³ ↓ | accuracy ↑ | CLIP score ↑ |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['guide']} | {r['scale']:g} | {r['nfe']:g} | {fmt(r['fid'], 2)} | "
+                     f"{fmt(r['kid'] * 1e3, 2)} | {fmt(r['accuracy'])} | {fmt(r.get('clip_score'), 2)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    panels = [("scale", "fid"), ("scale", "accuracy"), ("accuracy", "fid")]
+    fig, axes = plt.subplots(len(models), 3, figsize=(12, 3.3 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models):
+        for ax, (x, y) in zip(row_axes, panels):
+            for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+                pts = sorted((r[x], r[y]) for r in rows if r["model"] == model and r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.split("(")[0])
+            ax.set_xlabel({"scale": "scale (CFG w, APG w, CFG++ λ)", "accuracy": "classifier accuracy"}[x])
+            ax.set_ylabel({"fid": "FID-digits", "accuracy": "classifier accuracy"}[y])
+            ax.set_title(model, fontsize=9)
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    for name in args.models:
+        guides = [x for spec in GUIDES[name] for x in ("--guide", spec)]
+        rows += evaluate.run(["--model", model(args, name), *guides, *common(args)])
+    zoo_rows = [r for r in rows if r["method"] == "cfg" and r["scale"] in (1.0, 2.0)]
+    for name, specs in ZOO_EXTRA.items():
+        guides = [x for spec in specs for x in ("--guide", spec)]
+        zoo_rows += evaluate.run(["--model", model(args, name), *guides, *common(args)])
+    floor = real_floor(args)
+    minutes = (time.perf_counter() - start) / 60
+
+    protocol = (f"{args.num_images} images per point (labels i mod 10; t2i captions cycle the 6 templates), "
+                f"DDIM {args.steps} steps (eta 0), seed {args.seed}, real statistics = digits train split "
+                f"(1,437 images, 16×16, 8-bit) in the penultimate 64-d features of `digits-classifier` "
+                f"(FID-digits; KID: 100 subsets of 100); accuracy = `digits-classifier` on the samples; "
+                f"CLIP score = torchmetrics `CLIPScore` (100·cos) with `digits-clip`. NFE = network rows per "
+                f"image (CFG at w=1 skips the unconditional branch). APG: eta 0, norm threshold 1, momentum -0.5.")
+    floor_line = (f"Floor: real held-out digits (test split, {floor['num_images']} images) vs train: "
+                  f"FID-digits {floor['fid']:.2f}, KID×10³ {floor['kid'] * 1e3:.2f}, accuracy {floor['accuracy']:.3f}.")
+    guidance_md = "\n\n".join([
+        "## Guidance methods on the digits models (`scripts/bench_guidance.py`)",
+        protocol, floor_line, guidance_table(rows), f"![FID-digits and accuracy vs scale]({PLOT})",
+        f"Wall time of the last refresh: {minutes:.1f} min (2 shared CPU cores, resumed runs reuse their images).",
+    ])
+    zoo_lines = ["| model | guidance | NFE | FID-digits ↓ | KID-digits ×10³ ↓ | accuracy ↑ | CLIP score ↑ |",
+                 "|---|---|---:|---:|---:|---:|---:|",
+                 f"| real test split | – | – | {floor['fid']:.2f} | {floor['kid'] * 1e3:.2f} | {floor['accuracy']:.3f} | – |"]
+    for r in zoo_rows:
+        zoo_lines.append(f"| {r['model']} | CFG {r['scale']:g} | {r['nfe']:g} | {fmt(r['fid'], 2)} | "
+                         f"{fmt(r['kid'] * 1e3, 2)} | {fmt(r['accuracy'])} | {fmt(r.get('clip_score'), 2)} |")
+    zoo_md = "\n\n".join(["## FID-digits of the shipped generators (`scripts/bench_guidance.py`)",
+                          protocol.split(" APG:")[0], "\n".join(zoo_lines)])
+    print(guidance_md + "\n\n" + zoo_md)
+    if not args.no_write:
+        plot(rows, ROOT / PLOT)
+        write_section("guidance", guidance_md)
+        write_section("zoo-metrics", zoo_md)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
