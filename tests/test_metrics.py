@@ -201,6 +201,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path, digits):
     metrics.update(real[:8], target=real[:8])
     with pytest.raises(ValueError, match="no real statistics"):
         metrics.compute()
+    metrics.update_real(real)
+    with pytest.raises(ValueError, match="real images were 16x16"):
+        metrics.update(real[:4, :, :8, :8], target=real[:4, :, :8, :8])
+    one = FID(feature)
+    one.update(real, real=True)
+    one.update(real[:1], real=False)
+    with pytest.raises(ValueError, match="at least 2 generated"):
+        one.compute()
     with pytest.raises(FileNotFoundError, match="no real statistics"):
         load_real_stats(tmp_path / "missing.safetensors", fid=FID(feature))
     with pytest.raises(TypeError, match="num_features"):

@@ -25,7 +25,23 @@ def _check_feature(feature: nn.Module) -> nn.Module:
     return feature
 
 
-class FID(FrechetInceptionDistance):
+class _SameSize:
+    """Refuse generated images of another size than the real ones seen by ``update`` (features would differ
+    by the resize alone)."""
+
+    _real_size: tuple[int, int] | None = None
+
+    def _check_size(self, images: Tensor, real: bool) -> None:
+        size = tuple(images.shape[-2:])
+        if real:
+            self._real_size = self._real_size or size
+        if self._real_size is not None and size != self._real_size:
+            kind = "real" if real else "generated"
+            raise ValueError(f"{kind} images are {size[0]}x{size[1]}, the real images were "
+                             f"{self._real_size[0]}x{self._real_size[1]}; resize them to one size first")
+
+
+class FID(_SameSize, FrechetInceptionDistance):
     """Fréchet distance between feature Gaussians of real and generated images.
 
     ``feature`` maps [0, 1] images to ``(N, d)`` (``DigitFeatures`` offline: "FID-digits";
@@ -37,7 +53,8 @@ class FID(FrechetInceptionDistance):
         self.orig_dtype = torch.float32                   # set by update(); also valid on a rank with no images
 
     def update(self, images: Tensor, real: bool) -> None:
-        super().update(check_images(images), real=real)
+        self._check_size(check_images(images), real)
+        super().update(images, real=real)
 
     def compute(self) -> Tensor:
         if self.real_features_num_samples < 2:
@@ -48,7 +65,7 @@ class FID(FrechetInceptionDistance):
         return super().compute()
 
 
-class KID(KernelInceptionDistance):
+class KID(_SameSize, KernelInceptionDistance):
     """Kernel distance (polynomial MMD) over ``subsets`` random subsets; returns ``(mean, std)``.
 
     Subsets of ``min(subset_size, n_real, n_fake)`` rows are drawn with a generator seeded by ``seed``,
@@ -66,7 +83,8 @@ class KID(KernelInceptionDistance):
         self.seed = seed
 
     def update(self, images: Tensor, real: bool) -> None:
-        super().update(check_images(images), real=real)
+        self._check_size(check_images(images), real)
+        super().update(images, real=real)
 
     def _sync_dist(self, *args, **kwargs) -> None:
         # one tensor per rank and state (an empty (0, d) one on ranks without data): the gather then
