@@ -21,6 +21,7 @@ from .p2l import P2L
 from .psld import PSLD
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
+from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
 
 __all__ = [
     "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
@@ -29,4 +30,5 @@ __all__ = [
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "parse_guide_spec",
     "DPS", "EnKG", "MCG", "P2L", "PSLD",
+    "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
 ]

@@ -121,7 +121,8 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token
     if tokenizer.add_tokens([token]) != 1:
         raise ValueError(f"the tokenizer refused to add {token!r}")
     token_id = tokenizer.convert_tokens_to_ids(token)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if token_id >= text_encoder.get_input_embeddings().weight.shape[0]:        # grow only, never shrink
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[token_id] = weight[init_ids[0]]

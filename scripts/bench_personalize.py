@@ -1,0 +1,345 @@
+"""Benchmark zeroth-order (ZOODiP) vs backprop textual inversion -> the ``personalize`` section of BENCHMARKS.md.
+
+    python scripts/bench_personalize.py                       # memory + time + quality on digits-t2i
+    python scripts/bench_personalize.py --sd15-shaped         # + memory/time on a random SD-1.5-shaped pipeline
+    python scripts/bench_personalize.py --no-write --quality-steps 50 --samples 16
+
+Memory: every configuration runs in its own subprocess (one thread). Reported per child: the whole-process
+peak RSS (``getrusage`` max RSS, loading included), the RSS once the pipeline is loaded (quantized, token
+added, images encoded), and the peak RSS while training (the kernel's high-water mark ``VmHWM``, reset through
+``/proc/self/clear_refs`` after loading); "method memory" = training peak - loaded RSS.
+
+Quality: one class of digits plays the user's concept. ``--num-images`` images of that class (train split)
+(test split, unseen in training) are written as PNGs, the token ``<s1>`` (initialized from "digit") is learned from them with each method, and
+the float pipeline generates ``--samples`` images of "a handwritten digit <s1>" per embedding. Scored against
+the target class: accuracy of the digits classifier, mean cosine similarity of classifier features and of
+digits-clip image features to the training images (a CLIP-I analogue), and digits-clip similarity to the
+class caption (a CLIP-T analogue). References: the initializer embedding (no personalization) and the class
+word itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN, INITIALIZER = "<s1>", "digit"
+PROMPT = "a handwritten digit {}"
+
+
+# ----------------------------------------------------------------------------------------- children
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS reflects live memory after quantization."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def sd15_shaped_pipeline(seed: int = 0, image_size: int = 64):
+    """A random-weight pipeline with Stable Diffusion 1.5's UNet, VAE, CLIP ViT-L/14 text encoder and its
+    49,408-token BPE vocabulary (built from open_clip's bundled merges) — for memory, not for pictures."""
+    import gzip
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77,
+                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                              unk_token="<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12,
+                                                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                                                pad_token_id=49407, hidden_act="quick_gelu"))
+    unet = UNet2DConditionModel(sample_size=image_size // 8, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=image_size)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+def target_images(digit: int, num_images: int, seed: int):
+    """``num_images`` test-split images of ``digit`` (16x16, [-1, 1]; the t2i model never saw them), chosen with ``seed``."""
+    import torch
+
+    from tasks.digits import load_digits_tensors
+
+    images, labels = load_digits_tensors("test", 16)
+    pool = torch.nonzero(labels == digit).flatten()
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:num_images]]
+    return images[pick]
+
+
+def run_child(spec: dict) -> dict:
+    """Load, build the trainer, reset the RSS high-water mark, run ``spec['steps']`` steps; report memory/time."""
+    import resource
+
+    import torch
+
+    from tasks.digits import CAPTION_TEMPLATES
+    from tasks.personalize import PersonalizeConfig, TextualInversion
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if spec["model"] == "sd15-shaped":
+        pipe = sd15_shaped_pipeline()
+        images = torch.rand(spec["num_images"], 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        templates, initializer = ("a photo of a {}",), "dog"
+    else:
+        from tasks import zoo
+
+        pipe = zoo.load(spec["model"])
+        images = target_images(spec["digit"], spec["num_images"], spec["seed"])
+        templates, initializer = digit_templates(CAPTION_TEMPLATES), INITIALIZER
+    config = PersonalizeConfig(method=spec["method"], quantize=spec["quantize"], steps=spec["steps"],
+                               templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"])
+    trainer = TextualInversion(pipe, images, TOKEN, initializer, config)
+    trainer.step()                                    # warm-up: allocator pools, lazy inits
+    import gc
+
+    gc.collect()
+    _release_free_heap()
+    load_seconds = time.perf_counter() - start
+    rss_loaded = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")     # reset VmHWM to the current RSS
+    times = []
+    for _ in range(spec["steps"]):
+        tick = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - tick)
+    from tasks.quantize import weight_report
+
+    weights = sum(weight_report(getattr(pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
+    return {"peak_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": _status_kib("VmHWM") / 1024,
+            "seconds_per_step": sorted(times)[len(times) // 2], "load_seconds": load_seconds,
+            "weights_mib": weights / 2 ** 20}
+
+
+def digit_templates(caption_templates) -> tuple[str, ...]:
+    """The digits captions with the class word replaced by ``{}`` (templates naming the numeral are dropped)."""
+    return tuple(t.replace("{word}", "{}") for t in caption_templates if "{word}" in t)
+
+
+def measure(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                         text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ quality
+def quality(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    from tasks import zoo
+    from tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS
+    from tasks.personalize import (PersonalizeConfig, TextualInversion, expected_image_format, load_image_folder,
+                                   save_learned_embedding)
+
+    classifier = zoo.load(args.classifier)
+    clip = None if args.clip == "none" else zoo.load(args.clip)
+    templates = digit_templates(CAPTION_TEMPLATES)
+    rows = []
+    for digit in args.digits:
+        folder = Path(tempfile.mkdtemp(prefix=f"digit{digit}-"))
+        save_pngs(target_images(digit, args.num_images, args.seed), folder)
+        pipe = zoo.load(args.model)
+        targets = load_image_folder(folder, *expected_image_format(pipe))
+        with torch.no_grad():
+            target_feats = torch.nn.functional.normalize(classifier.features(targets), dim=-1)
+            if clip is not None:
+                target_clip = clip.image_features(targets)
+                caption_clip = clip.text_features([PROMPT.format(DIGIT_WORDS[digit])])
+        embeddings, seconds = {}, {}
+        for method, steps, lr in (("zo", args.quality_steps_zo, args.lr_zo), ("backprop", args.quality_steps, args.lr_bp)):
+            trainer = TextualInversion(zoo.load(args.model), targets, TOKEN, INITIALIZER,
+                                       PersonalizeConfig(method=method, steps=steps, learning_rate=lr, flip_prob=0.0,
+                                                         templates=templates, seed=args.seed, tau=args.tau))
+            if method == "zo":
+                embeddings["none (initializer)"] = trainer.embedding
+            tick = time.perf_counter()
+            trainer.train(folder / f"run-{method}", progress=not args.no_progress)
+            seconds[method] = time.perf_counter() - tick
+            embeddings[f"{method} ({steps} steps)"] = trainer.embedding
+        for name, vector in [*embeddings.items(), (f"class word '{DIGIT_WORDS[digit]}'", None)]:
+            fresh = zoo.load(args.model)
+            fresh.set_progress_bar_config(disable=True)
+            if vector is None:
+                prompt = PROMPT.format(DIGIT_WORDS[digit])
+            else:
+                path = save_learned_embedding(folder / "eval.safetensors", TOKEN, vector)
+                fresh.load_textual_inversion(str(path), token=TOKEN)
+                prompt = PROMPT.format(TOKEN)
+            generated = fresh([prompt] * args.samples, num_inference_steps=25, guidance_scale=args.guidance_scale,
+                              generator=torch.Generator().manual_seed(args.seed), output_type="pt").images * 2 - 1
+            with torch.no_grad():
+                feats = torch.nn.functional.normalize(classifier.features(generated), dim=-1)
+                gen_clip = clip.image_features(generated) if clip is not None else None
+                nan = float("nan")
+                rows.append({"digit": digit, "embedding": name,
+                             "accuracy": (classifier.predict(generated) == digit).float().mean().item(),
+                             "classifier_sim": (feats @ target_feats.T).mean().item(),
+                             "clip_i": (gen_clip @ target_clip.T).mean().item() if clip is not None else nan,
+                             "clip_t": (gen_clip @ caption_clip.T).mean().item() if clip is not None else nan,
+                             "train_seconds": seconds.get(name.split(" ")[0])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def save_pngs(images, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        array = ((image[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        Image.fromarray(array, mode="L").save(folder / f"{i:02d}.png")
+
+
+# ----------------------------------------------------------------------------------------- markdown
+def memory_table(results: list[tuple[str, str, dict]]) -> str:
+    lines = ["| pipeline | method | weights MiB | peak RSS, whole process MiB | RSS loaded MiB | peak RSS training MiB "
+             "| method memory MiB | s / step |", "|---|---|---|---|---|---|---|---|"]
+    for model, label, r in results:
+        lines.append(f"| {model} | {label} | {r['weights_mib']:.1f} | {r['peak_process_mib']:.0f} | "
+                     f"{r['rss_loaded_mib']:.0f} | {r['peak_training_mib']:.0f} | "
+                     f"{r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | {r['seconds_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(m for m, _, _ in results):
+        by = {label: r for m, label, r in results if m == model}
+        zo, bp = by.get("ZO, int8"), by.get("backprop, float")
+        if not zo or not bp:
+            continue
+        method = lambda r: max(r["peak_training_mib"] - r["rss_loaded_mib"], 1e-3)
+        out.append(f"- {model}: ZO/backprop whole-process peak {zo['peak_process_mib'] / bp['peak_process_mib']:.2f}, "
+                   f"training peak {zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, method memory "
+                   f"{method(zo):.1f} vs {method(bp):.1f} MiB, weights {zo['weights_mib'] / bp['weights_mib']:.2f}, "
+                   f"time per step {zo['seconds_per_step'] / bp['seconds_per_step']:.2f}")
+    return out
+
+
+def quality_table(rows: list[dict]) -> str:
+    import statistics
+
+    names = list(dict.fromkeys(r["embedding"] for r in rows))
+    lines = ["| embedding | classifier accuracy | classifier-feature sim | CLIP-I (digits-clip) | CLIP-T (digits-clip) |",
+             "|---|---|---|---|---|"]
+    for name in names:
+        sel = [r for r in rows if r["embedding"] == name]
+        mean = lambda key: statistics.fmean(r[key] for r in sel)
+        lines.append(f"| {name} | {mean('accuracy'):.3f} | {mean('classifier_sim'):.3f} | {mean('clip_i'):.3f} "
+                     f"| {mean('clip_t'):.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="digits-t2i")
+    p.add_argument("--classifier", default="digits-classifier")
+    p.add_argument("--clip", default="digits-clip")
+    p.add_argument("--memory-steps", type=int, default=20, help="steps per memory/time child")
+    p.add_argument("--sd15-shaped", action="store_true", help="also measure a random SD-1.5-shaped pipeline")
+    p.add_argument("--sd15-steps", type=int, default=2)
+    p.add_argument("--digits", type=int, nargs="+", default=[2, 5, 7], help="classes used as the user's concept")
+    p.add_argument("--num-images", type=int, default=5)
+    p.add_argument("--quality-steps", type=int, default=400, help="backprop steps")
+    p.add_argument("--quality-steps-zo", type=int, default=400, help="ZO steps")
+    p.add_argument("--lr-zo", type=float, default=None)
+    p.add_argument("--lr-bp", type=float, default=None)
+    p.add_argument("--tau", type=int, default=128)
+    p.add_argument("--samples", type=int, default=64, help="generated images per embedding and digit")
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    import torch
+
+    torch.set_num_threads(1)
+    results = []
+    configs = [("ZO, int8", "zo", True), ("backprop, float", "backprop", False),
+               ("ZO, float", "zo", False), ("backprop, int8", "backprop", True)]
+    if not args.skip_memory:
+        models = [(args.model, args.memory_steps, configs)]
+        models += [("sd15-shaped", args.sd15_steps, configs[:2])] if args.sd15_shaped else []
+        for model, steps, model_configs in models:
+            for label, method, quantized in model_configs:
+                spec = {"model": model, "method": method, "quantize": quantized, "steps": steps,
+                        "digit": args.digits[0], "num_images": args.num_images, "seed": args.seed, "tau": args.tau}
+                results.append((model, label, measure(spec)))
+                print(model, label, json.dumps(results[-1][2]), file=sys.stderr, flush=True)
+    rows = [] if args.skip_quality else quality(args)
+
+    md = ["Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
+          "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
+          "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run."]
+    if results:
+        md += ["", "### Memory and time per step", "",
+               f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, one warm-up step, then "
+               f"{args.memory_steps} steps ({args.sd15_steps} for `sd15-shaped`). *Peak RSS, whole process* is "
+               "`getrusage` max RSS including loading (and, for int8 rows, the float weights before quantization); "
+               "*peak RSS training* is the kernel high-water mark reset after loading; *method memory* = training "
+               "peak - loaded RSS. s / step is the median.", "", memory_table(results), "", *ratio_lines(results)]
+    if rows:
+        md += ["", "### Quality: a held-out digit class as the new concept", "",
+               f"Digits {args.digits}: {args.num_images} training images each, prompt `{PROMPT.format(TOKEN)}`, "
+               f"{args.samples} samples per embedding (DDIM 25 steps, CFG {args.guidance_scale}) from the *float* "
+               "pipeline after `load_textual_inversion`; mean over the digits. Similarities are mean cosines to the "
+               "training images (classifier features, digits-clip image features) and to the class caption "
+               "(digits-clip text).", "", quality_table(rows)]
+    text = "\n".join(md)
+    if args.no_write:
+        print(text)
+    else:
+        sys.path.insert(0, str(ROOT))
+        from scripts._bench_md import write_section
+
+        write_section("personalize", text)
+        print("wrote the personalize section of BENCHMARKS.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(ROOT))
+    main()
