@@ -94,9 +94,9 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
     return model, preprocess, tokenizer
 
 
-def build_metrics(args, names: list[str], device, state):
-    """ImageMetrics with real statistics loaded, and a key naming everything the values depend on."""
-    from tasks.evaluation import module_fingerprint, prepare_real
+def build_metrics(args, names: list[str], device):
+    """The metrics, their feature extractor, and a key naming everything their values depend on."""
+    from tasks.evaluation import module_fingerprint
     from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id
 
     classifier = load_model(args.classifier, device) if {"accuracy", "fid", "kid"} & set(names) else None
@@ -139,7 +139,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
         pipe.set_progress_bar_config(disable=True)
         kind = pipeline_kind(pipe)
         names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))
-        metrics, feature, metrics_key = build_metrics(args, names, device, state)
+        metrics, feature, metrics_key = build_metrics(args, names, device)
         size = pipe.unet.config.sample_size * (getattr(pipe, "vae_scale_factor", 1) if kind == "text" else 1)
         if feature is not None:
             prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
@@ -187,7 +187,7 @@ def run_images(args, state, device, progress: bool) -> list[dict[str, Any]]:
 
     paths, labels, prompts = folder_images(args.images)
     names = args.metrics or (["fid", "kid"] + (["accuracy"] if labels else []) + (["clip_score"] if prompts else []))
-    metrics, feature, _ = build_metrics(args, names, device, state)
+    metrics, feature, _ = build_metrics(args, names, device)
     if feature is not None:
         from tasks.run_folder import load_image
         size = load_image(paths[0]).shape[-1]

@@ -88,7 +88,7 @@ class SamplingConfig:
         return f"{self.guide}({extra})" if extra else self.guide
 
 
-def _latent_shape(pipe, kind: str) -> tuple[int, ...]:
+def _latent_shape(pipe) -> tuple[int, ...]:
     size = pipe.unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     return (pipe.unet.config.in_channels, *size)
@@ -99,7 +99,7 @@ def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Ten
     """Images ``(B, C, H, W)`` in [0, 1] for ``indices`` and the network rows evaluated."""
     kind = pipeline_kind(pipe)
     generators = [torch.Generator().manual_seed(image_seed(cfg.seed, i)) for i in indices]
-    shape = _latent_shape(pipe, kind)
+    shape = _latent_shape(pipe)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
     latents = latents.to(pipe.device, pipe.unet.dtype)
     call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, eta=cfg.eta,

@@ -15,7 +15,7 @@ from tasks.classifier import DigitClassifier
 from tasks.digits import load_digits_tensors, to_unit
 from tasks.metrics import (
     FID, KID, LPIPS, PSNR, SSIM, CLIPScore, ClassifierAccuracy, DigitFeatures, ImageMetrics, InceptionFeatures,
-    extractor_id, load_open_clip, load_real_stats, real_stats_file, save_real_stats,
+    extractor_id, load_open_clip, load_real_stats, real_stats_file,
 )
 
 
