@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts import evaluate  # noqa: E402
 from scripts._bench_md import write_section  # noqa: E402
+from tasks.run_folder import write_json  # noqa: E402
 
 GUIDES = {
     "digits-class": ["cfg@1,1.5,2,3,5", "apg@1.5,2,3,5:eta=0,norm_threshold=1,momentum=-0.5", "cfgpp@0.2,0.4,0.6,0.8"],
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         zoo_rows += evaluate.run(["--model", model(args, name), *guides, *common(args)])
     floor = real_floor(args)
     minutes = (time.perf_counter() - start) / 60
+    write_json(Path(args.out) / "bench_results.json", {"grid": rows, "zoo": zoo_rows, "real_floor": floor})
 
     protocol = (f"{args.num_images} images per point (labels i mod 10; t2i captions cycle the 6 templates), "
                 f"DDIM {args.steps} steps (eta 0), seed {args.seed}, real statistics = digits train split "
