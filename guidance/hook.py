@@ -8,6 +8,7 @@ that renoise differently (CFG++), ``scheduler.step`` is wrapped too. Everything 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class _Session:
         self.renoise: Tensor | None = None
         self.last_step: Step | None = None
         self.step_state: dict = {}
+        self.step_rows = 0  # network rows of the current step, extra passes (step.evaluate) included
         self._saved: list[tuple[Any, str, bool, Any]] = []
 
     # -- installation -------------------------------------------------------------------------------
@@ -83,7 +85,9 @@ class _Session:
         self._patch(self.net, "forward", self.forward)
         if self.guide.changes_renoise:
             self._orig_step = self.scheduler.step
-            self._patch(self.scheduler, "step", self.step)
+            # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
+            self._patch(self.scheduler, "step", functools.wraps(self._orig_step)(
+                lambda *args, **kwargs: self.step(*args, **kwargs)))
         base = type(self.pipe)
         session = self
 

@@ -28,7 +28,7 @@ Level = float | Tensor
 
 __all__ = [
     "ClassConditionalGMM", "ComponentPosterior", "GaussianMixture", "GridDensity", "annealed_grid",
-    "gaussian_geometric_mean", "geometric_grid", "grid_density",
+    "gaussian_geometric_mean", "SlicedWasserstein", "geometric_grid", "grid_density", "sliced_wasserstein",
 ]
 
 
@@ -48,9 +48,28 @@ def _solve(chol: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, z, upper=True)
 
 
+def _tri_vec(chol: Tensor, vec: Tensor, transpose: bool = False) -> Tensor:
+    """``L^{-1} v`` (or ``L^{-T} v``) for vectors ``vec`` (..., K, d) and factors (K, d, d) or (..., K, d, d).
+
+    With one factor per component the batch goes into the right-hand-side columns (no expanded copies of L).
+    """
+    factor = chol.mT if transpose else chol
+    if chol.ndim == 3 and vec.ndim >= 2 and vec.shape[-2] == chol.shape[0]:
+        lead, tail = vec.shape[:-2], vec.shape[-2:]
+        cols = vec.reshape(-1, *tail).permute(1, 2, 0)  # (K, d, B)
+        out = torch.linalg.solve_triangular(factor, cols, upper=transpose)
+        return out.permute(2, 0, 1).reshape(*lead, *tail)
+    return torch.linalg.solve_triangular(factor, vec.unsqueeze(-1), upper=transpose).squeeze(-1)
+
+
+def _solve_vec(chol: Tensor, vec: Tensor) -> Tensor:
+    """``S^{-1} v`` for ``S = L L^T`` and vectors ``vec`` (..., K, d)."""
+    return _tri_vec(chol, _tri_vec(chol, vec), transpose=True)
+
+
 def _gauss_logpdf(diff: Tensor, chol: Tensor) -> Tensor:
     """``log N(diff; 0, L L^T)`` over the last dim of ``diff`` (..., d)."""
-    z = torch.linalg.solve_triangular(chol, diff.unsqueeze(-1), upper=False).squeeze(-1)
+    z = _tri_vec(chol, diff)
     logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     return -0.5 * z.pow(2).sum(-1) - logdet - 0.5 * diff.shape[-1] * math.log(2 * math.pi)
 
@@ -270,7 +289,7 @@ class GaussianMixture:
         """``grad_x log p_t(x) = -sum_k r_k S_k^{-1} (x - alpha mu_k)`` (G2)."""
         x, a, b, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
         resp = torch.softmax(log_joint, dim=-1)
-        comp_scores = -_solve(chol_t, diff.unsqueeze(-1)).squeeze(-1)
+        comp_scores = -_solve_vec(chol_t, diff)
         return (resp.unsqueeze(-1) * comp_scores).sum(-2)
 
     def posterior(self, x: Tensor, alpha: Level, sigma: Level) -> ComponentPosterior:
@@ -279,7 +298,7 @@ class GaussianMixture:
         x, a, b, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
         resp = torch.softmax(log_joint, dim=-1)
         a2 = a[..., None, None]
-        means = self.means + a2 * (self.covs @ _solve(chol_t, diff.unsqueeze(-1))).squeeze(-1)
+        means = self.means + a2 * torch.einsum("kij,...kj->...ki", self.covs, _solve_vec(chol_t, diff))
         covs = self.covs - a[..., None, None, None] ** 2 * self.covs @ _solve(chol_t, self.covs)
         covs = 0.5 * (covs + covs.mT)
         return ComponentPosterior(resp, means, covs)
@@ -333,7 +352,7 @@ class GaussianMixture:
         if y.ndim != 1:
             raise ValueError("condition takes one observation y of shape (m,)")
         cross = self.covs @ matrix.T  # Sigma_k A^T, (K, d, m)
-        means = self.means + (cross @ _solve(chol_g, resid.unsqueeze(-1))).squeeze(-1)
+        means = self.means + torch.einsum("kim,km->ki", cross, _solve_vec(chol_g, resid))
         covs = self.covs - cross @ _solve(chol_g, cross.mT)
         return GaussianMixture(torch.softmax(log_terms, dim=-1), means, 0.5 * (covs + covs.mT))
 
@@ -409,6 +428,58 @@ def gaussian_geometric_mean(gaussians: Sequence[GaussianMixture], exponents: Seq
     chol = _chol(precision, "sum_i beta_i Sigma_i^{-1} (the target is not normalisable)")
     cov = torch.cholesky_inverse(chol)
     return GaussianMixture(first.weights.new_ones(1), (cov @ shift)[None], (0.5 * (cov + cov.mT))[None])
+
+
+def _projected_quantiles(mixture: GaussianMixture, dirs: Tensor, levels: Tensor, iters: int = 200) -> Tensor:
+    """Quantiles (L, n) of the 1-D mixtures ``u^T x0`` for unit directions ``dirs`` (L, d), by bisection."""
+    means = mixture.means @ dirs.T  # (K, L)
+    stds = torch.einsum("ld,kde,le->kl", dirs, mixture.covs, dirs).sqrt()
+    lo = (means - 40 * stds).min(0).values[:, None].expand(-1, len(levels)).clone()
+    hi = (means + 40 * stds).max(0).values[:, None].expand(-1, len(levels)).clone()
+    root2 = math.sqrt(2)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        z = (mid[..., None] - means.T[:, None, :]) / stds.T[:, None, :]  # (L, n, K)
+        below = (mixture.weights * 0.5 * torch.erfc(-z / root2)).sum(-1) < levels
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        if bool(((hi - lo) <= 4 * torch.finfo(mixture.dtype).eps * (1 + mid.abs())).all()):
+            break
+    return (lo + hi) / 2
+
+
+class SlicedWasserstein:
+    """Sliced 2-Wasserstein distance from samples to a fixed mixture, over fixed random directions.
+
+    ``SW2 = sqrt(mean_u W2^2(u^T samples, u^T x0))`` over ``num_directions`` unit directions; each 1-D W2 pairs
+    the sorted projections with the mixture's exact quantiles at ``(i + 1/2) / n`` (cached per sample size).
+    Exact draws give ``O(n^{-1/2})``: compare against that floor.
+    """
+
+    def __init__(self, mixture: GaussianMixture, num_directions: int = 128,
+                 generator: torch.Generator | None = None) -> None:
+        if not isinstance(num_directions, int) or num_directions < 1:
+            raise ValueError(f"num_directions must be a positive int, got {num_directions!r}")
+        self.mixture = mixture
+        device = generator.device if generator is not None else mixture.device
+        dirs = torch.randn(num_directions, mixture.dim, generator=generator, device=device, dtype=mixture.dtype)
+        self.directions = (dirs / dirs.norm(dim=1, keepdim=True)).to(mixture.device)
+        self._quantiles: dict[int, Tensor] = {}
+
+    def __call__(self, samples: Tensor) -> Tensor:
+        if samples.ndim != 2 or samples.shape[1] != self.mixture.dim:
+            raise ValueError(f"samples must have shape (n, {self.mixture.dim}), got {tuple(samples.shape)}")
+        n = samples.shape[0]
+        if n not in self._quantiles:
+            levels = (torch.arange(n, dtype=self.mixture.dtype, device=self.mixture.device) + 0.5) / n
+            self._quantiles[n] = _projected_quantiles(self.mixture, self.directions, levels)
+        proj = torch.sort(samples.to(self.mixture.dtype) @ self.directions.T, dim=0).values.T  # (L, n)
+        return ((proj - self._quantiles[n]) ** 2).mean().sqrt()
+
+
+def sliced_wasserstein(samples: Tensor, mixture: GaussianMixture, num_directions: int = 128,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """One-off :class:`SlicedWasserstein` distance between ``samples`` (n, d) and ``mixture``."""
+    return SlicedWasserstein(mixture, num_directions, generator)(samples)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -661,15 +732,17 @@ class ClassConditionalGMM(torch.nn.Module):
     def _per_class(self, x: Tensor, alpha: Tensor, sigma: Tensor, labels: Tensor, what: str) -> Tensor:
         flat = self._flat(x).to(self.dtype)
         batch = flat.shape[0]
-        alpha = alpha.to(self.dtype).expand(batch) if alpha.ndim == 0 else alpha.to(self.dtype).reshape(batch)
-        sigma = sigma.to(self.dtype).expand(batch) if sigma.ndim == 0 else sigma.to(self.dtype).reshape(batch)
+        # one level for the batch stays 0-dim: per-row levels cost one factorisation per row
+        alpha, sigma = (v.to(self.dtype).reshape(batch) if v.numel() > 1 and bool((v != v.flatten()[0]).any())
+                        else v.to(self.dtype).flatten()[0] for v in (alpha, sigma))
         labels = self._labels(labels, batch)
         out = torch.empty_like(flat)
         for label in labels.unique().tolist():
             rows = (labels == label).nonzero().squeeze(1).to(flat.device)
             mixture = self.mixture(int(label))
             fn = mixture.eps if what == "eps" else mixture.denoise
-            out[rows] = fn(flat[rows], alpha[rows], sigma[rows])
+            levels = [v[rows] if v.ndim else v for v in (alpha, sigma)]
+            out[rows] = fn(flat[rows], *levels)
         return out.reshape(x.shape).to(x.dtype)
 
     # -- model callables ---------------------------------------------------------------------------------
