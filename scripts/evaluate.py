@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics", nargs="+", default=None,
                    help=f"metrics to compute (default: fid kid accuracy, + clip_score for text models); "
                         f"known: {', '.join(SAMPLE_METRICS)}")
-    p.add_argument("--feature", default="digits", choices=("digits", "inception"),
-                   help="FID/KID features: the digits classifier (offline) or Inception-v3 (needs its weights)")
+    p.add_argument("--feature", default="auto", choices=("auto", "digits", "inception"),
+                   help="FID/KID features: the digits classifier (offline) or Inception-v3 (needs its weights); "
+                        "auto: digits for a digits-* real set, else inception")
     p.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--real", default="digits-train", help="real set: digits-train, digits-test, digits-all or a folder")
     p.add_argument("--stats-dir", default=None, help="cache of real statistics (default ~/.cache/diffguide/real_stats)")
@@ -96,14 +97,17 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
 
 def build_metrics(args, names: list[str], device):
     """The metrics, their feature extractor, and a key naming everything their values depend on."""
-    from tasks.evaluation import module_fingerprint
+    from tasks.evaluation import REAL_SETS, module_fingerprint
     from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id
 
-    classifier = load_model(args.classifier, device) if {"accuracy", "fid", "kid"} & set(names) else None
+    wants_features = bool({"fid", "kid"} & set(names))
+    kind = args.feature if args.feature != "auto" else ("digits" if args.real in REAL_SETS else "inception")
+    needs_classifier = "accuracy" in names or (wants_features and kind == "digits")
+    classifier = load_model(args.classifier, device) if needs_classifier else None
     feature = None
-    if {"fid", "kid"} & set(names):
-        feature = (DigitFeatures(classifier) if args.feature == "digits"
-                   else InceptionFeatures(weights_path=args.inception_weights).to(device))
+    if wants_features:
+        feature = (DigitFeatures(classifier) if kind == "digits"
+                   else InceptionFeatures(weights_path=args.inception_weights, antialias=False).to(device))
     clip = load_clip(args.clip, args.clip_pretrained, device) if "clip_score" in names else None
     metrics = ImageMetrics(names, feature=feature, classifier=classifier, clip=clip,
                            kid_subset_size=args.kid_subset_size).to(device)
@@ -257,9 +261,11 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     state = PartialState(cpu=not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
     progress = not args.no_progress
+    from tasks.metrics import MissingWeightsError
+
     try:
         rows = run_grid(args, state, device, progress) if args.model else run_images(args, state, device, progress)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, MissingWeightsError) as err:
         raise SystemExit(f"error: {err}") from None
     if state.is_main_process:
         write_outputs(rows, Path(args.out), args.plot_x)

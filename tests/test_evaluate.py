@@ -122,6 +122,12 @@ def test_other_configuration_is_refused(assets, reference, tmp_path):
     argv[argv.index("--steps") + 1] = str(STEPS + 1)
     with pytest.raises(SystemExit, match=r"another configuration \(differs in: steps\)"):
         run_here(argv)
+    real_folder = Path(reference[0]["folder"]) / "images"           # not a digits-* set: Inception features
+    with pytest.raises(SystemExit, match="error: .*(torch-fidelity|Inception)"):
+        run_here(["--images", str(real_folder), "--real", str(real_folder), "--metrics", "fid", "--out",
+                  str(tmp_path / "inception")])
+    with pytest.raises(SystemExit, match="error: real set must be"):
+        run_here([*arguments(assets, tmp_path / "bad-real"), "--real", "imagenet", "--feature", "digits"])
     folder = RunFolder(tmp_path, {"steps": 3})
     folder.claim()
     with pytest.raises(ValueError, match="differs in: steps"):

@@ -15,6 +15,7 @@ from tasks.classifier import DigitClassifier
 from tasks.digits import load_digits_tensors, to_unit
 from tasks.metrics import (
     FID, KID, LPIPS, PSNR, SSIM, CLIPScore, ClassifierAccuracy, DigitFeatures, ImageMetrics, InceptionFeatures,
+    MissingWeightsError,
     extractor_id, load_open_clip, load_real_stats, real_stats_file,
 )
 
@@ -187,8 +188,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path, digits):
     feature = LinearFeatures()
     with pytest.raises(ValueError, match="unknown metric"):
         ImageMetrics(["fid", "inception_score"], feature=feature)
-    with pytest.raises(ValueError, match="needs feature"):
-        ImageMetrics(["fid"])
+    with pytest.raises(ValueError, match="needs classifier"):
+        ImageMetrics(["accuracy"])
     metrics = ImageMetrics(["fid", "psnr"], feature=feature)
     with pytest.raises(ValueError, match=r"\[0, 1\].*to_unit"):
         metrics.update(real * 2 - 1, target=real)
@@ -220,10 +221,12 @@ def test_offline_weights_give_clear_errors(monkeypatch, tmp_path):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="alexnet-owt-7be5be79.pth"):
+    with pytest.raises(MissingWeightsError, match="alexnet-owt-7be5be79.pth"):
         LPIPS("alex")
     with pytest.raises((ImportError, RuntimeError), match="fid|weights"):
         InceptionFeatures()
+    with pytest.raises((ImportError, RuntimeError), match="fid|weights"):
+        ImageMetrics(["fid"])                                          # Inception is the default extractor
 
 
 def test_lpips_with_cached_backbone(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics.multimodal.clip_score import CLIPScore as _CLIPScore
 from torchvision.transforms.functional import to_pil_image
 
+from .features import MissingWeightsError
 from .images import check_images, to_rgb, to_uint8
 
 
@@ -68,7 +69,7 @@ def load_open_clip(model_name: str, pretrained: str | None = None) -> tuple[nn.M
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(model_name)
     except (OSError, RuntimeError) as err:
-        raise RuntimeError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r} ({err}). "
+        raise MissingWeightsError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r} ({err}). "
                            "Offline, download the weights once and pass the file path as pretrained.") from None
     return model, preprocess, tokenizer
 

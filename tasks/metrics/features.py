@@ -15,6 +15,10 @@ from .images import to_rgb, to_uint8
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 
+class MissingWeightsError(RuntimeError):
+    """A metric's network weights are neither cached nor downloadable (offline)."""
+
+
 class DigitFeatures(nn.Module):
     """Penultimate embedding of a digit classifier (``classifier.features(x)`` on [-1, 1] inputs): "FID-digits"."""
 
@@ -60,7 +64,7 @@ class InceptionFeatures(nn.Module):
             raise ImportError("Inception features need torch-fidelity: pip install 'diffguide[fid]' "
                               f"(or use DigitFeatures offline); {err}") from None
         except OSError as err:                                       # URLError, missing file
-            raise RuntimeError(
+            raise MissingWeightsError(
                 f"the Inception-v3 weights are not available ({err}). Offline, copy {INCEPTION_WEIGHTS} to "
                 "$TORCH_HOME/hub/checkpoints/ or pass weights_path=...; or use DigitFeatures.") from None
         self.num_features = feature

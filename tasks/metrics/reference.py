@@ -6,6 +6,7 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
+from .features import MissingWeightsError
 from .images import check_images, check_same_shape, to_rgb
 
 LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
@@ -46,7 +47,7 @@ class LPIPS(_PairMixin, LearnedPerceptualImagePatchSimilarity):
             super().__init__(net_type=net_type, normalize=True, **kwargs)
             self.net_type = net_type
         except OSError as err:                                  # URLError offline, unreadable file
-            raise RuntimeError(
+            raise MissingWeightsError(
                 f"LPIPS needs the ImageNet {net_type} backbone ({err}). Offline, copy "
                 f"{LPIPS_BACKBONES[net_type]} to $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch).") from None
 

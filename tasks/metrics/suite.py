@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from .accuracy import ClassifierAccuracy
 from .clip_score import CLIPScore
 from .distribution import FID, KID
+from .features import InceptionFeatures
 from .images import check_images
 from .real_stats import load_real_stats, save_real_stats
 from .reference import LPIPS, PSNR, SSIM
@@ -26,7 +27,8 @@ class ImageMetrics:
     Args:
         names: any of ``fid``, ``kid`` (need ``feature``), ``clip_score`` (needs ``clip``), ``accuracy``
             (needs ``classifier``), ``psnr``, ``ssim``, ``lpips`` (need ``target`` images in ``update``).
-        feature: extractor for FID/KID (``DigitFeatures(classifier)`` or ``InceptionFeatures()``).
+        feature: extractor for FID/KID: default ``InceptionFeatures(antialias=False)`` (needs torch-fidelity
+            and its weights); ``DigitFeatures(classifier)`` for the offline "FID-digits".
         classifier: digit classifier for ``accuracy`` (logits from [-1, 1] images).
         clip: ``(model, preprocess, tokenizer)`` of an open_clip model for ``clip_score``.
         kid_subset_size: KID subset size (capped at the number of images).
@@ -43,8 +45,9 @@ class ImageMetrics:
         unknown = [name for name in names if name not in METRICS]
         if unknown or not names:
             raise ValueError(f"unknown metric(s) {unknown or names!r}; allowed: {', '.join(METRICS)}")
-        needs = {"fid": ("feature", feature), "kid": ("feature", feature), "accuracy": ("classifier", classifier),
-                 "clip_score": ("clip", clip)}
+        if feature is None and {"fid", "kid"} & set(names):
+            feature = InceptionFeatures(antialias=False)
+        needs = {"accuracy": ("classifier", classifier), "clip_score": ("clip", clip)}
         for name in names:
             if name in needs and needs[name][1] is None:
                 raise ValueError(f"metric {name!r} needs {needs[name][0]}=...")
