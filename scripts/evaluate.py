@@ -97,8 +97,8 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
 
 def build_metrics(args, names: list[str], device):
     """The metrics, their feature extractor, and a key naming everything their values depend on."""
-    from tasks.evaluation import REAL_SETS, module_fingerprint
-    from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id
+    from tasks.evaluation import REAL_SETS
+    from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id, weights_fingerprint
 
     wants_features = bool({"fid", "kid"} & set(names))
     kind = args.feature if args.feature != "auto" else ("digits" if args.real in REAL_SETS else "inception")
@@ -113,8 +113,8 @@ def build_metrics(args, names: list[str], device):
                            kid_subset_size=args.kid_subset_size).to(device)
     key = {"metrics": sorted(names), "real": args.real, "kid_subset_size": args.kid_subset_size,
            "feature": extractor_id(feature) if feature is not None else None,
-           "classifier": module_fingerprint(classifier) if "accuracy" in names else None,
-           "clip": module_fingerprint(clip[0]) if clip is not None else None}
+           "classifier": weights_fingerprint(classifier) if "accuracy" in names else None,
+           "clip": weights_fingerprint(clip[0]) if clip is not None else None}
     return metrics, feature, key
 
 
@@ -131,8 +131,11 @@ def grid_points(args) -> list[tuple[str, list[float], dict]]:
 
 
 def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
-    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, module_fingerprint,
-                                  pipeline_kind, prepare_real, sample_run, score_images, write_metadata)
+    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
+                                  prepare_real, sample_run, score_images, write_metadata)
+    import torch
+
+    from tasks.metrics import weights_fingerprint
     from tasks.metrics import DEFAULT_CACHE
     from tasks.run_folder import RunFolder, config_hash
 
@@ -147,7 +150,8 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
         size = pipe.unet.config.sample_size * (getattr(pipe, "vae_scale_factor", 1) if kind == "text" else 1)
         if feature is not None:
             prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
-        fingerprint = module_fingerprint(pipe.unet)
+        networks = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+        fingerprint = weights_fingerprint(torch.nn.ModuleDict(networks))      # unet, vae, text encoder
         model_tag = Path(model_name).name
         for guide, scales, params in points:
             for scale in scales:

@@ -10,7 +10,6 @@ run only samples what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,15 +46,6 @@ def image_labels(indices: Sequence[int], num_classes: int = NUM_CLASSES) -> list
 def image_prompts(indices: Sequence[int]) -> list[str]:
     """Caption of image ``i``: digit ``i % 10`` with caption template ``(i // 10) % len(templates)``."""
     return [caption(i % NUM_CLASSES, (i // NUM_CLASSES) % len(CAPTION_TEMPLATES)) for i in indices]
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """Short hash of a module's weights (part of a run's configuration)."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------------------------- sampling

@@ -11,7 +11,7 @@
 from .accuracy import ClassifierAccuracy
 from .clip_score import CLIPScore, OpenCLIPModel, OpenCLIPProcessor, load_open_clip
 from .distribution import FID, KID
-from .features import DigitFeatures, InceptionFeatures, MissingWeightsError, extractor_id
+from .features import DigitFeatures, InceptionFeatures, MissingWeightsError, extractor_id, weights_fingerprint
 from .images import check_images, to_rgb, to_uint8
 from .real_stats import DEFAULT_CACHE, load_real_stats, real_stats_file, save_real_stats
 from .reference import LPIPS, PSNR, SSIM
@@ -21,5 +21,5 @@ __all__ = [
     "CLIPScore", "ClassifierAccuracy", "DEFAULT_CACHE", "DigitFeatures", "FID", "ImageMetrics", "InceptionFeatures",
     "KID", "LPIPS", "METRICS", "MissingWeightsError", "OpenCLIPModel", "OpenCLIPProcessor", "PSNR", "SSIM", "check_images",
     "extractor_id", "load_open_clip", "load_real_stats", "real_stats_file", "save_real_stats", "to_rgb",
-    "to_uint8",
+    "to_uint8", "weights_fingerprint",
 ]

@@ -77,10 +77,15 @@ class InceptionFeatures(nn.Module):
         return self.inception(to_uint8(to_rgb(images)))
 
 
-def extractor_id(module: nn.Module) -> str:
-    """Name and weights fingerprint of a feature extractor, e.g. ``DigitFeatures-64-3f2a9c1b7e04``."""
+def weights_fingerprint(module: nn.Module) -> str:
+    """Short SHA-256 of a module's state dict (names and bytes)."""
     digest = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{type(module).__name__}-{getattr(module, 'num_features', 'x')}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def extractor_id(module: nn.Module) -> str:
+    """Name and weights fingerprint of a feature extractor, e.g. ``DigitFeatures-64-3f2a9c1b7e04``."""
+    return f"{type(module).__name__}-{getattr(module, 'num_features', 'x')}-{weights_fingerprint(module)}"
