@@ -131,12 +131,11 @@ def grid_points(args) -> list[tuple[str, list[float], dict]]:
 
 
 def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
-    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
-                                  prepare_real, sample_run, score_images, write_metadata)
     import torch
 
-    from tasks.metrics import weights_fingerprint
-    from tasks.metrics import DEFAULT_CACHE
+    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
+                                  prepare_real, sample_run, score_images, write_metadata)
+    from tasks.metrics import DEFAULT_CACHE, weights_fingerprint
     from tasks.run_folder import RunFolder, config_hash
 
     rows = []
