@@ -77,6 +77,8 @@ class AdaptiveGuidance(Guidance):
 
     def combine(self, step: Step) -> Guided:
         uncond = require_uncond(step, "AdaptiveGuidance")
+        if step.index == 0 and self._cosines:  # a new run in a loop that does not call needs_uncond
+            self.reset()
         batch = step.pred_cond.shape[0]
         truncated = self._state(batch, step.pred_cond.device, step.num_steps).to(step.pred_cond.device)
         evaluated = ~truncated if step.uncond_mask is None else step.uncond_mask.to(step.pred_cond.device)

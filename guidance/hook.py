@@ -191,24 +191,24 @@ class _Session:
         them) and ``step.evaluate(x, cond)``: one more counted network pass on the conditional rows' inputs,
         with ``x`` and the condition replaced (e.g. GFCG's reference class)."""
         signature = self._forward_signature
-        bound = signature.bind(sample, timestep, *args, **kwargs)
-        for name, value in bound.arguments.items():
-            bound.arguments[name] = _rows(value, cond_rows.to(sample.device), full)
-        sample_name = next(iter(bound.arguments))
-        key = "class_labels" if bound.arguments.get("class_labels") is not None else "encoder_hidden_states"
-        cond = bound.arguments.get(key)
-        if bound.arguments.get("added_cond_kwargs") is not None:
-            cond = {key: cond, "added_cond_kwargs": bound.arguments["added_cond_kwargs"]}
+        arguments = signature.bind(sample, timestep, *args, **kwargs).arguments
+        rows = cond_rows.to(sample.device)
+        sample_name = next(iter(arguments))
+        key = "class_labels" if arguments.get("class_labels") is not None else "encoder_hidden_states"
+        cond = _rows(arguments.get(key), rows, full)
+        if arguments.get("added_cond_kwargs") is not None:
+            cond = {key: cond, "added_cond_kwargs": _rows(arguments["added_cond_kwargs"], rows, full)}
+        shape = (len(cond_rows), *sample.shape[1:])
 
         def evaluate(x: Tensor, new_cond: Any) -> Tensor:
-            if x.shape != bound.arguments[sample_name].shape:
-                raise ValueError(f"step.evaluate takes x of the step's shape "
-                                 f"{tuple(bound.arguments[sample_name].shape)}, got {tuple(x.shape)}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"step.evaluate takes x of the step's shape {shape}, got {tuple(x.shape)}")
             replace = new_cond if isinstance(new_cond, dict) else {key: new_cond}
             unknown = set(replace) - set(signature.parameters)
             if unknown:
                 raise ValueError(f"{type(self.net).__name__}.forward takes no {sorted(unknown)}")
-            call = inspect.BoundArguments(signature, dict(bound.arguments, **replace, **{sample_name: x}))
+            selected = {name: _rows(value, rows, full) for name, value in arguments.items()}
+            call = inspect.BoundArguments(signature, dict(selected, **replace, **{sample_name: x}))
             out = self._orig_forward(*call.args, **call.kwargs)
             self.step_rows += x.shape[0]
             self.stats.calls += 1
