@@ -11,6 +11,7 @@ from .denoiser import GuidedDenoiser
 from .dps import DPS
 from .dynamic import DynamicCFG
 from .enkg import EnKG
+from .fkc import FKCAnneal, FKCCFG, FKCDenoiser, FKCGuidance, FKCProduct
 from .feedback import ClassifierConfidence, ClipAlignment, vae_decoder
 from .gfcg import GFCG
 from .hook import HookStats, apply
