@@ -85,7 +85,7 @@ class LinearAG(Guidance):
             at low noise, where ``eps_c - eps_u`` is tiny compared with its error).
         threshold: if given, AG's per-sample truncation (:class:`AdaptiveGuidance`, cosine in ``space``) on the
             steps that evaluate the unconditional branch; ``None`` keeps CFG there.
-        space: AG's cosine space, ``"eps"`` or ``"x0"``.
+        space: AG's cosine space, ``"x0"`` or ``"eps"`` (see :class:`AdaptiveGuidance`).
         history: number of past steps whose ``eps_c`` and ``eps_u`` enter the regression.
         use_x: also regress on the current state ``x_t``.
         bias: also fit a constant term (an affine rather than linear estimate).
@@ -102,7 +102,7 @@ class LinearAG(Guidance):
     """
 
     def __init__(self, scale: float = 7.5, replace: str | Sequence[int] = "alternate", until: float = 0.5,
-                 threshold: float | None = None, space: str = "eps", history: int = 1, use_x: bool = False,
+                 threshold: float | None = None, space: str = "x0", history: int = 1, use_x: bool = False,
                  bias: bool = False) -> None:
         self.scale = check_scale("scale", scale)
         if not isinstance(history, int) or isinstance(history, bool) or history < 1:

@@ -50,7 +50,7 @@ def test_ag_step_is_cfg_then_cond_per_sample(gen):
     u = c + torch.tensor([0.01, 1.0, 0.02, 3.0], dtype=F64)[:, None] * noise  # rows 0, 2 nearly aligned
     x = torch.randn(4, 8, generator=gen, dtype=F64)
     step = Step(x, torch.tensor(1), torch.tensor(0.6, dtype=F64), torch.tensor(0.8, dtype=F64), 0, 5, c, u)
-    ag = AdaptiveGuidance(scale=4.0, threshold=0.99)
+    ag = AdaptiveGuidance(scale=4.0, threshold=0.99, space="eps")
     out = ag.combine(step).denoise
     assert torch.equal(out, u + 4.0 * (c - u))
     expected_skip = ag_cosine(c, u) > 0.99
@@ -63,6 +63,17 @@ def test_ag_step_is_cfg_then_cond_per_sample(gen):
     out2 = ag.combine(step2).denoise
     assert torch.equal(out2[expected_skip], c[expected_skip])
     assert torch.equal(out2[~expected_skip], (u + 4.0 * (c - u))[~expected_skip])
+
+
+def test_ag_default_compares_x0_estimates(gen):
+    x, c = torch.randn(6, 8, generator=gen, dtype=F64), torch.randn(6, 8, generator=gen, dtype=F64)
+    u = c + torch.linspace(0.05, 2.0, 6, dtype=F64)[:, None] * torch.randn(6, 8, generator=gen, dtype=F64)
+    alpha, sigma = torch.tensor(0.6, dtype=F64), torch.tensor(0.8, dtype=F64)
+    ag = AdaptiveGuidance(2.0, threshold=0.9)
+    ag.combine(Step(x, torch.tensor(1), alpha, sigma, 0, 5, c, u))
+    reference = ag_cosine((x - sigma * c) / alpha, (x - sigma * u) / alpha)
+    assert torch.allclose(ag.cosines[0], reference.double(), atol=1e-12)
+    assert torch.equal(ag.truncated, reference > 0.9) and 0 < int(ag.truncated.sum()) < 6
 
 
 def test_ag_trigger_is_monotone(gen):
@@ -96,7 +107,7 @@ def test_ag_rows_and_trajectory_vs_cfg_through_denoiser():
     cfg_den = GuidedDenoiser(gmm.eps, rec, labels, null)
     cfg_out = sample_ddim(cfg_den, x.clone(), plan, disable=True)
     cos = torch.stack(rec.cos)                                  # (N, B)
-    ag = AdaptiveGuidance(scale, threshold)
+    ag = AdaptiveGuidance(scale, threshold, space="eps")
     ag_den = GuidedDenoiser(gmm.eps, ag, labels, null)
     ag_out = sample_ddim(ag_den, x.clone(), plan, disable=True)
     passed = cos > threshold
@@ -107,7 +118,7 @@ def test_ag_rows_and_trajectory_vs_cfg_through_denoiser():
     never = k == plan.num_steps
     assert torch.equal(ag_out[never], cfg_out[never])
     # threshold 1 never truncates: identical to CFG, same rows
-    full = GuidedDenoiser(gmm.eps, AdaptiveGuidance(scale, 1.0), labels, null)
+    full = GuidedDenoiser(gmm.eps, AdaptiveGuidance(scale, 1.0, space="eps"), labels, null)
     assert torch.equal(sample_ddim(full, x.clone(), plan, disable=True), cfg_out) and full.rows == cfg_den.rows
 
 
