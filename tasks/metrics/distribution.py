@@ -69,8 +69,8 @@ class KID(_SameSize, KernelInceptionDistance):
     """Kernel distance (polynomial MMD) over ``subsets`` random subsets; returns ``(mean, std)``.
 
     Subsets of ``min(subset_size, n_real, n_fake)`` rows are drawn with a generator seeded by ``seed``,
-    so the value does not change between runs on the same features. Keeps every feature vector in
-    memory (N x d floats), unlike FID.
+    so the value does not change between runs on the same features; the kernel sums run in float64.
+    Keeps every feature vector in memory (N x d floats), unlike FID.
     """
 
     def __init__(self, feature: nn.Module, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
@@ -103,11 +103,13 @@ class KID(_SameSize, KernelInceptionDistance):
                              "cached ones (tasks.metrics.load_real_stats) first")
         if n_fake < 2:
             raise ValueError(f"KID needs at least 2 generated images, got {n_fake}")
-        requested = self.subset_size
+        requested, real, fake = self.subset_size, self.real_features, self.fake_features
         self.subset_size = min(requested, n_real, n_fake)
+        self.real_features = [torch.cat(real).double()]     # the kernel sums cancel: float32 loses digits
+        self.fake_features = [torch.cat(fake).double()]
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 return super().compute()
         finally:
-            self.subset_size = requested
+            self.subset_size, self.real_features, self.fake_features = requested, real, fake
