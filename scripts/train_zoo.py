@@ -19,8 +19,8 @@ from pathlib import Path
 
 MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip")
 STEPS = {"digits-classifier": 800, "digits-class": 2500, "digits-class-weak": 300,
-         "digits-t2i": 4000, "digits-clip": 2000}
-VAE_STEPS = 1500
+         "digits-t2i": 3500, "digits-clip": 2000}
+VAE_STEPS = 800
 QUICK_STEPS = 3
 QUICK_BATCH = 8
 
@@ -74,18 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         steps = args.steps or (QUICK_STEPS if args.quick else STEPS[name])
         batch_size = args.batch_size or (QUICK_BATCH if args.quick else None)
+        snapshot = weak_steps if name == "digits-class" and weak_steps < steps else None
         start = time.perf_counter()
         print(f"== {name}: {steps} steps -> {args.out / name}", flush=True)
-        result = train_one(name, args.out, steps, batch_size, args.seed, not args.no_progress,
-                           weak_steps if name == "digits-class" else None,
+        result = train_one(name, args.out, steps, batch_size, args.seed, not args.no_progress, snapshot,
                            QUICK_STEPS if args.quick else VAE_STEPS)
-        record = {"model": name, "seed": args.seed, "threads": args.threads, "batch_size": batch_size,
+        record = {"model": name, "seed": args.seed, "threads": args.threads,
                   **result, "wall_seconds": round(time.perf_counter() - start, 1)}
         (args.out / name / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if name == "digits-class" and weak_steps:
+        if snapshot:
             weak = {"model": "digits-class-weak", "seed": args.seed, "threads": args.threads,
-                    "steps": weak_steps, "snapshot_of": "digits-class",
-                    "train_seconds": result.get(f"snapshot_{weak_steps}_seconds")}
+                    "steps": snapshot, "batch_size": result["batch_size"], "snapshot_of": "digits-class",
+                    "train_seconds": result[f"snapshot_{snapshot}_seconds"]}
             (args.out / "digits-class-weak" / "training.json").write_text(json.dumps(weak, indent=2) + "\n")
         print(json.dumps(record), flush=True)
     print(f"done: {args.out}")

@@ -100,7 +100,7 @@ def build_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
                    tokenizer: CLIPTokenizer) -> StableDiffusionPipeline:
     """Assemble the pipeline with a DDIM scheduler and no safety checker."""
     scheduler = DDIMScheduler.from_config(training_scheduler().config, clip_sample=False, set_alpha_to_one=False,
-                                          steps_offset=1, timestep_spacing="trailing")
+                                          steps_offset=1, timestep_spacing="leading")
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)

@@ -99,7 +99,7 @@ def train_classifier(out_dir: str | Path, steps: int = 800, batch_size: int = 12
     accuracy = model.accuracy(x_test, y_test)
     model.save_pretrained(out_dir)
     Path(out_dir, "README.md").unlink(missing_ok=True)          # the mixin's generic hub card
-    return {"test_accuracy": accuracy, "train_seconds": seconds, "steps": steps}
+    return {"steps": steps, "batch_size": batch_size, "test_accuracy": accuracy, "train_seconds": seconds}
 
 
 # ------------------------------------------------------------------------- class-conditional diffusion
@@ -121,8 +121,10 @@ def training_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler(train_sched: DDPMScheduler) -> DDIMScheduler:
     """The DDIM scheduler shipped with a pipeline trained under ``train_sched``."""
+    # "leading" spacing: the first step is t = 961 (alpha_bar = 0.0035). With "trailing" it would be t = 999,
+    # where alpha_bar = 2e-9 under the cosine schedule and the DDIM update amplifies eps errors ~1000x.
     return DDIMScheduler.from_config(train_sched.config, clip_sample=False, set_alpha_to_one=False,
-                                     steps_offset=1, timestep_spacing="trailing")
+                                     steps_offset=1, timestep_spacing="leading")
 
 
 def diffusion_loss(unet: nn.Module, noise_sched: DDPMScheduler, x0: torch.Tensor, gen: torch.Generator,
@@ -175,7 +177,7 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
             times[f"snapshot_{step}_seconds"] = time.perf_counter() - start
     times["train_seconds"] = time.perf_counter() - start
     save(out_dir)
-    return {"steps": steps, **times}
+    return {"steps": steps, "batch_size": batch_size, **times}
 
 
 def sample_accuracy(sample: Callable[[list[int], float, torch.Generator], torch.Tensor],
@@ -227,8 +229,9 @@ def train_vae(vae: nn.Module, images: torch.Tensor, steps: int, batch_size: int,
     return ema.model
 
 
-def train_t2i(out_dir: str | Path, steps: int = 4000, vae_steps: int = 1500, batch_size: int = 128, seed: int = 0,
-              caption_dropout: float = 0.1, lr: float = 1e-3, progress: bool = True) -> dict[str, float]:
+def train_t2i(out_dir: str | Path, steps: int = 3500, vae_steps: int = 800, batch_size: int = 64,
+              vae_batch_size: int = 128, seed: int = 0, caption_dropout: float = 0.1, lr: float = 1e-3,
+              progress: bool = True) -> dict[str, float]:
     """Train the digits ``StableDiffusionPipeline``: the VAE first, then UNet + text encoder on its latents.
 
     The VAE's ``scaling_factor`` is set to 1 / std of the training latents; captions use random templates
@@ -240,7 +243,7 @@ def train_t2i(out_dir: str | Path, steps: int = 4000, vae_steps: int = 1500, bat
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = load_digits_tensors("train", t2i.IMAGE_SIZE)
     start = time.perf_counter()
-    vae = train_vae(t2i.build_vae(), x_train, vae_steps, batch_size, gen, progress=progress)
+    vae = train_vae(t2i.build_vae(), x_train, vae_steps, vae_batch_size, gen, progress=progress)
     vae_seconds = time.perf_counter() - start
     with torch.no_grad():
         posterior = vae.encode(x_train).latent_dist
@@ -276,7 +279,8 @@ def train_t2i(out_dir: str | Path, steps: int = 4000, vae_steps: int = 1500, bat
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - start
     t2i.build_pipeline(vae, ema_unet.model, ema_text.model, tokenizer).save_pretrained(out_dir)
-    return {"steps": steps, "vae_steps": vae_steps, "vae_test_recon_mse": recon_mse, "scaling_factor": scaling_factor,
+    return {"steps": steps, "batch_size": batch_size, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
+            "vae_test_recon_mse": recon_mse, "scaling_factor": scaling_factor,
             "vae_seconds": vae_seconds, "train_seconds": seconds}
 
 
@@ -329,4 +333,4 @@ def train_clip(out_dir: str | Path, steps: int = 2000, batch_size: int = 256, se
     reloaded = clip.DigitClip(clip.create(name)[0], preprocess, tokenizer)
     clip.load_state(reloaded.model, out_dir / clip.WEIGHTS)         # measure what was shipped (fp16)
     accuracy = (reloaded.zero_shot_predict(x_test) == y_test).float().mean().item()
-    return {"steps": steps, "zero_shot_test_accuracy": accuracy, "train_seconds": seconds}
+    return {"steps": steps, "batch_size": batch_size, "zero_shot_test_accuracy": accuracy, "train_seconds": seconds}
