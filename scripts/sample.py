@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images, cols)
-    if grid.size[0] < 256:  # small digits: upscale so a person can see them
-        factor = max(1, 256 // grid.size[0])
+    factor = max(1, 64 // images[0].size[0])  # small digits: upscale so a person can see them
+    if factor > 1:
         grid = grid.resize((grid.size[0] * factor, grid.size[1] * factor), Image.NEAREST)
     grid.save(out)
     print(f"wrote {out} ({len(images)} images, model {args.model}, guidance {args.guidance}, seed {args.seed})",
