@@ -33,25 +33,23 @@ def mixture_1d(weights, means, variances) -> GaussianMixture:
     return GaussianMixture.isotropic(t64(weights), t64(means)[:, None], t64(variances))
 
 
-def vp_plan(num_steps: int, t_end: float = 1e-3, beta_min: float = 0.1, beta_max: float = 20.0) -> Plan:
-    """Continuous VP schedule ``abar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2)`` on a uniform grid
-    ``t = 1 .. t_end`` and a last step to clean data; the network time is the VE sigma."""
-    t = torch.linspace(1.0, t_end, num_steps, dtype=F64)
-    abar = torch.exp(-beta_min * t - 0.5 * (beta_max - beta_min) * t**2)
-    sigmas = ((1 - abar) / abar).sqrt()
-    return Plan(timesteps=sigmas, sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]))
+SCHEDULER = DDIMScheduler(clip_sample=False, set_alpha_to_one=True)  # DDPM linear betas: VP with beta 0.1..20
+
+
+def ddim_plan(num_steps: int) -> Plan:
+    return plan_from_scheduler(SCHEDULER, num_steps)
 
 
 def mixture_eps(mixture: GaussianMixture):
-    """Exact ``E[eps | x_t]`` of an isotropic mixture at network time ``t`` = VE sigma: a few-line reference,
-    ``eps = sigma sum_k r_k (x - alpha mu_k) / S_k`` with ``S_k = alpha^2 v_k + sigma^2``, laid out
+    """Exact ``E[eps | x_t]`` of an isotropic mixture at an integer timestep of ``SCHEDULER``: a few-line
+    reference, ``eps = sigma sum_k r_k (x - alpha mu_k) / S_k`` with ``S_k = alpha^2 v_k + sigma^2``, laid out
     component-major so that 10^4 particles cost well under a millisecond."""
     log_w, mu, var = mixture.weights.log()[:, None], mixture.means[:, None, :], mixture.covs[:, 0, 0][:, None]
-    dim = mixture.dim
+    alphas_cumprod, dim = SCHEDULER.alphas_cumprod.to(F64), mixture.dim
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        alpha = 1 / torch.sqrt(1 + t**2)
-        sigma = t * alpha
+        alpha_bar = alphas_cumprod[int(t)]
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         var_t = alpha**2 * var + sigma**2                                  # (K, 1)
         diff = x[None] - alpha * mu                                         # (K, N, d)
         logits = log_w - 0.5 * dim * var_t.log() - 0.5 * diff.pow(2).sum(-1) / var_t
@@ -59,6 +57,11 @@ def mixture_eps(mixture: GaussianMixture):
         return sigma * (resp[..., None] * diff / var_t[..., None]).sum(0)
 
     return eps
+
+
+def level_of(timestep: int) -> Level:
+    alpha_bar = SCHEDULER.alphas_cumprod.to(F64)[timestep]
+    return Level(t=torch.tensor(timestep), alpha=alpha_bar.sqrt(), sigma=(1 - alpha_bar).sqrt(), index=0, num_steps=1)
 
 
 def unweighted(den: FKCDenoiser):
@@ -180,7 +183,7 @@ def test_cfg_drift_is_plain_cfg():
         return c * mixture_eps(mix_c)(x, t) + (1 - c) * mixture_eps(mix_u)(x, t)
 
     x = torch.randn(7, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
-    level = Level(t=t64(0.9), alpha=1 / t64(1.81).sqrt(), sigma=t64(0.9) / t64(1.81).sqrt(), index=3, num_steps=10)
+    level = level_of(400)
     ones, zeros = torch.ones(7, dtype=torch.long), torch.zeros(7, dtype=torch.long)
     fkc = FKCDenoiser(model, FKCCFG(2.0), [ones, zeros])(x, level)
     cfg = GuidedDenoiser(model, CFG(2.0), ones, zeros)(x, level)
@@ -196,13 +199,13 @@ def test_denoiser_batches_conditions_of_one_model_and_converts_predictions():
         return mixture_eps(mix)(x, t) * (1 + 0.1 * cond.to(F64)[:, None])
 
     def v_model(x, t, cond):  # the same network, v-parametrised: v = alpha eps - sigma x0
-        alpha, sigma = 1 / torch.sqrt(1 + t**2), t / torch.sqrt(1 + t**2)
+        alpha, sigma = level_of(int(t)).alpha, level_of(int(t)).sigma
         eps = eps_model(x, t, cond)
         return alpha * eps - sigma * (x - sigma * eps) / alpha
 
     x = torch.randn(6, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
-    t = t64(1.3)
-    level = Level(t=t, alpha=1 / torch.sqrt(1 + t**2), sigma=t / torch.sqrt(1 + t**2), index=0, num_steps=1)
+    level = level_of(700)
+    t = level.t
     conds = [torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)]
     den = FKCDenoiser(eps_model, FKCProduct(), conds)
     out = den(x, level)
@@ -312,7 +315,7 @@ def test_select_draws_by_weight():
 
 
 def test_nan_weights_raise_naming_the_step():
-    plan = vp_plan(6)
+    plan = ddim_plan(6)
 
     def rate(x, level):
         return torch.full((x.shape[0],), math.nan if level.index == 2 else 0.1, dtype=F64)
@@ -322,7 +325,7 @@ def test_nan_weights_raise_naming_the_step():
 
 
 def test_bad_inputs():
-    plan = vp_plan(3)
+    plan = ddim_plan(3)
     model = RateModel(lambda x, lv: torch.zeros(x.shape[0], dtype=F64))
     x = torch.randn(4, 1, dtype=F64)
     with pytest.raises(ValueError, match="at least 2 particles"):
@@ -366,7 +369,7 @@ def test_annealed_mixture_matches_grid_reference():
     mix = mixture_1d([0.5, 0.5], [-2.0, 2.0], [0.1, 1.0])
     target = annealed_grid(mix, 2.0)
     den = FKCDenoiser(mixture_eps(mix), FKCAnneal(2.0), [None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), vp_plan(STEPS), GROUPS, noise=2.0)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=2.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.mode_masses(mix)])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(mix), truth,
                                      tolerance_scale(target.mean(), target.cov(), 2))
@@ -378,7 +381,7 @@ def test_cfg_geometric_mean_matches_grid_reference():
     uncond = mixture_1d([0.5, 0.5], [-2.0, 2.0], [1.0, 1.0])
     target = geometric_grid(cond, uncond, 2.0)
     den = FKCDenoiser([mixture_eps(cond), mixture_eps(uncond)], FKCCFG(2.0), [None, None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), vp_plan(STEPS), GROUPS, noise=1.0)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=1.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.mode_masses(cond)])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(cond), truth,
                                      tolerance_scale(target.mean(), target.cov(), 2))
@@ -389,25 +392,22 @@ def test_product_of_two_mixtures_matches_closed_form():
     second = mixture_1d([0.6, 0.4], [-1.0, 2.5], [0.8, 0.1])
     target = first.product(second)
     den = FKCDenoiser([mixture_eps(first), mixture_eps(second)], FKCProduct(), [None, None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), vp_plan(STEPS), GROUPS, noise=2.0)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=2.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.weights])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(target), truth,
                                      tolerance_scale(target.mean(), target.cov(), target.num_components))
 
 
 def test_product_of_two_classes_of_one_model_in_2d():
-    """Two labels of a class-conditional GMM (one batched call per step), a diffusers DDIM plan, exact
-    K1*K2-component truth."""
+    """Two labels of one class-conditional GMM (one batched call per step), exact K1*K2-component truth."""
     class_0 = GaussianMixture.isotropic(t64([0.4, 0.6]), t64([[-1.5, 0.0], [1.5, 1.0]]), t64([0.3, 0.3]))
     class_1 = GaussianMixture.isotropic(t64([0.5, 0.5]), t64([[-1.0, 1.5], [1.0, -1.0]]), t64([0.5, 0.5]))
-    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=True)
-    gmm = ClassConditionalGMM([class_0, class_1], scheduler.alphas_cumprod, sample_shape=(1, 2, 1))
+    gmm = ClassConditionalGMM([class_0, class_1], SCHEDULER.alphas_cumprod, sample_shape=(1, 2, 1))
     target = class_0.product(class_1)
     groups, particles = 10, 500
     labels = [torch.full((groups * particles,), label) for label in (0, 1)]
     den = FKCDenoiser(gmm.eps, FKCProduct(), labels)
-    fkc, naive = run_pair(den, (groups * particles, 1, 2, 1), plan_from_scheduler(scheduler, 250), groups,
-                          noise=2.0)
+    fkc, naive = run_pair(den, (groups * particles, 1, 2, 1), ddim_plan(250), groups, noise=2.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.weights])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(target), truth,
                                      tolerance_scale(target.mean(), target.cov(), target.num_components))
