@@ -135,13 +135,30 @@ def run_child(spec: dict) -> dict:
         tick = time.perf_counter()
         trainer.step()
         times.append(time.perf_counter() - tick)
+    peak_process, peak_training = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _status_kib("VmHWM")
+    tensor_peak = max(_tensor_peak_bytes(trainer.step) for _ in range(spec.get("profiled_steps", 2)))
     from tasks.quantize import weight_report
 
     weights = sum(weight_report(getattr(pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
-    return {"peak_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": _status_kib("VmHWM") / 1024,
+    return {"peak_process_mib": peak_process / 1024,
+            "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": peak_training / 1024,
             "seconds_per_step": sorted(times)[len(times) // 2], "load_seconds": load_seconds,
-            "weights_mib": weights / 2 ** 20}
+            "weights_mib": weights / 2 ** 20, "tensor_peak_mib": tensor_peak / 2 ** 20}
+
+
+def _tensor_peak_bytes(step) -> int:
+    """Peak of the bytes of tensors allocated and not yet freed during ``step()`` (torch profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    total = peak = 0
+    for event in events:
+        total += event.nbytes()
+        peak = max(peak, total)
+    return peak
 
 
 def digit_templates(caption_templates) -> tuple[str, ...]:
@@ -182,16 +199,22 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 target_clip = clip.image_features(targets)
                 caption_clip = clip.text_features([PROMPT.format(DIGIT_WORDS[digit])])
         embeddings, seconds = {}, {}
-        for method, steps, lr in (("zo", args.quality_steps_zo, args.lr_zo), ("backprop", args.quality_steps, args.lr_bp)):
+        for method, step_list, lr in (("zo", args.quality_steps_zo, args.lr_zo),
+                                      ("backprop", args.quality_steps, args.lr_bp)):
             trainer = TextualInversion(zoo.load(args.model), targets, TOKEN, INITIALIZER,
-                                       PersonalizeConfig(method=method, steps=steps, learning_rate=lr, flip_prob=0.0,
-                                                         templates=templates, seed=args.seed, tau=args.tau))
+                                       PersonalizeConfig(method=method, steps=max(step_list), learning_rate=lr,
+                                                         flip_prob=0.0, templates=templates, seed=args.seed,
+                                                         tau=args.tau, save_every=max(step_list)))
             if method == "zo":
                 embeddings["none (initializer)"] = trainer.embedding
             tick = time.perf_counter()
-            trainer.train(folder / f"run-{method}", progress=not args.no_progress)
-            seconds[method] = time.perf_counter() - tick
-            embeddings[f"{method} ({steps} steps)"] = trainer.embedding
+
+            def snapshot(step: int, loss: float, method=method, trainer=trainer, tick=tick) -> None:
+                if step in step_list:
+                    name = f"{method} ({step} steps)"
+                    embeddings[name], seconds[name] = trainer.embedding, time.perf_counter() - tick
+
+            trainer.train(folder / f"run-{method}", progress=not args.no_progress, callback=snapshot)
         for name, vector in [*embeddings.items(), (f"class word '{DIGIT_WORDS[digit]}'", None)]:
             fresh = zoo.load(args.model)
             fresh.set_progress_bar_config(disable=True)
@@ -212,7 +235,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                              "classifier_sim": (feats @ target_feats.T).mean().item(),
                              "clip_i": (gen_clip @ target_clip.T).mean().item() if clip is not None else nan,
                              "clip_t": (gen_clip @ caption_clip.T).mean().item() if clip is not None else nan,
-                             "train_seconds": seconds.get(name.split(" ")[0])})
+                             "train_seconds": seconds.get(name)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -229,11 +252,12 @@ def save_pngs(images, folder: Path) -> None:
 # ----------------------------------------------------------------------------------------- markdown
 def memory_table(results: list[tuple[str, str, dict]]) -> str:
     lines = ["| pipeline | method | weights MiB | peak RSS, whole process MiB | RSS loaded MiB | peak RSS training MiB "
-             "| method memory MiB | s / step |", "|---|---|---|---|---|---|---|---|"]
+             "| RSS above loaded MiB | tensor peak per step MiB | s / step |", "|---|---|---|---|---|---|---|---|---|"]
     for model, label, r in results:
         lines.append(f"| {model} | {label} | {r['weights_mib']:.1f} | {r['peak_process_mib']:.0f} | "
                      f"{r['rss_loaded_mib']:.0f} | {r['peak_training_mib']:.0f} | "
-                     f"{r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | {r['seconds_per_step']:.3f} |")
+                     f"{r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | {r['tensor_peak_mib']:.2f} | "
+                     f"{r['seconds_per_step']:.3f} |")
     return "\n".join(lines)
 
 
@@ -244,10 +268,12 @@ def ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
         zo, bp = by.get("ZO, int8"), by.get("backprop, float")
         if not zo or not bp:
             continue
-        method = lambda r: max(r["peak_training_mib"] - r["rss_loaded_mib"], 1e-3)
-        out.append(f"- {model}: ZO/backprop whole-process peak {zo['peak_process_mib'] / bp['peak_process_mib']:.2f}, "
-                   f"training peak {zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, method memory "
-                   f"{method(zo):.1f} vs {method(bp):.1f} MiB, weights {zo['weights_mib'] / bp['weights_mib']:.2f}, "
+        out.append(f"- `{model}`, ZO int8 / backprop float: whole-process peak RSS "
+                   f"{zo['peak_process_mib'] / bp['peak_process_mib']:.2f}, training peak RSS "
+                   f"{zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, weights "
+                   f"{zo['weights_mib'] / bp['weights_mib']:.2f}, weights + tensor peak per step "
+                   f"{(zo['weights_mib'] + zo['tensor_peak_mib']) / (bp['weights_mib'] + bp['tensor_peak_mib']):.2f}, "
+                   f"tensor peak per step {zo['tensor_peak_mib'] / bp['tensor_peak_mib']:.2f}, "
                    f"time per step {zo['seconds_per_step'] / bp['seconds_per_step']:.2f}")
     return out
 
@@ -256,13 +282,14 @@ def quality_table(rows: list[dict]) -> str:
     import statistics
 
     names = list(dict.fromkeys(r["embedding"] for r in rows))
-    lines = ["| embedding | classifier accuracy | classifier-feature sim | CLIP-I (digits-clip) | CLIP-T (digits-clip) |",
-             "|---|---|---|---|---|"]
+    lines = ["| embedding | classifier accuracy | classifier-feature sim | CLIP-I (digits-clip) | CLIP-T (digits-clip) "
+             "| training s |", "|---|---|---|---|---|---|"]
     for name in names:
         sel = [r for r in rows if r["embedding"] == name]
         mean = lambda key: statistics.fmean(r[key] for r in sel)
+        train = f"{mean('train_seconds'):.0f}" if sel[0]["train_seconds"] is not None else "-"
         lines.append(f"| {name} | {mean('accuracy'):.3f} | {mean('classifier_sim'):.3f} | {mean('clip_i'):.3f} "
-                     f"| {mean('clip_t'):.3f} |")
+                     f"| {mean('clip_t'):.3f} | {train} |")
     return "\n".join(lines)
 
 
@@ -277,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sd15-steps", type=int, default=2)
     p.add_argument("--digits", type=int, nargs="+", default=[2, 5, 7], help="classes used as the user's concept")
     p.add_argument("--num-images", type=int, default=5)
-    p.add_argument("--quality-steps", type=int, default=400, help="backprop steps")
-    p.add_argument("--quality-steps-zo", type=int, default=400, help="ZO steps")
+    p.add_argument("--quality-steps", type=int, nargs="+", default=[400], help="backprop step counts to score")
+    p.add_argument("--quality-steps-zo", type=int, nargs="+", default=[400, 1200], help="ZO step counts to score")
     p.add_argument("--lr-zo", type=float, default=None)
     p.add_argument("--lr-bp", type=float, default=None)
     p.add_argument("--tau", type=int, default=128)
@@ -320,7 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                f"{args.memory_steps} steps ({args.sd15_steps} for `sd15-shaped`). *Peak RSS, whole process* is "
                "`getrusage` max RSS including loading (and, for int8 rows, the float weights before quantization); "
                "*peak RSS training* is the kernel high-water mark reset after loading; *method memory* = training "
-               "peak - loaded RSS. s / step is the median.", "", memory_table(results), "", *ratio_lines(results)]
+               "peak - loaded RSS. *Tensor peak per step* is exact and free of allocator noise: the largest net bytes of "
+               "tensors allocated during one step (torch profiler memory events; activations, gradients, optimizer "
+               "updates, transient dequantized weights), max over 2 steps. s / step is the median.", "", memory_table(results), "", *ratio_lines(results)]
     if rows:
         md += ["", "### Quality: a held-out digit class as the new concept", "",
                f"Digits {args.digits}: {args.num_images} training images each, prompt `{PROMPT.format(TOKEN)}`, "

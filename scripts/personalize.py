@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=0, metavar="N", help="after training, write N samples to OUT/samples.png")
+    p.add_argument("--prompt", default=None, help="prompt for --sample (default: the first template with the token)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> Path:
     if not hasattr(pipe, "tokenizer"):
         raise ValueError(f"{args.model} is not a text-to-image pipeline")
     images = load_image_folder(args.images, *expected_image_format(pipe), resize=args.resize)
-    digits = str(args.model) == "digits-t2i"
+    digits = Path(str(args.model)).name == "digits-t2i"          # the shipped model or a copy of its folder
     config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         num_directions=args.directions, mu=args.mu, scaling=args.scaling, tau=args.tau, nu=args.nu,
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.sample:
         from scripts.sample import make_grid
 
-        prompt = config.resolved().templates[0].format(args.token)
+        prompt = args.prompt or config.templates[0].format(args.token)
         pipe.set_progress_bar_config(disable=True)
         samples = pipe([prompt] * args.sample, num_inference_steps=25, guidance_scale=2.0,
                        generator=torch.Generator().manual_seed(args.seed)).images
