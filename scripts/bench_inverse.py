@@ -37,7 +37,7 @@ from tasks.gmm import GaussianMixture, SlicedWasserstein
 from tasks.operators import MatrixOperator, random_matrix
 
 F64 = torch.float64
-CACHE = Path(__file__).resolve().parent.parent / ".bench_cache" / "inverse.json"
+CACHE = Path(__file__).resolve().parent.parent / "outputs" / "bench_inverse.json"  # per-part results, reused
 
 
 # ------------------------------------------------------------------------------------------------------ GMM
@@ -96,10 +96,11 @@ def gmm_errors(samples: torch.Tensor, posterior: GaussianMixture, sliced: Sliced
 GMM_SOLVERS: dict[str, tuple[Callable, list[float]]] = {
     # name -> (factory(operator, y, scale, particles), scale grid; [] = no tuning)
     "DPS, Bayes weight (normalize='likelihood')": (lambda op, y, s, n: DPS(op, y, s, normalize="likelihood"), [1.0]),
-    "DPS, code step (scale * grad ||r||)": (lambda op, y, s, n: DPS(op, y, s), [0.01, 0.03, 0.1, 0.3, 1.0]),
-    "MCG (scale * grad ||r|| + projection)": (lambda op, y, s, n: MCG(op, y, s), [0.01, 0.03, 0.1, 0.3, 1.0]),
-    "EnKG, one ensemble (J = all particles)": (lambda op, y, s, n: EnKG(op, y, s), [0.25, 0.5, 1.0, 2.0]),
-    "EnKG, ensembles of J = 100": (lambda op, y, s, n: EnKG(op, y, s, ensemble_size=100), [0.25, 0.5, 1.0, 2.0]),
+    "DPS, code step (scale * grad ||r||)": (lambda op, y, s, n: DPS(op, y, s), [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
+    "MCG (scale * grad ||r|| + projection)": (lambda op, y, s, n: MCG(op, y, s), [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
+    "EnKG, one ensemble (J = all particles)": (lambda op, y, s, n: EnKG(op, y, s), [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]),
+    "EnKG, ensembles of J = 100": (lambda op, y, s, n: EnKG(op, y, s, ensemble_size=100),
+                                   [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]),
 }
 
 
@@ -131,8 +132,8 @@ def run_gmm(args) -> dict:
         val_y, val_post, val_sliced = measurement(args.seed + 1000)
         tests = [measurement(args.seed + 1 + k) for k in range(args.measurements)]
         floor = [gmm_errors(post.sample(n, torch.Generator().manual_seed(5)), post, sl) for _, post, sl in tests]
-        rows["exact posterior draws (Monte-Carlo floor)"] = {"scale": "-", "errors": floor,
-                                                            "calls": {"gradient_calls": 0, "forward_model_calls": 0}}
+        rows["exact posterior draws (Monte-Carlo floor)"] = {"scale": "-", "errors": floor, "calls": {
+            "denoiser_calls": 0, "gradient_calls": 0, "forward_model_calls": 0}}
         prior_rows = []
         for k, (y, post, sl) in enumerate(tests):
             out, calls = run(NoCorrection(), y, None, 100 + k)
@@ -182,13 +183,15 @@ def gmm_markdown(res: dict) -> str:
     ]
     for problem, rows in res["problems"].items():
         lines += ["", f"**{problem}**", "",
-                  "| solver | scale | sliced W2 | mean error | mode mass (TV) | gradient calls | forward calls |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| solver | scale | sliced W2 | mean error | mode mass (TV) | denoiser calls | gradient calls "
+                  "| forward calls |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
             errs = row["errors"]
             lines.append(f"| {name} | {row['scale']} | {_mean_sd([e['sw2'] for e in errs])} | "
                          f"{_mean_sd([e['mean'] for e in errs])} | {_mean_sd([e['mass'] for e in errs])} | "
-                         f"{row['calls']['gradient_calls']:.0f} | {row['calls']['forward_model_calls']:.0f} |")
+                         f"{row['calls'].get('denoiser_calls', 0):.0f} | {row['calls']['gradient_calls']:.0f} | "
+                         f"{row['calls']['forward_model_calls']:.0f} |")
     return "\n".join(lines)
 
 

@@ -120,6 +120,7 @@ def solve_pixel(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: in
         return operator.pinv(y).clamp(-1, 1).repeat_interleave(particles, 0), SolverStats()
     if solver == "enkg" and particles < 2:
         raise ValueError("EnKG needs an ensemble: particles >= 2")
+    pipe.unet.requires_grad_(False)          # gradients flow to x_t only
     batch = y.shape[0] * particles
     y_rows = y if solver == "enkg" else y.repeat_interleave(particles, 0)
     method = pixel_solver(solver, operator, y_rows, scale, ensemble_size=particles, **options)
