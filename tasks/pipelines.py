@@ -12,9 +12,19 @@ import operator
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+
+
+def sampling_scheduler(train_scheduler: SchedulerMixin) -> DDIMScheduler:
+    """The DDIM scheduler to ship with a model trained under ``train_scheduler`` (same betas and prediction type).
+
+    "leading" spacing with ``steps_offset=1`` (SD's convention) starts at t = 961 for 25 steps; "trailing" would
+    start at t = 999, where the cosine schedule has alpha_bar = 2e-9 and DDIM amplifies eps errors ~1000x.
+    """
+    return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                     steps_offset=1, timestep_spacing="leading")
 
 
 class ClassConditionalPipeline(DiffusionPipeline):

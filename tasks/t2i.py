@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from tasks.digits import caption_words
+from tasks.pipelines import sampling_scheduler
 
 IMAGE_SIZE = 16
 LATENT_CHANNELS = 4
@@ -99,8 +99,7 @@ def training_scheduler() -> DDPMScheduler:
 def build_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                    tokenizer: CLIPTokenizer) -> StableDiffusionPipeline:
     """Assemble the pipeline with a DDIM scheduler and no safety checker."""
-    scheduler = DDIMScheduler.from_config(training_scheduler().config, clip_sample=False, set_alpha_to_one=False,
-                                          steps_offset=1, timestep_spacing="leading")
+    scheduler = sampling_scheduler(training_scheduler())
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)

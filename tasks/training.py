@@ -14,13 +14,13 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from tasks.classifier import DigitClassifier
 from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors
-from tasks.pipelines import ClassConditionalPipeline
+from tasks.pipelines import ClassConditionalPipeline, sampling_scheduler
 
 
 class EMA:
@@ -68,6 +68,17 @@ def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr_sched: torch.optim.lr_scheduler.LRScheduler,
+                   *averaged: tuple[EMA, nn.Module]) -> None:
+    """Backward, optimizer and learning-rate step, then update each ``(ema, model)`` pair."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    lr_sched.step()
+    for ema, model in averaged:
+        ema.update(model)
+
+
 def _loop(steps: int, desc: str, progress: bool) -> tqdm:
     return tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
 
@@ -82,7 +93,7 @@ def train_classifier(out_dir: str | Path, steps: int = 800, batch_size: int = 12
     x_test, y_test = load_digits_tensors("test", 16)
     model = DigitClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = cosine_lr(opt, steps, warmup=20, final=0.02)
+    lr_sched = cosine_lr(opt, steps, warmup=20, final=0.02)
     start = time.perf_counter()
     model.train()
     bar = _loop(steps, "classifier", progress)
@@ -90,10 +101,7 @@ def train_classifier(out_dir: str | Path, steps: int = 800, batch_size: int = 12
         x = random_shift(x_train[idx], 1, gen)
         x = x + 0.1 * torch.rand(len(x), 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
         loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, lr_sched)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     seconds = time.perf_counter() - start
     accuracy = model.accuracy(x_test, y_test)
@@ -117,14 +125,6 @@ def training_scheduler() -> DDPMScheduler:
     """DDPM, 1000 steps, cosine (``squaredcos_cap_v2``) schedule, epsilon prediction."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                          prediction_type="epsilon")
-
-
-def sampling_scheduler(train_sched: DDPMScheduler) -> DDIMScheduler:
-    """The DDIM scheduler shipped with a pipeline trained under ``train_sched``."""
-    # "leading" spacing: the first step is t = 961 (alpha_bar = 0.0035). With "trailing" it would be t = 999,
-    # where alpha_bar = 2e-9 under the cosine schedule and the DDIM update amplifies eps errors ~1000x.
-    return DDIMScheduler.from_config(train_sched.config, clip_sample=False, set_alpha_to_one=False,
-                                     steps_offset=1, timestep_spacing="leading")
 
 
 def diffusion_loss(unet: nn.Module, noise_sched: DDPMScheduler, x0: torch.Tensor, gen: torch.Generator,
@@ -166,11 +166,7 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
         labels = y_train[idx].clone()
         labels[torch.rand(len(idx), generator=gen) < p_uncond] = NUM_CLASSES
         loss = diffusion_loss(unet, noise_sched, x_train[idx], gen, class_labels=labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        ema.update(unet)
+        optimizer_step(loss, opt, lr_sched, (ema, unet))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step in snapshots:
             save(snapshots.pop(step))
@@ -220,11 +216,7 @@ def train_vae(vae: nn.Module, images: torch.Tensor, steps: int, batch_size: int,
         recon = F.mse_loss(vae.decode(z).sample, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = recon + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        ema.update(vae)
+        optimizer_step(loss, opt, lr_sched, (ema, vae))
         bar.set_postfix(recon=f"{recon.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
     return ema.model
 
@@ -270,12 +262,7 @@ def train_t2i(out_dir: str | Path, steps: int = 3500, vae_steps: int = 800, batc
         rows = _caption_rows(y_train[idx], num_templates, caption_dropout, gen)
         text_states = text_encoder(table[rows])[0]
         loss = diffusion_loss(unet, noise_sched, latents, gen, encoder_hidden_states=text_states)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
+        optimizer_step(loss, opt, lr_sched, (ema_unet, unet), (ema_text, text_encoder))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - start
     t2i.build_pipeline(vae, ema_unet.model, ema_text.model, tokenizer).save_pretrained(out_dir)
@@ -323,10 +310,7 @@ def train_clip(out_dir: str | Path, steps: int = 2000, batch_size: int = 256, se
         image_feats = bundle.image_features(random_shift(x_train[idx], 1, gen))
         text_feats = model.encode_text(table[rows], normalize=True)
         loss = multi_positive_clip_loss(image_feats, text_feats, labels, model.logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
+        optimizer_step(loss, opt, lr_sched)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     seconds = time.perf_counter() - start
     clip.save(model, out_dir, table.unique().tolist())
