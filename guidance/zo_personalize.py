@@ -49,7 +49,7 @@ class GradientEstimate:
 def random_gradient_estimate(loss_fn: Callable[[Tensor], Tensor], theta: Tensor, num_directions: int = 2,
                              mu: float = 1e-3, generator: torch.Generator | None = None,
                              scaling: Scaling = "repo", effective_dim: int | None = None,
-                             clip: float | None = None) -> GradientEstimate:
+                             clip: float | None = None, batched: bool = False) -> GradientEstimate:
     """Forward-difference RGE (Eq. 3): ``g = 1/n sum_i [L(theta + mu e_i) - L(theta)] / mu * e_i``, ``e_i ~ N(0, I)``.
 
     ``loss_fn`` must evaluate the *same* objective for all ``n + 1`` calls (same image, noise and timestep).
@@ -57,6 +57,8 @@ def random_gradient_estimate(loss_fn: Callable[[Tensor], Tensor], theta: Tensor,
     ``scaling="repo"`` divides by ``n * sqrt((d_eff + n - 1) / n)`` instead of ``n`` as the official code does
     (``d_eff = effective_dim``, default ``theta.numel()``; :attr:`SubspaceGradient.effective_dim` during SG).
     ``clip`` bounds each directional derivative to ``[-clip, clip]`` (QZO's DDC; off by default).
+    ``batched=True``: ``loss_fn`` takes the stacked points ``(n + 1, *theta.shape)`` (``theta`` first) and returns
+    their ``n + 1`` losses in one call; same directions, same estimate.
     """
     _check_positive("num_directions", num_directions, integer=True)
     _check_positive("mu", mu)
@@ -69,13 +71,20 @@ def random_gradient_estimate(loss_fn: Callable[[Tensor], Tensor], theta: Tensor,
     dim = theta.numel() if effective_dim is None else effective_dim
     _check_positive("effective_dim", dim, integer=True)
 
-    base_loss = torch.as_tensor(loss_fn(theta)).detach()
-    directions = torch.randn((num_directions, *theta.shape), generator=generator, dtype=theta.dtype,
-                             device=theta.device)
-    perturbed, grad = [], torch.zeros_like(theta)
-    for direction in directions:
-        loss = torch.as_tensor(loss_fn(theta + mu * direction)).detach()
-        perturbed.append(loss)
+    draw = lambda: torch.randn((num_directions, *theta.shape), generator=generator, dtype=theta.dtype,
+                               device=generator.device if generator is not None else theta.device).to(theta.device)
+    if batched:
+        directions = draw()
+        losses = torch.as_tensor(loss_fn(torch.cat([theta[None], theta + mu * directions]))).detach()
+        if losses.shape != (num_directions + 1,):
+            raise ValueError(f"a batched loss_fn must return {num_directions + 1} losses, got shape {tuple(losses.shape)}")
+        base_loss, perturbed = losses[0], list(losses[1:])
+    else:
+        base_loss = torch.as_tensor(loss_fn(theta)).detach()
+        directions = draw()
+        perturbed = [torch.as_tensor(loss_fn(theta + mu * direction)).detach() for direction in directions]
+    grad = torch.zeros_like(theta)
+    for direction, loss in zip(directions, perturbed):
         slope = (loss - base_loss) / mu                                      # directional derivative
         if clip is not None:
             slope = slope.clamp(-clip, clip)

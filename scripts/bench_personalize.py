@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def run_child(spec: dict) -> dict:
         images = target_images(spec["digit"], spec["num_images"], spec["seed"])
         templates, initializer = digit_templates(CAPTION_TEMPLATES), INITIALIZER
     config = PersonalizeConfig(method=spec["method"], quantize=spec["quantize"], steps=spec["steps"],
-                               templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"])
+                               templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"],
+                               batch_directions=spec.get("batched", False))
     trainer = TextualInversion(pipe, images, TOKEN, initializer, config)
     trainer.step()                                    # warm-up: allocator pools, lazy inits
     import gc
@@ -129,13 +131,15 @@ def run_child(spec: dict) -> dict:
     _release_free_heap()
     load_seconds = time.perf_counter() - start
     rss_loaded = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")     # reset VmHWM to the current RSS
+    peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # the reset below clears it too
+    Path("/proc/self/clear_refs").write_text("5")     # reset VmHWM (and ru_maxrss) to the current RSS
     times = []
     for _ in range(spec["steps"]):
         tick = time.perf_counter()
         trainer.step()
         times.append(time.perf_counter() - tick)
-    peak_process, peak_training = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _status_kib("VmHWM")
+    peak_training = _status_kib("VmHWM")
+    peak_process = max(peak_loading, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     tensor_peak = max(_tensor_peak_bytes(trainer.step) for _ in range(spec.get("profiled_steps", 2)))
     from tasks.quantize import weight_report
 
@@ -282,14 +286,16 @@ def quality_table(rows: list[dict]) -> str:
     import statistics
 
     names = list(dict.fromkeys(r["embedding"] for r in rows))
-    lines = ["| embedding | classifier accuracy | classifier-feature sim | CLIP-I (digits-clip) | CLIP-T (digits-clip) "
-             "| training s |", "|---|---|---|---|---|---|"]
+    with_clip = not any(math.isnan(r["clip_i"]) for r in rows)
+    columns = [("accuracy", "classifier accuracy"), ("classifier_sim", "classifier-feature sim")]
+    columns += [("clip_i", "CLIP-I (digits-clip)"), ("clip_t", "CLIP-T (digits-clip)")] if with_clip else []
+    lines = ["| embedding | " + " | ".join(title for _, title in columns) + " | training s |",
+             "|---|" + "---|" * (len(columns) + 1)]
     for name in names:
         sel = [r for r in rows if r["embedding"] == name]
         mean = lambda key: statistics.fmean(r[key] for r in sel)
         train = f"{mean('train_seconds'):.0f}" if sel[0]["train_seconds"] is not None else "-"
-        lines.append(f"| {name} | {mean('accuracy'):.3f} | {mean('classifier_sim'):.3f} | {mean('clip_i'):.3f} "
-                     f"| {mean('clip_t'):.3f} | {train} |")
+        lines.append(f"| {name} | " + " | ".join(f"{mean(key):.3f}" for key, _ in columns) + f" | {train} |")
     return "\n".join(lines)
 
 
@@ -325,14 +331,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     results = []
-    configs = [("ZO, int8", "zo", True), ("backprop, float", "backprop", False),
-               ("ZO, float", "zo", False), ("backprop, int8", "backprop", True)]
+    configs = [("ZO, int8", "zo", True, False), ("backprop, float", "backprop", False, False),
+               ("ZO, int8, batched directions", "zo", True, True), ("ZO, float", "zo", False, False),
+               ("backprop, int8", "backprop", True, False)]
     if not args.skip_memory:
         models = [(args.model, args.memory_steps, configs)]
-        models += [("sd15-shaped", args.sd15_steps, configs[:2])] if args.sd15_shaped else []
+        models += [("sd15-shaped", args.sd15_steps, configs[:3])] if args.sd15_shaped else []
         for model, steps, model_configs in models:
-            for label, method, quantized in model_configs:
-                spec = {"model": model, "method": method, "quantize": quantized, "steps": steps,
+            for label, method, quantized, batched in model_configs:
+                spec = {"model": model, "method": method, "quantize": quantized, "steps": steps, "batched": batched,
                         "digit": args.digits[0], "num_images": args.num_images, "seed": args.seed, "tau": args.tau}
                 results.append((model, label, measure(spec)))
                 print(model, label, json.dumps(results[-1][2]), file=sys.stderr, flush=True)
@@ -340,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
 
     md = ["Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
           "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
-          "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run."]
+          "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run, on a shared 2-core machine "
+          f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."]
     if results:
         md += ["", "### Memory and time per step", "",
                f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, one warm-up step, then "
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{args.samples} samples per embedding (DDIM 25 steps, CFG {args.guidance_scale}) from the *float* "
                "pipeline after `load_textual_inversion`; mean over the digits. Similarities are mean cosines to the "
                "training images (classifier features, digits-clip image features) and to the class caption "
-               "(digits-clip text).", "", quality_table(rows)]
+               "(digits-clip text). *training s* is the wall time to reach that step.", "", quality_table(rows)]
     text = "\n".join(md)
     if args.no_write:
         print(text)

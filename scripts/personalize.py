@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling", choices=("repo", "paper"), default="repo", help="zo: gradient normalisation")
     p.add_argument("--tau", type=int, default=128, help="zo: subspace history length and refresh period")
     p.add_argument("--nu", type=float, default=1e-3, help="zo: fraction of variance whose directions are removed")
+    p.add_argument("--batch-directions", action="store_true",
+                   help="zo: evaluate the n + 1 points in one batched forward pass (faster, more activation memory)")
     p.add_argument("--timesteps", default=None,
                    help="LOW:HIGH training timesteps, HIGH exclusive (default: 500:900 zo, all backprop)")
     p.add_argument("--quantize", choices=("int8", "none"), default=None,
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> Path:
         timestep_range=args.timesteps, seed=args.seed, save_every=args.save_every,
         flip_prob=args.flip_prob if args.flip_prob is not None else (0.0 if digits else 0.5),
         templates=tuple(args.template or (DIGIT_TEMPLATES if digits else OBJECT_TEMPLATES)),
-        quantize=None if args.quantize is None else args.quantize == "int8")
+        quantize=None if args.quantize is None else args.quantize == "int8", batch_directions=args.batch_directions)
     trainer = TextualInversion(pipe, images, args.token, args.initializer_token, config)
     path = trainer.train(args.out, resume=args.resume, progress=not args.no_progress)
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "

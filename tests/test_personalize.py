@@ -91,6 +91,29 @@ def test_zo_estimate_on_the_pipeline_agrees_with_autograd():
     assert cosine > 0.7, float(cosine)       # E[cos] ~ sqrt(n / (n + d)) = 0.97 for n = 256, d = 16
 
 
+def test_batched_directions_give_the_sequential_estimate():
+    from guidance.zo_personalize import random_gradient_estimate
+
+    trainer = TextualInversion(tiny_sd(), images(), "<s1>", "a",
+                               config(method="zo", quantize=False, batch_size=2))
+    batch = trainer.sample_batch()
+    weight = trainer.embedding_weight
+
+    def loss_at(vector):
+        weight[trainer.token_id] = vector
+        return trainer._loss(batch)
+
+    with torch.no_grad():
+        before = weight.clone()
+        batched = random_gradient_estimate(lambda points: trainer._batched_losses(batch, points), trainer.theta, 3,
+                                           1e-2, torch.Generator().manual_seed(5), "paper", batched=True)
+        assert torch.equal(weight, before)                         # the hook leaves the matrix alone
+        sequential = random_gradient_estimate(loss_at, trainer.theta, 3, 1e-2, torch.Generator().manual_seed(5), "paper")
+    assert torch.equal(batched.directions, sequential.directions)
+    torch.testing.assert_close(batched.perturbed_losses, sequential.perturbed_losses, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(batched.grad, sequential.grad, rtol=1e-2, atol=1e-3 * sequential.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("method", ["zo", "backprop"])
 def test_resume_continues_exactly(method, tmp_path):
     cfg = config(method=method, steps=6, tau=4, save_every=3, learning_rate=1e-2)
