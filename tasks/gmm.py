@@ -18,8 +18,9 @@ and ``sigma`` are floats, 0-dim tensors or tensors broadcasting against ``x.shap
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,8 +28,16 @@ from torch import Tensor
 Level = float | Tensor
 
 __all__ = [
-    "ClassConditionalGMM", "ComponentPosterior", "GaussianMixture", "GridDensity", "annealed_grid",
-    "gaussian_geometric_mean", "SlicedWasserstein", "geometric_grid", "grid_density", "sliced_wasserstein",
+    "ClassConditionalGMM",
+    "ComponentPosterior",
+    "GaussianMixture",
+    "GridDensity",
+    "SlicedWasserstein",
+    "annealed_grid",
+    "gaussian_geometric_mean",
+    "geometric_grid",
+    "grid_density",
+    "sliced_wasserstein",
 ]
 
 
@@ -112,7 +121,7 @@ class GaussianMixture:
     """``sum_k w_k N(mu_k, Sigma_k)`` with full covariances. Weights are normalised on construction.
 
     Args:
-        weights: (K,) positive.
+        weights: (K,) non-negative (zeros allowed, e.g. underflowed product weights).
         means: (K, d).
         covs: (K, d, d) symmetric positive definite (see :meth:`isotropic` / :meth:`diagonal`).
     """
@@ -128,8 +137,8 @@ class GaussianMixture:
             raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
         if covs.shape != (k, d, d):
             raise ValueError(f"covs must have shape ({k}, {d}, {d}), got {tuple(covs.shape)}")
-        if not torch.isfinite(weights).all() or bool((weights <= 0).any()):
-            raise ValueError("weights must be finite and > 0")
+        if not torch.isfinite(weights).all() or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+            raise ValueError("weights must be finite, >= 0 and not all 0")
         if not torch.allclose(covs, covs.mT, rtol=1e-6, atol=1e-12 * float(covs.abs().max())):
             raise ValueError("covs must be symmetric")
         dtype = torch.promote_types(torch.promote_types(weights.dtype, means.dtype), covs.dtype)
@@ -287,7 +296,7 @@ class GaussianMixture:
 
     def score_t(self, x: Tensor, alpha: Level, sigma: Level) -> Tensor:
         """``grad_x log p_t(x) = -sum_k r_k S_k^{-1} (x - alpha mu_k)`` (G2)."""
-        x, a, b, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
+        _, _, _, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
         resp = torch.softmax(log_joint, dim=-1)
         comp_scores = -_solve_vec(chol_t, diff)
         return (resp.unsqueeze(-1) * comp_scores).sum(-2)
@@ -295,7 +304,7 @@ class GaussianMixture:
     def posterior(self, x: Tensor, alpha: Level, sigma: Level) -> ComponentPosterior:
         """``p(x0 | x_t = x)`` (G3): ``m_k = mu_k + a Sigma_k S_k^{-1}(x - a mu_k)``,
         ``V_k = Sigma_k - a^2 Sigma_k S_k^{-1} Sigma_k``, weights ``r_k(x)``."""
-        x, a, b, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
+        _, a, _, chol_t, diff, log_joint = self._noised_parts(x, alpha, sigma)
         resp = torch.softmax(log_joint, dim=-1)
         a2 = a[..., None, None]
         means = self.means + a2 * torch.einsum("kij,...kj->...ki", self.covs, _solve_vec(chol_t, diff))
