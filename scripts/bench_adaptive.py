@@ -46,6 +46,7 @@ from tasks.run_folder import image_seed  # noqa: E402
 from tasks.training import train_classifier  # noqa: E402
 
 PLOT = "docs/bench_adaptive.png"
+REFERENCE = {"digits-class": "CFG w=2", "digits-t2i": "CFG w=3"}  # the CFG run AG/LinearAG accelerate
 MakeGuide = Callable[[list[int], "list[str] | None"], guidance.Guidance]
 
 
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration-images", type=int, default=100, help="LinearAG calibration samples (own seed)")
     p.add_argument("--fidelity-weight", type=float, default=1.0, help="weight of fidelity in dynamic CFG's J")
     p.add_argument("--clip-weight", type=float, default=10.0, help="weight of CLIP cos in dynamic CFG's J (t2i)")
-    p.add_argument("--models", nargs="+", default=["digits-class", "digits-t2i"], choices=["digits-class", "digits-t2i"])
+    p.add_argument("--models", nargs="*", default=["digits-class", "digits-t2i"], choices=["digits-class", "digits-t2i"],
+                   help="models to run (none: only rebuild the report from saved results)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_adaptive"), help="cache of the guiding classifier")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md and the plot alone")
     p.add_argument("--no-progress", action="store_true")
@@ -168,39 +170,44 @@ def calibrated_linear_ag(pipe, scale: float, threshold: float, space: str, args)
     return guide
 
 
+CLASS_SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+T2I_SCALES = (1.0, 2.0, 3.0, 4.0, 5.0)
+THRESHOLDS = (0.99, 0.995, 0.998, 0.999)
+
+
 def class_methods(pipe, weak, clf, objective: Objective, args) -> list[Method]:
     G = guidance  # noqa: N806
-    w, space = 2.0, "x0"
+    w = 2.0
     weak_fn = diffusers_model_fn(weak.unet)
-    lag = calibrated_linear_ag(pipe, w, 0.99, space, args)
-    methods = [Method(f"CFG w={s:g}", "CFG", lambda l, p, s=s: G.CFG(s)) for s in (1.0, 1.5, 2.0, 3.0)]
-    methods += [Method(f"AG w={w:g} γ̄={t:g}", "AG", lambda l, p, t=t: G.AdaptiveGuidance(w, t, space))
-                for t in (0.99, 0.995, 0.999)]
-    methods.append(Method(f"LinearAG w={w:g} γ̄=0.99", "LinearAG", lambda l, p: lag))
+    lag = calibrated_linear_ag(pipe, w, 0.998, "x0", args)
+    methods = [Method(f"CFG w={s:g}", "CFG", lambda l, p, s=s: G.CFG(s)) for s in CLASS_SCALES]
+    methods += [Method(f"AG w={w:g} γ̄={t:g}", "AG", lambda l, p, t=t: G.AdaptiveGuidance(w, t)) for t in THRESHOLDS]
+    methods.append(Method(f"LinearAG w={w:g} γ̄=0.998", "LinearAG", lambda l, p: lag))
     methods.append(Method("autoguidance w=2", "ATG", lambda l, p: G.Autoguidance(weak_fn, 2.0)))
     for s in (1.0, 2.0):
         methods.append(Method(f"GFCG s={s:g}", "GFCG", lambda l, p, s=s: G.GFCG(clf, s)))
         methods.append(Method(f"GFCG s={s:g} + CFG w={w:g}", "GFCG+CFG", lambda l, p, s=s: G.GFCG(clf, s, base=G.CFG(w))))
     methods.append(Method("GFCG s=1 + ATG w=2", "GFCG+ATG",
                           lambda l, p: G.GFCG(clf, 1.0, base=G.Autoguidance(weak_fn, 2.0))))
-    methods.append(Method("dynamic CFG S={1,1.5,2,3}", "dynamic", objective.dynamic((1.0, 1.5, 2.0, 3.0))))
+    methods.append(Method("dynamic CFG, S = CFG grid", "dynamic", objective.dynamic(CLASS_SCALES)))
     return methods
 
 
 def t2i_methods(pipe, clf, objective: Objective, args) -> list[Method]:
     G = guidance  # noqa: N806
-    w, space = 3.0, "x0"
+    w = 3.0
     decode = G.vae_decoder(pipe.vae)
     class_conds, _ = pipe.encode_prompt([caption(k) for k in range(NUM_CLASSES)], pipe.device, 1, False)
-    lag = calibrated_linear_ag(pipe, w, 0.99, space, args)
-    methods = [Method(f"CFG w={s:g}", "CFG", lambda l, p, s=s: G.CFG(s)) for s in (1.0, 2.0, 3.0, 5.0)]
-    methods += [Method(f"AG w={w:g} γ̄={t:g}", "AG", lambda l, p, t=t: G.AdaptiveGuidance(w, t, space))
-                for t in (0.99, 0.995, 0.999)]
-    methods.append(Method(f"LinearAG w={w:g} γ̄=0.99", "LinearAG", lambda l, p: lag))
+    lag = calibrated_linear_ag(pipe, w, 0.998, "x0", args)
+    methods = [Method(f"CFG w={s:g}", "CFG", lambda l, p, s=s: G.CFG(s)) for s in T2I_SCALES]
+    methods += [Method(f"AG w={w:g} γ̄={t:g}", "AG", lambda l, p, t=t: G.AdaptiveGuidance(w, t)) for t in THRESHOLDS]
+    methods.append(Method(f"LinearAG w={w:g} γ̄=0.998", "LinearAG", lambda l, p: lag))
     for s in (1.0, 2.0):
+        methods.append(Method(f"GFCG s={s:g}", "GFCG", lambda l, p, s=s: G.GFCG(
+            clf, s, labels=torch.tensor(l), class_conds=class_conds, decode=decode)))
         methods.append(Method(f"GFCG s={s:g} + CFG w={w:g}", "GFCG+CFG", lambda l, p, s=s: G.GFCG(
             clf, s, base=G.CFG(w), labels=torch.tensor(l), class_conds=class_conds, decode=decode)))
-    methods.append(Method("dynamic CFG S={1,2,3,5}", "dynamic", objective.dynamic((1.0, 2.0, 3.0, 5.0), decode)))
+    methods.append(Method("dynamic CFG, S = CFG grid", "dynamic", objective.dynamic(T2I_SCALES, decode)))
     return methods
 
 
@@ -226,6 +233,7 @@ def run_method(pipe, method: Method, args, make_metrics, objective: Objective, p
             bar.update(len(chunk))
         bar.close()
         result = metrics.compute() | {key: float(torch.cat(v).mean()) for key, v in own.items()}
+        result["J_per_image"] = torch.cat(own["J"])
         result["rows_per_image"] = rows / len(indices)
         if schedules:
             result["schedule"] = torch.cat(schedules, dim=1).mean(1).tolist()
@@ -262,6 +270,19 @@ def table(methods: list[Method], reference: str, clip: bool) -> str:
     return "\n".join(lines)
 
 
+def dynamic_vs_fixed(methods: list[Method]) -> str:
+    """Dynamic CFG against the best fixed CFG scale (by mean J) on J, paired over the same noises."""
+    dynamic = next(m for m in methods if m.group == "dynamic")
+    fixed = [m for m in methods if m.group == "CFG"]
+    best = max(fixed, key=lambda m: statistics.fmean(r["J"] for r in m.results))
+    diff = torch.cat([d["J_per_image"] - f["J_per_image"] for d, f in zip(dynamic.results, best.results)])
+    se = float(diff.std() / len(diff) ** 0.5)
+    wins = float((diff > 0).double().mean())
+    return (f"Dynamic CFG vs the best fixed scale on its own objective ({best.name}): ΔJ = {float(diff.mean()):+.4f} "
+            f"± {2 * se:.4f} (mean ± 2 s.e., paired over {len(diff)} images with the same noise; dynamic better on "
+            f"{wins:.0%} of them), at the same UNet rows.")
+
+
 def plot(results: dict[str, list[Method]], path: Path) -> None:
     import matplotlib
 
@@ -277,7 +298,12 @@ def plot(results: dict[str, list[Method]], path: Path) -> None:
         for group in dict.fromkeys(m.group for m in results[model]):
             pts = sorted((rows_of(m), *spread([r[key] for r in m.results])) for m in results[model] if m.group == group)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=markers[group],
-                        linestyle="-" if group == "CFG" else "none", capsize=2, label=group)
+                        linestyle="none", capsize=2, label=group)
+            if group == "CFG":
+                for m in results[model]:
+                    if m.group == "CFG":
+                        ax.annotate(m.name.split()[-1], (rows_of(m), spread([r[key] for r in m.results])[0]),
+                                    fontsize=6, xytext=(3, 0), textcoords="offset points")
         ax.set_xlabel("UNet rows per image")
         ax.set_ylabel({"fid": "FID-digits", "accuracy": "classifier accuracy", "clip_score": "CLIP score"}[key])
         ax.set_title(model, fontsize=9)
@@ -311,14 +337,13 @@ def guide_classifier(work: Path, progress: bool) -> DigitClassifier:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     progress = not args.no_progress
-    start = time.perf_counter()
     judge = zoo.load("digits-classifier")
     feature = DigitFeatures(judge)
     clf = guide_classifier(Path(args.work), progress)
     fidelity = FeatureFidelity(clf)
     clip = tuple(zoo.load("digits-clip")) if "digits-t2i" in args.models else None
     state = PartialState()
-    results: dict[str, list[Method]] = {}
+    work = Path(args.work)
     for model in args.models:
         pipe = zoo.load(model)
         pipe.set_progress_bar_config(disable=True)
@@ -330,21 +355,43 @@ def main(argv: list[str] | None = None) -> None:
             prepare_real(metrics, "digits-train", 16, DEFAULT_CACHE, feature, state)
             return metrics
 
+        model_start = time.perf_counter()
         if kind == "class":
             objective = Objective(classifier_alignment(clf), fidelity, 1.0, args.fidelity_weight)
             methods = class_methods(pipe, zoo.load("digits-class-weak"), clf, objective, args)
-            reference = "CFG w=2"
         else:
             objective = Objective(lambda labels, prompts: guidance.ClipAlignment.from_prompts(clip[0], clip[2], prompts),
                                   fidelity, args.clip_weight, args.fidelity_weight)
             methods = t2i_methods(pipe, clf, objective, args)
-            reference = "CFG w=3"
         for method in methods:
             run_method(pipe, method, args, make_metrics, objective, progress)
-        results[model] = methods
-        print(f"\n{model}\n" + table(methods, reference, kind == "text"), flush=True)
-    minutes = (time.perf_counter() - start) / 60
-    if args.no_write:
+        print(f"\n{model}\n" + table(methods, REFERENCE[model], kind == "text") + "\n\n" + dynamic_vs_fixed(methods),
+              flush=True)
+        work.mkdir(parents=True, exist_ok=True)
+        torch.save({"protocol": protocol_key(args), "minutes": (time.perf_counter() - model_start) / 60,
+                    "methods": [(m.name, m.group, m.results) for m in methods]}, work / f"{model}.pt")
+    if not args.no_write:
+        report(args, work)
+
+
+def protocol_key(args) -> dict:
+    return {k: getattr(args, k) for k in ("num_images", "seeds", "steps", "calibration_images", "fidelity_weight",
+                                          "clip_weight")}
+
+
+def report(args, work: Path) -> None:
+    """The ``adaptive`` section and plot from the saved results of every model run with this protocol."""
+    results: dict[str, list[Method]] = {}
+    minutes = 0.0
+    for model in REFERENCE:
+        path = work / f"{model}.pt"
+        saved = torch.load(path, weights_only=False) if path.exists() else None
+        if saved is None or saved["protocol"] != protocol_key(args):
+            print(f"no results of {model} with this protocol in {work}; run it with --models {model}")
+            continue
+        results[model] = [Method(name, group, None, res) for name, group, res in saved["methods"]]
+        minutes += saved["minutes"]
+    if not results:
         return
     plot(results, ROOT / PLOT)
     protocol = (
@@ -355,14 +402,13 @@ def main(argv: list[str] | None = None) -> None:
         f"digit classifier trained with another seed (not the judge). UNet rows per image include the weak model's "
         f"rows for autoguidance. AG: cosine of the x0 estimates. LinearAG: calibrated on "
         f"{args.calibration_images} full-CFG samples of another seed; replaces every other unconditional pass in "
-        f"the first half, AG (γ̄ 0.99) after. Dynamic CFG: greedy per step and sample over S, maximising "
-        f"J = alignment + {args.fidelity_weight:g}·fidelity (alignment = log p_guide(y∣x0) for digits-class, "
-        f"{args.clip_weight:g}·CLIP cos for digits-t2i; fidelity = Gaussian feature score of the guide classifier, "
-        f"≈ -1 on real digits); the J column is that objective on the final images of every method.")
+        f"the first half, AG (γ̄ 0.998) after. Dynamic CFG: greedy per step and sample over S (the CFG grid), "
+        f"maximising J = alignment + {args.fidelity_weight:g}·fidelity (alignment = log p_guide(y∣x0) for "
+        f"digits-class, {args.clip_weight:g}·CLIP cos for digits-t2i; fidelity = Gaussian feature score of the guide "
+        f"classifier, ≈ -1 on real digits); the J column is that objective on the final images of every method.")
     parts = ["## Adaptive and feedback-driven guidance (`scripts/bench_adaptive.py`)", protocol]
     for model, methods in results.items():
-        reference = "CFG w=2" if model == "digits-class" else "CFG w=3"
-        parts += [f"### {model}", table(methods, reference, model == "digits-t2i")]
+        parts += [f"### {model}", table(methods, REFERENCE[model], model == "digits-t2i"), dynamic_vs_fixed(methods)]
     parts += [f"![quality vs UNet rows]({PLOT})", f"Wall time: {minutes:.1f} min (2 shared CPU cores)."]
     write_section("adaptive", "\n\n".join(parts))
 
