@@ -1,4 +1,4 @@
-"""Adaptive Guidance (Castillo et al., AAAI 2025, arXiv 2312.12487, Sec. 4): stop CFG once it agrees with cond."""
+"""Adaptive Guidance (Castillo et al., AAAI 2025, arXiv 2312.12487): stop CFG once it agrees with cond."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def check_threshold(threshold: float) -> float:
 class AdaptiveGuidance(Guidance):
     """AG: CFG while ``gamma_t = cos(eps_c, eps_u) <= threshold``, conditional-only steps afterwards.
 
-    The decision is per sample and one-way (truncation, paper Sec. 4): once a sample's ``gamma_t`` passes
+    The decision is per sample and one-way (the paper's truncation): once a sample's ``gamma_t`` passes
     ``threshold``, every later step of that sample returns ``pred_cond`` and its unconditional row is no longer
     evaluated (:meth:`needs_uncond`), which is where the ~25% saving of the paper comes from. The step that
     measures ``gamma_t > threshold`` already paid for both branches and still uses CFG.

@@ -1,4 +1,4 @@
-"""Autoguidance (Karras et al., NeurIPS 2024, Eq. 2): guide a model with a weaker version of itself."""
+"""Autoguidance (Karras et al., NeurIPS 2024; NVlabs/edm2 `generate_images.py`): guide a model with a weaker self."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LinearAG (Castillo et al., AAAI 2025, arXiv 2312.12487, Sec. 5): unconditional passes replaced by regression.
+"""LinearAG (Castillo et al., AAAI 2025, arXiv 2312.12487): unconditional passes replaced by regression.
 
 At a replaced step ``i`` the unconditional epsilon is estimated as an affine combination of past predictions,
 
