@@ -96,8 +96,9 @@ class RunFolder:
             self.images.mkdir(parents=True, exist_ok=True)
             write_json(self.root / "config.json", {"hash": self.hash, "config": self.config})
         self.images.mkdir(parents=True, exist_ok=True)
-        for stale in self.images.glob(TEMP_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        for folder in (self.root, self.images):
+            for stale in folder.glob(TEMP_PREFIX + "*"):
+                stale.unlink(missing_ok=True)
 
     def image_path(self, index: int) -> Path:
         return self.images / f"{index:06d}.png"
