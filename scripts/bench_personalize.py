@@ -110,6 +110,13 @@ def run_child(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
+    if spec["model"] == "none":                       # the libraries alone: the floor of every row
+        import diffusers, optimum.quanto, transformers  # noqa: F401,E401
+        from diffusers import StableDiffusionPipeline  # noqa: F401  (lazy modules the rows load too)
+        from transformers import CLIPTextModel  # noqa: F401
+
+        _release_free_heap()
+        return {"rss_imports_mib": _status_kib("VmRSS") / 1024}
     if spec["model"] == "sd15-shaped":
         pipe = sd15_shaped_pipeline()
         images = torch.rand(spec["num_images"], 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -124,7 +131,6 @@ def run_child(spec: dict) -> dict:
                                templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"],
                                batch_directions=spec.get("batched", False))
     trainer = TextualInversion(pipe, images, TOKEN, initializer, config)
-    trainer.step()                                    # warm-up: allocator pools, lazy inits
     import gc
 
     gc.collect()
@@ -133,6 +139,7 @@ def run_child(spec: dict) -> dict:
     rss_loaded = _status_kib("VmRSS")
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # the reset below clears it too
     Path("/proc/self/clear_refs").write_text("5")     # reset VmHWM (and ru_maxrss) to the current RSS
+    trainer.step()                                    # first step (optimizer state, lazy inits): memory, not time
     times = []
     for _ in range(spec["steps"]):
         tick = time.perf_counter()
@@ -254,27 +261,29 @@ def save_pngs(images, folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- markdown
-def memory_table(results: list[tuple[str, str, dict]]) -> str:
+def memory_table(results: list[tuple[str, str, dict]], floor: float) -> str:
     lines = ["| pipeline | method | weights MiB | peak RSS, whole process MiB | RSS loaded MiB | peak RSS training MiB "
-             "| RSS above loaded MiB | tensor peak per step MiB | s / step |", "|---|---|---|---|---|---|---|---|---|"]
+             "| training peak above libraries MiB | training peak above loaded MiB | tensor peak per step MiB "
+             "| s / step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, label, r in results:
-        lines.append(f"| {model} | {label} | {r['weights_mib']:.1f} | {r['peak_process_mib']:.0f} | "
+        lines.append(f"| {Path(model).name} | {label} | {r['weights_mib']:.1f} | {r['peak_process_mib']:.0f} | "
                      f"{r['rss_loaded_mib']:.0f} | {r['peak_training_mib']:.0f} | "
-                     f"{r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | {r['tensor_peak_mib']:.2f} | "
-                     f"{r['seconds_per_step']:.3f} |")
+                     f"{r['peak_training_mib'] - floor:.0f} | {r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | "
+                     f"{r['tensor_peak_mib']:.2f} | {r['seconds_per_step']:.3f} |")
     return "\n".join(lines)
 
 
-def ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
+def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]:
     out = []
     for model in dict.fromkeys(m for m, _, _ in results):
         by = {label: r for m, label, r in results if m == model}
         zo, bp = by.get("ZO, int8"), by.get("backprop, float")
         if not zo or not bp:
             continue
-        out.append(f"- `{model}`, ZO int8 / backprop float: whole-process peak RSS "
+        out.append(f"- `{Path(model).name}`, ZO int8 / backprop float: whole-process peak RSS "
                    f"{zo['peak_process_mib'] / bp['peak_process_mib']:.2f}, training peak RSS "
-                   f"{zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, weights "
+                   f"{zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, training peak above the libraries "
+                   f"{(zo['peak_training_mib'] - floor) / (bp['peak_training_mib'] - floor):.2f}, weights "
                    f"{zo['weights_mib'] / bp['weights_mib']:.2f}, weights + tensor peak per step "
                    f"{(zo['weights_mib'] + zo['tensor_peak_mib']) / (bp['weights_mib'] + bp['tensor_peak_mib']):.2f}, "
                    f"tensor peak per step {zo['tensor_peak_mib'] / bp['tensor_peak_mib']:.2f}, "
@@ -285,6 +294,8 @@ def ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
 def quality_table(rows: list[dict]) -> str:
     import statistics
 
+    rows = [{**r, "embedding": "the class word" if r["embedding"].startswith("class word") else r["embedding"]}
+            for r in rows]
     names = list(dict.fromkeys(r["embedding"] for r in rows))
     with_clip = not any(math.isnan(r["clip_i"]) for r in rows)
     columns = [("accuracy", "classifier accuracy"), ("classifier_sim", "classifier-feature sim")]
@@ -319,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--quality-from", type=Path, default=None,
+                   help="reuse the quality rows an earlier run printed to stderr instead of recomputing them")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
@@ -334,7 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = [("ZO, int8", "zo", True, False), ("backprop, float", "backprop", False, False),
                ("ZO, int8, batched directions", "zo", True, True), ("ZO, float", "zo", False, False),
                ("backprop, int8", "backprop", True, False)]
+    floor = None
     if not args.skip_memory:
+        floor = measure({"model": "none"})["rss_imports_mib"]
         models = [(args.model, args.memory_steps, configs)]
         models += [("sd15-shaped", args.sd15_steps, configs[:3])] if args.sd15_shaped else []
         for model, steps, model_configs in models:
@@ -343,7 +358,11 @@ def main(argv: list[str] | None = None) -> None:
                         "digit": args.digits[0], "num_images": args.num_images, "seed": args.seed, "tau": args.tau}
                 results.append((model, label, measure(spec)))
                 print(model, label, json.dumps(results[-1][2]), file=sys.stderr, flush=True)
-    rows = [] if args.skip_quality else quality(args)
+    if args.quality_from:                     # rows printed (one JSON per line) by an earlier run
+        lines = Path(args.quality_from).read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.startswith('{"digit"')]
+    else:
+        rows = [] if args.skip_quality else quality(args)
 
     md = ["Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
           "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
@@ -351,13 +370,17 @@ def main(argv: list[str] | None = None) -> None:
           f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."]
     if results:
         md += ["", "### Memory and time per step", "",
-               f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, one warm-up step, then "
-               f"{args.memory_steps} steps ({args.sd15_steps} for `sd15-shaped`). *Peak RSS, whole process* is "
-               "`getrusage` max RSS including loading (and, for int8 rows, the float weights before quantization); "
-               "*peak RSS training* is the kernel high-water mark reset after loading; *method memory* = training "
-               "peak - loaded RSS. *Tensor peak per step* is exact and free of allocator noise: the largest net bytes of "
+               f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, then "
+               f"{args.memory_steps} timed steps ({args.sd15_steps} for `sd15-shaped`) after a first, untimed one. "
+               "*Peak RSS, whole process* is `getrusage` max RSS including loading (and, for int8 rows, the float "
+               "weights before quantization: pipelines are loaded from float checkpoints); *RSS loaded* is taken "
+               "once the pipeline is loaded (and quantized), the token added and the images encoded; *peak RSS "
+               "training* is the kernel high-water mark reset at that point, so it covers all the steps, the first "
+               "one (optimizer state) included. *Above libraries* subtracts the RSS of a process that only imports "
+               f"torch, diffusers (StableDiffusionPipeline), transformers (CLIPTextModel), optimum-quanto and this package's "
+               f"personalization module ({floor or 0:.0f} MiB). *Tensor peak per step* is exact and free of allocator noise: the largest net bytes of "
                "tensors allocated during one step (torch profiler memory events; activations, gradients, optimizer "
-               "updates, transient dequantized weights), max over 2 steps. s / step is the median.", "", memory_table(results), "", *ratio_lines(results)]
+               "updates, transient dequantized weights), max over 2 steps. s / step is the median.", "", memory_table(results, floor), "", *ratio_lines(results, floor)]
     if rows:
         md += ["", "### Quality: a held-out digit class as the new concept", "",
                f"Digits {args.digits}: {args.num_images} training images each, prompt `{PROMPT.format(TOKEN)}`, "
