@@ -10,9 +10,14 @@ The target at every noise level is a geometric product of the experts' noised ma
       G = 1/2 (||s_pi||^2 - sum_i beta_i ||s_i||^2)
         = (||eps_pi||^2 - sum_i beta_i ||eps_i||^2) / (2 sigma^2)                                   (FK-2)
 
-  (the paper's Feynman-Kac weights, Sec. 3: the drift coefficient on ``s_pi`` cancels every Laplacian term,
-  so no divergence is needed; the remaining ``(B - 1) div f`` is the same for all particles and drops out
-  when weights are normalised);
+  Derivation: weighted particles ``dX = u dtau + sigma_n dW``, ``d log w = G_tau dtau`` (generation time tau)
+  have the self-normalised marginals ``pi_tau`` of ``d pi = -div(pi u) + sigma_n^2 / 2 Lap(pi) + G pi``, so
+
+      G_tau = d_tau log pi + div u + <u, grad log pi> - sigma_n^2 / 2 (Lap log pi + ||grad log pi||^2)   (FK-1)
+
+  With ``u = -f + (g^2 + sigma_n^2) / 2 s_pi`` and ``d_tau log q^i`` from the forward Fokker-Planck equation,
+  every Laplacian cancels (no divergence estimator is needed) and (FK-2) remains, for any noise ``sigma_n``;
+  the leftover ``(B - 1) div f`` is the same for all particles and drops out when weights are normalised;
 * start: ``x_T ~ prod_i N(0, I)^{beta_i} = N(0, I / B)``, the target at the first level of a VP schedule.
 
 Special cases: annealing ``q^beta`` has ``G = beta (beta - 1) / 2 ||s||^2``; the product ``q^1 q^2`` has

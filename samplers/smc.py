@@ -12,11 +12,12 @@ the step from level ``i`` to ``i + 1`` adds ``G(x_i) * g^2 dt`` to the particle'
 
     g^2 dt = integral of beta(t) dt over the step = log(alpha_bar_{i+1} / alpha_bar_i)
 
-is the VP diffusion coefficient integrated over the step (Feynman-Kac weights, ``d log w = G dt``:
-Skreta et al. 2025, "Feynman-Kac Correctors in Diffusion", Sec. 3; the rates of the annealed, product and
-CFG targets are in ``guidance.fkc``; notes (FK-2): the weights do not depend on the noise level). The rate is
-read at the step's start (left-point rule). More noise mixes particles faster, which keeps the weights from
-degenerating (fewer resampling events, lower Monte-Carlo error) at the cost of a larger time-step error.
+is the VP diffusion coefficient integrated over the step (Feynman-Kac weights ``d log w = G g^2 dt`` of
+Skreta et al., ICML 2025, arXiv 2503.02819; the rates of the annealed, product and CFG targets are (FK-2) in
+``guidance.fkc``, and they do not depend on the noise level). The rate is read at the step's start (left-point
+rule). More noise mixes particles faster, which keeps the weights from degenerating (fewer resampling events,
+lower Monte-Carlo error) at the cost of a larger time-step error; above 1 it needs small steps (``g^2 dt``
+well below the target's variance scale) for the Langevin move to be stable.
 
 Particles of one system are resampled when their effective sample size falls below ``ess_threshold * N``
 (``ess_threshold = 1``: at every step), never at the last step: the result carries the final weights.
