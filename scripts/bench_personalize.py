@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    p.add_argument("--note", default="", help="a sentence added to the section's header")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     md = ["Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
           "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
           "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run, on a shared 2-core machine "
-          f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."]
+          f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."
+          + (f" {args.note}" if args.note else "")]
     if results:
         md += ["", "### Memory and time per step", "",
                f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, then "
@@ -386,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
                f"Digits {args.digits}: {args.num_images} training images each, prompt `{PROMPT.format(TOKEN)}`, "
                f"{args.samples} samples per embedding (DDIM 25 steps, CFG {args.guidance_scale}) from the *float* "
                "pipeline after `load_textual_inversion`; mean over the digits. Similarities are mean cosines to the "
-               "training images (classifier features, digits-clip image features) and to the class caption "
-               "(digits-clip text). *training s* is the wall time to reach that step.", "", quality_table(rows)]
+               "training images (classifier features" + (", digits-clip image features) and to the class caption "
+               "(digits-clip text)." if args.clip != "none" else ").") + " *training s* is the wall time to reach "
+               "that step.", "", quality_table(rows)]
     text = "\n".join(md)
     if args.no_write:
         print(text)
