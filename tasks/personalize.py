@@ -4,6 +4,7 @@
     images = load_image_folder("my_sevens/", *expected_image_format(pipe))
     trainer = TextualInversion(pipe, images, "<s1>", "digit", PersonalizeConfig(method="zo", steps=500))
     path = trainer.train("out/")            # out/learned_embeds.safetensors, loadable by diffusers:
+    fresh = zoo.load("digits-t2i")
     fresh.load_textual_inversion(path, token="<s1>")
 
 Both methods minimise the latent-diffusion loss of ZOODiP Eq. 1 / Textual Inversion,
@@ -160,7 +161,7 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
 class PersonalizeConfig:
     """Hyper-parameters; ``None`` means the method's default (:meth:`resolved`).
 
-    ZO defaults are ZOODiP's (paper: n=2, mu=1e-3, tau=128, nu=1e-3, PUTS 500..900, lr 5e-3); backprop
+    ZO defaults are ZOODiP's (paper: n=2, mu=1e-3, tau=128, nu=1e-3, PUTS 500..899, lr 5e-3); backprop
     defaults are diffusers' textual inversion (AdamW, weight decay 1e-2, uniform timesteps, lr 5e-4).
     """
 
