@@ -32,6 +32,8 @@ class PSLD(DPS):
         gluing: ``gamma`` (official: 0.1 SR/deblur, 0.01 box inpainting; 0 = latent DPS).
     """
 
+    default_eta = 0.0  # DDIM eta = 0, as the official script
+
     def __init__(self, operator: Any, y: Tensor, decode: Callable[[Tensor], Tensor],
                  encode: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0, gluing: float = 0.1) -> None:
         if decode is None:

@@ -136,7 +136,8 @@ def solve_latent(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: i
                  **options: Any) -> tuple[Tensor, SolverStats]:
     """Reconstruct with a latent ``StableDiffusionPipeline`` prior: ``"latent_dps"``, ``"psld"`` or ``"p2l"``.
 
-    The prior is conditioned on ``prompt`` (``""``: the null prompt); P2L tunes that embedding.
+    The prior is conditioned on ``prompt`` (``""``: the null prompt); P2L tunes that embedding. All three run
+    DDIM with ``eta = 0`` (PSLD's and P2L's sampler), so they differ only in their data-consistency steps.
     """
     if solver not in LATENT_SOLVERS:
         raise ValueError(f"unknown latent solver {solver!r}; choose from {LATENT_SOLVERS}")
@@ -162,7 +163,7 @@ def solve_latent(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: i
     channels = pipe.unet.config.in_channels
     size = pipe.unet.config.sample_size
     z = torch.randn(y.shape[0], channels, size, size, generator=g)
-    out = sample_inverse(model, z, plan, method, generator=g, disable=not progress)
+    out = sample_inverse(model, z, plan, method, eta=0.0, generator=g, disable=not progress)
     with torch.no_grad():
         images = decode(out)
     return images.clamp(-1, 1), method.stats
