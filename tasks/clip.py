@@ -8,6 +8,7 @@ in training are stored (``token_embedding.ids`` / ``token_embedding.rows``); the
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,6 +46,17 @@ def create(name: str, config_path: str | Path | None = None) -> tuple[torch.nn.M
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, image_mean=IMAGE_MEAN,
                                                                  image_std=IMAGE_STD)
     return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def _create_quietly(name: str, config_path: Path) -> tuple[torch.nn.Module, Callable, Callable]:
+    """:func:`create` without open_clip's "no pretrained weights loaded" warning (weights follow)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return create(name, config_path)
+    finally:
+        root.setLevel(level)
 
 
 def save(model: torch.nn.Module, folder: str | Path, used_token_ids: Sequence[int], dtype=torch.float16) -> None:
@@ -119,6 +131,6 @@ def load_pretrained(folder: str | Path, device: str | torch.device | None = None
     configs = [p for p in sorted(folder.glob("*.json")) if "vision_cfg" in json.loads(p.read_text())]
     if len(configs) != 1:
         raise ValueError(f"{folder} must hold exactly one open_clip model config (*.json), found {len(configs)}")
-    model, preprocess, tokenizer = create(configs[0].stem, configs[0])
+    model, preprocess, tokenizer = _create_quietly(configs[0].stem, configs[0])
     load_state(model, folder / WEIGHTS)
     return DigitClip(model.to(device=device, dtype=dtype).eval(), preprocess, tokenizer)
