@@ -78,18 +78,21 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def real_floor(args) -> dict[str, float]:
-    """FID-digits and accuracy of the held-out real digits (test split) against the train split: the floor."""
+def real_floor(args, with_clip: bool) -> dict[str, float]:
+    """The metrics of the held-out real digits (test split, captions as for samples) against the train split."""
     from tasks import zoo
-    from tasks.digits import load_digits_tensors
+    from tasks.digits import CAPTION_TEMPLATES, caption, load_digits_tensors
     from tasks.evaluation import real_images
     from tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics, extractor_id, real_stats_file
 
     feature = DigitFeatures(zoo.load(model(args, "digits-classifier")))
-    metrics = ImageMetrics(["fid", "accuracy"], feature=feature, classifier=feature.classifier)
+    names = ["fid", "accuracy"] + (["clip_score"] if with_clip else [])
+    metrics = ImageMetrics(names, feature=feature, classifier=feature.classifier,
+                           clip=zoo.load(model(args, "digits-clip")) if with_clip else None)
     metrics.load_real(real_stats_file("digits-train-16px", extractor_id(feature), DEFAULT_CACHE))
-    images = real_images("digits-test", 16)
-    metrics.update(images, labels=load_digits_tensors("test")[1])
+    images, labels = real_images("digits-test", 16), load_digits_tensors("test")[1].tolist()
+    prompts = [caption(label, (i // 10) % len(CAPTION_TEMPLATES)) for i, label in enumerate(labels)]
+    metrics.update(images, labels=labels, prompts=prompts)
     return metrics.compute() | {"num_images": len(images)}
 
 
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = [m for m in METRICS[name] if with_clip or m != "clip_score"]
         rows += evaluate.run(["--model", model(args, name), *guides, "--metrics", *metrics, *common(args)])
     zoo_rows = [r for r in rows if r["method"] == "cfg" and r["scale"] in (1.0, 2.0)]
-    floor = real_floor(args)
+    floor = real_floor(args, with_clip)
     write_json(Path(args.out) / "bench_results.json", {"grid": rows, "zoo": zoo_rows, "real_floor": floor})
 
     protocol = (f"{args.num_images} images per point (labels i mod 10; t2i captions cycle the 6 templates), "
@@ -146,14 +149,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"CLIP score = torchmetrics `CLIPScore` (100·cos) with `digits-clip`. NFE = network rows per "
                 f"image (CFG at w=1 skips the unconditional branch). APG: eta 0, norm threshold 1, momentum -0.5.")
     floor_line = (f"Floor: real held-out digits (test split, {floor['num_images']} images) vs train: "
-                  f"FID-digits {floor['fid']:.3f}, accuracy {floor['accuracy']:.3f}.")
+                  f"FID-digits {floor['fid']:.3f}, accuracy {floor['accuracy']:.3f}, "
+                  f"CLIP score {fmt(floor.get('clip_score'), 2)}.")
     guidance_md = "\n\n".join([
         "## Guidance methods on the digits models (`scripts/bench_guidance.py`)",
         protocol, floor_line, guidance_table(rows), f"![FID-digits and accuracy vs scale]({PLOT})",
     ])
     zoo_lines = ["| model | guidance | NFE | FID-digits ↓ | accuracy ↑ | CLIP score ↑ |",
                  "|---|---|---:|---:|---:|---:|",
-                 f"| real test split | – | – | {floor['fid']:.3f} | {floor['accuracy']:.3f} | – |"]
+                 f"| real test split | – | – | {floor['fid']:.3f} | {floor['accuracy']:.3f} | "
+                 f"{fmt(floor.get('clip_score'), 2)} |"]
     for r in zoo_rows:
         zoo_lines.append(f"| {r['model']} | CFG {r['scale']:g} | {r['nfe']:g} | {fmt(r['fid'], 3)} | "
                          f"{fmt(r['accuracy'])} | {fmt(r.get('clip_score'), 2)} |")

@@ -85,14 +85,22 @@ def load_model(name: str, device):
 
 
 def load_clip(name: str, pretrained: str | None, device) -> tuple:
+    """``(model, preprocess, tokenizer)``: a shipped model or folder, else an open_clip model name + weights."""
     import open_clip
 
-    if name in open_clip.list_models():
-        from tasks.metrics import load_open_clip
-        model, preprocess, tokenizer = load_open_clip(name, pretrained)
-        return model.to(device), preprocess, tokenizer
-    model, preprocess, tokenizer = load_model(name, device)
-    return model, preprocess, tokenizer
+    from tasks import zoo
+
+    if name in zoo.list_models() or Path(name).is_dir():
+        model, preprocess, tokenizer = load_model(name, device)
+        return model, preprocess, tokenizer
+    if name not in open_clip.list_models():
+        raise ValueError(f"--clip {name!r} is neither a shipped model, a folder nor an open_clip model name")
+    if pretrained is None:
+        raise ValueError(f"--clip {name}: give its weights with --clip-pretrained (a tag or a local file); "
+                         "a randomly initialised CLIP cannot score images")
+    from tasks.metrics import load_open_clip
+    model, preprocess, tokenizer = load_open_clip(name, pretrained)
+    return model.to(device), preprocess, tokenizer
 
 
 def build_metrics(args, names: list[str], device):
@@ -134,7 +142,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     import torch
 
     from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
-                                  prepare_real, sample_run, score_images, write_metadata)
+                                  prepare_real, sample_run, scheduler_config, score_images, write_metadata)
     from tasks.metrics import DEFAULT_CACHE, weights_fingerprint
     from tasks.run_folder import RunFolder, config_hash
 
@@ -157,7 +165,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
                 cfg = SamplingConfig(model=model_tag, guide=guide, scale=float(scale), params=params,
                                      num_images=args.num_images, steps=args.steps, seed=args.seed, eta=args.eta)
                 folder = RunFolder(Path(args.out) / model_tag / cfg.label() / f"scale-{scale:g}",
-                                   config_dict(cfg, fingerprint))
+                                   config_dict(cfg, fingerprint, scheduler_config(pipe.scheduler)))
                 start = time.perf_counter()
                 written = sample_run(pipe, cfg, folder, state, args.batch_size, progress)
                 if state.is_main_process:

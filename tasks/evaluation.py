@@ -248,6 +248,13 @@ def write_metadata(folder: RunFolder, cfg: SamplingConfig, kind: str) -> None:
     atomic_write(folder.images / "metadata.jsonl", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
-def config_dict(cfg: SamplingConfig, model_fingerprint: str) -> dict[str, Any]:
-    return {**asdict(cfg), "model_fingerprint": model_fingerprint, "labels": "i % 10",
+def scheduler_config(scheduler) -> dict[str, Any]:
+    """A scheduler's class and public config (no ``_diffusers_version``), JSON-ready."""
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps({"class": type(scheduler).__name__, **config}, default=str))
+
+
+def config_dict(cfg: SamplingConfig, model_fingerprint: str, scheduler: dict[str, Any]) -> dict[str, Any]:
+    """What a run folder stores and hashes: the sampling config, the networks' weights and the scheduler."""
+    return {**asdict(cfg), "model_fingerprint": model_fingerprint, "scheduler": scheduler, "labels": "i % 10",
             "prompts": "caption(i % 10, (i // 10) % 6)", "seeds": "image_seed(seed, i)"}

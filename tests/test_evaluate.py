@@ -149,6 +149,7 @@ def test_text_to_image_grid_with_clip_score(assets, tmp_path):
     import json as _json
 
     import open_clip
+    from safetensors.torch import save_file
 
     from tiny_pipes import tiny_sd
 
@@ -158,9 +159,11 @@ def test_text_to_image_grid_with_clip_score(assets, tmp_path):
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / "eval-tiny-clip.json").write_text(_json.dumps(config))
     open_clip.add_model_config(tmp_path / "eval-tiny-clip.json")
+    torch.manual_seed(0)
+    save_file(open_clip.create_model("eval-tiny-clip").state_dict(), tmp_path / "clip.safetensors")
     argv = ["--model", str(tmp_path / "sd"), "--guide", "cfg@1", "--guide", "cfgpp@0.5", "--num-images", "12",
             "--steps", "2", "--batch-size", "8", "--classifier", str(assets / "classifier"), "--clip",
-            "eval-tiny-clip", "--stats-dir", str(assets / "stats"), "--kid-subset-size", "5",
+            "eval-tiny-clip", "--clip-pretrained", str(tmp_path / "clip.safetensors"), "--stats-dir", str(assets / "stats"), "--kid-subset-size", "5",
             "--out", str(tmp_path / "out"), "--plot-x", "nfe", "--no-progress"]
     rows = run_here(argv)
     assert [(r["method"], r["nfe"]) for r in rows] == [("cfg", 2.0), ("cfgpp", 4.0)]
