@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from scripts._bench_md import write_section
 from tasks import zoo
 from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors, to_unit
-from tasks.metrics import CLIPScore, DigitFeatures, FID
+from tasks.metrics import FID, CLIPScore, DigitFeatures
 
 CLASS_SCALES = (1.0, 2.0, 3.0, 5.0)
 T2I_SCALES = (1.0, 3.0, 5.0, 7.5)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def save(model: torch.nn.Module, folder: str | Path, used_token_ids: Sequence[in
     """Write ``model.safetensors`` with only the ``used_token_ids`` rows of the token embedding."""
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if k != f"{_SPARSE}.weight"}
-    ids = torch.as_tensor(sorted(set(int(i) for i in used_token_ids)), dtype=torch.int64)
+    ids = torch.as_tensor(sorted({int(i) for i in used_token_ids}), dtype=torch.int64)
     state[f"{_SPARSE}.ids"] = ids
     state[f"{_SPARSE}.rows"] = model.state_dict()[f"{_SPARSE}.weight"][ids].to(dtype).contiguous()
     save_file(state, str(Path(folder) / WEIGHTS))

@@ -7,8 +7,9 @@ test split stays fixed for metrics.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from functools import cache
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 Split = Literal["train", "test", "all"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

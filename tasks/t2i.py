@@ -8,6 +8,7 @@ words, so every caption word is one token and any other text still tokenizes (by
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -36,7 +37,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     symbols = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
     merges: list[tuple[str, str]] = []
     while any(len(s) > 1 for s in symbols.values()):
-        counts = Counter(pair for s in symbols.values() for pair in zip(s, s[1:]))
+        counts = Counter(pair for s in symbols.values() for pair in pairwise(s))
         best = max(sorted(counts), key=counts.__getitem__)
         merges.append(best)
         for word, seq in symbols.items():

@@ -7,10 +7,11 @@ format ``tasks.zoo.load`` reads, and returns a dict of measured numbers.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -176,18 +177,6 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
     return {"steps": steps, "batch_size": batch_size, **times}
 
 
-def sample_accuracy(sample: Callable[[list[int], float, torch.Generator], torch.Tensor],
-                    classifier: DigitClassifier, scales: tuple[float, ...], per_class: int = 10,
-                    seed: int = 0) -> dict[float, float]:
-    """Classifier accuracy of samples per guidance scale; ``sample(labels, scale, gen)`` returns [-1, 1] images."""
-    labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
-    result = {}
-    for scale in scales:
-        images = sample(labels, scale, torch.Generator().manual_seed(seed))
-        result[scale] = classifier.accuracy(images, torch.tensor(labels))
-    return result
-
-
 # ------------------------------------------------------------------------------------ text-to-image
 def _caption_table(tokenize: Callable[[list[str]], torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Token ids of every (class, template) caption, row ``c * T + j``; the last row is the empty caption."""
@@ -284,8 +273,6 @@ def multi_positive_clip_loss(image_feats: torch.Tensor, text_feats: torch.Tensor
 def train_clip(out_dir: str | Path, steps: int = 2000, batch_size: int = 256, seed: int = 0, lr: float = 1e-3,
                name: str = "digits-clip", progress: bool = True) -> dict[str, float]:
     """Train the tiny open_clip model contrastively on (digit image, random caption) pairs."""
-    import json
-
     from tasks import clip
 
     out_dir = Path(out_dir)

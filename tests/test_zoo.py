@@ -52,9 +52,16 @@ def test_list_models_and_unknown_name():
         zoo.load("digits-unknown")
 
 
+def test_load_dtype_and_device():
+    pipe = zoo.load("digits-class", device="cpu", dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    assert next(zoo.load("digits-classifier", dtype=torch.float64).parameters()).dtype == torch.float64
+    assert next(zoo.load("digits-clip", dtype=torch.float64).model.parameters()).dtype == torch.float64
+
+
 # ----------------------------------------------------------------------------------------------- data
 def test_digits_split_and_captions():
-    x_train, y_train = load_digits_tensors("train")
+    x_train, _ = load_digits_tensors("train")
     x_test, y_test = load_digits_tensors("test")
     assert x_train.shape == (1437, 1, 16, 16) and x_test.shape == (360, 1, 16, 16)
     assert x_train.min() >= -1 and x_train.max() <= 1 and x_train.mean() < -0.3     # dark background
@@ -88,7 +95,7 @@ def test_classifier_accuracy_and_features(classifier):
 # ---------------------------------------------------------------------------------- class-conditional
 def test_class_pipeline_outputs(class_pipe):
     assert isinstance(class_pipe.scheduler, DDIMScheduler) and class_pipe.num_classes == 10
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(0)
     pt = class_pipe([1, 7], num_inference_steps=4, generator=gen(), output_type="pt").images
     npy = class_pipe([1, 7], num_inference_steps=4, generator=gen(), output_type="np").images
     pil = class_pipe([1, 7], num_inference_steps=4, generator=gen()).images
@@ -109,7 +116,7 @@ def test_class_samples_follow_labels(class_pipe, classifier):
 
 def test_weak_checkpoint_is_weaker(class_pipe, classifier):
     weak = quiet(zoo.load("digits-class-weak"))
-    config = lambda pipe: {k: v for k, v in pipe.unet.config.items() if k != "_name_or_path"}  # noqa: E731
+    config = lambda pipe: {k: v for k, v in pipe.unet.config.items() if k != "_name_or_path"}
     assert config(weak) == config(class_pipe)
     labels = [i % 10 for i in range(40)]
     accuracy = {}
@@ -120,9 +127,9 @@ def test_weak_checkpoint_is_weaker(class_pipe, classifier):
     assert accuracy["weak"] <= accuracy["strong"] - 0.05, accuracy                  # 0.85 vs 0.975 when shipped
 
 
-@pytest.mark.parametrize("kwargs", [dict(class_labels=[]), dict(class_labels=[11]), dict(class_labels=[-1]),
-                                    dict(class_labels=[2.5]), dict(class_labels=[1], num_inference_steps=0),
-                                    dict(class_labels=[1], output_type="jpg")])
+@pytest.mark.parametrize("kwargs", [{"class_labels": []}, {"class_labels": [11]}, {"class_labels": [-1]},
+                                    {"class_labels": [2.5]}, {"class_labels": [1], "num_inference_steps": 0},
+                                    {"class_labels": [1], "output_type": "jpg"}])
 def test_class_pipeline_bad_inputs(class_pipe, kwargs):
     with pytest.raises(ValueError):
         class_pipe(**kwargs)
@@ -182,7 +189,7 @@ def test_clip_zero_shot_and_preprocess():
 def test_train_zoo_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "scripts/train_zoo.py", "--quick", "--out", str(tmp_path),
-                             "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                             "--no-progress"], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in zoo.list_models():
         record = json.loads((tmp_path / name / "training.json").read_text())
