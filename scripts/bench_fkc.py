@@ -233,6 +233,10 @@ def bias_table(groups: int, particles: int) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # part 4: digits-class
 # ------------------------------------------------------------------------------------------------------------
+def mean_se(values: torch.Tensor) -> str:
+    return fmt(float(values.mean()), float(values.std() / math.sqrt(len(values))))
+
+
 def classify(classifier, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.softmax(classifier(images.clamp(-1, 1).float()), dim=-1)
@@ -268,7 +272,7 @@ def digits_tables(images_per_pair: int, images_per_label: int, particles: int, s
            "FKC image; the unweighted sampler has the same drift and keeps every particle as an image, so it spends "
            "the same NFE on more images). `digits-classifier` on the images: top-1 in the pair, both classes in "
            "the top-2, mean min(p_a, p_b).", "",
-           "| pair | sampler | images | top-1 in pair | both in top-2 | min(p_a, p_b) | resamplings / image |",
+           "| pair | sampler | images | top-1 in pair | both in top-2 | mean min(p_a, p_b) | resamplings / image |",
            "|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         n = images_per_pair * particles
@@ -281,7 +285,7 @@ def digits_tables(images_per_pair: int, images_per_label: int, particles: int, s
             either = ((p.argmax(-1) == a) | (p.argmax(-1) == b)).float().mean()
             both = ((top2 == a).any(-1) & (top2 == b).any(-1)).float().mean()
             out.append(f"| {a}, {b} | {sampler} | {len(images)} | {either:.2f} | {both:.2f} | "
-                       f"{torch.minimum(p[:, a], p[:, b]).mean():.3f} | {events:.1f} |")
+                       f"{mean_se(torch.minimum(p[:, a], p[:, b]))} | {events:.1f} |")
             print(out[-1], f"[{time.time() - t0:.0f}s]", flush=True)
     out += ["", f"CFG-FKC (`FKCCFG({scale:g})`, target p_c^w p_u^(1-w)) vs CFG (the same drift, unweighted), labels "
             f"0-9, {steps} DDPM steps, {particles} particles per FKC image. Classifier accuracy, mean p(label | "
@@ -297,7 +301,7 @@ def digits_tables(images_per_pair: int, images_per_label: int, particles: int, s
         p = classify(classifier, images).gather(1, image_labels[:, None]).squeeze(1)
         acc = (classify(classifier, images).argmax(-1) == image_labels).float().mean()
         out.append(f"| {'CFG' if sampler == 'unweighted' else sampler} | {len(images)} | {acc:.3f} | "
-                   f"{p.mean():.3f} | {p.log().mean():.3f} | {events:.1f} |")
+                   f"{mean_se(p)} | {mean_se(p.log())} | {events:.1f} |")
         print(out[-1], f"[{time.time() - t0:.0f}s]", flush=True)
     return "\n".join(out)
 
@@ -321,10 +325,14 @@ def main(argv: list[str] | None = None) -> None:
     sections = ["Written by `scripts/bench_fkc.py`. Exact Gaussian-mixture networks (`tasks.gmm`), DDIM plans of "
                 "the DDPM linear schedule; \"unweighted\" is the same sampler (drift, noise, network calls) without "
                 "weights, so every comparison is at equal NFE. ± is the Monte-Carlo standard error over "
-                "independent particle systems."]
+                "independent particle systems (digits: over images). 1-D mixtures as (weights; means; variances): "
+                "A (0.3, 0.7; -2, 2; 0.25), B (0.5, 0.5; -1, 3; 0.5), C (0.2, 0.8; -2, 2; 0.25), U (0.5, 0.5; -2, 2; "
+                "1); the test configurations anneal (0.5, 0.5; -2, 2; 0.1, 1) with beta 2, CFG w = 2 of "
+                "(0.5, 0.5; -2, 2; 0.1, 0.5) over U, product of Q1 = A and Q2 (0.6, 0.4; -1, 2.5; 0.8, 0.1). \"noise\" "
+                "is `sample_smc`'s SDE noise (1: DDPM's reverse SDE, 2: plus a Langevin step)."]
     ratios: list[float] = []
     if "notes" in parts:
-        sections += ["", f"### Reference check (notes Sec. 9.6): 10 x {5000 // q} particles, {1000 // q} steps", "",
+        sections += ["", f"### 1-D reference mixtures: 10 x {5000 // q} particles, {1000 // q} steps", "",
                      notes_table(10, 5000 // q, 1000 // q)]
     if "budget" in parts:
         table, ratios = budget_table([1000 // q, 10000 // q, 50000 // q], [100 // q, 300 // q, 1000 // q], 2)
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
                      bias_table(10, 10000 // q)]
     if "digits" in parts:
         sections += ["", "### digits-class", "",
-                     digits_tables(8 // (4 if args.quick else 1), 2 // (2 if args.quick else 1), 8,
+                     digits_tables(32 // (16 if args.quick else 1), 8 // (8 if args.quick else 1), 8,
                                    30 // (3 if args.quick else 1), [(1, 7), (4, 9), (3, 8), (5, 6)], 3.0)]
     markdown = "\n".join(sections)
     print(markdown)
