@@ -93,14 +93,14 @@ def gmm_errors(samples: torch.Tensor, posterior: GaussianMixture, sliced: Sliced
             "mass": float(0.5 * (masses - posterior.weights).abs().sum())}
 
 
+ENKG_GRID = [0.03, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 GMM_SOLVERS: dict[str, tuple[Callable, list[float]]] = {
     # name -> (factory(operator, y, scale, particles), scale grid; [] = no tuning)
     "DPS, Bayes weight (normalize='likelihood')": (lambda op, y, s, n: DPS(op, y, s, normalize="likelihood"), [1.0]),
     "DPS, code step (scale * grad ||r||)": (lambda op, y, s, n: DPS(op, y, s), [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
     "MCG (scale * grad ||r|| + projection)": (lambda op, y, s, n: MCG(op, y, s), [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
-    "EnKG, one ensemble (J = all particles)": (lambda op, y, s, n: EnKG(op, y, s), [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]),
-    "EnKG, ensembles of J = 100": (lambda op, y, s, n: EnKG(op, y, s, ensemble_size=100),
-                                   [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]),
+    "EnKG, one ensemble (J = all particles)": (lambda op, y, s, n: EnKG(op, y, s), ENKG_GRID),
+    "EnKG, ensembles of J = 100": (lambda op, y, s, n: EnKG(op, y, s, ensemble_size=100), ENKG_GRID),
 }
 
 
@@ -170,6 +170,23 @@ def _mean_sd(values: list[float]) -> str:
     return f"{m:.3f} ± {sd:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
+def _avg(row: dict, key: str) -> float:
+    return sum(e[key] for e in row["errors"]) / len(row["errors"])
+
+
+def gmm_summary(res: dict) -> list[str]:
+    lines = []
+    for problem, rows in res["problems"].items():
+        dps = rows["DPS, code step (scale * grad ||r||)"]
+        enkg_name = min((n for n in rows if n.startswith("EnKG")), key=lambda n: _avg(rows[n], "sw2"))
+        enkg = rows[enkg_name]
+        mcg = rows["MCG (scale * grad ||r|| + projection)"]
+        lines.append(f"- {problem}: best EnKG ({enkg_name.split(', ', 1)[1]}) sliced W2 {_avg(enkg, 'sw2'):.3f} vs DPS "
+                     f"{_avg(dps, 'sw2'):.3f} and MCG {_avg(mcg, 'sw2'):.3f}, with no gradients and "
+                     f"{enkg['calls']['denoiser_calls'] / dps['calls']['denoiser_calls']:.0f}x DPS's denoiser calls.")
+    return lines
+
+
 def gmm_markdown(res: dict) -> str:
     lines = [
         f"### Exact Gaussian-mixture posteriors ({res['particles']} particles, {res['steps']} DDIM steps of the "
@@ -192,6 +209,7 @@ def gmm_markdown(res: dict) -> str:
                          f"{_mean_sd([e['mean'] for e in errs])} | {_mean_sd([e['mass'] for e in errs])} | "
                          f"{row['calls'].get('denoiser_calls', 0):.0f} | {row['calls']['gradient_calls']:.0f} | "
                          f"{row['calls']['forward_model_calls']:.0f} |")
+    lines += ["", "Summary (mean over test measurements):", "", *gmm_summary(res)]
     return "\n".join(lines)
 
 
@@ -221,10 +239,18 @@ def validation_digits(count: int) -> torch.Tensor:
     return images[:count]
 
 
-def _summary(values: torch.Tensor) -> dict[str, float]:
+def _summary(values: torch.Tensor) -> dict:
     values = values.double()
     se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    return {"mean": float(values.mean()), "se": se}
+    return {"mean": float(values.mean()), "se": se, "values": values.tolist()}
+
+
+def _first_images(row: dict, num_images: int, particles: int = 1) -> float:
+    """Mean PSNR over the first ``num_images`` images (all their particles), for paired comparisons."""
+    values = row["psnr"].get("values")
+    if values is None:
+        return math.nan
+    return sum(values[: num_images * particles]) / (num_images * particles)
 
 
 def run_digits(args, cached: dict | None = None) -> dict:
@@ -279,6 +305,25 @@ def run_digits(args, cached: dict | None = None) -> dict:
     return out
 
 
+def digits_summary(res: dict) -> list[str]:
+    """Each solver's PSNR minus DPS's on the same images (EnKG runs score only the first few images)."""
+    lines = []
+    for task, rows in res["tasks"].items():
+        if "DPS" not in rows:
+            continue
+        parts = []
+        for name, row in rows.items():
+            if name == "DPS" or name.startswith("A^+"):
+                continue
+            images = row.get("images", res["images"])
+            particles = len(row["psnr"].get("values", [])) // images if row["psnr"].get("values") else 1
+            gap = _first_images(row, images, particles) - _first_images(rows["DPS"], images)
+            short = name.split(" (")[0] + (f" J={particles}" if particles > 1 else "")
+            parts.append(f"{short} {gap:+.2f} dB ({images} images)")
+        lines.append(f"- {task}: " + ", ".join(parts) + ".")
+    return lines
+
+
 def digits_markdown(res: dict) -> str:
     lines = [
         f"### Held-out digits, `digits-class` prior run unconditionally (`sigma_y = {res['sigma_y']}` on [-1, 1])",
@@ -299,6 +344,7 @@ def digits_markdown(res: dict) -> str:
                 f"{row['psnr']['mean']:.2f} ± {row['psnr']['se']:.2f} | {row['ssim']['mean']:.3f} ± {row['ssim']['se']:.3f} | "
                 f"{calls.get('denoiser_calls', 0):.0f} | {calls.get('gradient_calls', 0):.0f} | "
                 f"{calls.get('forward_model_calls', 0):.0f} | {row['seconds']:.1f} |")
+    lines += ["", "PSNR minus DPS's PSNR on the same images:", "", *digits_summary(res)]
     return "\n".join(lines)
 
 
@@ -369,6 +415,13 @@ def p2l_markdown(res: dict) -> str:
             lines.append(f"| {task} | {name} | {row['scale']} | {row['psnr']['mean']:.2f} ± {row['psnr']['se']:.2f} | "
                          f"{row['ssim']['mean']:.3f} ± {row['ssim']['se']:.3f} | {calls['denoiser_calls']:.0f} | "
                          f"{calls['gradient_calls']:.0f} | {row['seconds']:.1f} |")
+    lines += ["", "PSNR differences:", ""]
+    for task, entry in res["tasks"].items():
+        rows = entry["rows"]
+        full = [name for name in rows if name.startswith("P2L (")][0]
+        p2l = rows[full]["psnr"]["mean"]
+        lines.append(f"- {task}: P2L {p2l - rows['latent DPS']['psnr']['mean']:+.2f} dB vs latent DPS, "
+                     f"{p2l - rows['PSLD (gluing 0.1)']['psnr']['mean']:+.2f} dB vs PSLD.")
     return "\n".join(lines)
 
 
@@ -401,9 +454,11 @@ def main(argv: list[str] | None = None) -> None:
         result = run_digits(args, cache.get("digits")) if part == "digits" else \
             {"gmm": run_gmm, "p2l": run_p2l}[part](args)
         result["seconds"] = time.time() - start
+        if not args.quick:                               # re-read: other runs may have written meanwhile
+            cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
         partial = set(args.digit_tasks) != set(DIGIT_TASKS) or set(args.digit_solvers) != set(DIGIT_SOLVERS)
         if part == "digits" and "digits" in cache and partial:
-            merged = cache["digits"]                     # refresh only the tasks that were run
+            merged = cache["digits"]                     # refresh only the tasks and rows that were run
             merged["tasks"].update(result["tasks"])
             merged["seconds"] = merged.get("seconds", 0) + result["seconds"]
             result = merged
