@@ -17,33 +17,40 @@ import tempfile
 import time
 from pathlib import Path
 
+ZOO_DIR = Path(__file__).resolve().parents[1] / "tasks" / "zoo"
 MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip")
 STEPS = {"digits-classifier": 800, "digits-class": 2500, "digits-class-weak": 300,
          "digits-t2i": 3500, "digits-clip": 2000}
 VAE_STEPS = 800
-QUICK_STEPS = 3
+QUICK_STEPS = {**dict.fromkeys(MODELS, 3), "digits-class-weak": 2}
 QUICK_BATCH = 8
 
 
-def train_one(name: str, out: Path, steps: int, batch_size: int | None, seed: int, progress: bool,
-              weak_steps: int | None = None, vae_steps: int = VAE_STEPS) -> dict:
+def train_one(name: str, out: Path, steps: int, *, quick: bool, batch_size: int | None, seed: int,
+              progress: bool) -> dict:
     """Train model ``name`` into ``out / name``; returns its measured numbers."""
     from tasks import training
 
-    kwargs = {"seed": seed, "progress": progress}
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
+    kwargs = {"seed": seed, "progress": progress, **({"batch_size": batch_size} if batch_size else {})}
     target = out / name
+    plan = QUICK_STEPS if quick else STEPS
+    class_steps, weak_steps = plan["digits-class"], plan["digits-class-weak"]
     if name == "digits-classifier":
         return training.train_classifier(target, steps=steps, **kwargs)
-    if name in ("digits-class", "digits-class-weak"):
-        snapshots = {weak_steps: out / "digits-class-weak"} if weak_steps else None
+    if name == "digits-class":             # also writes digits-class-weak, its early EMA snapshot
+        snapshots = {weak_steps: out / "digits-class-weak"} if weak_steps < steps else None
         return training.train_class_diffusion(target, steps=steps, snapshots=snapshots, **kwargs)
+    if name == "digits-class-weak":        # alone: the first `steps` steps of the digits-class run
+        return training.train_class_diffusion(target, steps=class_steps, stop_after=steps, **kwargs)
     if name == "digits-t2i":
-        return training.train_t2i(target, steps=steps, vae_steps=vae_steps, **kwargs)
+        return training.train_t2i(target, steps=steps, vae_steps=plan["digits-t2i"] if quick else VAE_STEPS, **kwargs)
     if name == "digits-clip":
         return training.train_clip(target, steps=steps, **kwargs)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
+def write_record(folder: Path, record: dict) -> None:
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: per model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps of each model, small batches")
+    parser.add_argument("--quick", action="store_true", help="a few steps of each model, small batches")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
 
@@ -63,31 +70,29 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="zoo-quick-")) if args.quick else Path(__file__).parents[1] / "tasks" / "zoo"
+        args.out = Path(tempfile.mkdtemp(prefix="zoo-quick-")) if args.quick else ZOO_DIR
     args.out.mkdir(parents=True, exist_ok=True)
     names = list(MODELS) if args.model == "all" else [args.model]
-    # digits-class-weak is an early EMA snapshot of the digits-class run: training digits-class writes both.
-    weak_steps = QUICK_STEPS - 1 if args.quick else STEPS["digits-class-weak"]
     if "digits-class" in names and "digits-class-weak" in names:
-        names.remove("digits-class-weak")
+        names.remove("digits-class-weak")             # the digits-class run writes it
 
     for name in names:
-        steps = args.steps or (QUICK_STEPS if args.quick else STEPS[name])
+        steps = args.steps or (QUICK_STEPS if args.quick else STEPS)[name]
         batch_size = args.batch_size or (QUICK_BATCH if args.quick else None)
-        snapshot = weak_steps if name == "digits-class" and weak_steps < steps else None
         start = time.perf_counter()
         print(f"== {name}: {steps} steps -> {args.out / name}", flush=True)
-        result = train_one(name, args.out, steps, batch_size, args.seed, not args.no_progress, snapshot,
-                           QUICK_STEPS if args.quick else VAE_STEPS)
-        record = {"model": name, "seed": args.seed, "threads": args.threads,
-                  **result, "wall_seconds": round(time.perf_counter() - start, 1)}
-        (args.out / name / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if snapshot:
-            weak = {"model": "digits-class-weak", "seed": args.seed, "threads": args.threads,
-                    "steps": snapshot, "batch_size": result["batch_size"], "snapshot_of": "digits-class",
-                    "train_seconds": result[f"snapshot_{snapshot}_seconds"]}
-            (args.out / "digits-class-weak" / "training.json").write_text(json.dumps(weak, indent=2) + "\n")
-        print(json.dumps(record), flush=True)
+        result = train_one(name, args.out, steps, quick=args.quick, batch_size=batch_size, seed=args.seed,
+                           progress=not args.no_progress)
+        common = {"seed": args.seed, "threads": args.threads}
+        write_record(args.out / name, {"model": name, **common, **result,
+                                       "wall_seconds": round(time.perf_counter() - start, 1)})
+        for key, seconds in result.items():
+            if key.startswith("snapshot_"):                # snapshot_<step>_seconds: digits-class-weak
+                write_record(args.out / "digits-class-weak",
+                             {"model": "digits-class-weak", **common, "steps": int(key.split("_")[1]),
+                              "schedule_steps": steps, "batch_size": result["batch_size"],
+                              "snapshot_of": "digits-class", "train_seconds": seconds})
+        print(json.dumps({"model": name, **result}), flush=True)
     print(f"done: {args.out}")
 
 

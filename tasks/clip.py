@@ -31,17 +31,13 @@ WEIGHTS = "model.safetensors"
 _SPARSE = "token_embedding"
 
 
-def _open_clip():
-    import open_clip
-    return open_clip
-
-
 def create(name: str, config_path: str | Path | None = None) -> tuple[torch.nn.Module, Callable, Callable]:
     """Create an untrained ``(model, preprocess, tokenizer)`` for the open_clip config ``name``.
 
     ``config_path`` (a ``.json`` file or a folder of them) is registered with ``open_clip.add_model_config``.
     """
-    open_clip = _open_clip()
+    import open_clip
+
     if config_path is not None:
         open_clip.add_model_config(config_path)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, image_mean=IMAGE_MEAN,
@@ -73,11 +69,12 @@ def save(model: torch.nn.Module, folder: str | Path, used_token_ids: Sequence[in
 def load_state(model: torch.nn.Module, weights: str | Path) -> None:
     """Load a file written by :func:`save` into ``model`` (strict: every other key must match)."""
     state = load_file(str(weights))
+    current = model.state_dict()
     ids, rows = state.pop(f"{_SPARSE}.ids"), state.pop(f"{_SPARSE}.rows")
-    embedding = torch.zeros_like(model.state_dict()[f"{_SPARSE}.weight"])
+    embedding = torch.zeros_like(current[f"{_SPARSE}.weight"])
     embedding[ids] = rows.to(embedding.dtype)
     state[f"{_SPARSE}.weight"] = embedding
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.to(current[k].dtype) for k, v in state.items()}, strict=True)
 
 
 @dataclass
@@ -122,7 +119,8 @@ class DigitClip:
         """Zero-shot digit labels ``(N,)`` by cosine similarity to the class text embeddings."""
         self.model.eval()
         classes = self.class_text_features()
-        return torch.cat([(self.image_features(chunk) @ classes.T).argmax(-1) for chunk in images.split(batch_size)]).cpu()
+        scores = [self.image_features(chunk) @ classes.T for chunk in images.split(batch_size)]
+        return torch.cat(scores).argmax(-1).cpu()
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device | None = None,

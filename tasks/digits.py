@@ -67,7 +67,8 @@ def load_digits_tensors(split: Split = "train", size: int = 16) -> tuple[torch.T
 
 
 def caption(label: int, template: int = 0) -> str:
-    """Caption for one digit, e.g. ``caption(7) == "a handwritten digit seven"``, ``caption(7, 1) == "the number 7"``."""
+    """Caption of a digit with one of ``CAPTION_TEMPLATES``: ``caption(7) == "a handwritten digit seven"``,
+    ``caption(7, 1) == "the number 7"``."""
     if not 0 <= int(label) < NUM_CLASSES:
         raise ValueError(f"label must be in 0..9, got {label}")
     return CAPTION_TEMPLATES[template].format(word=DIGIT_WORDS[int(label)], digit=int(label))

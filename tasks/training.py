@@ -139,12 +139,14 @@ def diffusion_loss(unet: nn.Module, noise_sched: DDPMScheduler, x0: torch.Tensor
 
 def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: int = 128, seed: int = 0,
                           p_uncond: float = 0.1, lr: float = 1e-3,
-                          snapshots: dict[int, str | Path] | None = None,
+                          snapshots: dict[int, str | Path] | None = None, stop_after: int | None = None,
                           progress: bool = True) -> dict[str, float]:
     """Train the class-conditional digits UNet (label dropped to the null class with ``p_uncond``).
 
     The EMA weights are saved as a ``ClassConditionalPipeline`` to ``out_dir`` after ``steps``, and to
-    ``snapshots[k]`` after ``k`` steps (the under-trained checkpoint for autoguidance).
+    ``snapshots[k]`` after ``k`` steps (the under-trained checkpoint for autoguidance). ``stop_after``
+    ends the run early, saving to ``out_dir`` what a snapshot at that step would hold (the learning-rate
+    schedule still spans ``steps``).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -162,8 +164,9 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
         ClassConditionalPipeline(unet=ema.model, scheduler=sampling_scheduler(noise_sched)).save_pretrained(path)
 
     unet.train()
-    bar = _loop(steps, Path(out_dir).name, progress)
-    for step, (idx, _) in enumerate(zip(batches(len(x_train), batch_size, steps, gen), bar), start=1):
+    run_steps = min(steps, stop_after or steps)
+    bar = _loop(run_steps, Path(out_dir).name, progress)
+    for step, (idx, _) in enumerate(zip(batches(len(x_train), batch_size, run_steps, gen), bar), start=1):
         labels = y_train[idx].clone()
         labels[torch.rand(len(idx), generator=gen) < p_uncond] = NUM_CLASSES
         loss = diffusion_loss(unet, noise_sched, x_train[idx], gen, class_labels=labels)
@@ -174,7 +177,7 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
             times[f"snapshot_{step}_seconds"] = time.perf_counter() - start
     times["train_seconds"] = time.perf_counter() - start
     save(out_dir)
-    return {"steps": steps, "batch_size": batch_size, **times}
+    return {"steps": run_steps, "schedule_steps": steps, "batch_size": batch_size, **times}
 
 
 # ------------------------------------------------------------------------------------ text-to-image

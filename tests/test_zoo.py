@@ -188,8 +188,8 @@ def test_clip_zero_shot_and_preprocess():
 # ------------------------------------------------------------------------------------------- training
 def test_train_zoo_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "scripts/train_zoo.py", "--quick", "--out", str(tmp_path),
-                             "--no-progress"], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "scripts/train_zoo.py", "--quick", "--out", str(tmp_path), "--no-progress"]
+    result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in zoo.list_models():
         record = json.loads((tmp_path / name / "training.json").read_text())
