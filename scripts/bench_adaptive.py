@@ -283,47 +283,74 @@ def dynamic_vs_fixed(methods: list[Method]) -> str:
             f"{wins:.0%} of them), at the same UNet rows.")
 
 
+STYLE = {"CFG": ("o", "C0"), "AG": ("s", "C1"), "LinearAG": ("D", "C2"), "ATG": ("^", "C3"), "GFCG": ("v", "C4"),
+         "GFCG+CFG": ("P", "C5"), "GFCG+ATG": ("X", "C6"), "dynamic": ("*", "C7")}
+LABELS = {"fid": "FID-digits", "accuracy": "classifier accuracy", "clip_score": "CLIP score"}
+
+
 def plot(results: dict[str, list[Method]], path: Path) -> None:
+    """One row per model (FID, accuracy, CLIP score against UNet rows) and the dynamic CFG schedules."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(model, key) for model in results
-              for key in (("fid", "accuracy") if model == "digits-class" else ("fid", "clip_score"))]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), squeeze=False)
-    markers = {"CFG": "o", "AG": "s", "LinearAG": "D", "ATG": "^", "GFCG": "v", "GFCG+CFG": "P", "GFCG+ATG": "X",
-               "dynamic": "*"}
-    for ax, (model, key) in zip(axes[0], panels):
-        for group in dict.fromkeys(m.group for m in results[model]):
-            pts = sorted((rows_of(m), *spread([r[key] for r in m.results])) for m in results[model] if m.group == group)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=markers[group],
-                        linestyle="none", capsize=2, label=group)
-            if group == "CFG":
-                for m in results[model]:
-                    if m.group == "CFG":
-                        ax.annotate(m.name.split()[-1], (rows_of(m), spread([r[key] for r in m.results])[0]),
-                                    fontsize=6, xytext=(3, 0), textcoords="offset points")
-        ax.set_xlabel("UNet rows per image")
-        ax.set_ylabel({"fid": "FID-digits", "accuracy": "classifier accuracy", "clip_score": "CLIP score"}[key])
-        ax.set_title(model, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    ax = axes[0][-1]
-    for model, methods in results.items():
+    fig, axes = plt.subplots(len(results), 4, figsize=(16, 3.4 * len(results)), squeeze=False)
+    for row, (model, methods) in zip(axes, results.items()):
+        keys = [key for key in LABELS if key in methods[0].results[0]]
+        for ax, key in zip(row, keys):
+            for group in dict.fromkeys(m.group for m in methods):
+                members = [m for m in methods if m.group == group]
+                pts = [(rows_of(m), *spread([r[key] for r in m.results])) for m in members]
+                marker, color = STYLE[group]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                            color=color, linestyle="none", capsize=2, label=group)
+                if group == "CFG":
+                    for m, p in zip(members, pts):
+                        ax.annotate(m.name.split()[-1], p[:2], fontsize=6, xytext=(3, 0), textcoords="offset points")
+            ax.set_xlabel("UNet rows per image")
+            ax.set_ylabel(LABELS[key])
+            ax.set_title(model, fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+        ax = row[-1]
         for m in methods:
             if m.group == "dynamic":
                 sched = torch.tensor([r["schedule"] for r in m.results]).mean(0)
-                ax.plot(range(len(sched)), sched, marker=".", label=f"{model}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean chosen CFG scale")
-    ax.set_title("dynamic CFG: chosen scale per step", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+                ax.plot(range(len(sched)), sched, marker=".", color=STYLE["dynamic"][1])
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean chosen CFG scale")
+        ax.set_title(f"{model}: dynamic CFG schedule", fontsize=9)
+        ax.grid(alpha=0.3)
+        for extra in row[len(keys):-1]:
+            extra.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def findings(methods: list[Method], reference: str) -> str:
+    """The paper goals, read off the table: AG's saving at its quality, GFCG against CFG at the nearest FID."""
+    def mean(m: Method, key: str) -> float:
+        return statistics.fmean(r[key] for r in m.results)
+
+    ref = next(m for m in methods if m.name == reference)
+    keys = [key for key in LABELS if key in ref.results[0]]
+    lines = []
+    for m in methods:
+        if m.group in ("AG", "LinearAG"):
+            diffs = ", ".join(f"{LABELS[k]} {mean(m, k) - mean(ref, k):+.3f} (spread ±{cell(ref, k, 3).split('± ')[-1]})"
+                              for k in keys)
+            lines.append(f"- {m.name}: {1 - rows_of(m) / rows_of(ref):.0%} fewer UNet rows than {reference}; {diffs}.")
+    cfg = [m for m in methods if m.group == "CFG"]
+    for m in methods:
+        if m.group == "GFCG":
+            near = min(cfg, key=lambda c: abs(mean(c, "fid") - mean(m, "fid")))
+            lines.append(f"- {m.name} ({rows_of(m):.0f} rows): FID {mean(m, 'fid'):.2f}, accuracy "
+                         f"{mean(m, 'accuracy'):.3f}; CFG at the nearest FID ({near.name}, {rows_of(near):.0f} rows): "
+                         f"FID {mean(near, 'fid'):.2f}, accuracy {mean(near, 'accuracy'):.3f}.")
+    return "\n".join(lines)
 
 
 def guide_classifier(work: Path, progress: bool) -> DigitClassifier:
@@ -408,7 +435,8 @@ def report(args, work: Path) -> None:
         f"classifier, ≈ -1 on real digits); the J column is that objective on the final images of every method.")
     parts = ["## Adaptive and feedback-driven guidance (`scripts/bench_adaptive.py`)", protocol]
     for model, methods in results.items():
-        parts += [f"### {model}", table(methods, REFERENCE[model], model == "digits-t2i"), dynamic_vs_fixed(methods)]
+        parts += [f"### {model}", table(methods, REFERENCE[model], model == "digits-t2i"),
+                  findings(methods, REFERENCE[model]), dynamic_vs_fixed(methods)]
     parts += [f"![quality vs UNet rows]({PLOT})", f"Wall time: {minutes:.1f} min (2 shared CPU cores)."]
     write_section("adaptive", "\n\n".join(parts))
 
