@@ -1,5 +1,6 @@
 """The shipped model zoo: offline loading, output shapes and ranges, quality with fixed seeds, errors."""
 
+import copy
 import json
 import os
 import subprocess
@@ -168,7 +169,11 @@ def test_t2i_latents_and_tokenizer(t2i_pipe, tmp_path):
     reloaded = type(tokenizer).from_pretrained(tmp_path)
     assert reloaded(prompt, padding="max_length").input_ids == tokenizer(prompt, padding="max_length").input_ids
     assert reloaded.add_tokens("<s1>") == 1
-    assert reloaded("a photo of <s1>").input_ids[-2] == len(reloaded) - 1
+    ids = reloaded("a photo of <s1>", return_tensors="pt").input_ids
+    assert ids[0, -2] == len(reloaded) - 1
+    text_encoder = copy.deepcopy(t2i_pipe.text_encoder)
+    text_encoder.resize_token_embeddings(len(reloaded))                # what textual inversion does
+    assert text_encoder(ids)[0].shape == (1, ids.shape[1], text_encoder.config.hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
