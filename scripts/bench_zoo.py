@@ -20,18 +20,12 @@ from tqdm.auto import tqdm
 
 from scripts._bench_md import write_section
 from tasks import zoo
-from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors, to_unit
+from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, load_digits_tensors, to_unit
+from tasks.evaluation import image_labels, image_prompts
 from tasks.metrics import FID, CLIPScore, DigitFeatures
 
 CLASS_SCALES = (1.0, 2.0, 3.0, 5.0)
 T2I_SCALES = (1.0, 3.0, 5.0, 7.5)
-
-
-def conditions(num_images: int) -> tuple[list[int], list[str]]:
-    """Image ``i`` is digit ``i % 10`` with caption template ``(i // 10) % T``."""
-    labels = [i % NUM_CLASSES for i in range(num_images)]
-    prompts = [caption(i % NUM_CLASSES, (i // NUM_CLASSES) % len(CAPTION_TEMPLATES)) for i in range(num_images)]
-    return labels, prompts
 
 
 @torch.no_grad()
@@ -88,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     fid_test = fid_value(fid, to_unit(x_test))
     clip_score = CLIPScore(*clip)
 
-    labels, prompts = conditions(args.per_class * NUM_CLASSES)
+    indices = range(args.per_class * NUM_CLASSES)      # image i: digit i % 10, caption template (i // 10) % T
+    labels, prompts = image_labels(indices), image_prompts(indices)
     rows = []
     runs = [(name, scale) for name in ("digits-class", "digits-class-weak") for scale in CLASS_SCALES]
     runs += [("digits-t2i", scale) for scale in T2I_SCALES]
