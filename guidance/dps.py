@@ -62,7 +62,10 @@ class DPS(MeasurementSolver):
 
     @classmethod
     def from_paper(cls, operator: Any, y: Tensor, zeta: float, **kwargs) -> "DPS":
-        """DPS with the paper's step ``zeta_i = zeta / ||y - A(x0_hat)||`` on the squared norm (= code ``scale = 2 zeta``)."""
+        """DPS with the paper's step ``zeta_i = zeta / ||y - A(x0_hat)||`` on the squared norm.
+
+        Equals the code convention with ``scale = 2 zeta``.
+        """
         return cls(operator, y, scale=2 * check_positive("zeta", zeta), **kwargs)
 
     def data_loss(self, x0_hat: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ it could be reconstructed without the paper's code; no official implementation i
 
 1. prompt tuning, ``K`` Adam steps warm-started from the previous step's embedding ``c``:
    ``c <- Adam(c, grad_c ||y - A(D(z0_hat(z_t, c)))||^2)``
-2. a latent DPS step with the tuned ``c``: ``z_{t-1} = DDIM(z_t; z0_hat, eps_hat) - rho grad_{z_t} ||y - A(D(z0_hat))||``
+2. a latent DPS step with the tuned ``c``:
+   ``z_{t-1} = DDIM(z_t; z0_hat, eps_hat) - rho grad_{z_t} ||y - A(D(z0_hat))||``
 3. every ``project_every`` steps, the encoder-range projection ``z0_hat <- E(D(z0_hat))`` (or the proximal
    variant ``z0_hat <- E(argmin_x ||y - A x||^2 + lambda ||x - D(z0_hat)||^2)``), carried into ``z_{t-1}``
    as ``z_{t-1} += alpha_{t-1} (E(.) - z0_hat)``: the DDIM step re-noised with the same ``eps_hat``.

@@ -94,7 +94,8 @@ def to_png(panels: list[torch.Tensor], zoom: int, path: Path) -> None:
     row = torch.cat([p for panel in panels for p in (panel, gap)][:-1], dim=2)
     array = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     array = array.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
-    image = Image.fromarray(array[0].numpy()) if array.shape[0] == 1 else Image.fromarray(array.permute(1, 2, 0).numpy())
+    pixels = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+    image = Image.fromarray(pixels.numpy())
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks.operators import (OPERATORS, AveragePooling, BicubicDownsampling, Blur, Grayscale, HeatEquation,
-                             Inpainting, LinearOperator, MatrixOperator, PhaseRetrieval, random_matrix, box_mask, compose, gaussian_kernel,
-                             make_operator, motion_kernel, random_mask)
+                             Inpainting, LinearOperator, MatrixOperator, PhaseRetrieval, box_mask, compose,
+                             gaussian_kernel, make_operator, motion_kernel, random_mask, random_matrix)
 
 SHAPE = (3, 16, 16)
 

@@ -61,6 +61,7 @@ def make_operator(name: str, shape: Sequence[int], sigma_y: float = 0.0, generat
 
 __all__ = [
     "AveragePooling", "BicubicDownsampling", "Blur", "Composed", "ComposedLinear", "Grayscale", "HeatEquation",
-    "Inpainting", "LUMA_WEIGHTS", "LinearOperator", "MatrixOperator", "OPERATORS", "Operator", "PhaseRetrieval", "bicubic_matrix",
-    "box_mask", "compose", "conjugate_gradient", "gaussian_kernel", "make_operator", "motion_kernel", "random_mask", "random_matrix",
+    "Inpainting", "LUMA_WEIGHTS", "LinearOperator", "MatrixOperator", "OPERATORS", "Operator", "PhaseRetrieval",
+    "bicubic_matrix", "box_mask", "compose", "conjugate_gradient", "gaussian_kernel", "make_operator",
+    "motion_kernel", "random_mask", "random_matrix",
 ]

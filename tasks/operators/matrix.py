@@ -9,7 +9,7 @@ from .base import LinearOperator
 
 
 class MatrixOperator(LinearOperator):
-    """``A x = x M^T`` for an ``(m, d)`` matrix ``M``; adjoint ``y M``; pseudo-inverse by SVD (``torch.linalg.pinv``)."""
+    """``A x = x M^T`` for an ``(m, d)`` matrix ``M``; adjoint ``y M``; pseudo-inverse by SVD (``linalg.pinv``)."""
 
     def __init__(self, matrix: Tensor, sigma_y: float = 0.0) -> None:
         if not isinstance(matrix, Tensor) or matrix.ndim != 2 or not matrix.is_floating_point():
