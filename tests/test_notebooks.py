@@ -13,7 +13,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 @pytest.mark.parametrize("name", ["editing.ipynb", "inpainting.ipynb"])
 def test_notebook_runs(name):
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(book, timeout=600, kernel_name="python3",
+    NotebookClient(book, timeout=1800, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS.parent)}}).execute()
     errors = [o for c in book.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
