@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     q = 10 if args.quick else 1
-    sections = ["Written by `scripts/bench_fkc.py`. Exact Gaussian-mixture networks (`tasks.gmm`), DDIM plans of "
+    sections = ["## Feynman-Kac correctors (`scripts/bench_fkc.py`)\n\n"
+                "Written by `scripts/bench_fkc.py`. Exact Gaussian-mixture networks (`tasks.gmm`), DDIM plans of "
                 "the DDPM linear schedule; \"unweighted\" is the same sampler (drift, noise, network calls) without "
                 "weights, so every comparison is at equal NFE. ± is the Monte-Carlo standard error over "
                 "independent particle systems (digits: over images). 1-D mixtures as (weights; means; variances): "

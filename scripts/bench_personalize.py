@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows = [] if args.skip_quality else quality(args)
 
-    md = ["Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
+    md = ["## Personalization without backpropagation (`scripts/bench_personalize.py`)\n\n"
+          "Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
           "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
           "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run, on a shared 2-core machine "
           f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."

@@ -9,8 +9,15 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from tasks.gmm import (ClassConditionalGMM, GaussianMixture, SlicedWasserstein, annealed_grid,
-                       gaussian_geometric_mean, geometric_grid, grid_density)
+from tasks.gmm import (
+    ClassConditionalGMM,
+    GaussianMixture,
+    SlicedWasserstein,
+    annealed_grid,
+    gaussian_geometric_mean,
+    geometric_grid,
+    grid_density,
+)
 
 F64 = torch.float64
 
@@ -21,7 +28,8 @@ def t64(x):
 
 @pytest.fixture
 def gmm2() -> GaussianMixture:
-    covs = torch.stack([0.25 * torch.eye(2, dtype=F64), t64([[0.5, 0.2], [0.2, 0.3]]), t64([[0.2, -0.05], [-0.05, 0.4]])])
+    covs = torch.stack([0.25 * torch.eye(2, dtype=F64), t64([[0.5, 0.2], [0.2, 0.3]]),
+                        t64([[0.2, -0.05], [-0.05, 0.4]])])
     return GaussianMixture(t64([0.3, 0.5, 0.2]), t64([[-2.0, 0.5], [2.0, -1.0], [0.0, 2.0]]), covs)
 
 
