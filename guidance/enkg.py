@@ -60,8 +60,8 @@ class EnKG(MeasurementSolver):
             ``start * N < i < N - int(end * N)``.
         max_ode_steps: cap on the inner PF-ODE steps ``n_i = min(1 + (N - i) // 4, max_ode_steps)`` (official
             20; 1 uses the denoiser ``D(x)`` directly). Inner steps visit the plan's own remaining levels.
-        lr_min_ratio: ``r`` in ``w_i = w ((1 - r)(N - i) / N + r)`` (0: constant; the official code adds
-            ``r`` unscaled).
+        lr_min_ratio: ``r``; ``w_i = w`` for ``r = 0`` (constant), else ``w_i = w (1 - r)(N - i) / N + r``
+            (official ``get_lr``: ``r`` is added unscaled).
     """
 
     needs_grad = False
@@ -93,7 +93,9 @@ class EnKG(MeasurementSolver):
 
     def step_size(self, index: int, num_steps: int) -> float:
         r = self.lr_min_ratio
-        return self.scale * ((1 - r) * (num_steps - index) / num_steps + r)
+        if r == 0:
+            return self.scale
+        return self.scale * (1 - r) * (num_steps - index) / num_steps + r
 
     def ode_steps(self, index: int, num_steps: int) -> int:
         return min(1 + (num_steps - index) // 4, self.max_ode_steps)

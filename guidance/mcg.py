@@ -51,7 +51,9 @@ class MCG(DPS):
     def correct(self, transition: Transition) -> Tensor:
         grad, _ = self.gradient(transition.x, transition.x0_hat)
         x_next = transition.x_next.detach() - self.step_weight(transition) * self.operator.project_null(grad)
+        self.stats.forward_model_calls += x_next.shape[0]          # project_null evaluates A once
         if not self.project:
             return x_next
         y_next = self.noised_measurement(transition.alpha_next, transition.sigma_next, x_next, transition.generator)
+        self.stats.forward_model_calls += x_next.shape[0]          # and so does project
         return self.operator.project(x_next, y_next)

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the operator, the noise and the sampler")
     p.add_argument("--zoom", type=int, default=8, help="nearest-neighbour magnification of the PNG")
     p.add_argument("--out", type=Path, default=Path("solve.png"), help="output PNG; metrics go next to it (.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     latent = args.solver in inverse.LATENT_SOLVERS
     model = args.model or ("digits-t2i" if latent else "digits-class")
-    pipe = zoo.load(model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = zoo.load(model, device=device)
     pipe.set_progress_bar_config(disable=True)
     if latent:
         shape = (pipe.vae.config.in_channels, pipe.vae.config.sample_size, pipe.vae.config.sample_size)
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                                                scale=scale, particles=particles, progress=progress)
     except (ValueError, FloatingPointError) as err:
         raise SystemExit(f"diffguide-solve: {err}") from None
+    recon = recon.float().cpu()
     per_particle = inverse.scores(recon, truth.expand_as(recon))
     panels = [measurement_preview(op, y, shape)[0], recon[0], truth[0]]
     to_png(panels, args.zoom, args.out)

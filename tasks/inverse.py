@@ -126,7 +126,7 @@ def solve_pixel(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: in
     method = pixel_solver(solver, operator, y_rows, scale, ensemble_size=particles, **options)
     plan = plan_from_scheduler(pipe.scheduler, steps)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *operator.in_shape, generator=g)
+    x = torch.randn(batch, *operator.in_shape, generator=g).to(pipe.unet.device, pipe.unet.dtype)
     out = sample_inverse(class_denoiser(pipe, label), x, plan, method, generator=g, disable=not progress)
     return out.clamp(-1, 1), method.stats
 
@@ -162,7 +162,7 @@ def solve_latent(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: i
     g = torch.Generator().manual_seed(seed)
     channels = pipe.unet.config.in_channels
     size = pipe.unet.config.sample_size
-    z = torch.randn(y.shape[0], channels, size, size, generator=g)
+    z = torch.randn(y.shape[0], channels, size, size, generator=g).to(pipe.unet.device, pipe.unet.dtype)
     out = sample_inverse(model, z, plan, method, eta=0.0, generator=g, disable=not progress)
     with torch.no_grad():
         images = decode(out)

@@ -177,6 +177,25 @@ def test_mcg_noiseless_inpainting_keeps_measured_pixels_exactly():
     assert not torch.equal(out[~measured], truth[~measured])        # the hole is sampled, not copied
 
 
+def test_mcg_counts_every_forward_evaluation():
+    class CountingOperator(MatrixOperator):
+        calls = 0
+
+        def forward(self, x):
+            CountingOperator.calls += x.shape[0]
+            return super().forward(x)
+
+    g = _gen(13)
+    gmm = GaussianMixture.isotropic(torch.ones(2, dtype=F64) / 2, torch.randn(2, 3, generator=g, dtype=F64), 0.3)
+    op = CountingOperator(torch.randn(2, 3, generator=g, dtype=F64), sigma_y=0.1)
+    y = op.forward(gmm.sample(1, g))
+    CountingOperator.calls = 0
+    mcg = MCG(op, y, scale=0.1)
+    sample_inverse(_denoiser(gmm), torch.randn(4, 3, generator=g, dtype=F64), _plan(10), mcg, generator=g,
+                   disable=True)
+    assert mcg.stats.forward_model_calls == CountingOperator.calls > 0
+
+
 def test_mcg_gradient_lives_in_the_null_space():
     g = _gen(13)
     A = random_matrix(2, 4, g)
@@ -239,11 +258,24 @@ def test_enkg_small_steps_reduce_every_particles_misfit():
         # one update is x - (w / ||C||_F) * direction
         x0 = prior.denoise(x, *lv)
         direction, coupling = ensemble_update_direction(x[None], (x0 @ A.T)[None], y[None])
-        step = enkg.step_size(level, plan.num_steps) / torch.linalg.matrix_norm(coupling[0])
+        step = 0.05 / torch.linalg.matrix_norm(coupling[0])             # r = 0: the constant scale
         assert torch.allclose(x_new, x - step * direction[0], atol=1e-12)
         new_misfit = ((prior.denoise(x_new, *lv) @ A.T - y) ** 2).sum(1)
         assert (new_misfit < misfit).all()
         x, misfit = x_new, new_misfit
+
+
+def test_enkg_step_schedule_follows_the_official_get_lr():
+    op = MatrixOperator(torch.eye(3, dtype=torch.float64))
+    y = torch.zeros(1, 3, dtype=torch.float64)
+    n = 80
+    constant = EnKG(op, y, scale=2.0)
+    assert [constant.step_size(i, n) for i in (0, 40, 79)] == [2.0, 2.0, 2.0]
+    decaying = EnKG(op, y, scale=3.5, lr_min_ratio=1e-3)
+    for i in (0, 40, 79):       # guidance_scale * (1 - r) * (N - i) / N + r, r unscaled
+        assert decaying.step_size(i, n) == pytest.approx(3.5 * (1 - 1e-3) * (n - i) / n + 1e-3, rel=1e-12)
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        EnKG(op, y, lr_min_ratio=1.5)
 
 
 def test_enkg_on_a_black_box_uses_forward_calls_only():

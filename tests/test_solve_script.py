@@ -68,3 +68,19 @@ def test_cli_image_input_and_black_box_error(tiny_class_pipe, tmp_path):
     with pytest.raises(SystemExit, match="EnKG"):
         solve.main(["--task", "heat", "--digit", "0", "--solver", "dps", "--steps", "2", "--model",
                     str(tiny_class_pipe), "--out", str(tmp_path / "x.png"), "--no-progress"])
+
+
+@pytest.mark.parametrize("solver", ["p2l", "latent_dps"])
+def test_cli_latent_solvers_on_the_shipped_t2i_model(solver, tmp_path):
+    out = tmp_path / f"{solver}.png"
+    solve.main(["--task", "inpaint_box", "--digit", "5", "--solver", solver, "--steps", "3", "--device", "cpu",
+                "--out", str(out), "--zoom", "1", "--no-progress"])
+    assert Image.open(out).size == (3 * 16 + 2, 16)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["model"] == "digits-t2i" and report["solver"] == solver
+    calls = report["calls_per_sample"]
+    if solver == "latent_dps":                                       # one denoiser call and one gradient per step
+        assert calls["denoiser_calls"] == calls["gradient_calls"] == 3
+    else:                                                            # P2L adds its prompt-tuning passes
+        assert calls["denoiser_calls"] > 3 and calls["gradient_calls"] > 3
+    assert 0.0 < report["psnr"] < 100.0
