@@ -412,7 +412,7 @@ def report(args, work: Path) -> None:
     minutes = 0.0
     for model in REFERENCE:
         path = work / f"{model}.pt"
-        saved = torch.load(path, weights_only=False) if path.exists() else None
+        saved = torch.load(path, weights_only=True) if path.exists() else None  # tensors, numbers, strings
         if saved is None or saved["protocol"] != protocol_key(args):
             print(f"no results of {model} with this protocol in {work}; run it with --models {model}")
             continue

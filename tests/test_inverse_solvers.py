@@ -325,5 +325,9 @@ def test_solvers_refuse_operators_they_cannot_use():
         DPS(op, torch.zeros(1, 2), normalize="l1")
     with pytest.raises(ValueError, match="multiple"):
         EnKG(op, torch.zeros(1, 2), ensemble_size=3).prepare(lambda x, lv: x, torch.zeros(4, 2), _plan(10), 5)
+    with pytest.raises(TypeError, match="num_updates"):
+        EnKG(op, torch.zeros(1, 2), num_updates=1.5)
+    with pytest.raises(ValueError, match="ensemble_size"):
+        EnKG(op, torch.zeros(1, 2), ensemble_size=1)
     with pytest.raises(TypeError):
         sample_inverse(lambda x, lv: x, torch.zeros(2, 2), _plan(3), object(), disable=True)
