@@ -25,6 +25,7 @@ exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -37,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tasks.metrics.features import weights_fingerprint
 from guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -131,6 +133,14 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token
     if tokenizer.encode(f"a {token}", add_special_tokens=False)[-1] != token_id:
         raise ValueError(f"the tokenizer does not read {token!r} back as one token")
     return token_id
+
+
+def images_fingerprint(images: Tensor) -> str:
+    """SHA-256 of the training images' float32 values and shape (identifies them across runs)."""
+    values = images.detach().float().cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(values.shape)).encode())
+    digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_learned_embedding(path: str | Path, token: str, embedding: Tensor) -> Path:
@@ -263,6 +273,9 @@ class TextualInversion:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.config = config.resolved(self.noise_scheduler.config.num_train_timesteps)
         self._check_images(self.images)
+        self.images_sha256 = images_fingerprint(self.images)
+        self.model_fingerprint = "-".join(weights_fingerprint(getattr(pipe, name))
+                                          for name in ("unet", "text_encoder", "vae"))
         self.token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, self.token, self.initializer_token)
         if self.config.quantize:                          # token embeddings stay float: quanto skips nn.Embedding
             from tasks.quantize import COMPONENTS, is_quantized, quantize_module
@@ -456,7 +469,8 @@ class TextualInversion:
         embedding_path = save_learned_embedding(out_dir / EMBEDDING_FILE, self.token, self.embedding)
         _atomic_save(self.state_dict(), folder / "state.safetensors")
         meta = {"step": self.step_count, "token": self.token, "initializer_token": self.initializer_token,
-                "num_images": len(self.images), "config": self.config.to_json()}
+                "num_images": len(self.images), "images_sha256": self.images_sha256,
+                "model_fingerprint": self.model_fingerprint, "config": self.config.to_json()}
         tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, folder / "state.json")
@@ -465,8 +479,9 @@ class TextualInversion:
     def load_checkpoint(self, out_dir: str | Path) -> int:
         """Restore the state saved by :meth:`save_checkpoint`; returns the step reached.
 
-        The token, initializer, number of images and every setting except ``steps`` and ``save_every`` must
-        match the checkpoint's (``ValueError`` names the differences).
+        The token, initializer, images (SHA-256 of their values), model weights (fingerprint taken before
+        quantization) and every setting except ``steps`` and ``save_every`` must match the checkpoint's
+        (``ValueError`` names the differences).
         """
         folder = Path(out_dir) / CHECKPOINT_DIR
         meta = json.loads((folder / "state.json").read_text())
@@ -475,9 +490,10 @@ class TextualInversion:
         diffs = [f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in ours
                  if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
         for key, now in (("token", self.token), ("initializer_token", self.initializer_token),
-                         ("num_images", len(self.images))):
-            if meta[key] != now:
-                diffs.append(f"{key}: checkpoint {meta[key]!r} vs now {now!r}")
+                         ("num_images", len(self.images)), ("images_sha256", self.images_sha256),
+                         ("model_fingerprint", self.model_fingerprint)):
+            if meta.get(key) != now:
+                diffs.append(f"{key}: checkpoint {meta.get(key)!r} vs now {now!r}")
         if diffs:
             raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
         self.load_state_dict(load_file(str(folder / "state.safetensors")))

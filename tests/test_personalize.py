@@ -130,6 +130,12 @@ def test_resume_continues_exactly(method, tmp_path):
         TextualInversion(tiny_sd(), images(), "<s1>", "a",
                          PersonalizeConfig(**{**cfg.__dict__, "learning_rate": 1.0})).train(
             tmp_path / "resumed", resume=True, progress=False)
+    with pytest.raises(ValueError, match="images_sha256"):                # same count, other images
+        TextualInversion(tiny_sd(), images(seed=1), "<s1>", "a", cfg).train(tmp_path / "resumed", resume=True,
+                                                                             progress=False)
+    with pytest.raises(ValueError, match="model_fingerprint"):            # same architecture, other weights
+        TextualInversion(tiny_sd(seed=1), images(), "<s1>", "a", cfg).train(tmp_path / "resumed", resume=True,
+                                                                             progress=False)
     second = TextualInversion(tiny_sd(), images(), "<s1>", "a", cfg)
     path = second.train(tmp_path / "resumed", resume=True, progress=False)
     assert second.step_count == 6
