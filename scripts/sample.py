@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         images = sample(args)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
     cols = args.num_images if args.num_images > 1 else min(len(images), 10)
     out = Path(args.out)

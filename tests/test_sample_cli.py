@@ -38,6 +38,7 @@ def test_guides_and_schedulers(tmp_path, guide):
     (["--class-labels", "11"], "class label"),
     (["--prompt", "a digit"], "class-conditional"),
     (["--guidance", "nope"], "unknown guide"),
+    (["--guidance", "cfg:foo=1"], "foo"),
 ])
 def test_bad_input_is_reported(tmp_path, args, match, capsys):
     with pytest.raises(SystemExit) as err:
@@ -50,3 +51,15 @@ def test_bad_arguments_exit_with_usage(tmp_path, args, capsys):
     with pytest.raises(SystemExit) as err:
         sample.main([*args, "--out", str(tmp_path / "x.png")])
     assert err.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_text_to_image_model_and_local_folder(tmp_path):
+    from tasks import zoo
+
+    prompts = ["a handwritten digit three", "the number 8"]
+    first = run(tmp_path, "--model", "digits-t2i", "--prompt", *prompts, "--guidance", "cfgpp", name="t2i.png")
+    assert Image.open(first).size == (2 * 64, 64)
+    folder = tmp_path / "copy"
+    zoo.load("digits-t2i").save_pretrained(folder)           # the same weights, loaded from a folder
+    again = run(tmp_path, "--model", str(folder), "--prompt", *prompts, "--guidance", "cfgpp", name="folder.png")
+    assert digest(first) == digest(again)
