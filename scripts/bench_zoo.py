@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     test_accuracy = classifier.accuracy(x_test, y_test)
     clip = zoo.load("digits-clip")
     zero_shot = (clip.zero_shot_predict(x_test) == y_test).float().mean().item()
-    fid = FID(DigitFeatures(classifier))
-    fid.update(to_unit(load_digits_tensors("train", 16)[0]), real=True)
+    x_train = load_digits_tensors("train", 16)[0]
+    fid = FID(DigitFeatures(classifier))                  # real statistics: the train split
+    fid.update(to_unit(x_train), real=True)
     fid_test = fid_value(fid, to_unit(x_test))
+    fid_held_out = FID(DigitFeatures(classifier))         # real statistics: the held-out test split
+    fid_held_out.update(to_unit(x_test), real=True)
+    fid_train_vs_test = fid_value(fid_held_out, to_unit(x_train))
     clip_score = CLIPScore(*clip)
 
     indices = range(args.per_class * NUM_CLASSES)      # image i: digit i % 10, caption template (i // 10) % T
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             clip_score.reset()
             clip_score.update(images, prompts)
             score = f"{float(clip_score.compute()):.1f}"
-        rows.append(f"| {name} | {scale:g} | {accuracy:.3f} | {fid_value(fid, images):.1f} | {score or '–'} |")
+        rows.append(f"| {name} | {scale:g} | {accuracy:.3f} | {fid_value(fid_held_out, images):.1f} | "
+                    f"{fid_value(fid, images):.1f} | {score or '–'} |")
         if args.grid_dir is not None:
             order = torch.arange(len(images)).reshape(-1, NUM_CLASSES).T.reshape(-1)[: NUM_CLASSES * 8]
             save_grid(images[order], args.grid_dir / f"{name}-cfg{scale:g}.png", nrow=8)
@@ -113,11 +118,11 @@ def main(argv: list[str] | None = None) -> None:
 Samples: {n} per row ({args.per_class} per digit; for digits-t2i the prompts cycle through the
 {len(CAPTION_TEMPLATES)} caption templates), DDIM {args.steps} steps, seed {args.seed}. Accuracy: the shipped
 digits-classifier on the samples. FID-digits: Fréchet distance of the classifier's 64-d features against
-the 1,437 train images (the 360 real test images score {fid_test:.1f}). CLIP score: `tasks.metrics.CLIPScore`
-under digits-clip.
+the 360 held-out test images (the 1,437 real train images score {fid_train_vs_test:.1f}), and against the train
+images (the real test images score {fid_test:.1f}). CLIP score: `tasks.metrics.CLIPScore` under digits-clip.
 
-| model | CFG scale | accuracy | FID-digits | CLIP score |
-|---|---|---|---|---|
+| model | CFG scale | accuracy | FID-digits vs test split | FID-digits vs train split | CLIP score |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 - digits-classifier test accuracy (360 held-out digits): **{test_accuracy:.3f}**
