@@ -96,7 +96,10 @@ def plan_from_scheduler(scheduler, num_inference_steps: int, device: torch.devic
 
     Schedulers that keep ``sigmas`` (Euler, Euler-ancestral, DPM-Solver) give them directly; DDIM/DDPM-style
     schedulers give ``alphas_cumprod`` at each timestep and at DDIM's previous timestep
-    (``t - T // N``, ``final_alpha_cumprod`` below 0).
+    (``t - T // N``, ``final_alpha_cumprod`` below 0) after the last one. Between listed timesteps the plan moves
+    to the next *listed* level; diffusers' DDIM moves to ``t - T // N`` instead, which is the same level for its
+    default "leading" spacing but not for "trailing"/"linspace" spacing when ``T % N != 0`` (there its
+    trajectories and ours differ slightly, by ~1e-3 in alpha_bar).
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
