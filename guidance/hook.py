@@ -36,8 +36,16 @@ class HookStats:
 
 
 def _network(pipe) -> tuple[str, torch.nn.Module, bool]:
-    """(attribute name, module, uncond_first) of the pipeline's denoising network."""
+    """(attribute name, module, uncond_first) of the pipeline's denoising network.
+
+    Only pipelines that batch CFG are accepted; their ``__call__`` takes ``guidance_scale``. Others (e.g. the
+    unconditional ``DDPMPipeline``) would have independent samples taken for ``[uncond; cond]`` halves.
+    """
     name = type(pipe).__name__
+    call = next((vars(k)["__call__"] for k in type(pipe).__mro__ if "__call__" in vars(k)), None)
+    if not callable(call) or "guidance_scale" not in inspect.signature(call).parameters:
+        raise TypeError(f"apply() supports pipelines that batch classifier-free guidance, whose __call__ takes "
+                        f"guidance_scale ({SUPPORTED}); got {name}, which does not")
     if name == "DiTPipeline":
         return "transformer", pipe.transformer, False
     unet = getattr(pipe, "unet", None)
@@ -112,18 +120,18 @@ class _Session:
     def call(self, super_call, *args, **kwargs):
         sig = inspect.signature(self._orig_class.__call__)
         bound = sig.bind_partial(self.pipe, *args, **kwargs)
-        params = dict(list(bound.arguments.items())[1:])
+        params = bound.arguments
         if float(params.get("guidance_rescale", 0.0) or 0.0) != 0.0:
             raise ValueError("guidance_rescale must be 0 under guidance.apply; use guidance.CFGRescale instead")
-        if "guidance_scale" in sig.parameters:
-            scale = params.get("guidance_scale", sig.parameters["guidance_scale"].default)
-            if scale is None or float(scale) <= 1.0:
-                params["guidance_scale"] = 2.0  # any value > 1 makes the pipeline batch [uncond; cond]
+        scale = params.get("guidance_scale", sig.parameters["guidance_scale"].default)
+        if scale is None or float(scale) <= 1.0:
+            params["guidance_scale"] = 2.0  # any value > 1 makes the pipeline batch [uncond; cond]
         self.guide.reset()
         self.index = 0
         self.renoise = None
         self.step_state.clear()
-        return super_call(**params)
+        # bound.args/kwargs re-expand **kwargs (e.g. SD's legacy callback=), so every argument arrives unchanged
+        return super_call(*bound.args[1:], **bound.kwargs)
 
     # -- the network ----------------------------------------------------------------------------------
     def _level(self, t: Tensor, device, dtype) -> Level:

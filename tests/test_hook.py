@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DModel)
 
 import guidance
 from guidance import GuidedDenoiser
@@ -31,9 +31,14 @@ PIPES = {
 
 
 def count_rows(pipe):
+    """Rows the network really evaluates: a pre-hook on the first layer every forward passes through.
+
+    A hook on the network itself would see only the pipeline's input (the patched forward bypasses it).
+    """
     net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    first = net.pos_embed if hasattr(net, "pos_embed") else net.conv_in
     rows = []
-    handle = net.register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    handle = first.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
     return rows, handle
 
 
@@ -73,13 +78,71 @@ def test_guide_scale_rules_over_pipeline_argument():
     assert torch.equal(native, hooked)
 
 
-def test_cfg_scale_one_evaluates_only_conditional_rows():
-    pipe = tiny_class_pipe()
-    kw = dict(class_labels=[1, 2, 3], num_inference_steps=3, output_type="pt")
+@pytest.mark.parametrize("name", ["class", "sd", "dit"])
+def test_cfg_scale_one_evaluates_only_conditional_rows(name):
+    make, kw = PIPES[name]
+    pipe = make()
+    kw = dict(kw, num_inference_steps=3, output_type="pt")
+    rows, handle = count_rows(pipe)
+    pipe(guidance_scale=5.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert sum(rows) == 2 * 2 * 3  # native CFG: [uncond; cond] for both samples, every step
+    rows.clear()
     native = pipe(guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    rows.clear()
     with guidance.apply(pipe, guidance.CFG(1.0)) as stats:
         hooked = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert stats.rows == 3 * 3 and torch.equal(native, hooked)
+    handle.remove()
+    assert sum(rows) == stats.rows == 2 * 3  # the network ran on the conditional rows only
+    if name != "dit":  # DiT without CFG evaluates a different batch (and draws different noise)
+        assert torch.equal(native, hooked)
+
+
+@pytest.mark.parametrize("guide", [guidance.CFG(7.5), guidance.APG(7.5, norm_threshold=5.0),
+                                   guidance.CFGPlusPlus(0.6)], ids=repr)
+def test_guides_evaluate_as_many_rows_as_native_cfg(guide):
+    pipe = tiny_sd()
+    kw = dict(prompt=["a cat", "dog"], height=16, width=16, num_inference_steps=3, output_type="latent")
+    rows, handle = count_rows(pipe)
+    pipe(guidance_scale=7.5, generator=torch.Generator().manual_seed(0), **kw)
+    native = sum(rows)
+    rows.clear()
+    with guidance.apply(pipe, guide) as stats:
+        pipe(generator=torch.Generator().manual_seed(0), **kw)
+    handle.remove()
+    assert sum(rows) == stats.rows == native == 2 * 2 * 3
+
+
+def test_extra_call_arguments_reach_the_pipeline():
+    """Arguments in the pipeline's ``**kwargs`` (SD's legacy ``callback``) and named ones arrive unchanged."""
+    pipe = tiny_sd()
+    kw = dict(prompt=["a cat", "dog"], height=16, width=16, num_inference_steps=4, output_type="np")
+
+    def run(**extra):
+        legacy, on_end = [], []
+        images = pipe(generator=torch.Generator().manual_seed(3), callback=lambda i, t, x: legacy.append(i),
+                      callback_steps=2, callback_on_step_end=lambda p, i, t, d: on_end.append(i) or {}, **kw,
+                      **extra).images
+        return images, legacy, on_end
+
+    with pytest.warns(FutureWarning):
+        native = run(guidance_scale=5.0)
+    with guidance.apply(pipe, guidance.CFG(5.0)):
+        with pytest.warns(FutureWarning):
+            hooked = run()
+    assert native[1] == hooked[1] == [0, 2] and native[2] == hooked[2] == [0, 1, 2, 3]
+    assert abs(native[0] - hooked[0]).max() == 0.0
+
+
+def test_rejects_pipelines_without_cfg_batching():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+    with pytest.raises(TypeError, match="supports.*guidance_scale.*StableDiffusionPipeline.*DDPMPipeline"):
+        with guidance.apply(pipe, guidance.CFG(2.0)):
+            pass
+    assert type(pipe) is DDPMPipeline and "forward" not in pipe.unet.__dict__
 
 
 def test_rescale_equals_native_guidance_rescale():
