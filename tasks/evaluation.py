@@ -84,9 +84,27 @@ def _latent_shape(pipe) -> tuple[int, ...]:
     return (pipe.unet.config.in_channels, *size)
 
 
+def _count_uncond(guide: guidance.Guidance, batch_size: int) -> Tensor:
+    """Make ``guide`` count, per sample, the unconditional rows it asks for; returns the (live) counts."""
+    counts = torch.zeros(batch_size, dtype=torch.long)
+    needs_uncond = guide.needs_uncond
+
+    def counting(level, size: int) -> Tensor:
+        mask = needs_uncond(level, size)
+        counts.add_(mask.to(torch.bool).cpu().long())
+        return mask
+
+    guide.needs_uncond = counting
+    return counts
+
+
 @torch.no_grad()
-def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Tensor, int]:
-    """Images ``(B, C, H, W)`` in [0, 1] for ``indices`` and the network rows evaluated."""
+def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Tensor, list[int]]:
+    """Images ``(B, C, H, W)`` in [0, 1] for ``indices`` and the network rows each image took.
+
+    An image's rows are its unconditional rows (adaptive guides skip them per sample) plus its share of
+    the rows every sample gets (conditional rows, extra passes), so they do not depend on the batch.
+    """
     kind = pipeline_kind(pipe)
     generators = [torch.Generator().manual_seed(image_seed(cfg.seed, i)) for i in indices]
     shape = _latent_shape(pipe)
@@ -94,13 +112,25 @@ def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Ten
     latents = latents.to(pipe.device, pipe.unet.dtype)
     call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, eta=cfg.eta,
                 output_type="pt")
-    with guidance.apply(pipe, cfg.build_guide()) as stats:
+    guide = cfg.build_guide()
+    uncond = _count_uncond(guide, len(indices))
+    with guidance.apply(pipe, guide) as stats:
         if kind == "class":
             images = pipe(class_labels=image_labels(indices, pipe.num_classes), **call).images
         else:
             size = shape[-1] * pipe.vae_scale_factor
             images = pipe(prompt=image_prompts(indices), height=size, width=size, **call).images
-    return images.float().cpu(), stats.rows
+    shared, rest = divmod(stats.rows - int(uncond.sum()), len(indices))
+    if rest or shared < 0:
+        raise RuntimeError(f"{stats.rows} network rows do not split over {len(indices)} images with "
+                           f"{uncond.tolist()} unconditional rows")
+    return images.float().cpu(), (uncond + shared).tolist()
+
+
+def network_rows_per_image(folder: RunFolder, num_images: int) -> float | None:
+    """Mean network rows over the images ``0 .. num_images - 1`` (``None`` if one was saved without them)."""
+    rows = [folder.network_rows(i) for i in range(num_images)]
+    return None if None in rows else sum(rows) / num_images
 
 
 def blocks(indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -116,7 +146,8 @@ def sample_run(pipe, cfg: SamplingConfig, folder: RunFolder, state: PartialState
     """Sample the images ``folder`` is missing, split over processes; returns how many were written (all ranks).
 
     A block with some images already written is sampled whole (same batch, same numbers) and only its
-    missing images are written. The network rows per image go to ``nfe.json`` before the first image.
+    missing images are written, each with the network rows it took. At the end the main process writes
+    their mean over all images to ``nfe.json`` (the same for any batch size, process count or restart).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,14 +166,17 @@ def sample_run(pipe, cfg: SamplingConfig, folder: RunFolder, state: PartialState
                    disable=not (progress and state.is_main_process), unit="img")
         for full, needed in mine:
             images, rows = sample_block(pipe, cfg, full)
-            if folder.read_json("nfe.json") is None:
-                folder.write_json("nfe.json", {"network_rows_per_image": rows / len(full)})
-            for i, image in zip(full, images):
+            for i, image, n in zip(full, images, rows):
                 if i in needed:
-                    folder.write_image(i, image)
+                    folder.write_image(i, image, network_rows=n)
                     written += 1
             bar.update(len(needed))
         bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        nfe = network_rows_per_image(folder, cfg.num_images)
+        if nfe is not None or folder.read_json("nfe.json") is None:     # keeps the value of an older folder
+            folder.write_json("nfe.json", {"network_rows_per_image": nfe})
     state.wait_for_everyone()
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -152,7 +186,8 @@ def sample_run(pipe, cfg: SamplingConfig, folder: RunFolder, state: PartialState
 
 # -------------------------------------------------------------------------------------------- metrics
 def real_images(name: str, size: int) -> Tensor:
-    """A real reference set in [0, 1], rounded to 8 bits like saved samples: ``digits-*`` or an image folder."""
+    """A real reference set of ``size`` x ``size`` images in [0, 1], rounded to 8 bits like saved samples:
+    ``digits-*`` (resized to ``size``) or an image folder (whose images must already have that size)."""
     if name in REAL_SETS:
         images = to_unit(load_digits_tensors(name.split("-", 1)[1], size)[0])
         return (images * 255).round() / 255
@@ -162,7 +197,14 @@ def real_images(name: str, size: int) -> Tensor:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if len(files) < 2:
         raise ValueError(f"{folder} holds {len(files)} images; FID/KID need at least 2 real images")
-    return torch.stack([load_image(p) for p in files])
+    images = [load_image(p) for p in files]
+    for path, image in zip(files, images):
+        if tuple(image.shape[-2:]) != (size, size):
+            raise ValueError(f"real image {path} is {image.shape[-2]}x{image.shape[-1]}, the generated images "
+                             f"are {size}x{size}; resize the real set to {size}x{size} first")
+    if len({image.shape[0] for image in images}) > 1:
+        raise ValueError(f"{folder} mixes gray and RGB images; convert them to one mode first")
+    return torch.stack(images)
 
 
 def prepare_real(metrics: ImageMetrics, real: str, size: int, cache_dir: str | Path, feature: nn.Module,
@@ -186,12 +228,13 @@ def prepare_real(metrics: ImageMetrics, real: str, size: int, cache_dir: str | P
 
 
 def _has_stats(path: Path, wanted: list[str]) -> bool:
+    """The cache holds the wanted statistics and their image size (older files without it are recomputed)."""
     if not path.exists():
         return False
     from safetensors import safe_open
     with safe_open(path, "pt") as handle:
         keys = set(handle.keys())
-    return all({"fid": "fid_sum", "kid": "kid_features"}[name] in keys for name in wanted)
+    return "real_size" in keys and all({"fid": "fid_sum", "kid": "kid_features"}[name] in keys for name in wanted)
 
 
 def score_images(metrics: ImageMetrics, paths: Sequence[Path], state: PartialState,

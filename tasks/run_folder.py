@@ -1,8 +1,9 @@
 """A resumable output folder for one sampling run: a stored configuration, one PNG per image index.
 
-Image ``i`` is written as ``images/{i:06d}.png`` by an atomic rename, so a killed run leaves only
-complete images; restarting with the same configuration samples exactly the missing indices. A folder
-written under another configuration is refused (its hash is stored in ``config.json``).
+Image ``i`` is written as ``images/{i:06d}.png`` by an atomic rename, with the network rows it took in a
+PNG text chunk, so a killed run leaves only complete images; restarting with the same configuration
+samples exactly the missing indices. A folder written under another configuration is refused (its hash
+is stored in ``config.json``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 IMAGE_NAME = re.compile(r"^(\d{6})\.png$")
 TEMP_PREFIX = ".partial-"
+ROWS_KEY = "diffguide:network_rows"
 
 
 def image_seed(base_seed: int, index: int) -> int:
@@ -53,9 +56,13 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def to_pil(image: Tensor) -> Image.Image:
-    """``(C, H, W)`` float in [0, 1] -> 8-bit gray (C=1) or RGB (C=3) PIL image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def to_pil(image: Tensor, name: str = "image") -> Image.Image:
+    """``(C, H, W)`` float in [0, 1] -> 8-bit gray (C=1) or RGB (C=3) PIL image; NaN or inf is refused."""
+    image = image.detach().float()
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{name} holds NaN or inf values (the sampler diverged); only finite images can be "
+                         "saved: lower the guidance scale or check the model")
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array[..., 0], "L") if array.shape[-1] == 1 else Image.fromarray(array, "RGB")
 
 
@@ -113,8 +120,20 @@ class RunFolder:
         done = self.existing()
         return [i for i in range(num_images) if i not in done]
 
-    def write_image(self, index: int, image: Tensor) -> None:
-        atomic_write(self.image_path(index), lambda tmp: to_pil(image).save(tmp, format="PNG"))
+    def write_image(self, index: int, image: Tensor, network_rows: int | None = None) -> None:
+        """Save image ``index``; ``network_rows`` (the network rows it took) is stored in the PNG itself."""
+        pil = to_pil(image, f"image {index}")
+        info = None
+        if network_rows is not None:
+            info = PngInfo()
+            info.add_text(ROWS_KEY, str(int(network_rows)))
+        atomic_write(self.image_path(index), lambda tmp: pil.save(tmp, format="PNG", pnginfo=info))
+
+    def network_rows(self, index: int) -> int | None:
+        """The network rows stored with image ``index`` (``None`` if it was saved without them)."""
+        with Image.open(self.image_path(index)) as image:
+            value = image.info.get(ROWS_KEY)
+        return None if value is None else int(value)
 
     def read_images(self, indices: Iterable[int]) -> Tensor:
         return torch.stack([load_image(self.image_path(i)) for i in indices])

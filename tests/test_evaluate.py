@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from PIL import Image
 
 from scripts import evaluate
 from tasks.classifier import DigitClassifier
 from tasks.evaluation import blocks, image_labels
 from tasks.pipelines import ClassConditionalPipeline
-from tasks.run_folder import RunFolder, image_seed
+from tasks.run_folder import RunFolder, image_seed, to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES, STEPS, BATCH = 23, 40, 3          # 23: uneven shards over 2 processes (4 + 4 blocks, 12 + 11 images)
@@ -132,6 +133,54 @@ def test_other_configuration_is_refused(assets, reference, tmp_path):
     folder.claim()
     with pytest.raises(ValueError, match="differs in: steps"):
         RunFolder(tmp_path, {"steps": 4}).check()
+
+
+def test_diverged_images_are_not_saved(tmp_path):
+    folder = RunFolder(tmp_path, {"steps": 3})
+    folder.claim()
+    image = torch.rand(1, 16, 16)
+    image[0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="image 3 holds NaN or inf"):
+        folder.write_image(3, image)
+    assert folder.existing() == set() and not list(folder.images.iterdir())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        to_pil(torch.full((3, 4, 4), float("inf")))
+
+
+def test_real_folder_of_another_size_is_refused(assets, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, size in enumerate((16, 16, 8)):                         # mixed sizes: one is not 16x16
+        Image.new("L", (size, size), 40 * i).save(real / f"{i}.png")
+    argv = [*arguments(assets, tmp_path / "out"), "--real", str(real), "--feature", "digits",
+            "--stats-dir", str(tmp_path / "stats")]
+    with pytest.raises(SystemExit, match=r"error: real image .*2\.png is 8x8, the generated images are 16x16"):
+        run_here(argv)
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(real / f"{i}.png")
+    with pytest.raises(SystemExit, match="is 8x8, the generated images are 16x16"):
+        run_here(argv)
+    assert not (tmp_path / "stats").exists()                      # nothing cached under the 16px tag
+
+
+def test_nfe_of_an_adaptive_guide_is_the_mean_over_all_images(assets, tmp_path):
+    pipe = ClassConditionalPipeline.from_pretrained(assets / "pipe")
+    with torch.no_grad():                                      # a class that matters: AG stops at different steps
+        pipe.unet.class_embedding.weight.mul_(100)
+    pipe.save_pretrained(tmp_path / "pipe")
+    argv = ["--model", str(tmp_path / "pipe"), "--classifier", str(assets / "classifier"), "--guide",
+            "ag@2:threshold=0.99", "--num-images", "12", "--steps", "10", "--metrics", "accuracy", "--no-progress"]
+    results = {batch: run_here([*argv, "--batch-size", str(batch), "--out", str(tmp_path / f"batch-{batch}")])[0]
+               for batch in (1, 5)}
+    assert results[1]["nfe"] == results[5]["nfe"]
+    rows = {batch: [RunFolder(row["folder"], {}).network_rows(i) for i in range(12)] for batch, row in results.items()}
+    assert rows[1] == rows[5] and results[1]["nfe"] == sum(rows[1]) / 12
+    assert sum(rows[1][:5]) / 5 != sum(rows[1]) / 12 != rows[1][0]    # not the first block's rows (batch 5 or 1)
+    images = Path(results[5]["folder"]) / "images"
+    for i in (3, 4, 5, 6, 11):                                    # resume with another batch size
+        (images / f"{i:06d}.png").unlink()
+    resumed = run_here([*argv, "--batch-size", "3", "--out", str(tmp_path / "batch-5")])[0]
+    assert resumed["sampled_now"] == 5 and resumed["nfe"] == sum(rows[1]) / 12
 
 
 def test_image_folder_scores_like_the_grid(assets, reference):

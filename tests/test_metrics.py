@@ -129,6 +129,9 @@ def test_real_statistics_round_trip(tmp_path, digits):
     cached.reset()                                                            # real side survives reset
     cached.update(fake[:20])
     assert set(cached.compute()) == {"fid", "kid", "kid_std"}
+    for name in ("fid", "kid"):                              # the real image size is restored with the statistics
+        with pytest.raises(ValueError, match="generated images are 8x8, the real images were 16x16"):
+            cached.metrics[name].update(fake[:4, :, :8, :8], real=False)
 
 
 def test_psnr_and_ssim_against_formulas():
@@ -195,6 +198,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path, digits):
         metrics.update(real * 2 - 1, target=real)
     with pytest.raises(TypeError, match="float"):
         metrics.update((real * 255).byte(), target=real)
+    diverged = real[:6].clone()
+    diverged[2, 0, 3, 3], diverged[4, 0, 0, 0] = float("nan"), float("inf")
+    for update in (lambda: metrics.update(diverged, target=real[:6]), lambda: FID(feature).update(diverged, real=True)):
+        with pytest.raises(ValueError, match=r"finite .* NaN or inf in 2 of 6 images \(indices 2, 4\)"):
+            update()
+    with pytest.raises(ValueError, match="finite"):
+        ClassifierAccuracy(DigitClassifier()).update(torch.full_like(real[:2], float("nan")), [0, 1])
     with pytest.raises(ValueError, match="same shape"):
         metrics.update(real[:4], target=real[:5])
     with pytest.raises(ValueError, match="needs target"):

@@ -26,19 +26,19 @@ def _check_feature(feature: nn.Module) -> nn.Module:
 
 
 class _SameSize:
-    """Refuse generated images of another size than the real ones seen by ``update`` (features would differ
-    by the resize alone)."""
+    """Refuse generated images of another size than the real ones seen by ``update`` or restored by
+    ``load_real_stats`` (features would differ by the resize alone)."""
 
-    _real_size: tuple[int, int] | None = None
+    real_size: tuple[int, int] | None = None                  # (H, W) of the real images, kept across reset()
 
     def _check_size(self, images: Tensor, real: bool) -> None:
         size = tuple(images.shape[-2:])
         if real:
-            self._real_size = self._real_size or size
-        if self._real_size is not None and size != self._real_size:
+            self.real_size = self.real_size or size
+        if self.real_size is not None and size != self.real_size:
             kind = "real" if real else "generated"
             raise ValueError(f"{kind} images are {size[0]}x{size[1]}, the real images were "
-                             f"{self._real_size[0]}x{self._real_size[1]}; resize them to one size first")
+                             f"{self.real_size[0]}x{self.real_size[1]}; resize them to one size first")
 
 
 class FID(_SameSize, FrechetInceptionDistance):

@@ -9,7 +9,7 @@ RANGE_TOLERANCE = 1e-4
 
 
 def check_images(images: Tensor, name: str = "images") -> Tensor:
-    """Validate a float batch ``(N, 1 or 3, H, W)`` with values in [0, 1]; returns it unchanged."""
+    """Validate a float batch ``(N, 1 or 3, H, W)`` of finite values in [0, 1]; returns it unchanged."""
     if not isinstance(images, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -18,6 +18,12 @@ def check_images(images: Tensor, name: str = "images") -> Tensor:
         raise ValueError(f"{name} is empty")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be float in [0, 1], got dtype {images.dtype} (divide uint8 images by 255)")
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{name} must be finite in [0, 1], got NaN or inf in {len(bad)} of {len(images)} images "
+                         f"(indices {shown}): a diverged sample cannot be scored")
     low, high = images.min().item(), images.max().item()
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         hint = " (they look like [-1, 1]: map them with tasks.digits.to_unit)" if low < 0 else ""

@@ -32,7 +32,7 @@ def real_stats_file(dataset: str, extractor: str, cache_dir: str | Path = DEFAUL
 
 def save_real_stats(path: str | Path, fid: FID | None = None, kid: KID | None = None,
                     metadata: dict | None = None) -> Path:
-    """Write the real side of ``fid`` and/or ``kid`` to ``path`` (atomically)."""
+    """Write the real side of ``fid`` and/or ``kid`` to ``path`` (atomically), with the real image size."""
     if fid is None and kid is None:
         raise ValueError("pass fid= and/or kid= to save their real statistics")
     tensors = {}
@@ -45,6 +45,11 @@ def save_real_stats(path: str | Path, fid: FID | None = None, kid: KID | None = 
         if not kid.real_features:
             raise ValueError("kid has no real features to save")
         tensors["kid_features"] = torch.cat(kid.real_features)
+    sizes = {metric.real_size for metric in (fid, kid) if metric is not None and metric.real_size is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"fid and kid saw real images of different sizes {sorted(sizes)}; use one size")
+    if sizes:
+        tensors["real_size"] = torch.tensor(sizes.pop(), dtype=torch.int64)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -64,7 +69,11 @@ def _holds_real() -> bool:
 
 
 def load_real_stats(path: str | Path, fid: FID | None = None, kid: KID | None = None) -> dict:
-    """Load cached real statistics into ``fid`` / ``kid`` (rank 0 only when distributed); returns the metadata."""
+    """Load cached real statistics into ``fid`` / ``kid`` (rank 0 only when distributed); returns the metadata.
+
+    The real image size stored with them is restored on every rank, so generated images of another size
+    are refused as after updating with the real images.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no real statistics at {path}: compute them first (update the metrics with "
@@ -80,6 +89,10 @@ def load_real_stats(path: str | Path, fid: FID | None = None, kid: KID | None = 
             expected = int(metric.inception.num_features)
             if dim != expected:
                 raise ValueError(f"{path} holds {dim}-d features, the metric's extractor gives {expected}")
+    size = tuple(int(n) for n in tensors["real_size"]) if "real_size" in tensors else None
+    for metric in (fid, kid):
+        if metric is not None:
+            metric.real_size = size
     if _holds_real():
         if fid is not None:
             device = fid.real_features_sum.device
