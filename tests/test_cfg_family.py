@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeZeroStarGuidance
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
@@ -129,6 +129,46 @@ def test_cfgpp_euler_correction_equals_ve_formula():
     d_l, d_u = x - s * eps_l, x - s * u  # VE denoised estimates
     want = d_l + s_next * (x - d_u) / s
     assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def ref_euler_ancestral_cfgpp(x, eps_c, eps_u, lam, s, s_next, z):
+    """CFG++ Euler-ancestral (guidance.md 2.3, k-diffusion VE form, eta = 1): x <- D_lam + s_down d_u + s_up z."""
+    den_lam, den_u = x - s * (eps_u + lam * (eps_c - eps_u)), x - s * eps_u  # VE denoised estimates D_lam, D_u
+    d_u = (x - den_u) / s
+    s_up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+    s_down = (s_next**2 - s_up**2) ** 0.5
+    return den_lam + s_down * d_u + s_up * z
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("index", [0, 4, 5])  # 5: the last step, to sigma 0
+def test_cfgpp_euler_ancestral_step_renoises_with_uncond(prediction_type, index):
+    sched = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            prediction_type=prediction_type)
+    sched.set_timesteps(6)
+    sched.sigmas = sched.sigmas.double()
+    sched._step_index = index
+    g = torch.Generator().manual_seed(index)
+    x, eps_c, eps_u = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    s, s_next = float(sched.sigmas[index]), float(sched.sigmas[index + 1])
+    x = x * (1 + s**2) ** 0.5  # a VE state of the right scale
+    lam = 0.7
+    if prediction_type == "epsilon":
+        pred_c, pred_u = eps_c, eps_u
+    else:  # v from eps in the VP frame: x_vp = alpha x_ve, v = (eps - sigma x_vp) / alpha
+        alpha, sigma = (1 + s**2) ** -0.5, s * (1 + s**2) ** -0.5
+        pred_c, pred_u = ((e - sigma * alpha * x) / alpha for e in (eps_c, eps_u))
+    pred_lam = pred_u + lam * (pred_c - pred_u)
+    got = renoise_step(sched, sched.step, pred_lam, pred_u, sched.timesteps[index], x, prediction_type, {},
+                       generator=torch.Generator().manual_seed(7)).prev_sample
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    want = ref_euler_ancestral_cfgpp(x.double(), eps_c.double(), eps_u.double(), lam, s, s_next, z.double())
+    assert sched.step_index == index + 1
+    assert torch.allclose(got.double(), want, atol=2e-5, rtol=1e-5), (got.double() - want).abs().max()
+    eps_lam = (eps_u + lam * (eps_c - eps_u)).double()
+    plain = ref_euler_ancestral_cfgpp(x.double(), eps_lam, eps_lam, 1.0, s, s_next, z.double())
+    if index < 5:  # renoising with eps_lam instead (plain Euler-a on the guided eps) is measurably different
+        assert (got.double() - plain).abs().max() > 1e-3
 
 
 def test_cfg_zero_star_matches_reference_and_diffusers():

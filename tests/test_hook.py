@@ -193,6 +193,39 @@ def test_cfgpp_through_pipeline_equals_our_sampler_loop(sched_cls, sampler):
     assert torch.allclose(hooked, ours, atol=2e-4, rtol=1e-4), (hooked - ours).abs().max()
 
 
+def test_cfgpp_euler_ancestral_through_pipeline_renoises_with_uncond():
+    """SD + EulerAncestralDiscreteScheduler under apply(CFG++): every step is k-diffusion's ancestral step with the
+    guided denoised estimate and the unconditional direction, x' = D_lam + s_down eps_u + s_up z (guidance.md 2.3),
+    with z drawn from the pipeline's generator."""
+    make = lambda: EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                   steps_offset=1)
+    pipe = tiny_sd(scheduler=make())
+    steps, lam, prompts = 6, 0.3, ["a cat", "dog"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    with guidance.apply(pipe, guidance.CFGPlusPlus(lam)):
+        pipe(prompt=prompts, height=16, width=16, num_inference_steps=steps, latents=noise.clone(),
+             output_type="latent", generator=torch.Generator().manual_seed(5),
+             callback_on_step_end=lambda p, i, t, d: seen.append(d["latents"].clone()) or {})
+    assert len(seen) == steps
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    ref = make()
+    ref.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(5)
+    x = noise * ref.init_noise_sigma
+    for i, t in enumerate(ref.timesteps):
+        s, s_next = float(ref.sigmas[i]), float(ref.sigmas[i + 1])
+        with torch.no_grad():
+            eps_u, eps_c = (pipe.unet(x / (1 + s**2) ** 0.5, t, encoder_hidden_states=e).sample for e in (uncond, cond))
+        s_up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+        s_down = (s_next**2 - s_up**2) ** 0.5
+        z = torch.randn(x.shape, generator=gen)
+        expected = x - s * (eps_u + lam * (eps_c - eps_u)) + s_down * eps_u + s_up * z
+        gap = float((seen[i] - expected).abs().max())
+        assert gap <= 5e-5, f"step {i}: {gap}"  # renoising with eps_lam instead is off by 1e-3 to 1e-1 here
+        x = seen[i]
+
+
 def test_cfgpp_rejects_schedulers_it_cannot_serve():
     with pytest.raises(ValueError, match="support"):
         with guidance.apply(tiny_sd(scheduler=PNDMScheduler()), guidance.CFGPlusPlus(0.5)):
@@ -209,6 +242,37 @@ def test_cfgpp_rejects_schedulers_it_cannot_serve():
     with guidance.apply(tiny_sd(scheduler=EulerAncestralDiscreteScheduler()), guidance.CFGPlusPlus(0.5)) as st:
         tiny = st
     assert tiny.rows == 0
+
+
+def test_apply_refuses_unknown_prediction_type_and_leaves_pipeline_untouched():
+    pipe = tiny_sd(scheduler=DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True))
+    cls = type(pipe)
+    for guide in (guidance.CFG(3.0), guidance.CFGPlusPlus(0.5)):
+        with pytest.raises(ValueError, match="prediction_type must be one of.*'flow_prediction'"):
+            with guidance.apply(pipe, guide):
+                pass
+        assert type(pipe) is cls and "forward" not in pipe.unet.__dict__ and "step" not in pipe.scheduler.__dict__
+        assert getattr(pipe, "_diffguide_session", None) is None
+
+
+def test_apply_refuses_guidance_distilled_unets():
+    """A unet with time_cond_proj_dim (LCM-style w-embedding) never runs [uncond; cond] batches."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    base = tiny_sd()
+    distilled = UNet2DConditionModel.from_config(base.unet.config, time_cond_proj_dim=8)
+    assert distilled.config.time_cond_proj_dim == 8
+    sd = StableDiffusionPipeline(**dict(base.components, unet=distilled))
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "safety_checker",
+                                                                 "feature_extractor", "image_encoder")}
+    lcm = LatentConsistencyModelPipeline(**parts, unet=distilled, scheduler=LCMScheduler(),
+                                         requires_safety_checker=False)
+    for pipe in (sd, lcm):
+        cls = type(pipe)
+        with pytest.raises(TypeError, match=f"{cls.__name__} has a guidance-distilled unet.*time_cond_proj_dim"):
+            with guidance.apply(pipe, guidance.CFG(3.0)):
+                pass
+        assert type(pipe) is cls and "forward" not in pipe.unet.__dict__
 
 
 def test_apply_bad_input():
