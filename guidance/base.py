@@ -89,6 +89,17 @@ class Guidance:
         return self.combine(step)
 
 
+def guided_checked(guide: "Guidance", step: Step) -> Guided:
+    """``guide.combine(step)``, refusing a non-finite prediction (``FloatingPointError`` naming the step)."""
+    guided = guide.combine(step)
+    values = (guided.denoise,) if guided.renoise is guided.denoise else guided
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        t = float(torch.as_tensor(step.t).flatten()[0])
+        raise FloatingPointError(f"{type(guide).__name__} produced a non-finite prediction at step {step.index} of "
+                                 f"{step.num_steps} (t={t:g}); check the model's outputs and the guide's scale")
+    return guided
+
+
 def check_scale(name: str, value: float, minimum: float = 0.0) -> float:
     """Validate a real scale: finite and >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

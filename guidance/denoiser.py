@@ -10,7 +10,7 @@ from torch import Tensor
 from samplers.base import Denoised, Level
 from samplers.schedule import check_prediction_type
 
-from .base import Guidance, Step
+from .base import Guidance, Step, guided_checked
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]  # (x_t, t, cond) -> model output
 
@@ -83,5 +83,5 @@ class GuidedDenoiser:
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask, cond=self.cond,
                     evaluate=lambda x_, c_: self._eval(x_, level.t, c_))
-        guided = self.guide.combine(step)
+        guided = guided_checked(self.guide, step)
         return Denoised(step.x0(guided.denoise), step.x0(guided.renoise))

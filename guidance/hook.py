@@ -20,7 +20,7 @@ from torch import Tensor
 from samplers.base import Level
 from samplers.schedule import check_prediction_type
 
-from .base import Guidance, Step
+from .base import Guidance, Step, guided_checked
 from .scheduler_step import check_scheduler, renoise_step
 
 SUPPORTED = "StableDiffusionPipeline, StableDiffusionXLPipeline, DiTPipeline, tasks.pipelines.ClassConditionalPipeline"
@@ -181,7 +181,7 @@ class _Session:
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
         self.step_rows = len(rows)
         self.stats.calls += 1
-        guided = self.guide.combine(step)
+        guided = guided_checked(self.guide, step)
         self.last_step, self.renoise = step, guided.renoise
         extra = tensor[n_u:, channels:]
         half = torch.cat([guided.denoise, extra], dim=1) if extra.shape[1] else guided.denoise

@@ -241,3 +241,18 @@ def test_registry_builds_and_validates():
         guidance.build_guide("cfg", 2.0, lam=1.0)
     with pytest.raises(ValueError, match="key=value"):
         guidance.parse_guide_spec("cfg:scale")
+
+
+def test_non_finite_predictions_are_refused_with_the_step():
+    from guidance import GuidedDenoiser
+    from samplers.base import Level
+
+    def model(x, t, cond):
+        out = torch.zeros_like(x)
+        out[cond == 1, 0] = float("nan")                               # the conditional rows diverge
+        return out
+
+    guided = GuidedDenoiser(model, guidance.CFG(2.0), torch.ones(2), torch.zeros(2))
+    level = Level(t=torch.tensor(500), alpha=torch.tensor(0.6), sigma=torch.tensor(0.8), index=3, num_steps=10)
+    with pytest.raises(FloatingPointError, match="step 3 of 10"):
+        guided(torch.randn(2, 3), level)
