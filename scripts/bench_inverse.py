@@ -93,7 +93,7 @@ def gmm_errors(samples: torch.Tensor, posterior: GaussianMixture, sliced: Sliced
             "mass": float(0.5 * (masses - posterior.weights).abs().sum())}
 
 
-ENKG_GRID = [0.03, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+ENKG_GRID = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 4.0]
 GMM_SOLVERS: dict[str, tuple[Callable, list[float]]] = {
     # name -> (factory(operator, y, scale, particles), scale grid; [] = no tuning)
     "DPS, Bayes weight (normalize='likelihood')": (lambda op, y, s, n: DPS(op, y, s, normalize="likelihood"), [1.0]),
@@ -224,7 +224,7 @@ DIGIT_SOLVERS: dict[str, dict] = {
     # name -> solver, scale grid, particles per image, extra options
     "DPS": {"solver": "dps", "grid": [0.3, 1.0, 3.0], "particles": 1, "options": {}},
     "MCG": {"solver": "mcg", "grid": [0.3, 1.0, 3.0], "particles": 1, "options": {}},
-    "EnKG (J = 32, no gradients)": {"solver": "enkg", "grid": [0.5, 1.0, 2.0], "particles": 32, "steps": 50,
+    "EnKG (J = 32, no gradients)": {"solver": "enkg", "grid": [0.5, 1.0, 2.0, 4.0], "particles": 32, "steps": 50,
                                     "options": {"max_ode_steps": 5}},
     "EnKG (J = 128, no gradients)": {"solver": "enkg", "scale_from": "EnKG (J = 32, no gradients)", "particles": 128,
                                      "steps": 50, "images": 4, "options": {"max_ode_steps": 5}},
