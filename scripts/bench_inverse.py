@@ -222,10 +222,10 @@ DIGIT_TASKS = {  # row label -> (task, sigma_y; None = --sigma-y)
 }
 DIGIT_SOLVERS: dict[str, dict] = {
     # name -> solver, scale grid, particles per image, extra options
-    "DPS": {"solver": "dps", "grid": [0.3, 1.0, 3.0], "particles": 1, "options": {}},
-    "MCG": {"solver": "mcg", "grid": [0.3, 1.0, 3.0], "particles": 1, "options": {}},
-    "EnKG (J = 32, no gradients)": {"solver": "enkg", "grid": [0.5, 1.0, 2.0, 4.0], "particles": 32, "steps": 50,
-                                    "options": {"max_ode_steps": 5}},
+    "DPS": {"solver": "dps", "grid": [0.3, 1.0, 3.0, 10.0], "particles": 1, "options": {}},
+    "MCG": {"solver": "mcg", "grid": [0.3, 1.0, 3.0, 10.0], "particles": 1, "options": {}},
+    "EnKG (J = 32, no gradients)": {"solver": "enkg", "grid": [0.25, 0.5, 1.0, 2.0, 4.0], "particles": 32,
+                                    "steps": 50, "options": {"max_ode_steps": 5}},
     "EnKG (J = 128, no gradients)": {"solver": "enkg", "scale_from": "EnKG (J = 32, no gradients)", "particles": 128,
                                      "steps": 50, "images": 4, "options": {"max_ode_steps": 5}},
 }
