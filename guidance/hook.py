@@ -33,6 +33,7 @@ class HookStats:
     calls: int = 0
     rows: int = 0
     rows_per_step: list[int] = field(default_factory=list)
+    uncond_rows_per_sample: Tensor | None = None   # (B,) unconditional rows each sample took (adaptive guides)
 
 
 def _network(pipe) -> tuple[str, torch.nn.Module, bool]:
@@ -158,6 +159,8 @@ class _Session:
         x = sample[cond_rows]
         level = self._level(timestep, sample.device, sample.dtype)
         mask = self.guide.needs_uncond(level, batch).to(torch.bool).cpu()
+        counts = self.stats.uncond_rows_per_sample
+        self.stats.uncond_rows_per_sample = mask.long() if counts is None or len(counts) != batch else counts + mask
         picked = uncond_rows[mask]
         n_u = len(picked)
         if n_u == batch and self.uncond_first:  # the pipeline's own batch: pass it through untouched

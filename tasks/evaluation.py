@@ -84,20 +84,6 @@ def _latent_shape(pipe) -> tuple[int, ...]:
     return (pipe.unet.config.in_channels, *size)
 
 
-def _count_uncond(guide: guidance.Guidance, batch_size: int) -> Tensor:
-    """Make ``guide`` count, per sample, the unconditional rows it asks for; returns the (live) counts."""
-    counts = torch.zeros(batch_size, dtype=torch.long)
-    needs_uncond = guide.needs_uncond
-
-    def counting(level, size: int) -> Tensor:
-        mask = needs_uncond(level, size)
-        counts.add_(mask.to(torch.bool).cpu().long())
-        return mask
-
-    guide.needs_uncond = counting
-    return counts
-
-
 @torch.no_grad()
 def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Tensor, list[int]]:
     """Images ``(B, C, H, W)`` in [0, 1] for ``indices`` and the network rows each image took.
@@ -112,14 +98,14 @@ def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Ten
     latents = latents.to(pipe.device, pipe.unet.dtype)
     call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, eta=cfg.eta,
                 output_type="pt")
-    guide = cfg.build_guide()
-    uncond = _count_uncond(guide, len(indices))
-    with guidance.apply(pipe, guide) as stats:
+    with guidance.apply(pipe, cfg.build_guide()) as stats:
         if kind == "class":
             images = pipe(class_labels=image_labels(indices, pipe.num_classes), **call).images
         else:
             size = shape[-1] * pipe.vae_scale_factor
             images = pipe(prompt=image_prompts(indices), height=size, width=size, **call).images
+    uncond = stats.uncond_rows_per_sample
+    uncond = torch.zeros(len(indices), dtype=torch.long) if uncond is None else uncond
     shared, rest = divmod(stats.rows - int(uncond.sum()), len(indices))
     if rest or shared < 0:
         raise RuntimeError(f"{stats.rows} network rows do not split over {len(indices)} images with "

@@ -93,6 +93,7 @@ def test_cfg_scale_one_evaluates_only_conditional_rows(name):
         hooked = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     handle.remove()
     assert sum(rows) == stats.rows == 2 * 3  # the network ran on the conditional rows only
+    assert stats.uncond_rows_per_sample.tolist() == [0, 0]
     if name != "dit":  # DiT without CFG evaluates a different batch (and draws different noise)
         assert torch.equal(native, hooked)
 
@@ -110,6 +111,7 @@ def test_guides_evaluate_as_many_rows_as_native_cfg(guide):
         pipe(generator=torch.Generator().manual_seed(0), **kw)
     handle.remove()
     assert sum(rows) == stats.rows == native == 2 * 2 * 3
+    assert stats.uncond_rows_per_sample.tolist() == [3, 3]    # every sample's unconditional row, every step
 
 
 def test_extra_call_arguments_reach_the_pipeline():
