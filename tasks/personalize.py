@@ -25,7 +25,6 @@ exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -38,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tasks.metrics.features import weights_fingerprint
 from guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from tasks.metrics.features import tensors_fingerprint, weights_fingerprint
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -133,14 +132,6 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token
     if tokenizer.encode(f"a {token}", add_special_tokens=False)[-1] != token_id:
         raise ValueError(f"the tokenizer does not read {token!r} back as one token")
     return token_id
-
-
-def images_fingerprint(images: Tensor) -> str:
-    """SHA-256 of the training images' float32 values and shape (identifies them across runs)."""
-    values = images.detach().float().cpu().contiguous()
-    digest = hashlib.sha256(str(tuple(values.shape)).encode())
-    digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def save_learned_embedding(path: str | Path, token: str, embedding: Tensor) -> Path:
@@ -273,7 +264,7 @@ class TextualInversion:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.config = config.resolved(self.noise_scheduler.config.num_train_timesteps)
         self._check_images(self.images)
-        self.images_sha256 = images_fingerprint(self.images)
+        self.images_sha256 = tensors_fingerprint([(f"images{tuple(self.images.shape)}", self.images.float())], 16)
         self.model_fingerprint = "-".join(weights_fingerprint(getattr(pipe, name))
                                           for name in ("unet", "text_encoder", "vae"))
         self.token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, self.token, self.initializer_token)

@@ -6,6 +6,7 @@ Both take float images ``(N, C, H, W)`` in [0, 1] and return ``(N, num_features)
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -77,13 +78,18 @@ class InceptionFeatures(nn.Module):
         return self.inception(to_uint8(to_rgb(images)))
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """Short SHA-256 of a module's state dict (names and bytes)."""
+def tensors_fingerprint(named: Iterable[tuple[str, Tensor]], length: int = 12) -> str:
+    """Short SHA-256 of ``(name, tensor)`` pairs: the names and the tensors' bytes, in order."""
     digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
+    for key, value in named:
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()[:length]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Short SHA-256 of a module's state dict (names and bytes)."""
+    return tensors_fingerprint(sorted(module.state_dict().items()))
 
 
 def extractor_id(module: nn.Module) -> str:
