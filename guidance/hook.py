@@ -43,7 +43,7 @@ def _network(pipe) -> tuple[str, torch.nn.Module, bool]:
     unconditional ``DDPMPipeline``) would have independent samples taken for ``[uncond; cond]`` halves.
     """
     name = type(pipe).__name__
-    call = next((vars(k)["__call__"] for k in type(pipe).__mro__ if "__call__" in vars(k)), None)
+    call = getattr(type(pipe), "__call__", None)
     if not callable(call) or "guidance_scale" not in inspect.signature(call).parameters:
         raise TypeError(f"apply() supports pipelines that batch classifier-free guidance, whose __call__ takes "
                         f"guidance_scale ({SUPPORTED}); got {name}, which does not")
