@@ -9,8 +9,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from samplers.base import Level
-from samplers.schedule import check_prediction_type, from_x0, to_eps, to_x0
+from diffguide.samplers.base import Level
+from diffguide.samplers.schedule import check_prediction_type, from_x0, to_eps, to_x0
 
 BRANCHES = ("cond", "uncond")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samplers.base import Level
+from diffguide.samplers.base import Level
 
 from .base import Guidance, Guided, Step, check_scale, require_uncond
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from samplers.base import Denoised, Level
-from samplers.schedule import check_prediction_type
+from diffguide.samplers.base import Denoised, Level
+from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from samplers.inverse import Transition
+from diffguide.samplers.inverse import Transition
 
 from .measurement import MeasurementSolver, check_operator, check_positive
 

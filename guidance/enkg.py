@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samplers.base import DenoiseFn, as_denoised
-from samplers.inverse import level_at
-from samplers.schedule import Plan
+from diffguide.samplers.base import DenoiseFn, as_denoised
+from diffguide.samplers.inverse import level_at
+from diffguide.samplers.schedule import Plan
 
 from .measurement import MeasurementSolver, check_count, check_operator, check_positive
 

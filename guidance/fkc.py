@@ -33,9 +33,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from samplers.base import Level
-from samplers.schedule import check_prediction_type, to_eps
-from samplers.smc import Weighted
+from diffguide.samplers.base import Level
+from diffguide.samplers.schedule import check_prediction_type, to_eps
+from diffguide.samplers.smc import Weighted
 
 from .base import check_scale
 from .denoiser import cat_cond

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from samplers.base import Level
+from diffguide.samplers.base import Level
 
 from .base import Guidance, Guided, Step, batch_view, check_scale
 from .denoiser import ModelFn

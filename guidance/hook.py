@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from samplers.base import Level
-from samplers.schedule import check_prediction_type
+from diffguide.samplers.base import Level
+from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
 from .scheduler_step import check_scheduler, renoise_step

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from samplers.base import Level
+from diffguide.samplers.base import Level
 
 from .base import Guidance, Guided, Step, check_scale
 

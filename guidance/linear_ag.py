@@ -19,8 +19,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from samplers.base import Level
-from samplers.schedule import to_x0
+from diffguide.samplers.base import Level
+from diffguide.samplers.schedule import to_x0
 
 from .adaptive import AdaptiveGuidance
 from .base import Guidance, Guided, Step, batch_view, check_scale, require_uncond

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samplers.inverse import Transition, noise_like
+from diffguide.samplers.inverse import Transition, noise_like
 
 from .dps import DPS
 from .measurement import check_operator

@@ -13,9 +13,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from samplers.base import DenoiseFn
-from samplers.inverse import SolverStats, Transition
-from samplers.schedule import Plan
+from diffguide.samplers.base import DenoiseFn
+from diffguide.samplers.inverse import SolverStats, Transition
+from diffguide.samplers.schedule import Plan
 
 
 def check_operator(operator: Any, who: str, needs_gradient: bool = False, needs_linear: bool = False) -> Any:

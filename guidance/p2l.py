@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from samplers.base import DenoiseFn, Level
-from samplers.inverse import Transition, level_at
-from samplers.schedule import Plan, check_prediction_type, to_x0
+from diffguide.samplers.base import DenoiseFn, Level
+from diffguide.samplers.inverse import Transition, level_at
+from diffguide.samplers.schedule import Plan, check_prediction_type, to_x0
 
 from .dps import DPS
 from .measurement import check_count, check_operator, check_positive

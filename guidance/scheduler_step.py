@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samplers.schedule import to_eps, to_x0
+from diffguide.samplers.schedule import to_eps, to_x0
 
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                         "DPMSolverMultistepScheduler")

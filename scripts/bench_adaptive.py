@@ -27,23 +27,22 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from torch import Tensor  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from accelerate import PartialState
+from torch import Tensor
+from tqdm.auto import tqdm
 
-import guidance  # noqa: E402
-from samplers import diffusers_model_fn  # noqa: E402
-from scripts._bench_md import write_section  # noqa: E402
-from tasks import zoo  # noqa: E402
-from tasks.classifier import DigitClassifier  # noqa: E402
-from tasks.digits import NUM_CLASSES, caption, load_digits_tensors  # noqa: E402
-from tasks.evaluation import image_labels, image_prompts, pipeline_kind, prepare_real  # noqa: E402
-from tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics  # noqa: E402
-from tasks.run_folder import image_seed  # noqa: E402
-from tasks.training import train_classifier  # noqa: E402
+from diffguide import guidance
+from diffguide.samplers import diffusers_model_fn
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks import zoo
+from diffguide.tasks.classifier import DigitClassifier
+from diffguide.tasks.digits import NUM_CLASSES, caption, load_digits_tensors
+from diffguide.tasks.evaluation import image_labels, image_prompts, pipeline_kind, prepare_real
+from diffguide.tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics
+from diffguide.tasks.run_folder import image_seed
+from diffguide.tasks.training import train_classifier
 
 PLOT = "docs/bench_adaptive.png"
 REFERENCE = {"digits-class": "CFG w=2", "digits-t2i": "CFG w=3"}  # the CFG run AG/LinearAG accelerate

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler
 
-from guidance import FKCAnneal, FKCCFG, FKCDenoiser, FKCGuidance, FKCProduct
-from samplers import SMCResult, diffusers_model_fn, plan_from_scheduler, sample_smc
-from scripts._bench_md import write_section
-from tasks.gmm import ClassConditionalGMM, GaussianMixture, GridDensity, annealed_grid, geometric_grid
+from diffguide.guidance import FKCAnneal, FKCCFG, FKCDenoiser, FKCGuidance, FKCProduct
+from diffguide.samplers import SMCResult, diffusers_model_fn, plan_from_scheduler, sample_smc
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture, GridDensity, annealed_grid, geometric_grid
 
 F64 = torch.float64
 SCHEDULER = DDIMScheduler(clip_sample=False, set_alpha_to_one=True)
@@ -263,7 +263,7 @@ def digits_images(den: FKCDenoiser, sampler: str, particles: int, plan, seed: in
 
 def digits_tables(images_per_pair: int, images_per_label: int, particles: int, steps: int,
                   pairs: list[tuple[int, int]], scale: float) -> str:
-    from tasks import zoo
+    from diffguide.tasks import zoo
 
     pipe, classifier = zoo.load("digits-class"), zoo.load("digits-classifier")
     model_fn = diffusers_model_fn(pipe.unet)

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from scripts import evaluate  # noqa: E402
-from scripts._bench_md import write_section  # noqa: E402
-from tasks.run_folder import write_json  # noqa: E402
+from diffguide.scripts import evaluate
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks.run_folder import write_json
 
 GUIDES = {
     "digits-class": ["cfg@1,1.5,2,3,5", "apg@1.5,2,3,5:eta=0,norm_threshold=1,momentum=-0.5", "cfgpp@0.2,0.4,0.6,0.8"],
@@ -64,7 +63,7 @@ def common(args) -> list[str]:
 
 def clip_available(args) -> bool:
     """Whether ``digits-clip`` loads (the CLIP-score column is left empty otherwise)."""
-    from tasks import zoo
+    from diffguide.tasks import zoo
 
     try:
         zoo.load(model(args, "digits-clip"))
@@ -80,10 +79,10 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def real_floor(args, with_clip: bool) -> dict[str, float]:
     """The metrics of the held-out real digits (test split, captions as for samples) against the train split."""
-    from tasks import zoo
-    from tasks.digits import CAPTION_TEMPLATES, caption, load_digits_tensors
-    from tasks.evaluation import real_images
-    from tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics, extractor_id, real_stats_file
+    from diffguide.tasks import zoo
+    from diffguide.tasks.digits import CAPTION_TEMPLATES, caption, load_digits_tensors
+    from diffguide.tasks.evaluation import real_images
+    from diffguide.tasks.metrics import DEFAULT_CACHE, DigitFeatures, ImageMetrics, extractor_id, real_stats_file
 
     feature = DigitFeatures(zoo.load(model(args, "digits-classifier")))
     names = ["fid", "accuracy"] + (["clip_score"] if with_clip else [])

@@ -29,12 +29,12 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from guidance import DPS, MCG, EnKG
-from samplers import plan_from_scheduler, sample_inverse
-from samplers.inverse import NoCorrection, Transition
-from scripts._bench_md import write_section
-from tasks.gmm import GaussianMixture, SlicedWasserstein
-from tasks.operators import MatrixOperator, random_matrix
+from diffguide.guidance import DPS, MCG, EnKG
+from diffguide.samplers import plan_from_scheduler, sample_inverse
+from diffguide.samplers.inverse import NoCorrection, Transition
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks.gmm import GaussianMixture, SlicedWasserstein
+from diffguide.tasks.operators import MatrixOperator, random_matrix
 
 F64 = torch.float64
 CACHE = Path(__file__).resolve().parent.parent / "outputs" / "bench_inverse.json"  # per-part results, reused
@@ -233,7 +233,7 @@ DIGIT_SOLVERS: dict[str, dict] = {
 
 def validation_digits(count: int) -> torch.Tensor:
     """Tuning images from the digits *train* split (the test split is kept for the scores)."""
-    from tasks.digits import load_digits_tensors
+    from diffguide.tasks.digits import load_digits_tensors
 
     images, _ = load_digits_tensors("train", size=16)
     return images[:count]
@@ -257,7 +257,7 @@ def _paired_gap(row: dict, base: dict, num_images: int, particles: int = 1) -> s
 
 
 def run_digits(args, cached: dict | None = None) -> dict:
-    from tasks import inverse, zoo
+    from diffguide.tasks import inverse, zoo
 
     pipe = zoo.load("digits-class")
     pipe.unet.requires_grad_(False)
@@ -362,7 +362,7 @@ P2L_TASKS = ["inpaint_box", "sr4", "deblur_gauss"]
 
 
 def run_p2l(args) -> dict:
-    from tasks import inverse, zoo
+    from diffguide.tasks import inverse, zoo
 
     pipe = zoo.load("digits-t2i")
     pipe.set_progress_bar_config(disable=True)

@@ -18,8 +18,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import guidance  # noqa: E402
-from scripts._bench_md import write_section  # noqa: E402
+from diffguide import guidance  # noqa: E402
+from diffguide.scripts._bench_md import write_section  # noqa: E402
 from tiny_pipes import tiny_sd  # noqa: E402
 
 

@@ -91,7 +91,7 @@ def target_images(digit: int, num_images: int, seed: int):
     """``num_images`` test-split images of ``digit`` (16x16, [-1, 1]; the t2i model never saw them), chosen with ``seed``."""
     import torch
 
-    from tasks.digits import load_digits_tensors
+    from diffguide.tasks.digits import load_digits_tensors
 
     images, labels = load_digits_tensors("test", 16)
     pool = torch.nonzero(labels == digit).flatten()
@@ -105,8 +105,8 @@ def run_child(spec: dict) -> dict:
 
     import torch
 
-    from tasks.digits import CAPTION_TEMPLATES
-    from tasks.personalize import PersonalizeConfig, TextualInversion
+    from diffguide.tasks.digits import CAPTION_TEMPLATES
+    from diffguide.tasks.personalize import PersonalizeConfig, TextualInversion
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -122,7 +122,7 @@ def run_child(spec: dict) -> dict:
         images = torch.rand(spec["num_images"], 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
         templates, initializer = ("a photo of a {}",), "dog"
     else:
-        from tasks import zoo
+        from diffguide.tasks import zoo
 
         pipe = zoo.load(spec["model"])
         images = target_images(spec["digit"], spec["num_images"], spec["seed"])
@@ -148,7 +148,7 @@ def run_child(spec: dict) -> dict:
     peak_training = _status_kib("VmHWM")
     peak_process = max(peak_loading, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     tensor_peak = max(_tensor_peak_bytes(trainer.step) for _ in range(spec.get("profiled_steps", 2)))
-    from tasks.quantize import weight_report
+    from diffguide.tasks.quantize import weight_report
 
     weights = sum(weight_report(getattr(pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
     return {"peak_process_mib": peak_process / 1024,
@@ -178,7 +178,7 @@ def digit_templates(caption_templates) -> tuple[str, ...]:
 
 
 def measure(spec: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                          text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -190,9 +190,9 @@ def measure(spec: dict) -> dict:
 def quality(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from tasks import zoo
-    from tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS
-    from tasks.personalize import (PersonalizeConfig, TextualInversion, expected_image_format, load_image_folder,
+    from diffguide.tasks import zoo
+    from diffguide.tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS
+    from diffguide.tasks.personalize import (PersonalizeConfig, TextualInversion, expected_image_format, load_image_folder,
                                    save_learned_embedding)
 
     classifier = zoo.load(args.classifier)
@@ -396,8 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(text)
     else:
-        sys.path.insert(0, str(ROOT))
-        from scripts._bench_md import write_section
+        from diffguide.scripts._bench_md import write_section
 
         write_section("personalize", text)
         print("wrote the personalize section of BENCHMARKS.md", file=sys.stderr)
@@ -405,5 +404,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.path.insert(0, str(ROOT))
     main()

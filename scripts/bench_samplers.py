@@ -19,9 +19,9 @@ import time
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from samplers import SAMPLERS, plan_from_scheduler
-from scripts._bench_md import write_section
-from tasks.gmm import ClassConditionalGMM, GaussianMixture, SlicedWasserstein
+from diffguide.samplers import SAMPLERS, plan_from_scheduler
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture, SlicedWasserstein
 
 F64 = torch.float64
 

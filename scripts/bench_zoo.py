@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scripts._bench_md import write_section
-from tasks import zoo
-from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, load_digits_tensors, to_unit
-from tasks.evaluation import image_labels, image_prompts
-from tasks.metrics import FID, CLIPScore, DigitFeatures
+from diffguide.scripts._bench_md import write_section
+from diffguide.tasks import zoo
+from diffguide.tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, load_digits_tensors, to_unit
+from diffguide.tasks.evaluation import image_labels, image_prompts
+from diffguide.tasks.metrics import FID, CLIPScore, DigitFeatures
 
 CLASS_SCALES = (1.0, 2.0, 3.0, 5.0)
 T2I_SCALES = (1.0, 3.0, 5.0, 7.5)

@@ -3,8 +3,8 @@
     diffguide-evaluate --model digits-class --guide cfg@1,2,3 --guide apg@2,4:eta=0 --guide cfgpp@0.2,0.6 \\
         --num-images 500 --steps 20 --out runs/digits-class
     diffguide-evaluate --images path/to/pngs --metrics fid kid --real digits-train --out runs/folder
-    torchrun --nproc_per_node 2 -m scripts.evaluate ...          # data-parallel (CPU: gloo)
-    accelerate launch --multi_gpu --num_processes 2 -m scripts.evaluate ...
+    torchrun --nproc_per_node 2 -m diffguide.scripts.evaluate ...          # data-parallel (CPU: gloo)
+    accelerate launch --multi_gpu --num_processes 2 -m diffguide.scripts.evaluate ...
 
 Each grid point is a resumable folder ``OUT/<model>/<method>/scale-<s>/`` (images written as they are
 produced; rerun the same command after an interruption). Writes ``OUT/results.json``, ``results.csv``
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------- loading
 def load_model(name: str, device):
     """A shipped model name or a local folder laid out like one (see ``tasks.zoo.load``)."""
-    from tasks import zoo
+    from diffguide.tasks import zoo
 
     return zoo.load(name, device=device)
 
@@ -88,7 +88,7 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
     """``(model, preprocess, tokenizer)``: a shipped model or folder, else an open_clip model name + weights."""
     import open_clip
 
-    from tasks import zoo
+    from diffguide.tasks import zoo
 
     if name in zoo.list_models() or Path(name).is_dir():
         model, preprocess, tokenizer = load_model(name, device)
@@ -98,15 +98,15 @@ def load_clip(name: str, pretrained: str | None, device) -> tuple:
     if pretrained is None:
         raise ValueError(f"--clip {name}: give its weights with --clip-pretrained (a tag or a local file); "
                          "a randomly initialised CLIP cannot score images")
-    from tasks.metrics import load_open_clip
+    from diffguide.tasks.metrics import load_open_clip
     model, preprocess, tokenizer = load_open_clip(name, pretrained)
     return model.to(device), preprocess, tokenizer
 
 
 def build_metrics(args, names: list[str], device):
     """The metrics, their feature extractor, and a key naming everything their values depend on."""
-    from tasks.evaluation import REAL_SETS
-    from tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id, weights_fingerprint
+    from diffguide.tasks.evaluation import REAL_SETS
+    from diffguide.tasks.metrics import DigitFeatures, ImageMetrics, InceptionFeatures, extractor_id, weights_fingerprint
 
     wants_features = bool({"fid", "kid"} & set(names))
     kind = args.feature if args.feature != "auto" else ("digits" if args.real in REAL_SETS else "inception")
@@ -128,7 +128,7 @@ def build_metrics(args, names: list[str], device):
 
 # ------------------------------------------------------------------------------------------ the runs
 def grid_points(args) -> list[tuple[str, list[float], dict]]:
-    import guidance
+    from diffguide import guidance
 
     specs = args.guide or ["cfg"]
     points = []
@@ -141,10 +141,10 @@ def grid_points(args) -> list[tuple[str, list[float], dict]]:
 def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     import torch
 
-    from tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
+    from diffguide.tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
                                   prepare_real, sample_run, scheduler_config, score_images, write_metadata)
-    from tasks.metrics import DEFAULT_CACHE, weights_fingerprint
-    from tasks.run_folder import RunFolder, config_hash
+    from diffguide.tasks.metrics import DEFAULT_CACHE, weights_fingerprint
+    from diffguide.tasks.run_folder import RunFolder, config_hash
 
     rows = []
     points = grid_points(args)
@@ -197,14 +197,14 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
 
 
 def run_images(args, state, device, progress: bool) -> list[dict[str, Any]]:
-    from tasks.evaluation import folder_images, prepare_real, score_images
-    from tasks.metrics import DEFAULT_CACHE
+    from diffguide.tasks.evaluation import folder_images, prepare_real, score_images
+    from diffguide.tasks.metrics import DEFAULT_CACHE
 
     paths, labels, prompts = folder_images(args.images)
     names = args.metrics or (["fid", "kid"] + (["accuracy"] if labels else []) + (["clip_score"] if prompts else []))
     metrics, feature, _ = build_metrics(args, names, device)
     if feature is not None:
-        from tasks.run_folder import load_image
+        from diffguide.tasks.run_folder import load_image
         size = load_image(paths[0]).shape[-1]
         prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
     results = score_images(metrics, paths, state, labels=labels, prompts=prompts, progress=progress, device=device)
@@ -213,7 +213,7 @@ def run_images(args, state, device, progress: bool) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------- outputs
 def write_outputs(rows: list[dict[str, Any]], out: Path, plot_x: str) -> None:
-    from tasks.run_folder import atomic_write, write_json
+    from diffguide.tasks.run_folder import atomic_write, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", rows)
@@ -272,7 +272,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     state = PartialState(cpu=not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
     progress = not args.no_progress
-    from tasks.metrics import MissingWeightsError
+    from diffguide.tasks.metrics import MissingWeightsError
 
     try:
         rows = run_grid(args, state, device, progress) if args.model else run_images(args, state, device, progress)

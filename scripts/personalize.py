@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from tasks import zoo
-    from tasks.personalize import (OBJECT_TEMPLATES, PersonalizeConfig, TextualInversion, expected_image_format,
+    from diffguide.tasks import zoo
+    from diffguide.tasks.personalize import (OBJECT_TEMPLATES, PersonalizeConfig, TextualInversion, expected_image_format,
                                    load_image_folder)
 
     if args.threads:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> Path:
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "
           f"{len(images)} images)", file=sys.stderr)
     if args.sample:
-        from scripts.sample import make_grid
+        from diffguide.scripts.sample import make_grid
 
         prompt = args.prompt or config.templates[0].format(args.token)
         pipe.set_progress_bar_config(disable=True)

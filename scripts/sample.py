@@ -18,8 +18,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler)
 from PIL import Image
 
-import guidance
-from tasks import zoo
+from diffguide import guidance
+from diffguide.tasks import zoo
 
 SCHEDULERS = {
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg, clip_sample=False),

@@ -29,7 +29,7 @@ QUICK_BATCH = 8
 def train_one(name: str, out: Path, steps: int, *, quick: bool, batch_size: int | None, seed: int,
               progress: bool) -> dict:
     """Train model ``name`` into ``out / name``; returns its measured numbers."""
-    from tasks import training
+    from diffguide.tasks import training
 
     kwargs = {"seed": seed, "progress": progress, **({"batch_size": batch_size} if batch_size else {})}
     target = out / name

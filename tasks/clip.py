@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS
+from diffguide.tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)   # [0, 1] -> [-1, 1], the range the digits are stored in
 IMAGE_STD = (0.5, 0.5, 0.5)

@@ -1,6 +1,6 @@
 """Real-image editing with a text-to-image pipeline: DDIM inversion under one prompt, regeneration under another.
 
-    from tasks import editing, zoo
+    from diffguide.tasks import editing, zoo
     pipe = zoo.load("digits-t2i")
     noise = editing.invert(pipe, image, "a handwritten digit seven", guidance.CFGPlusPlus(0.4), steps=50)
     edited = editing.generate(pipe, noise, "a handwritten digit one", guidance.CFGPlusPlus(0.4), steps=50)
@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from guidance import Guidance, GuidedDenoiser
-from guidance.latent import vae_decoder, vae_encoder
-from samplers import diffusers_model_fn, invert_ddim, plan_from_scheduler, sample_ddim
+from diffguide.guidance import Guidance, GuidedDenoiser
+from diffguide.guidance.latent import vae_decoder, vae_encoder
+from diffguide.samplers import diffusers_model_fn, invert_ddim, plan_from_scheduler, sample_ddim
 
 
 def _prompts(prompt: str | Sequence[str], batch: int) -> list[str]:

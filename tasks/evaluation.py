@@ -20,10 +20,10 @@ from accelerate import PartialState
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import guidance
-from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors, to_unit
-from tasks.metrics import ImageMetrics, extractor_id, real_stats_file
-from tasks.run_folder import RunFolder, atomic_write, image_seed, load_image
+from diffguide import guidance
+from diffguide.tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors, to_unit
+from diffguide.tasks.metrics import ImageMetrics, extractor_id, real_stats_file
+from diffguide.tasks.run_folder import RunFolder, atomic_write, image_seed, load_image
 
 REAL_SETS = ("digits-train", "digits-test", "digits-all")
 

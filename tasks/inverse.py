@@ -1,6 +1,6 @@
 """Inverse problems on the digits: measurement tasks, priors from the model zoo, solvers by name, and scores.
 
-    from tasks import inverse, zoo
+    from diffguide.tasks import inverse, zoo
     pipe = zoo.load("digits-class")
     truth = inverse.held_out_digits([0, 1, 2])
     op = inverse.make_task("inpaint_box", sigma_y=0.05, seed=0)
@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from guidance import DPS, MCG, P2L, PSLD, EnKG
-from guidance.latent import vae_decoder, vae_encoder
-from samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
-from samplers.base import DenoiseFn, Level
-from samplers.inverse import SolverStats
-from samplers.schedule import to_x0
-from tasks.digits import load_digits_tensors, to_unit
-from tasks.operators import Operator, make_operator
+from diffguide.guidance import DPS, MCG, P2L, PSLD, EnKG
+from diffguide.guidance.latent import vae_decoder, vae_encoder
+from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
+from diffguide.samplers.base import DenoiseFn, Level
+from diffguide.samplers.inverse import SolverStats
+from diffguide.samplers.schedule import to_x0
+from diffguide.tasks.digits import load_digits_tensors, to_unit
+from diffguide.tasks.operators import Operator, make_operator
 
 DIGIT_SHAPE = (1, 16, 16)
 

@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
-from tasks.metrics.features import tensors_fingerprint, weights_fingerprint
+from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from diffguide.tasks.metrics.features import tensors_fingerprint, weights_fingerprint
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -269,7 +269,7 @@ class TextualInversion:
                                           for name in ("unet", "text_encoder", "vae"))
         self.token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, self.token, self.initializer_token)
         if self.config.quantize:                          # token embeddings stay float: quanto skips nn.Embedding
-            from tasks.quantize import COMPONENTS, is_quantized, quantize_module
+            from diffguide.tasks.quantize import COMPONENTS, is_quantized, quantize_module
 
             for name in COMPONENTS:
                 if not is_quantized(getattr(pipe, name)):

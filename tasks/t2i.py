@@ -13,8 +13,8 @@ from itertools import pairwise
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tasks.digits import caption_words
-from tasks.pipelines import sampling_scheduler
+from diffguide.tasks.digits import caption_words
+from diffguide.tasks.pipelines import sampling_scheduler
 
 IMAGE_SIZE = 16
 LATENT_CHANNELS = 4

@@ -19,9 +19,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.classifier import DigitClassifier
-from tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors
-from tasks.pipelines import ClassConditionalPipeline, sampling_scheduler
+from diffguide.tasks.classifier import DigitClassifier
+from diffguide.tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors
+from diffguide.tasks.pipelines import ClassConditionalPipeline, sampling_scheduler
 
 
 class EMA:
@@ -221,7 +221,7 @@ def train_t2i(out_dir: str | Path, steps: int = 3500, vae_steps: int = 800, batc
     The VAE's ``scaling_factor`` is set to 1 / std of the training latents; captions use random templates
     and are replaced by ``""`` with probability ``caption_dropout`` (the pipeline's default negative prompt).
     """
-    from tasks import t2i
+    from diffguide.tasks import t2i
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -276,7 +276,7 @@ def multi_positive_clip_loss(image_feats: torch.Tensor, text_feats: torch.Tensor
 def train_clip(out_dir: str | Path, steps: int = 2000, batch_size: int = 256, seed: int = 0, lr: float = 1e-3,
                name: str = "digits-clip", progress: bool = True) -> dict[str, float]:
     """Train the tiny open_clip model contrastively on (digit image, random caption) pairs."""
-    from tasks import clip
+    from diffguide.tasks import clip
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

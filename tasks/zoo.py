@@ -1,6 +1,6 @@
 """The embedded model zoo: small digits models trained by ``scripts/train_zoo.py`` and shipped in ``tasks/zoo/``.
 
-    from tasks import zoo
+    from diffguide.tasks import zoo
     pipe = zoo.load("digits-class")                  # ClassConditionalPipeline
     sd = zoo.load("digits-t2i")                      # StableDiffusionPipeline
     classifier = zoo.load("digits-classifier")       # DigitClassifier (eval mode)
@@ -77,16 +77,16 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
     if kind == "pipeline":
         from diffusers import DiffusionPipeline
 
-        from tasks.pipelines import ClassConditionalPipeline
+        from diffguide.tasks.pipelines import ClassConditionalPipeline
 
         class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
         cls = ClassConditionalPipeline if class_name == ClassConditionalPipeline.__name__ else DiffusionPipeline
         pipe = cls.from_pretrained(folder, torch_dtype=dtype)
         return pipe.to(device) if device is not None else pipe
     if kind == "classifier":
-        from tasks.classifier import DigitClassifier
+        from diffguide.tasks.classifier import DigitClassifier
 
         return DigitClassifier.from_pretrained(folder).to(device=device, dtype=dtype).eval()
-    from tasks import clip
+    from diffguide.tasks import clip
 
     return clip.load_pretrained(folder, device=device, dtype=dtype)

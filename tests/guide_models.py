@@ -7,9 +7,9 @@ import math
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from samplers import plan_from_scheduler
-from tasks.gmm import ClassConditionalGMM, GaussianMixture
-from tasks.pipelines import ClassConditionalPipeline
+from diffguide.samplers import plan_from_scheduler
+from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture
+from diffguide.tasks.pipelines import ClassConditionalPipeline
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import guidance
-from guidance import CFG, AdaptiveGuidance, GuidedDenoiser, LinearAG, Step
-from guidance.adaptive import guidance_cosine
-from guidance.linear_ag import fit_coefficients
+from diffguide import guidance
+from diffguide.guidance import CFG, AdaptiveGuidance, GuidedDenoiser, LinearAG, Step
+from diffguide.guidance.adaptive import guidance_cosine
+from diffguide.guidance.linear_ag import fit_coefficients
 from guide_models import F64, class_pipe, count_rows, gmm_problem
-from samplers import sample_ddim
+from diffguide.samplers import sample_ddim
 
 
 def ag_cosine(eps_c, eps_u):  # reference notes, Appendix A

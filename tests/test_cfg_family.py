@@ -8,10 +8,10 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscr
 from diffusers.guiders import ClassifierFreeZeroStarGuidance
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
-import guidance
-from guidance.base import Step
-from guidance.scheduler_step import renoise_step
-from samplers.base import Level
+from diffguide import guidance
+from diffguide.guidance.base import Step
+from diffguide.guidance.scheduler_step import renoise_step
+from diffguide.samplers.base import Level
 
 
 def make_step(c, u, x=None, index=0, num_steps=10, alpha=0.8, prediction_type="epsilon"):
@@ -244,8 +244,8 @@ def test_registry_builds_and_validates():
 
 
 def test_non_finite_predictions_are_refused_with_the_step():
-    from guidance import GuidedDenoiser
-    from samplers.base import Level
+    from diffguide.guidance import GuidedDenoiser
+    from diffguide.samplers.base import Level
 
     def model(x, t, cond):
         out = torch.zeros_like(x)

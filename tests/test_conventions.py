@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import guidance
-from guidance.base import Step
-from samplers.schedule import PREDICTION_TYPES, from_x0, to_eps, to_x0
+from diffguide import guidance
+from diffguide.guidance.base import Step
+from diffguide.samplers.schedule import PREDICTION_TYPES, from_x0, to_eps, to_x0
 
 F64 = torch.float64
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import guidance
-from guidance import ClassifierConfidence, ClipAlignment, DynamicCFG, GuidedDenoiser
+from diffguide import guidance
+from diffguide.guidance import ClassifierConfidence, ClipAlignment, DynamicCFG, GuidedDenoiser
 from guide_models import F64, gmm_problem
-from samplers import sample_ddim
+from diffguide.samplers import sample_ddim
 from tiny_pipes import tiny_sd
 
 CANDIDATES = (1.0, 1.5, 2.0, 3.0, 5.0)
@@ -117,7 +117,7 @@ def test_classifier_confidence_matches_log_softmax(gen):
 
 
 def tiny_clip(tmp_path):
-    from tasks.clip import CONFIG, create
+    from diffguide.tasks.clip import CONFIG, create
 
     path = tmp_path / "dyncfg-test-clip.json"
     path.write_text(json.dumps(CONFIG))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import guidance
-from tasks import editing, zoo
-from tasks.digits import caption, load_digits_tensors
-from tasks.inverse import scores
+from diffguide import guidance
+from diffguide.tasks import editing, zoo
+from diffguide.tasks.digits import caption, load_digits_tensors
+from diffguide.tasks.inverse import scores
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
-from scripts import evaluate
-from tasks.classifier import DigitClassifier
-from tasks.evaluation import blocks, image_labels
-from tasks.pipelines import ClassConditionalPipeline
-from tasks.run_folder import RunFolder, image_seed, to_pil
+from diffguide.scripts import evaluate
+from diffguide.tasks.classifier import DigitClassifier
+from diffguide.tasks.evaluation import blocks, image_labels
+from diffguide.tasks.pipelines import ClassConditionalPipeline
+from diffguide.tasks.run_folder import RunFolder, image_seed, to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES, STEPS, BATCH = 23, 40, 3          # 23: uneven shards over 2 processes (4 + 4 blocks, 12 + 11 images)
@@ -47,9 +47,9 @@ def arguments(assets, out):
 def command(assets, out, nproc=1):
     args = arguments(assets, out)
     if nproc == 1:
-        return [sys.executable, "-m", "scripts.evaluate", *args]
+        return [sys.executable, "-m", "diffguide.scripts.evaluate", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "scripts.evaluate", *args]
+            "-m", "diffguide.scripts.evaluate", *args]
 
 
 def run(cmd):

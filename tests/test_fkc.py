@@ -17,10 +17,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guidance import CFG, FKCAnneal, FKCCFG, FKCDenoiser, FKCProduct, GuidedDenoiser
-from samplers import (Level, Plan, SMCResult, Weighted, effective_sample_size, multinomial_resample,
+from diffguide.guidance import CFG, FKCAnneal, FKCCFG, FKCDenoiser, FKCProduct, GuidedDenoiser
+from diffguide.samplers import (Level, Plan, SMCResult, Weighted, effective_sample_size, multinomial_resample,
                       plan_from_scheduler, sample_smc, stratified_resample, systematic_resample)
-from tasks.gmm import ClassConditionalGMM, GaussianMixture, annealed_grid, geometric_grid
+from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture, annealed_grid, geometric_grid
 
 F64 = torch.float64
 
@@ -418,7 +418,7 @@ def test_product_of_two_classes_of_one_model_in_2d():
 # diffusers networks through the samplers: N particles -> one image per prompt or class pair
 # ------------------------------------------------------------------------------------------------------------
 def test_text_to_image_pipeline_particles_to_one_image_per_prompt():
-    from samplers import diffusers_model_fn
+    from diffguide.samplers import diffusers_model_fn
     from tiny_pipes import tiny_sd
 
     pipe = tiny_sd()
@@ -440,7 +440,7 @@ def test_text_to_image_pipeline_particles_to_one_image_per_prompt():
 
 def test_product_of_two_classes_with_a_class_conditional_unet():
     from guide_models import class_pipe
-    from samplers import diffusers_model_fn
+    from diffguide.samplers import diffusers_model_fn
 
     pipe = class_pipe()
     particles = 4

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import guidance
-from guidance import CFG, GFCG, Autoguidance, Guidance, Guided, GuidedDenoiser, Step
-from guidance.gfcg import SCALE_RULES
+from diffguide import guidance
+from diffguide.guidance import CFG, GFCG, Autoguidance, Guidance, Guided, GuidedDenoiser, Step
+from diffguide.guidance.gfcg import SCALE_RULES
 from guide_models import F64, class_pipe, count_rows, gmm_model, gmm_problem, tiny_unet
-from samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim
+from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim
 from tiny_pipes import tiny_sd
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from tasks.gmm import (
+from diffguide.tasks.gmm import (
     ClassConditionalGMM,
     GaussianMixture,
     SlicedWasserstein,
@@ -348,7 +348,7 @@ def test_module_errors():
 
 @pytest.mark.parametrize("sample_shape", [(1, 2, 1), (1, 2, 2)])
 def test_module_runs_inside_class_conditional_pipeline(sample_shape):
-    from tasks.pipelines import ClassConditionalPipeline
+    from diffguide.tasks.pipelines import ClassConditionalPipeline
 
     gmm, scheduler, _ = two_class_gmm(sample_shape)
     pipe = ClassConditionalPipeline(unet=gmm, scheduler=scheduler)

@@ -5,10 +5,10 @@ import torch
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DModel)
 
-import guidance
-from guidance import GuidedDenoiser
-from samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler
-from tasks.pipelines import ClassConditionalPipeline
+from diffguide import guidance
+from diffguide.guidance import GuidedDenoiser
+from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler
+from diffguide.tasks.pipelines import ClassConditionalPipeline
 from tiny_pipes import tiny_dit, tiny_sd, tiny_sdxl
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guidance import DPS, MCG, EnKG
-from guidance.enkg import ensemble_update_direction
-from samplers import plan_from_scheduler, sample_ddim, sample_inverse
-from samplers.base import Level
-from samplers.inverse import NoCorrection, Transition
-from tasks.gmm import GaussianMixture
-from tasks.operators import HeatEquation, Inpainting, MatrixOperator, PhaseRetrieval, box_mask, random_matrix
+from diffguide.guidance import DPS, MCG, EnKG
+from diffguide.guidance.enkg import ensemble_update_direction
+from diffguide.samplers import plan_from_scheduler, sample_ddim, sample_inverse
+from diffguide.samplers.base import Level
+from diffguide.samplers.inverse import NoCorrection, Transition
+from diffguide.tasks.gmm import GaussianMixture
+from diffguide.tasks.operators import HeatEquation, Inpainting, MatrixOperator, PhaseRetrieval, box_mask, random_matrix
 
 F64 = torch.float64
 

@@ -3,9 +3,9 @@
 import torch
 from diffusers import DDIMScheduler
 
-import guidance
-from guidance import GuidedDenoiser
-from samplers import Denoised, invert_ddim, plan_from_scheduler, sample_ddim
+from diffguide import guidance
+from diffguide.guidance import GuidedDenoiser
+from diffguide.samplers import Denoised, invert_ddim, plan_from_scheduler, sample_ddim
 
 
 def plan(n=10):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guidance import DPS, P2L, PSLD
-from guidance.latent import vae_decoder, vae_encoder
-from samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
-from tasks.operators import Inpainting, MatrixOperator, box_mask, random_matrix
+from diffguide.guidance import DPS, P2L, PSLD
+from diffguide.guidance.latent import vae_decoder, vae_encoder
+from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
+from diffguide.tasks.operators import Inpainting, MatrixOperator, box_mask, random_matrix
 from tiny_pipes import tiny_sd
 
 F64 = torch.float64

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import to_pil_image
 
-from tasks.classifier import DigitClassifier
-from tasks.digits import load_digits_tensors, to_unit
-from tasks.metrics import (
+from diffguide.tasks.classifier import DigitClassifier
+from diffguide.tasks.digits import load_digits_tensors, to_unit
+from diffguide.tasks.metrics import (
     FID, KID, LPIPS, PSNR, SSIM, CLIPScore, ClassifierAccuracy, DigitFeatures, ImageMetrics, InceptionFeatures,
     MissingWeightsError,
     extractor_id, load_open_clip, load_real_stats, real_stats_file,

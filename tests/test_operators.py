@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.operators import (OPERATORS, AveragePooling, BicubicDownsampling, Blur, Grayscale, HeatEquation,
+from diffguide.tasks.operators import (OPERATORS, AveragePooling, BicubicDownsampling, Blur, Grayscale, HeatEquation,
                              Inpainting, LinearOperator, MatrixOperator, PhaseRetrieval, box_mask, compose,
                              gaussian_kernel, make_operator, motion_kernel, random_mask, random_matrix)
 

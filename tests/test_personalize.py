@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.personalize import (PersonalizeConfig, TextualInversion, add_placeholder_token, expected_image_format,
+from diffguide.tasks.personalize import (PersonalizeConfig, TextualInversion, add_placeholder_token, expected_image_format,
                                load_image_folder, load_learned_embedding, save_learned_embedding)
-from tasks.quantize import is_quantized, quantize_pipeline, weight_report
+from diffguide.tasks.quantize import is_quantized, quantize_pipeline, weight_report
 from tiny_pipes import tiny_sd
 
 pytest.importorskip("optimum.quanto")
@@ -72,7 +72,7 @@ def test_quantized_inference_matches_float_and_stays_int8():
 
 def test_zo_estimate_on_the_pipeline_agrees_with_autograd():
     """The ZO loss writes the row and reuses one batch: its RGE aligns with the backprop gradient."""
-    from guidance.zo_personalize import random_gradient_estimate
+    from diffguide.guidance.zo_personalize import random_gradient_estimate
 
     trainer = TextualInversion(tiny_sd(), images(), "<s1>", "a", config(method="zo", quantize=False))
     batch = trainer.sample_batch()
@@ -92,7 +92,7 @@ def test_zo_estimate_on_the_pipeline_agrees_with_autograd():
 
 
 def test_batched_directions_give_the_sequential_estimate():
-    from guidance.zo_personalize import random_gradient_estimate
+    from diffguide.guidance.zo_personalize import random_gradient_estimate
 
     trainer = TextualInversion(tiny_sd(), images(), "<s1>", "a",
                                config(method="zo", quantize=False, batch_size=2))
@@ -238,7 +238,7 @@ def test_bad_tokens_and_config():
 
 
 def test_command_line_trains_resumes_and_rejects_bad_input(tmp_path, capsys):
-    from scripts.personalize import main
+    from diffguide.scripts.personalize import main
 
     model = tmp_path / "model"
     tiny_sd().save_pretrained(model)

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 from PIL import Image
 
-from scripts import sample
+from diffguide.scripts import sample
 
 
 def run(tmp_path, *args, name="out.png"):
@@ -54,7 +54,7 @@ def test_bad_arguments_exit_with_usage(tmp_path, args, capsys):
 
 
 def test_text_to_image_model_and_local_folder(tmp_path):
-    from tasks import zoo
+    from diffguide.tasks import zoo
 
     prompts = ["a handwritten digit three", "the number 8"]
     first = run(tmp_path, "--model", "digits-t2i", "--prompt", *prompts, "--guidance", "cfgpp", name="t2i.png")

@@ -13,10 +13,10 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-import guidance
-from guidance import CFGPlusPlus, Guidance, Guided, GuidedDenoiser, Step, equivalent_cfg_scale
-from samplers import Plan, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
-from tasks.gmm import ClassConditionalGMM, GaussianMixture
+from diffguide import guidance
+from diffguide.guidance import CFGPlusPlus, Guidance, Guided, GuidedDenoiser, Step, equivalent_cfg_scale
+from diffguide.samplers import Plan, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
+from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
@@ -224,7 +224,7 @@ def test_cfgpp_equals_cfg_with_step_dependent_scale():
 def test_cfgpp_hook_on_class_pipeline_matches_scheduler_formula(eta):
     """``guidance.apply`` CFG++ step == ``DDIMScheduler.step(eps_lam) + sqrt(1 - abar_prev - std^2) (eps_u - eps_lam)``
     (eta = 1 also checks that the pipeline still passes ``eta`` and ``generator`` to the wrapped step)."""
-    from tasks.pipelines import ClassConditionalPipeline
+    from diffguide.tasks.pipelines import ClassConditionalPipeline
 
     scheduler = sd_ddim(float64=True)
     model = two_class_model(scheduler)

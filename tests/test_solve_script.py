@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
-from scripts import solve
-from tasks import inverse
-from tasks.pipelines import ClassConditionalPipeline
+from diffguide.scripts import solve
+from diffguide.tasks import inverse
+from diffguide.tasks.pipelines import ClassConditionalPipeline
 
 
 @pytest.fixture(scope="module")

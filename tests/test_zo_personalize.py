@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
 
 Z = 5.0   # tolerance in standard errors of a Monte-Carlo mean (two-sided p ~ 6e-7 per coordinate)
 

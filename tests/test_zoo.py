@@ -14,10 +14,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tasks import zoo
-from tasks.classifier import DigitClassifier
-from tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS, caption, load_digits_tensors, random_captions
-from tasks.pipelines import ClassConditionalPipeline
+from diffguide.tasks import zoo
+from diffguide.tasks.classifier import DigitClassifier
+from diffguide.tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS, caption, load_digits_tensors, random_captions
+from diffguide.tasks.pipelines import ClassConditionalPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
