@@ -39,7 +39,7 @@ class Step:
     evaluate: Callable[[Tensor, Any], Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        check_prediction_type(self.prediction_type)
+        self.prediction_type = check_prediction_type(self.prediction_type)
 
     def x0(self, pred: Tensor) -> Tensor:
         """Model output -> x0 estimate at this step."""

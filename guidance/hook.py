@@ -74,6 +74,10 @@ class _Session:
         self.attr, self.net, self.uncond_first = _network(pipe)
         self.scheduler = pipe.scheduler
         self.prediction_type = check_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
+        if self.prediction_type == "flow_prediction":
+            raise ValueError(f"apply() does not read flow-matching schedulers yet ({type(self.scheduler).__name__} "
+                             "with prediction_type='flow_prediction'); supported prediction_type: epsilon, "
+                             "v_prediction, sample")
         self.stats = HookStats()
         self.index = 0
         self.renoise: Tensor | None = None

@@ -1,8 +1,15 @@
 """Noise-schedule arithmetic shared by every sampler and guide.
 
 Convention (VP and its generalisations): ``x_t = alpha * x0 + sigma * eps``. For a DDPM schedule
-``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``. The scale-free "VE sigma"
-``sigma / alpha`` is what k-diffusion calls sigma; ``x / alpha`` is its state.
+``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``; for a rectified-flow level ``s`` in [0, 1]
+(diffusers' ``FlowMatchEulerDiscreteScheduler``) ``alpha = 1 - s``, ``sigma = s``. The scale-free "VE sigma"
+``sigma / alpha`` is what k-diffusion calls sigma (``s / (1 - s)`` for flow: the same noise level as the VP
+level of equal signal-to-noise ratio); ``x / alpha`` is its state.
+
+Flow matching is one more prediction type, not a new world: the velocity ``v = eps - x0``
+(``"flow_prediction"``, diffusers' name; alias ``"flow"``). Its converters hold for any ``(alpha, sigma)``,
+so a state may be kept in VP scale or in the network's own flow scale (``x_flow = x_vp / (alpha + sigma)``)
+with the same formulas; only the network's *input* needs the flow scale (:func:`network_input_scale`).
 """
 
 from __future__ import annotations
@@ -12,13 +19,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction"}
 
 
 def check_prediction_type(prediction_type: str) -> str:
+    """The canonical name of a prediction type (``"flow"`` -> ``"flow_prediction"``); ValueError otherwise."""
+    prediction_type = ALIASES.get(prediction_type, prediction_type) if isinstance(prediction_type, str) else None
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} (or an alias in {sorted(ALIASES)}), "
+                         f"got {prediction_type!r}")
     return prediction_type
+
+
+def network_input_scale(alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor | float:
+    """Factor ``c_in`` that takes a state ``x = alpha x0 + sigma eps`` to the network's own input.
+
+    A flow network reads ``(1 - s) x0 + s eps``, i.e. ``x / (alpha + sigma)`` (1 when the state is already in
+    flow scale); the VP networks read the VP state as it is (1).
+    """
+    if check_prediction_type(prediction_type) == "flow_prediction":
+        return 1 / (alpha + sigma)
+    return 1.0
 
 
 def to_x0(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
@@ -29,7 +51,9 @@ def to_x0(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float,
         return alpha * x - sigma * pred
     if prediction_type == "sample":
         return pred
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type == "flow_prediction":
+        return (x - sigma * pred) / (alpha + sigma)
+    return to_x0(pred, x, alpha, sigma, check_prediction_type(prediction_type))
 
 
 def to_eps(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
@@ -40,7 +64,9 @@ def to_eps(pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float
         return sigma * x + alpha * pred
     if prediction_type == "sample":
         return (x - alpha * pred) / sigma
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type == "flow_prediction":
+        return (x + alpha * pred) / (alpha + sigma)
+    return to_eps(pred, x, alpha, sigma, check_prediction_type(prediction_type))
 
 
 def from_x0(x0: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction_type: str) -> Tensor:
@@ -51,7 +77,9 @@ def from_x0(x0: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float,
         return (alpha * x - x0) / sigma
     if prediction_type == "sample":
         return x0
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type == "flow_prediction":
+        return (x - (alpha + sigma) * x0) / sigma
+    return from_x0(x0, x, alpha, sigma, check_prediction_type(prediction_type))
 
 
 def alpha_sigma(alpha_bar: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,7 +93,8 @@ class Plan:
 
     ``timesteps[i]`` is what the network is told at step ``i``; ``sigmas`` holds ``num_steps + 1``
     VE sigmas (``sigma/alpha``): ``sigmas[i]`` at step ``i`` and ``sigmas[i + 1]`` the level it moves to
-    (the last one is 0 for a sampler that ends on clean data, or the schedule's final level).
+    (the last one is 0 for a sampler that ends on clean data, or the schedule's final level). The first one may
+    be ``inf``: pure noise (``alpha = 0``), where a flow schedule starts.
     """
 
     timesteps: Tensor
@@ -88,7 +117,9 @@ class Plan:
         return 1 / (1 + self.sigmas[i] ** 2).sqrt()
 
     def sigma_vp(self, i: int) -> Tensor:
-        return self.sigmas[i] / (1 + self.sigmas[i] ** 2).sqrt()
+        """VP sigma of level ``i`` (1 at pure noise, ``sigmas[i] = inf``)."""
+        ve = self.sigmas[i]
+        return torch.where(torch.isinf(ve), torch.ones_like(ve), ve / (1 + ve**2).sqrt())
 
 
 def plan_from_scheduler(scheduler, num_inference_steps: int, device: torch.device | str | None = None) -> Plan:

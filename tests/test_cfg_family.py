@@ -227,7 +227,7 @@ def test_shape_mismatch_and_missing_uncond():
     with pytest.raises(ValueError, match="unconditional"):
         guidance.CFGPlusPlus(0.5).combine(make_step(c, None))
     with pytest.raises(ValueError, match="prediction_type"):
-        make_step(c, c, prediction_type="flow")
+        make_step(c, c, prediction_type="rectified")
 
 
 def test_registry_builds_and_validates():

@@ -24,7 +24,7 @@ def noisy(alpha, sigma, seed=1):
 
 
 def preds(x0, eps, v):
-    return {"epsilon": eps, "v_prediction": v, "sample": x0}
+    return {"epsilon": eps, "v_prediction": v, "sample": x0, "flow_prediction": eps - x0}
 
 
 def test_v_closed_forms_hold_on_vp_schedules():
@@ -63,7 +63,7 @@ def test_converters_reject_unknown_prediction_type():
     x = torch.zeros(1, 1)
     for fn in (to_x0, to_eps, from_x0):
         with pytest.raises(ValueError, match="prediction_type"):
-            fn(x, x, 0.6, 0.8, "flow")
+            fn(x, x, 0.6, 0.8, "flow_v2")
 
 
 def v_and_eps_steps(seed=2):
@@ -74,12 +74,13 @@ def v_and_eps_steps(seed=2):
     x = alpha * x0_c + sigma * eps
     eps_c, eps_u = (x - alpha * x0_c) / sigma, (x - alpha * x0_u) / sigma
     v_c, v_u = alpha * eps_c - sigma * x0_c, alpha * eps_u - sigma * x0_u
-    outs = {"epsilon": (eps_c, eps_u), "v_prediction": (v_c, v_u), "sample": (x0_c, x0_u)}
+    outs = {"epsilon": (eps_c, eps_u), "v_prediction": (v_c, v_u), "sample": (x0_c, x0_u),
+            "flow_prediction": (eps_c - x0_c, eps_u - x0_u)}
     steps = {k: Step(x, torch.tensor(500), alpha, sigma, 3, 10, c, u, k) for k, (c, u) in outs.items()}
     return steps, (eps_c, eps_u), (x0_c, x0_u), x, alpha, sigma
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample", "flow_prediction"])
 def test_cfg_and_cfgpp_are_the_same_guide_in_every_parametrisation(prediction_type):
     steps, (eps_c, eps_u), _, x, alpha, sigma = v_and_eps_steps()
     step = steps[prediction_type]
@@ -118,3 +119,22 @@ def test_apg_acts_on_x0_whatever_the_model_predicts(prediction_type):
             assert torch.allclose(alpha * x - sigma * pred, x0_ref, atol=1e-12)
             assert torch.allclose(pred, (alpha * x - x0_ref) / sigma, atol=1e-12)
         assert torch.allclose(step.x0(pred), x0_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])  # flow scale (alpha + sigma = 1), and any other scale of the state
+def test_flow_velocity_converters_hold_in_any_state_scale(scale):
+    """v = eps - x0 (rectified flow); the converters do not depend on how the state is scaled."""
+    s = torch.tensor([1.0, 0.9, 0.5, 0.02], dtype=F64).view(4, 1, 1, 1)
+    alpha, sigma = (1 - s) * scale, s * scale
+    x0, eps, x, _ = noisy(alpha, sigma)
+    v = eps - x0
+    assert torch.allclose(to_x0(v, x, alpha, sigma, "flow_prediction"), x0, atol=1e-12)
+    assert torch.allclose(to_eps(v, x, alpha, sigma, "flow"), eps, atol=1e-12)
+    assert torch.allclose(from_x0(x0, x, alpha, sigma, "flow_prediction"), v, atol=1e-12)
+    # pure noise (s = 1, alpha = 0): x is eps, and x0 = x - v exactly
+    assert torch.equal(to_x0(v[:1], x[:1], 0.0, scale, "flow_prediction"), (x[:1] - scale * v[:1]) / scale)
+
+
+def test_unknown_prediction_type_is_refused_with_the_supported_list():
+    with pytest.raises(ValueError, match="flow_prediction"):
+        to_x0(torch.zeros(1), torch.zeros(1), 1.0, 0.0, "velocity_v2")
