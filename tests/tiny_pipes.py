@@ -80,3 +80,20 @@ def tiny_dit(seed: int = 0):
     pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=sched, id2label={0: "zero", 1: "one"})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_modular_sdxl(classic, guider=None):
+    """A Modular SDXL pipeline (``StableDiffusionXLAutoBlocks``) on the components of a classic SDXL pipeline."""
+    from diffusers import StableDiffusionXLAutoBlocks
+
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    components = {k: v for k, v in classic.components.items() if k in pipe._component_specs and v is not None}
+    pipe.update_components(**components, **({} if guider is None else {"guider": guider}))
+    pipe.update_components(force_zeros_for_empty_prompt=classic.config.force_zeros_for_empty_prompt)
+    blocks = [pipe._blocks]
+    while blocks:  # the denoising loop sits a few levels down; set_progress_bar_config reaches only the top
+        block = blocks.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        blocks += list(getattr(block, "sub_blocks", {}).values())
+    return pipe

@@ -1,0 +1,217 @@
+"""diffguide guides as diffusers guiders in a Modular SDXL pipeline built offline from tiny components.
+
+Oracles: diffusers' own ``ClassifierFreeGuidance`` (bit for bit), and the same guide through ``guidance.apply`` on
+the classic ``StableDiffusionXLPipeline`` with the same components. The classic pipeline runs one batched
+``[uncond; cond]`` UNet call where the Modular one runs the two batches separately; that changes float32 rounding
+(native CFG of the two pipelines differs by ~8e-6 on these 3-step latents, asserted below), hence ``ATOL = 1e-4``.
+"""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import (ClassifierFreeGuidance, DDIMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, PNDMScheduler)
+from diffusers.utils import logging as diffusers_logging
+
+import diffguide as dg
+from diffguide.samplers import diffusers_model_fn
+from tiny_pipes import tiny_modular_sdxl, tiny_sdxl
+
+ATOL = 1e-4
+STEPS = 3
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "guiders are experimental", component-spec notices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    diffusers_logging.set_verbosity(level)
+
+
+def pipes(scheduler: str = "ddim"):
+    classic = tiny_sdxl()
+    classic.scheduler = SCHEDULERS[scheduler].from_config(classic.scheduler.config)
+    return classic, tiny_modular_sdxl(classic)
+
+
+def inputs(steps: int = STEPS) -> dict:
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return dict(prompt=["a cat", "a dog"], negative_prompt=["", "blur"], num_inference_steps=steps, latents=latents,
+                height=16, width=16)
+
+
+def modular(pipe, guider, steps: int = STEPS) -> torch.Tensor:
+    pipe.update_components(guider=guider)
+    return pipe(**inputs(steps), output="latents")
+
+
+def classic_apply(pipe, guide, steps: int = STEPS):
+    with dg.apply(pipe, guide) as stats:
+        out = pipe(**inputs(steps), output_type="latent").images
+    return out, stats
+
+
+def count_rows(pipe):
+    """Rows the UNet really evaluates per call (a pre-hook on its first layer)."""
+    rows = []
+    return rows, pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_cfg_adapter_is_bit_identical_to_diffusers_cfg(scale):
+    classic, pipe = pipes()
+    rows, handle = count_rows(pipe)
+    native = modular(pipe, ClassifierFreeGuidance(guidance_scale=scale))
+    native_rows = list(rows)
+    rows.clear()
+    guider = dg.as_diffusers_guider(dg.CFG(scale), pipe.scheduler)
+    adapted = modular(pipe, guider)
+    handle.remove()
+    assert torch.equal(native, adapted)
+    assert rows == native_rows == [2] * STEPS * (1 if scale == 1.0 else 2)  # CFG(1) skips the uncond pass
+    assert guider.stats.rows_per_step == [2 * (1 if scale == 1.0 else 2)] * STEPS
+    if scale != 1.0:  # the floor of the tolerance used against the classic pipeline
+        gap = (classic(**inputs(), guidance_scale=scale, output_type="latent").images - native).abs().max()
+        assert 0 <= gap < ATOL / 4
+
+
+def autoguidance():
+    weak = tiny_sdxl(seed=1).unet
+    return dg.Autoguidance(diffusers_model_fn(weak), scale=2.0)
+
+
+def dynamic_cfg():
+    return dg.DynamicCFG(lambda images, step: -images.flatten(1).std(1), candidates=(1.0, 3.0, 6.0))
+
+
+# (guide, scale of the plain CFG it must differ from); CFG++ without its renoise term would be CFG(lam)
+GUIDES = {
+    "apg": (lambda: dg.APG(5.0, norm_threshold=0.5), 5.0),
+    "cfgpp": (lambda: dg.CFGPlusPlus(0.6), 0.6),
+    "ag-x0": (lambda: dg.AdaptiveGuidance(5.0, threshold=0.9995, space="x0"), 5.0),
+    "interval-apg": (lambda: dg.GuidanceInterval(dg.APG(5.0, norm_threshold=0.5), sigma_lo=1.0), 5.0),
+    "cfg-zero-star": (lambda: dg.CFGZeroStar(5.0), 5.0),
+    "autoguidance": (autoguidance, 2.0),
+    "dynamic-cfg": (dynamic_cfg, 6.0),
+}
+CASES = [(name, "ddim") for name in GUIDES] + [("apg", "euler"), ("cfgpp", "euler")]
+
+
+@pytest.mark.parametrize("name,scheduler", CASES)
+def test_adapter_equals_apply_on_classic_pipeline(name, scheduler):
+    make, cfg_scale = GUIDES[name]
+    classic, pipe = pipes(scheduler)
+    guide = make()
+    expected, stats = classic_apply(classic, guide)
+    rows, handle = count_rows(pipe)
+    guider = dg.as_diffusers_guider(guide, pipe.scheduler)
+    adapted = modular(pipe, guider)
+    handle.remove()
+    assert (adapted - expected).abs().max() < ATOL
+    plain = modular(pipe, ClassifierFreeGuidance(guidance_scale=cfg_scale))
+    assert (adapted - plain).abs().max() > 10 * ATOL  # the guide changed the result: the comparison can fail
+    assert sum(rows) == guider.stats.rows == stats.rows  # no per-sample skipping here: same rows as apply
+    assert "step" not in vars(pipe.scheduler)  # CFG++'s one-step wrapper is gone
+    again = modular(pipe, dg.as_diffusers_guider(guide, pipe.scheduler))
+    assert torch.equal(adapted, again)  # state (APG momentum, AG trigger) is reset at step 0
+
+
+def test_adaptive_guidance_skips_unconditional_passes():
+    classic, pipe = pipes()
+    guide = dg.AdaptiveGuidance(5.0, threshold=0.996, space="eps")
+    expected, stats = classic_apply(classic, guide, steps=4)
+    truncated_at = guide.truncated_at.tolist()
+    rows, handle = count_rows(pipe)
+    guider = dg.as_diffusers_guider(guide, pipe.scheduler)
+    adapted = modular(pipe, guider, steps=4)
+    handle.remove()
+    assert guide.truncated_at.tolist() == truncated_at == [1, 2]  # sample 0 stops CFG before sample 1
+    assert (adapted - expected).abs().max() < ATOL
+    # step 1: only sample 1 needs the uncond rows, the protocol runs them for both (all or none); then none
+    assert rows == [2, 2, 2, 2, 2, 2]
+    assert guider.stats.rows_per_step == [4, 4, 2, 2]
+    assert stats.rows_per_step == [4, 3, 2, 2]
+    assert guider.num_conditions == 1  # after the last step
+
+
+class HalfUncond(dg.CFG):
+    """CFG whose second sample never asks for the unconditional branch (a per-sample need)."""
+
+    def needs_uncond(self, level, batch_size):
+        return torch.arange(batch_size) % 2 == 0
+
+
+def test_partial_need_evaluates_all_rows_and_matches_apply():
+    classic, pipe = pipes()
+    expected, stats = classic_apply(classic, HalfUncond(5.0))
+    guider = dg.as_diffusers_guider(HalfUncond(5.0), pipe.scheduler)
+    adapted = modular(pipe, guider)
+    assert (adapted - expected).abs().max() < ATOL
+    assert stats.rows_per_step == [3] * STEPS and guider.stats.rows_per_step == [4] * STEPS
+    cond_only = modular(pipe, ClassifierFreeGuidance(guidance_scale=1.0))
+    cfg = modular(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
+    assert (adapted[1] - cond_only[1]).abs().max() < ATOL < (adapted[1] - cfg[1]).abs().max()
+    assert (adapted[0] - cfg[0]).abs().max() < ATOL
+
+
+def test_refused_guides_and_schedulers():
+    scheduler = DDIMScheduler()
+    gfcg = dg.GFCG(lambda images: images.flatten(1)[:, :3])
+    for guide in (gfcg, dg.GuidanceInterval(gfcg, sigma_lo=1.0)):
+        with pytest.raises(ValueError, match="GFCG evaluates the main network once more.*guidance.apply"):
+            dg.as_diffusers_guider(guide, scheduler)
+    with pytest.raises(TypeError, match="already a diffusers guider"):
+        dg.as_diffusers_guider(ClassifierFreeGuidance(), scheduler)
+    with pytest.raises(TypeError, match="already a diffusers guider"):
+        dg.as_diffusers_guider(dg.as_diffusers_guider(dg.CFG(), scheduler), scheduler)
+    with pytest.raises(TypeError, match="must be a diffguide guidance.Guidance"):
+        dg.as_diffusers_guider(dg.guidance.FKCCFG(2.0), scheduler)
+    with pytest.raises(ValueError, match="DDPM-family scheduler"):
+        dg.as_diffusers_guider(dg.CFG(), FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="CFG\\+\\+-style guides support"):
+        dg.as_diffusers_guider(dg.CFGPlusPlus(), PNDMScheduler())
+    with pytest.raises(TypeError, match="no config file"):
+        dg.as_diffusers_guider(dg.CFG(), scheduler).save_pretrained("unused")
+    with_reference = dg.GFCG(lambda images: images.flatten(1)[:, :3], reference_model=lambda x, t, c: x)
+    assert dg.as_diffusers_guider(with_reference, scheduler).guide is with_reference
+
+
+def test_mixed_and_nested_use_refused():
+    classic, pipe = pipes()
+    pipe.update_components(guider=dg.as_diffusers_guider(dg.CFG(5.0), pipe.scheduler))
+    with dg.apply(classic, dg.CFG(5.0)):  # the same UNet is inside apply
+        with pytest.raises(ValueError, match="either through apply or as a Modular guider"):
+            pipe(**inputs(), output="latents")
+    outer = dg.as_diffusers_guider(dg.CFG(5.0), pipe.scheduler)
+    inner = dg.as_diffusers_guider(dg.APG(5.0), pipe.scheduler)
+    outer.prepare_models(pipe.unet)
+    with pytest.raises(ValueError, match="already driven by another DiffguideGuider"):
+        inner.prepare_models(pipe.unet)
+    outer.cleanup_models(pipe.unet)
+    assert not pipe.unet._forward_pre_hooks and not hasattr(pipe.unet, "_diffguide_guider")
+
+
+def test_bad_inputs_named():
+    classic, pipe = pipes()
+    guider = dg.as_diffusers_guider(dg.CFG(5.0), pipe.scheduler)
+    with pytest.raises(ValueError, match="pipeline's own scheduler"):  # timesteps never set on it
+        guider.set_state(0, STEPS, torch.tensor(999))
+    pipe.scheduler.set_timesteps(STEPS)
+    t = pipe.scheduler.timesteps[0]
+    guider.set_state(0, STEPS, t)
+    embeds = torch.zeros(2, 5, 32)
+    with pytest.raises(ValueError, match="no unconditional prompt_embeds"):
+        guider.prepare_inputs({"prompt_embeds": (embeds, None), "image_embeds": (None, None)})
+    batches = guider.prepare_inputs({"prompt_embeds": (embeds, embeds + 1), "image_embeds": (None, None)})
+    assert [b.__guidance_identifier__ for b in batches] == ["pred_cond", "pred_uncond"]
+    assert torch.equal(batches[1].prompt_embeds, embeds + 1)
+    other = dg.as_diffusers_guider(dg.CFGPlusPlus(0.6), DDIMScheduler.from_config(pipe.scheduler.config))
+    pipe.update_components(guider=other)  # CFG++ on a scheduler the pipeline does not step
+    other.scheduler.set_timesteps(STEPS)
+    with pytest.raises(RuntimeError, match="was not stepped"):
+        pipe(**inputs(), output="latents")
