@@ -53,7 +53,9 @@ def _refusal(guide: Guidance) -> str | None:
 class DiffguideGuider(BaseGuidance):
     """A diffusers ``BaseGuidance`` that runs a diffguide guide; build it with :func:`as_diffusers_guider`.
 
-    ``stats`` (:class:`HookStats`) counts the denoiser calls and rows it saw during the last pipeline call.
+    ``stats`` (:class:`HookStats`) of the last pipeline call: denoiser calls and rows evaluated (``rows_per_step``),
+    and the unconditional rows each sample's guide used (``uncond_rows_per_sample``; fewer than evaluated when only
+    some samples needed them).
     """
 
     _input_predictions = ["pred_cond", "pred_uncond"]
@@ -111,7 +113,7 @@ class DiffguideGuider(BaseGuidance):
         self._mask, self._captured = None, {}
         timesteps = getattr(self.scheduler, "timesteps", None)
         if getattr(self.scheduler, "num_inference_steps", None) is None or timesteps is None or \
-                not bool((torch.as_tensor(timesteps) == torch.as_tensor(timestep).cpu()).any()):
+                not bool((torch.as_tensor(timesteps).cpu() == torch.as_tensor(timestep).cpu()).any()):
             raise ValueError(f"timestep {timestep} is not among the timesteps of the scheduler given to "
                              "as_diffusers_guider; pass the pipeline's own scheduler (pipe.scheduler)")
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import (ClassifierFreeGuidance, DDIMScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, PNDMScheduler)
+from diffusers.modular_pipelines import BlockState
 from diffusers.utils import logging as diffusers_logging
 
 import diffguide as dg
@@ -39,8 +40,8 @@ def pipes(scheduler: str = "ddim"):
     return classic, tiny_modular_sdxl(classic)
 
 
-def inputs(steps: int = STEPS) -> dict:
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+def inputs(steps: int = STEPS, seed: int = 0) -> dict:
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     return dict(prompt=["a cat", "a dog"], negative_prompt=["", "blur"], num_inference_steps=steps, latents=latents,
                 height=16, width=16)
 
@@ -50,9 +51,9 @@ def modular(pipe, guider, steps: int = STEPS) -> torch.Tensor:
     return pipe(**inputs(steps), output="latents")
 
 
-def classic_apply(pipe, guide, steps: int = STEPS):
+def classic_apply(pipe, guide, steps: int = STEPS, seed: int = 0):
     with dg.apply(pipe, guide) as stats:
-        out = pipe(**inputs(steps), output_type="latent").images
+        out = pipe(**inputs(steps, seed), output_type="latent").images
     return out, stats
 
 
@@ -139,6 +140,23 @@ def test_adaptive_guidance_skips_unconditional_passes():
     assert guider.num_conditions == 1  # after the last step
 
 
+def test_linear_ag_replaced_step_skips_the_unconditional_pass():
+    classic, pipe = pipes()
+    guide = dg.LinearAG(5.0, replace=[2])
+    with guide.calibration():
+        classic_apply(classic, guide, steps=4, seed=1)  # calibrated on other latents: an imperfect estimate
+    guide.fit()
+    expected, stats = classic_apply(classic, guide, steps=4)
+    rows, handle = count_rows(pipe)
+    guider = dg.as_diffusers_guider(guide, pipe.scheduler)
+    adapted = modular(pipe, guider, steps=4)
+    handle.remove()
+    assert (adapted - expected).abs().max() < ATOL
+    assert rows == [2] * 7 and guider.stats.rows_per_step == stats.rows_per_step == [4, 4, 2, 4]
+    cfg = modular(pipe, ClassifierFreeGuidance(guidance_scale=5.0), steps=4)
+    assert (adapted - cfg).abs().max() > 10 * ATOL  # the regression estimate was used at step 2
+
+
 class HalfUncond(dg.CFG):
     """CFG whose second sample never asks for the unconditional branch (a per-sample need)."""
 
@@ -153,6 +171,7 @@ def test_partial_need_evaluates_all_rows_and_matches_apply():
     adapted = modular(pipe, guider)
     assert (adapted - expected).abs().max() < ATOL
     assert stats.rows_per_step == [3] * STEPS and guider.stats.rows_per_step == [4] * STEPS
+    assert guider.stats.uncond_rows_per_sample.tolist() == stats.uncond_rows_per_sample.tolist() == [STEPS, 0]
     cond_only = modular(pipe, ClassifierFreeGuidance(guidance_scale=1.0))
     cfg = modular(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
     assert (adapted[1] - cond_only[1]).abs().max() < ATOL < (adapted[1] - cfg[1]).abs().max()
@@ -210,6 +229,13 @@ def test_bad_inputs_named():
     batches = guider.prepare_inputs({"prompt_embeds": (embeds, embeds + 1), "image_embeds": (None, None)})
     assert [b.__guidance_identifier__ for b in batches] == ["pred_cond", "pred_uncond"]
     assert torch.equal(batches[1].prompt_embeds, embeds + 1)
+    state = BlockState(prompt_embeds=embeds, negative_prompt_embeds=None, guidance=embeds[:, 0])
+    fields = {"encoder_hidden_states": ("prompt_embeds", "negative_prompt_embeds"), "guidance": "guidance"}
+    with pytest.raises(ValueError, match="no unconditional encoder_hidden_states"):  # the block-state variant
+        guider.prepare_inputs_from_block_state(state, fields)
+    state.negative_prompt_embeds = embeds - 1
+    cond, uncond = guider.prepare_inputs_from_block_state(state, fields)
+    assert torch.equal(uncond.encoder_hidden_states, embeds - 1) and uncond.guidance is state.guidance
     other = dg.as_diffusers_guider(dg.CFGPlusPlus(0.6), DDIMScheduler.from_config(pipe.scheduler.config))
     pipe.update_components(guider=other)  # CFG++ on a scheduler the pipeline does not step
     other.scheduler.set_timesteps(STEPS)
