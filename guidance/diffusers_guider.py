@@ -222,9 +222,10 @@ class DiffguideGuider(BaseGuidance):
         if "x" not in self._captured:
             raise RuntimeError("the denoiser ran without the adapter's hook: call prepare_models(denoiser) before "
                                "each batch, as Modular denoise blocks do")
-        x = self._captured["x"]
-        if x.shape[0] != pred_cond.shape[0]:
-            raise ValueError(f"the denoiser's input has {x.shape[0]} rows, its prediction {pred_cond.shape[0]}")
+        x = self._captured["x"][:, : pred_cond.shape[1]]  # drop extra input channels (inpainting mask, image)
+        if x.shape != pred_cond.shape:
+            raise ValueError(f"the denoiser's latent input {tuple(x.shape)} and its prediction "
+                             f"{tuple(pred_cond.shape)} differ in shape (learned-variance outputs are not supported)")
         self.stats.rows_per_step.append(self._captured["rows"])
         if not self._enabled:
             return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -236,7 +237,7 @@ class DiffguideGuider(BaseGuidance):
         else:
             uncond = torch.where(mask.view(-1, *[1] * (pred_cond.ndim - 1)), pred_uncond, pred_cond)
         level = self._level(pred_cond.device, pred_cond.dtype)
-        step = Step(x[:, : pred_cond.shape[1]], level.t, level.alpha, level.sigma, level.index, level.num_steps,
+        step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps,
                     pred_cond, uncond, self.prediction_type, uncond_mask=mask, cond=self._captured["cond"])
         guided = guided_checked(self.guide, step)
         if self.guide.changes_renoise:
