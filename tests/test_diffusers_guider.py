@@ -244,3 +244,31 @@ def test_bad_inputs_named():
     other.scheduler.set_timesteps(STEPS)
     with pytest.raises(RuntimeError, match="was not stepped"):
         pipe(**inputs(), output="latents")
+
+
+class Probe(dg.CFG):
+    """CFG that records the noise level and step position the adapter hands it."""
+
+    def __init__(self, scale):
+        super().__init__(scale)
+        self.seen = []
+
+    def combine(self, step):
+        self.seen.append((float(step.t), step.ve_sigma, step.index, step.num_steps))
+        return super().combine(step)
+
+
+def test_noise_level_follows_the_scheduler_in_img2img():
+    classic, pipe = pipes("euler")
+    probe = Probe(5.0)
+    pipe.update_components(guider=dg.as_diffusers_guider(probe, pipe.scheduler))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe(prompt="a cat", image=image, strength=0.5, num_inference_steps=6, height=16, width=16,
+         generator=torch.Generator().manual_seed(0), output="latents")
+    abar = pipe.scheduler.alphas_cumprod.double()
+    train_sigmas = ((1 - abar) / abar).sqrt()
+    assert [(index, steps) for _, _, index, steps in probe.seen] == [(0, 3), (1, 3), (2, 3)]  # the last half
+    for t, ve_sigma, _, _ in probe.seen:  # Euler's sigma at a fractional timestep: linear interpolation
+        low = int(t)
+        expected = train_sigmas[low] + (t - low) * (train_sigmas[min(low + 1, 999)] - train_sigmas[low])
+        assert abs(ve_sigma - float(expected)) < 1e-5 * float(expected)
