@@ -2,10 +2,11 @@
 
 A diffusers guider sees only the network's predictions and the step/timestep. The adapter gets the rest itself:
 
-* the scheduler it was given yields ``alpha``/``sigma`` of the current timestep and the prediction type;
+* the scheduler it was given yields ``alpha``/``sigma`` of the current timestep and the prediction type (VP for
+  DDPM-family schedulers; ``alpha = 1 - s``, ``sigma = s`` and flow velocity for flow matching);
 * ``prepare_models`` puts a forward pre-hook on the denoiser that captures the network's input ``x_t`` (the VP
-  state: DDPM-family schedulers scale their state to it in ``scale_model_input``) and the conditional inputs,
-  so x0-space guides (APG, AG in x0) are exact;
+  state: DDPM-family schedulers scale their state to it in ``scale_model_input``; the flow state ``x_s``) and
+  the conditional inputs, so x0-space guides (APG, AG in x0) are exact;
 * for guides that renoise with another prediction (CFG++), ``forward`` wraps the scheduler's ``step`` on the
   given instance for the one step that follows and restores it inside that call (``scheduler_step.renoise_step``);
 * a guide that needs no unconditional rows at a step (AG after its trigger, LinearAG's replaced steps, interval
@@ -32,6 +33,7 @@ from .hook import HookStats
 from .scheduler_step import check_scheduler, renoise_step
 
 LATENT_NAMES = ("sample", "hidden_states", "x", "latents")  # the latent argument of diffusers denoisers
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # state x_s = (1 - s) x0 + s eps, no scale_model_input
 CALL_ONLY = ("timestep", "return_dict")
 
 
@@ -69,14 +71,21 @@ class DiffguideGuider(BaseGuidance):
         reason = _refusal(guide)
         if reason is not None:
             raise ValueError(f"{type(guide).__name__} cannot run as a diffusers guider: {reason}")
-        if getattr(scheduler, "alphas_cumprod", None) is None or not callable(getattr(scheduler, "step", None)):
-            raise ValueError(f"as_diffusers_guider needs the pipeline's DDPM-family scheduler (with alphas_cumprod: "
-                             f"DDIM, Euler, Euler-ancestral, DPM-Solver, ...); got {type(scheduler).__name__}")
-        prediction_type = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
-        if prediction_type == "flow_prediction":
-            raise ValueError("as_diffusers_guider does not read flow-matching schedulers; supported prediction_type: "
-                             "epsilon, v_prediction, sample")
+        name = type(scheduler).__name__
+        if name in FLOW_SCHEDULERS:
+            prediction_type = "flow_prediction"
+        elif getattr(scheduler, "alphas_cumprod", None) is not None and callable(getattr(scheduler, "step", None)):
+            prediction_type = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
+        else:
+            raise ValueError(f"as_diffusers_guider needs the pipeline's scheduler: a DDPM-family one (DDIM, Euler, "
+                             f"Euler-ancestral, DPM-Solver, UniPC, ...) or one of {FLOW_SCHEDULERS}; got {name}")
+        self.flow = prediction_type == "flow_prediction"
+        if self.flow and getattr(scheduler, "sigmas", None) is None:
+            raise ValueError(f"{name} with prediction_type='flow_prediction' keeps no sigmas to read the level from")
         if guide.changes_renoise:
+            if self.flow:
+                raise ValueError(f"{type(guide).__name__} changes the renoise term; its scheduler step is written for "
+                                 f"VP/VE schedules, not for flow matching ({name})")
             check_scheduler(scheduler)
         super().__init__()
         self.register_to_config(guide=repr(guide), scheduler=type(scheduler).__name__)  # JSON-able description only
@@ -123,12 +132,20 @@ class DiffguideGuider(BaseGuidance):
         sigmas = getattr(sched, "sigmas", None)
         if sigmas is not None and len(sigmas) == len(sched.timesteps) + 1:
             index = sched.step_index if getattr(sched, "step_index", None) is not None else sched.index_for_timestep(t)
-            alpha_bar = 1 / (1 + torch.as_tensor(sigmas[index], dtype=torch.float64) ** 2)
+            level = torch.as_tensor(sigmas[index], dtype=torch.float64)
+            if self.flow:  # x_s = (1 - s) x0 + s eps
+                alpha, sigma = 1 - level, level
+            else:  # VE sigma of a VP schedule
+                alpha_bar = 1 / (1 + level**2)
+                alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        elif self.flow:
+            raise ValueError(f"{type(sched).__name__}: expected num_inference_steps + 1 sigmas, got "
+                             f"{None if sigmas is None else len(sigmas)} for {len(sched.timesteps)} timesteps")
         else:
             alpha_bar = sched.alphas_cumprod[int(t.flatten()[0].item())].to(torch.float64)
-        return Level(t=t.flatten()[0], alpha=alpha_bar.sqrt().to(device, dtype),
-                     sigma=(1 - alpha_bar).sqrt().to(device, dtype), index=self._step,
-                     num_steps=self._num_inference_steps)
+            alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        return Level(t=t.flatten()[0], alpha=alpha.to(device, dtype), sigma=sigma.to(device, dtype),
+                     index=self._step, num_steps=self._num_inference_steps)
 
     def _need(self, batch: int, like: Tensor) -> Tensor:
         """The guide's per-sample need of the unconditional branch at this step (asked once per step)."""
@@ -164,6 +181,9 @@ class DiffguideGuider(BaseGuidance):
 
     def prepare_inputs(self, data: dict[str, tuple[Tensor, Tensor]]) -> list:
         self._check_batches({k: v if isinstance(v, tuple) else (v, v) for k, v in data.items()})
+        if self.num_conditions == 2 and not any(isinstance(v, tuple) for v in data.values()):
+            raise ValueError(f"{self.guide!r} needs the unconditional branch, but the pipeline passes no (cond, "
+                             f"uncond) inputs ({', '.join(data)}): give it negative prompt embeddings")
         return [self._prepare_batch(data, index, name)
                 for index, name in zip(range(self.num_conditions), self._input_predictions)]
 
@@ -279,8 +299,9 @@ def as_diffusers_guider(guide: Guidance, scheduler) -> DiffguideGuider:
 
         pipe.update_components(guider=diffguide.as_diffusers_guider(diffguide.APG(scale=5.0), pipe.scheduler))
 
-    Refused (``ValueError``, pointing to ``guidance.apply``): GFCG without ``reference_model`` (its extra pass with
-    the reference class is a network call the pipeline never schedules); non-DDPM-family (flow-matching, EDM)
-    schedulers; CFG++-style guides on a scheduler ``scheduler_step.renoise_step`` does not cover.
+    Refused (``ValueError``): GFCG without ``reference_model`` (its extra pass with the reference class is a
+    network call the pipeline never schedules; use ``guidance.apply``); schedulers that are neither DDPM-family nor
+    ``FlowMatchEulerDiscreteScheduler`` (e.g. EDM); CFG++-style guides on flow matching or on a scheduler
+    ``scheduler_step.renoise_step`` does not cover.
     """
     return DiffguideGuider(guide, scheduler)

@@ -1,4 +1,4 @@
-"""diffguide guides as diffusers guiders in a Modular SDXL pipeline built offline from tiny components.
+"""diffguide guides as diffusers guiders in Modular SDXL (and the Modular SD3 core) built offline from tiny components.
 
 Oracles: diffusers' own ``ClassifierFreeGuidance`` (bit for bit), and the same guide through ``guidance.apply`` on
 the classic ``StableDiffusionXLPipeline`` with the same components. The classic pipeline runs one batched
@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-from diffusers import (ClassifierFreeGuidance, DDIMScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, PNDMScheduler)
+from diffusers import (ClassifierFreeGuidance, DDIMScheduler, EDMEulerScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, PNDMScheduler, SD3Transformer2DModel)
 from diffusers.modular_pipelines import BlockState
 from diffusers.utils import logging as diffusers_logging
 
@@ -193,8 +193,10 @@ def test_refused_guides_and_schedulers():
         dg.as_diffusers_guider(dg.as_diffusers_guider(dg.CFG(), scheduler), scheduler)
     with pytest.raises(TypeError, match="must be a diffguide guidance.Guidance"):
         dg.as_diffusers_guider(dg.guidance.FKCCFG(2.0), scheduler)
-    with pytest.raises(ValueError, match="DDPM-family scheduler"):
-        dg.as_diffusers_guider(dg.CFG(), FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="DDPM-family one"):
+        dg.as_diffusers_guider(dg.CFG(), EDMEulerScheduler())
+    with pytest.raises(ValueError, match="not for flow matching"):
+        dg.as_diffusers_guider(dg.CFGPlusPlus(), FlowMatchEulerDiscreteScheduler())
     with pytest.raises(ValueError, match="CFG\\+\\+-style guides support"):
         dg.as_diffusers_guider(dg.CFGPlusPlus(), PNDMScheduler())
     with pytest.raises(TypeError, match="no config file"):
@@ -272,3 +274,87 @@ def test_noise_level_follows_the_scheduler_in_img2img():
         low = int(t)
         expected = train_sigmas[low] + (t - low) * (train_sigmas[min(low + 1, 999)] - train_sigmas[low])
         assert abs(ve_sigma - float(expected)) < 1e-5 * float(expected)
+
+
+# -- flow matching: the Modular SD3 denoising core (prompt embeddings passed directly, no text encoders) -------------
+def sd3_core():
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep)
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=16, pooled_projection_dim=8).eval()
+    pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe._blocks.sub_blocks["denoise"].set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    embeds = {name: torch.randn(2, *shape, generator=g) for name, shape in (
+        ("prompt_embeds", (5, 16)), ("negative_prompt_embeds", (5, 16)),
+        ("pooled_prompt_embeds", (8,)), ("negative_pooled_prompt_embeds", (8,)))}
+    return dict(embeds, latents=torch.randn(2, 4, 8, 8, generator=g), num_inference_steps=STEPS, height=16, width=16)
+
+
+def flow_reference(pipe, guide_x0):
+    """Few-line oracle: Euler on the flow ODE, ``x' = x + (s' - s) v`` with ``v = (x - x0_hat) / s`` and
+    ``x0 = x - s v`` per branch, on the pipeline's own levels; ``guide_x0(x0_c, x0_u, i) -> x0_hat``."""
+    kw, sched = sd3_inputs(), pipe.scheduler
+    x = kw["latents"]
+
+    def velocity(x, t, prefix):
+        return pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]),
+                                encoder_hidden_states=kw[prefix + "prompt_embeds"],
+                                pooled_projections=kw[prefix + "pooled_prompt_embeds"], return_dict=False)[0]
+
+    for i, t in enumerate(sched.timesteps):
+        s, s_next = sched.sigmas[i], sched.sigmas[i + 1]
+        v_c, v_u = velocity(x, t, ""), velocity(x, t, "negative_")
+        x0_hat = guide_x0(x - s * v_c, x - s * v_u, i)
+        x = x + (s_next - s) * ((x - x0_hat) / s)
+    return x
+
+
+def test_flow_cfg_adapter_is_bit_identical_to_diffusers_cfg():
+    pipe = sd3_core()
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    native = pipe(**sd3_inputs(), output="latents")
+    pipe.update_components(guider=dg.as_diffusers_guider(dg.CFG(4.0), pipe.scheduler))
+    assert torch.equal(native, pipe(**sd3_inputs(), output="latents"))
+
+
+def test_flow_apg_and_ag_in_x0_equal_a_reference_euler_loop():
+    pipe = sd3_core()
+    assert float(pipe.scheduler.config.shift) == 3.0
+    apg = dg.APG(4.0, norm_threshold=0.5)
+    pipe.update_components(guider=dg.as_diffusers_guider(apg, pipe.scheduler))
+    adapted = pipe(**sd3_inputs(), output="latents")
+    assert float(pipe.scheduler.sigmas[0]) == 1.0  # the first level is pure noise: alpha = 0
+    oracle = dg.APG(4.0, norm_threshold=0.5)
+    expected = flow_reference(pipe, lambda x0_c, x0_u, i: oracle.update(x0_c, x0_u))
+    assert (adapted - expected).abs().max() < 1e-5 * expected.abs().max()
+    cfg = flow_reference(pipe, lambda x0_c, x0_u, i: x0_u + 4.0 * (x0_c - x0_u))
+    assert (adapted - cfg).abs().max() > 1e-2  # APG is not CFG here: the comparison can fail
+
+    ag = dg.AdaptiveGuidance(4.0, threshold=0.9, space="x0")
+    guider = dg.as_diffusers_guider(ag, pipe.scheduler)
+    pipe.update_components(guider=guider)
+    rows = []
+    handle = pipe.transformer.pos_embed.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    adapted = pipe(**sd3_inputs(), output="latents")
+    handle.remove()
+    stop = ag.truncated_at.tolist()
+    assert stop[0] == stop[1] and 0 < stop[0] < STEPS  # both samples pass the threshold together, mid-run
+
+    def ag_x0(x0_c, x0_u, i):
+        cos = torch.nn.functional.cosine_similarity(x0_c.flatten(1).double(), x0_u.flatten(1).double(), dim=1)
+        if i < stop[0]:  # the trigger: cos passes 0.9 first at step stop - 1, which still uses CFG
+            assert bool((cos > 0.9).all()) == (i == stop[0] - 1)
+        return x0_c if i >= stop[0] else x0_u + 4.0 * (x0_c - x0_u)
+
+    expected = flow_reference(pipe, ag_x0)
+    assert (adapted - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert rows == [2] * (2 * stop[0] + (STEPS - stop[0]))  # no unconditional pass after the trigger
