@@ -267,9 +267,10 @@ class DiffguideGuider(BaseGuidance):
     # -- the scheduler step of guides that renoise differently (CFG++) ----------------------------------------
     def _install_step(self, renoise: Tensor) -> None:
         sched = self.scheduler
-        self._renoise = renoise
         if "step" in vars(sched):
-            return
+            raise ValueError(f"{type(sched).__name__}.step is already replaced on the instance (is the scheduler "
+                             "inside guidance.apply?); a CFG++-style guide can wrap it only once")
+        self._renoise = renoise
         orig = sched.step
 
         def step(model_output: Tensor, timestep, sample: Tensor, *args, **kwargs):
