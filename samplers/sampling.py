@@ -138,6 +138,21 @@ def sample_euler_ancestral(model: DenoiseFn, x: Tensor, plan: Plan, eta: float =
     return _run(model, x, plan, update, callback, disable)
 
 
+def sample_renoise(model: DenoiseFn, x: Tensor, plan: Plan, generator: torch.Generator | None = None,
+                   callback: Callback | None = None, disable: bool = False) -> Tensor:
+    """Denoise, then renoise with fresh noise: ``x' = alpha' x0 + sigma' z`` (multistep consistency sampling,
+    Song et al. 2023, Alg. 1; diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``).
+
+    Euler-ancestral's limit ``sigma_down = 0``: nothing of the current noise is kept (with a CFG++ guide the
+    renoise estimate is therefore unused).
+    """
+
+    def update(x0, x0_r, eps_r, lv, state):
+        return lv.alpha_next * x0 + lv.sigma_next * _noise_like(x0, generator) if lv.sigma_next > 0 else x0
+
+    return _run(model, x, plan, update, callback, disable)
+
+
 def sample_dpmpp_2m(model: DenoiseFn, x: Tensor, plan: Plan, callback: Callback | None = None,
                     disable: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep in log-sigma time ``lambda = -log s``.
@@ -167,4 +182,5 @@ SAMPLERS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
+    "renoise": sample_renoise,
 }
