@@ -83,7 +83,7 @@ class GuidedDenoiser:
             pred_uncond = pred_cond.clone()
             pred_uncond[rows] = out[:n_u]
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask, cond=self.cond,
-                    evaluate=lambda x_, c_: self._eval(x_, level, c_))
+                    self.prediction_type, uncond_mask=mask, cond=self.cond, uncond=self.uncond,
+                    evaluate=lambda x_, c_, level_=None: self._eval(x_, level if level_ is None else level_, c_))
         guided = guided_checked(self.guide, step)
         return Denoised(step.x0(guided.denoise), step.x0(guided.renoise))
