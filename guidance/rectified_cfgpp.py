@@ -10,8 +10,8 @@ and the sampler moves with ``v_guided`` (Euler: ``x' = x + dt v_guided``). The p
 to the midpoint (``f = 1/2``), the default; the official SD3 pipeline takes the whole step (``f = 1``) and evaluates
 the corrector at ``t + dt`` with ``t`` in timestep units and ``dt`` in sigma units (in effect the current
 timestep), which its author reports gives nearly identical images (Rectified-CFGpp issue 1). Here the corrector is
-evaluated at the predicted level ``s_hat``, so ``f`` lies in (0, 1). The paper's time-varying guidance weight is not
-reproduced: the official pipelines use a constant ``scale`` (``true_cfg``), as here.
+evaluated at the predicted level ``s_hat``, so ``f`` lies in (0, 1). The paper describes a time-scheduled weight
+whose exact form could not be checked here; the official pipelines use a constant ``scale`` (``true_cfg``), as here.
 
 Cost: 3 network passes per step (``v_c`` at ``x``, both branches at ``x_hat``) against CFG's 2; the unconditional
 branch at ``x`` is never evaluated (the official pipeline computes it in its batch and discards it). As the step

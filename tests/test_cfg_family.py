@@ -261,7 +261,7 @@ def test_non_finite_predictions_are_refused_with_the_step():
 # ---- CFG++ on DPMSolverMultistepScheduler: every accepted option followed (issue 18) -------------------------
 DPM_OPTIONS = [dict(solver_type=st, lower_order_final=lof, final_sigmas_type=fs, euler_at_final=eaf, use_flow_sigmas=fl)
                for st in ("midpoint", "heun") for lof in (True, False) for fs in ("zero", "sigma_min")
-               for eaf in (False, True) for fl in (False, True) if not (eaf and lof)]
+               for eaf in (False, True) for fl in (False, True) if not (eaf and lof)] + [dict(solver_order=1)]
 
 
 def _dpm(options, prediction_type):
@@ -275,7 +275,7 @@ def _dpm(options, prediction_type):
 @pytest.mark.parametrize("options", DPM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_cfgpp_dpmpp_with_equal_estimates_is_the_scheduler_step(options):
     """cond == uncond: the CFG++ step must be DPMSolverMultistepScheduler.step, step for step, for each option."""
-    prediction_type = "flow_prediction" if options["use_flow_sigmas"] else "epsilon"
+    prediction_type = "flow_prediction" if options.get("use_flow_sigmas") else "epsilon"
     plain, ours = _dpm(options, prediction_type), _dpm(options, prediction_type)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, 4, generator=g)

@@ -158,11 +158,14 @@ def test_cfg_zero_star_zero_inits_the_first_flow_step_only():
 
 
 def test_apg_on_flow_velocities_equals_the_paper_in_x0_space():
-    """APG with momentum and clamp over three flow steps == the paper's formula on x0 = x_flow - s v (float64)."""
+    """APG with momentum and clamp over three flow steps with random velocities == the paper's formula on
+    x0 = x_flow - s v (float64)."""
     apg = guidance.APG(5.0, eta=0.3, norm_threshold=0.8, momentum=-0.5)
-    state = None
+    state, g = None, torch.Generator().manual_seed(10)
     for i, s in enumerate((1.0, 0.7, 0.4)):
-        step = flow_step(s, index=i, seed=10 + i)
+        at = flow_step(s, index=i, seed=10 + i)
+        v_c, v_u = (torch.randn(at.x.shape, generator=g, dtype=F64) for _ in range(2))
+        step = Step(at.x, at.t, at.alpha, at.sigma, i, 10, v_c, v_u, "flow_prediction")
         got = apg.combine(step).denoise
         x_flow = step.x / (step.alpha + step.sigma)
         d_c, d_u = x_flow - s * step.pred_cond, x_flow - s * step.pred_uncond  # x0 of the two velocities
@@ -338,3 +341,33 @@ def test_rectified_cfgpp_lands_closer_to_the_conditional_target_than_cfg():
         x = sample_euler(GuidedDenoiser(diffusers_model_fn(model), guide, cond, uncond, "flow"), z, plan, disable=True)
         distance[name] = float(sliced_wasserstein(x.view(n, 2), model.mixture(0), generator=torch.Generator().manual_seed(1)))
     assert distance["rcfgpp"] < distance["cfg"] - 0.05, distance
+
+
+def test_cfgpp_dpmpp_2m_loop_on_flow_sigmas_follows_the_scheduler_hook():
+    """CFG++ DPM-Solver++(2M) on a flow plan: our loop (GuidedDenoiser) == DPMSolverMultistepScheduler(use_flow_sigmas)
+    stepped by renoise_step, step for step, on the exact GMM (12 steps, flow shift 3). Tolerance: the scheduler's
+    float32 arithmetic (12 steps * 8 eps32 * max |state|)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffguide.samplers import sample_dpmpp_2m
+
+    config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    steps, lam, n = 12, 0.5, 32
+    model = gmm()
+    labels, null = torch.zeros(n, dtype=torch.long), torch.full((n,), 3)
+    z = torch.randn(n, 1, 2, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    sched = DPMSolverMultistepScheduler(**config)
+    sched.set_timesteps(steps)
+    x, theirs, state = z.float(), [], {}
+    for t in sched.timesteps:
+        v_c, v_u = (model.velocity(x.double(), t, c).float() for c in (labels, null))
+        x = renoise_step(sched, sched.step, v_u + lam * (v_c - v_u), v_u, t, x, "flow_prediction", state).prev_sample
+        theirs.append(x.double())
+    plan = plan_from_scheduler(DPMSolverMultistepScheduler(**config), steps)
+    den = GuidedDenoiser(diffusers_model_fn(model), guidance.CFGPlusPlus(lam), {"class_labels": labels},
+                         {"class_labels": null}, "flow")
+    ours = []
+    sample_dpmpp_2m(den, z * (plan.alpha(0) + plan.sigma_vp(0)), plan, disable=True,
+                    callback=lambda d: ours.append(d["x"] / (plan.alpha(d["i"] + 1) + plan.sigma_vp(d["i"] + 1))))
+    tol = steps * 8 * torch.finfo(torch.float32).eps * max(float(s.abs().max()) for s in theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert float((a - b).abs().max()) <= tol, (i, float((a - b).abs().max()), tol)
