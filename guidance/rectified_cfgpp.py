@@ -79,9 +79,10 @@ class RectifiedCFGPlusPlus(Guidance):
         ve_next = float(plan.sigmas[step.index + 1])
         s_next = ve_next / (1 + ve_next)
         ve_here = float(plan.sigmas[step.index])
-        if abs((1.0 if ve_here == float("inf") else ve_here / (1 + ve_here)) - s) > 1e-6:
+        s_plan = 1.0 if ve_here == float("inf") else ve_here / (1 + ve_here)
+        if abs(s_plan - s) > 1e-6:
             raise ValueError(f"RectifiedCFGPlusPlus: step {step.index} is at flow level {s:.6g}, the plan's level "
-                             f"is {ve_here / (1 + ve_here):.6g}; pass the plan the sampler runs")
+                             f"is {s_plan:.6g}; pass the plan the sampler runs")
         s_hat = s + self.predictor_fraction * (s_next - s)
         x_flow = step.x / (step.alpha + step.sigma)
         x_hat_flow = x_flow + (s_hat - s) * v_cond
