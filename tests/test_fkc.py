@@ -61,7 +61,8 @@ def mixture_eps(mixture: GaussianMixture):
 
 def mixture_velocity(mixture: GaussianMixture):
     """Exact flow velocity ``E[eps - x0 | x_s]`` of an isotropic mixture at flow time ``t = 1000 s`` on the flow state
-    ``x_s = (1 - s) x0 + s eps``: ``v = (x - D) / s`` with ``D = sum_k r_k m_k``, ``m_k = mu_k + a v_k (x - a mu_k) / S_k``
+    ``x_s = (1 - s) x0 + s eps``: ``v = (x - D) / s`` with ``D = sum_k r_k m_k``,
+    ``m_k = mu_k + a v_k (x - a mu_k) / S_k``
     (a = 1 - s, b = s, ``S_k = a^2 v_k + b^2``); a few-line reference, finite at pure noise (a = 0)."""
     log_w, mu, var = mixture.weights.log()[:, None], mixture.means[:, None, :], mixture.covs[:, 0, 0][:, None]
     dim = mixture.dim
@@ -88,7 +89,8 @@ def target_setup(schedule: str, mixtures, steps: int, exponent_sum: float):
     if schedule == "vp":
         return [mixture_eps(m) for m in mixtures], "epsilon", ddim_plan(steps)
     plan = plan_from_scheduler(FLOW_SCHEDULER, steps)
-    return [mixture_velocity(m) for m in mixtures], "flow_prediction", plan if exponent_sum == 1 else plan.starting_at(1)
+    fns = [mixture_velocity(m) for m in mixtures]
+    return fns, "flow_prediction", plan if exponent_sum == 1 else plan.starting_at(1)
 
 
 def level_of(timestep: int) -> Level:

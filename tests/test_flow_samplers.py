@@ -49,7 +49,8 @@ def flow_scale(x: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
 def run_ours(sampler, plan: Plan, z: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """Our loop from the pure-noise state z (VP = flow state at s = 1); states in flow scale, one per step."""
     model = flow_model()
-    den = GuidedDenoiser(diffusers_model_fn(model), None, {"class_labels": LABELS}, prediction_type=plan.prediction_type)
+    den = GuidedDenoiser(diffusers_model_fn(model), None, {"class_labels": LABELS},
+                         prediction_type=plan.prediction_type)
     states: list[torch.Tensor] = []
     sampler(den, z, plan, callback=lambda d: states.append(flow_scale(d["x"], plan, d["i"] + 1)), disable=True,
             **kwargs)
@@ -175,7 +176,8 @@ def test_renoise_follows_flow_match_stochastic_sampling():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
     z = noise(dtype=torch.float32)
     theirs = run_theirs(scheduler, z, steps, generator=torch.Generator().manual_seed(7))
-    ours = run_ours(sample_renoise, plan_from_scheduler(scheduler, steps), z, generator=torch.Generator().manual_seed(7))
+    ours = run_ours(sample_renoise, plan_from_scheduler(scheduler, steps), z,
+                    generator=torch.Generator().manual_seed(7))
     assert_trajectories_close(ours, theirs, 8 * float32_tolerance(theirs, steps), "renoise")
     # ... which is neither Euler-ancestral nor DDIM(eta = 1) after the first step (they keep part of eps_hat)
     ancestral = run_ours(sample_euler_ancestral, plan_from_scheduler(scheduler, steps), z,
@@ -263,7 +265,8 @@ def test_sd3_transformer_with_cfg_follows_the_pipeline_loop():
     GuidedDenoiser(CFG(w)) with the transformer's keyword arguments as the condition (float32 tolerance)."""
     net = tiny_sd3_transformer()
     g = torch.Generator().manual_seed(1)
-    text = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g), "pooled_projections": torch.randn(2, 64, generator=g)}
+    text = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+            "pooled_projections": torch.randn(2, 64, generator=g)}
     null = {k: torch.zeros_like(v) for k, v in text.items()}
     latents = torch.randn(2, 4, 8, 8, generator=g)
     w, steps = 4.0, 6
