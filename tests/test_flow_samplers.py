@@ -126,6 +126,16 @@ def test_multistep_flow_sigmas_plan(cls, flow_shift):
     torch.testing.assert_close(plan.sigmas, s / (1 - s), rtol=1e-12, atol=0)
 
 
+def test_plan_starting_at_drops_leading_levels():
+    plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(), 6)
+    later = plan.starting_at(1)
+    assert later.num_steps == 5 and torch.equal(later.sigmas, plan.sigmas[1:]) and torch.isfinite(later.sigmas).all()
+    assert later.prediction_type == "flow_prediction" and torch.equal(later.timesteps, plan.timesteps[1:])
+    for bad in (-1, 6, 1.0):
+        with pytest.raises(ValueError, match="index"):
+            plan.starting_at(bad)
+
+
 class FlowMatchNoSigmasScheduler:
     """A flow scheduler that keeps no sigmas."""
 
@@ -288,6 +298,34 @@ def test_sd3_transformer_with_cfg_follows_the_pipeline_loop():
                  disable=True)
     assert_trajectories_close(ours, theirs, 20 * float32_tolerance(theirs, steps), "sd3 + cfg")
     assert den.calls == steps and den.rows == 4 * steps
+
+
+def test_guides_evaluate_the_network_at_vp_states_like_the_denoiser():
+    """``Step.evaluate(x, cond)`` takes a VP state, as ``Step.x``: the denoiser scales it for a flow network too."""
+    from diffguide.guidance import Guidance, Guided
+    from diffguide.samplers.base import Level
+
+    seen = {}
+
+    class Probe(Guidance):
+        def combine(self, step):
+            seen["again"] = step.evaluate(step.x, step.cond)
+            seen["cond"] = step.pred_cond
+            return Guided(step.pred_cond, step.pred_cond)
+
+    model = flow_model()
+    den = GuidedDenoiser(diffusers_model_fn(model), Probe(), {"class_labels": LABELS},
+                         {"class_labels": torch.full_like(LABELS, 2)}, prediction_type="flow")
+    plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(), 8)
+    level = Level(plan.timesteps[3], plan.alpha(3), plan.sigma_vp(3), 3, 8)
+    x = noise(5)
+    out = den(x, level)
+    assert torch.equal(seen["again"], seen["cond"])
+    flow_state = x / (level.alpha + level.sigma)                           # what the network reads
+    v = model.velocity(flow_state, plan.timesteps[3], LABELS)
+    torch.testing.assert_close(seen["cond"], v.reshape(x.shape), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.x0, (flow_state - float(plan.timesteps[3]) / 1000 * v.reshape(x.shape)),
+                               rtol=1e-6, atol=1e-9)  # x0 = x_flow - s v (s read from the float32 timestep)
 
 
 class FluxTransformer2DModel(torch.nn.Module):
