@@ -1,4 +1,9 @@
-"""Sampling loops over a denoiser callable, and the schedule arithmetic they share."""
+"""Sampling loops over a denoiser callable, and the schedule arithmetic they share.
+
+One state for every model: the loops keep the VP state ``alpha x0 + sigma eps`` (finite at a flow schedule's
+pure-noise first level) and the denoiser adapts it to the network's own input (``call_network``: a flow network
+reads ``x / (alpha + sigma)``), as k-diffusion's ``c_in`` wrappers do; see ``samplers.sampling``.
+"""
 
 from .base import Denoised, DenoiseFn, Level
 from .inverse import SolverStats, Transition, sample_inverse

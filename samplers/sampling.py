@@ -126,7 +126,8 @@ def ancestral_sigmas(s: float, s_next: float, eta: float = 1.0) -> tuple[float, 
 def sample_euler_ancestral(model: DenoiseFn, x: Tensor, plan: Plan, eta: float = 1.0,
                            generator: torch.Generator | None = None, callback: Callback | None = None,
                            disable: bool = False) -> Tensor:
-    """Euler-ancestral (k-diffusion ``sample_euler_ancestral``): ``x'_VE = D + down eps_r + up z``, VP ``alpha' x'_VE``."""
+    """Euler-ancestral (k-diffusion ``sample_euler_ancestral``): ``x'_VE = D + down eps_r + up z``, VP
+    ``alpha' x'_VE``."""
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
 

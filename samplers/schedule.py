@@ -181,7 +181,8 @@ def plan_from_scheduler(scheduler, num_inference_steps: int | None, device: torc
     """
     custom = any(set_timesteps_kwargs.get(k) is not None for k in ("sigmas", "timesteps"))
     if not (num_inference_steps is None and custom) and (
-            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
     prediction_type = scheduler_prediction_type(scheduler)
     scheduler.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)

@@ -49,7 +49,8 @@ def flow_scale(x: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
 def run_ours(sampler, plan: Plan, z: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """Our loop from the pure-noise state z (VP = flow state at s = 1); states in flow scale, one per step."""
     model = flow_model()
-    den = GuidedDenoiser(diffusers_model_fn(model), None, {"class_labels": LABELS}, prediction_type=plan.prediction_type)
+    den = GuidedDenoiser(diffusers_model_fn(model), None, {"class_labels": LABELS},
+                         prediction_type=plan.prediction_type)
     states: list[torch.Tensor] = []
     sampler(den, z, plan, callback=lambda d: states.append(flow_scale(d["x"], plan, d["i"] + 1)), disable=True,
             **kwargs)
@@ -125,6 +126,16 @@ def test_multistep_flow_sigmas_plan(cls, flow_shift):
     torch.testing.assert_close(plan.sigmas, s / (1 - s), rtol=1e-12, atol=0)
 
 
+def test_plan_starting_at_drops_leading_levels():
+    plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(), 6)
+    later = plan.starting_at(1)
+    assert later.num_steps == 5 and torch.equal(later.sigmas, plan.sigmas[1:]) and torch.isfinite(later.sigmas).all()
+    assert later.prediction_type == "flow_prediction" and torch.equal(later.timesteps, plan.timesteps[1:])
+    for bad in (-1, 6, 1.0):
+        with pytest.raises(ValueError, match="index"):
+            plan.starting_at(bad)
+
+
 class FlowMatchNoSigmasScheduler:
     """A flow scheduler that keeps no sigmas."""
 
@@ -175,7 +186,8 @@ def test_renoise_follows_flow_match_stochastic_sampling():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
     z = noise(dtype=torch.float32)
     theirs = run_theirs(scheduler, z, steps, generator=torch.Generator().manual_seed(7))
-    ours = run_ours(sample_renoise, plan_from_scheduler(scheduler, steps), z, generator=torch.Generator().manual_seed(7))
+    ours = run_ours(sample_renoise, plan_from_scheduler(scheduler, steps), z,
+                    generator=torch.Generator().manual_seed(7))
     assert_trajectories_close(ours, theirs, 8 * float32_tolerance(theirs, steps), "renoise")
     # ... which is neither Euler-ancestral nor DDIM(eta = 1) after the first step (they keep part of eps_hat)
     ancestral = run_ours(sample_euler_ancestral, plan_from_scheduler(scheduler, steps), z,
@@ -263,7 +275,8 @@ def test_sd3_transformer_with_cfg_follows_the_pipeline_loop():
     GuidedDenoiser(CFG(w)) with the transformer's keyword arguments as the condition (float32 tolerance)."""
     net = tiny_sd3_transformer()
     g = torch.Generator().manual_seed(1)
-    text = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g), "pooled_projections": torch.randn(2, 64, generator=g)}
+    text = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+            "pooled_projections": torch.randn(2, 64, generator=g)}
     null = {k: torch.zeros_like(v) for k, v in text.items()}
     latents = torch.randn(2, 4, 8, 8, generator=g)
     w, steps = 4.0, 6
@@ -285,6 +298,34 @@ def test_sd3_transformer_with_cfg_follows_the_pipeline_loop():
                  disable=True)
     assert_trajectories_close(ours, theirs, 20 * float32_tolerance(theirs, steps), "sd3 + cfg")
     assert den.calls == steps and den.rows == 4 * steps
+
+
+def test_guides_evaluate_the_network_at_vp_states_like_the_denoiser():
+    """``Step.evaluate(x, cond)`` takes a VP state, as ``Step.x``: the denoiser scales it for a flow network too."""
+    from diffguide.guidance import Guidance, Guided
+    from diffguide.samplers.base import Level
+
+    seen = {}
+
+    class Probe(Guidance):
+        def combine(self, step):
+            seen["again"] = step.evaluate(step.x, step.cond)
+            seen["cond"] = step.pred_cond
+            return Guided(step.pred_cond, step.pred_cond)
+
+    model = flow_model()
+    den = GuidedDenoiser(diffusers_model_fn(model), Probe(), {"class_labels": LABELS},
+                         {"class_labels": torch.full_like(LABELS, 2)}, prediction_type="flow")
+    plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(), 8)
+    level = Level(plan.timesteps[3], plan.alpha(3), plan.sigma_vp(3), 3, 8)
+    x = noise(5)
+    out = den(x, level)
+    assert torch.equal(seen["again"], seen["cond"])
+    flow_state = x / (level.alpha + level.sigma)                           # what the network reads
+    v = model.velocity(flow_state, plan.timesteps[3], LABELS)
+    torch.testing.assert_close(seen["cond"], v.reshape(x.shape), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.x0, (flow_state - float(plan.timesteps[3]) / 1000 * v.reshape(x.shape)),
+                               rtol=1e-6, atol=1e-9)  # x0 = x_flow - s v (s read from the float32 timestep)
 
 
 class FluxTransformer2DModel(torch.nn.Module):
@@ -331,3 +372,43 @@ def test_loops_build_no_autograd_graph(name):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         net(torch.randn(8, 3)).sum()  # the check has power: the same network outside the loops saves tensors
     assert sum(saved) > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# latent solvers (PSLD, P2L) on a flow plan: a linear "VAE" over an exact latent flow prior
+# ------------------------------------------------------------------------------------------------------------
+def test_latent_solvers_run_on_a_flow_plan():
+    """P2L without tuning or projection is latent DPS on the flow network (its own adapter scales the input like
+    GuidedDenoiser's: equal to 1e-12); PSLD and P2L with tuning from pure noise land closer to the measurement
+    than the prior's samples. The latent posterior is exact here (linear decoder): the measurement A W z."""
+    from diffguide.guidance import DPS, P2L, PSLD
+    from diffguide.samplers import sample_inverse
+    from diffguide.samplers.inverse import NoCorrection
+    from diffguide.tasks.operators import MatrixOperator, random_matrix
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 3, generator=g, dtype=F64)
+    decode, encode = (lambda z: z @ W.T), (lambda x: x @ torch.linalg.pinv(W).T)
+    prior = GaussianMixture.isotropic(t64([0.4, 0.6]), t64([[-1.5, 0.0, 1.0], [1.5, 1.0, -0.5]]), 0.2)
+    net = FlowMatchingGMM([prior])
+    op = MatrixOperator(random_matrix(2, 6, g, singular_values=torch.ones(2)), sigma_y=0.05)
+    y = op.forward(decode(prior.sample(1, g)))
+    emb = torch.zeros(1, 2, 3, dtype=F64)
+    model_fn = lambda z, t, e: net.velocity(z, t) - e[:, 0]        # the embedding shifts x0 by s * e
+    plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 20)
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    p2l = P2L(op, y, model_fn, emb, decode, encode, prediction_type="flow", scale=0.3, prompt_steps=0,
+              project_every=0)
+    ours = sample_inverse(None, z, plan, p2l, eta=1.0, generator=torch.Generator().manual_seed(2), disable=True)
+    den = GuidedDenoiser(lambda z_, t, c: net.velocity(z_, t), None, None, prediction_type="flow")
+    ref = sample_inverse(den, z, plan, DPS(op, y, scale=0.3, decode=decode), eta=1.0,
+                         generator=torch.Generator().manual_seed(2), disable=True)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    misfit = lambda lat: float((op.forward(decode(lat)) - y).norm(dim=1).mean())
+    free = sample_inverse(den, z, plan, NoCorrection(), disable=True)
+    psld = sample_inverse(den, z, plan, PSLD(op, y, decode, encode, scale=0.3, gluing=0.1), disable=True)
+    tuned = P2L(op, y, model_fn, emb, decode, encode, prediction_type="flow", scale=0.3, prompt_steps=2,
+                prompt_lr=0.05, project_every=5)
+    p2l_out = sample_inverse(None, z, plan, tuned, disable=True)
+    assert torch.isfinite(psld).all() and torch.isfinite(p2l_out).all()
+    assert misfit(psld) < 0.5 * misfit(free) and misfit(p2l_out) < 0.5 * misfit(free)
