@@ -15,6 +15,9 @@ Norms are per sample (the official code's batch-wide norm couples the samples of
 ``x_{i-1} = x'_{i-1} - scale * (d x_{i-1} / d x0_hat) * (sigma_t^2 / alpha_t) * grad ||r||^2 / (2 sigma_y^2)``.
 It is exact Bayes for an exact likelihood, but DPS's likelihood drops ``Cov[x0 | x_t]``, so at high noise and
 small ``sigma_y`` the step overshoots (on the digits with ``sigma_y = 0.05`` it diverges); use ``scale < 1`` there.
+At a pure-noise level (``alpha = 0``, a flow schedule's first) ``x_t`` carries nothing of ``x0``: the gradient is 0
+and the weight ``sigma_t^2 / alpha_t`` infinite, and the limit of their product needs ``Cov[x0 | x_t]``, which
+autograd cannot give at ``alpha = 0``; that step takes no correction.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class DPS(MeasurementSolver):
         if self.normalize != "likelihood":
             return self.scale
         level = transition.level
+        if float(level.alpha) == 0.0:  # pure noise: see the module docstring
+            return 0.0
         tweedie = float(level.sigma**2 / level.alpha)
         return self.scale * transition.x0_weight * tweedie / (2 * self.sigma_y**2)
 

@@ -102,18 +102,18 @@ class EnKG(MeasurementSolver):
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def predict_x0(self, model: DenoiseFn, x: Tensor, plan: Plan, index: int, num_ode_steps: int) -> Tensor:
-        """PF-ODE (Euler, VE form) from level ``index`` through ``num_ode_steps`` of the plan's remaining levels."""
+        """PF-ODE (Euler, ``x' = alpha' x0 + sigma' (x - alpha x0) / sigma``: the VE step ``x0 + (s'/s)(x - x0)``
+        in VP form) from level ``index`` through ``num_ode_steps`` of the plan's remaining levels."""
         last = plan.num_steps - 1
         picks = torch.linspace(index, last, num_ode_steps).round().long().unique().tolist()
-        x_ve = x / plan.alpha(index).to(x)
         x0 = x
         for k, j in enumerate(picks):
             level = level_at(plan, j, x)
-            x0 = as_denoised(model(x_ve * level.alpha, level)).x0
+            x0 = as_denoised(model(x, level)).x0
             self.stats.denoiser_calls += x.shape[0]
             if k + 1 < len(picks):
-                ratio = float(plan.sigmas[picks[k + 1]] / plan.sigmas[j])
-                x_ve = x0 + ratio * (x_ve - x0)
+                nxt = level_at(plan, picks[k + 1], x)
+                x = nxt.alpha * x0 + nxt.sigma * (x - level.alpha * x0) / level.sigma
         return x0
 
     def _groups(self, batch: int) -> tuple[int, int]:

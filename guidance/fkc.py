@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from diffguide.samplers.base import Level
-from diffguide.samplers.schedule import check_prediction_type, to_eps
+from diffguide.samplers.models import call_network
+from diffguide.samplers.schedule import check_prediction_type, to_eps, to_x0
 from diffguide.samplers.smc import Weighted
 
 from .base import check_scale
@@ -135,6 +136,11 @@ class FKCCFG(FKCGuidance):
         self.scale = check_scale("scale", scale)
         self.exponents = (self.scale, 1.0 - self.scale)
 
+    @property
+    def total_exponent(self) -> float:
+        """Exactly 1 (``w + (1 - w)``, whatever the rounding of ``1 - w``)."""
+        return 1.0
+
     def __repr__(self) -> str:
         return f"FKCCFG(scale={self.scale})"
 
@@ -147,9 +153,13 @@ class FKCDenoiser:
         guide: an :class:`FKCGuidance` (``FKCAnneal``, ``FKCProduct``, ``FKCCFG``).
         conds: one condition per expert, in ``guide.expert_names`` order (CFG: ``(cond, uncond)``; a product of
             two classes of one model: ``(label_a, label_b)``). Experts sharing a model run in one batched call.
-        prediction_type: the models' output, ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type: the models' output, ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or
+            ``"flow_prediction"`` (a flow network reads ``x / (alpha + sigma)``, ``samplers.call_network``).
 
     ``init_noise_sigma = 1 / sqrt(B)`` tells ``sample_smc`` to start from the target's ``N(0, I / B)``.
+    The drift's x0 is ``sum_i beta_i x0_i + (1 - B) x / alpha`` (``= (x - sigma eps_pi) / alpha``): finite at a
+    pure-noise level (alpha = 0) only for ``B = 1`` (CFG); there the target's reverse drift is infinite for
+    ``B != 1`` and the denoiser refuses it (start such plans one level later, ``plan.starting_at(1)``).
     ``rows`` and ``calls`` count network rows and calls.
     """
 
@@ -176,13 +186,14 @@ class FKCDenoiser:
         self.rows = 0
         self.calls = 0
 
-    def _evaluate(self, x: Tensor, t: Tensor) -> list[Tensor]:
+    def _evaluate(self, x: Tensor, level: Level) -> list[Tensor]:
         preds: list[Tensor | None] = [None] * self.guide.num_experts
         for fn, idx in self._batches:
             cond = self.conds[idx[0]]
             for i in idx[1:]:
                 cond = cat_cond(cond, self.conds[i])
-            out = fn(torch.cat([x] * len(idx)) if len(idx) > 1 else x, t, cond)
+            out = call_network(fn, torch.cat([x] * len(idx)) if len(idx) > 1 else x, level, cond,
+                               self.prediction_type)
             self.rows += out.shape[0]
             self.calls += 1
             for i, chunk in zip(idx, out.chunk(len(idx))):
@@ -190,8 +201,16 @@ class FKCDenoiser:
         return preds
 
     def __call__(self, x: Tensor, level: Level) -> Weighted:
-        preds = self._evaluate(x, level.t)
+        total = self.guide.total_exponent
+        if float(level.alpha) == 0.0 and total != 1.0:
+            raise ValueError(f"{self.guide!r}: at a pure-noise level (alpha = 0) the target with exponents summing "
+                             f"to {total:g} != 1 has no finite reverse drift; start the plan one level later "
+                             "(plan.starting_at(1)) or use a target whose exponents sum to 1 (CFG)")
+        preds = self._evaluate(x, level)
         eps = [to_eps(p, x, level.alpha, level.sigma, self.prediction_type) for p in preds]
-        eps_pi, rate = self.guide.combine(eps, level.sigma)
-        x0 = (x - level.sigma * eps_pi.to(x.dtype)) / level.alpha
+        _, rate = self.guide.combine(eps, level.sigma)
+        x0 = sum(beta * to_x0(p, x, level.alpha, level.sigma, self.prediction_type)
+                 for beta, p in zip(self.guide.exponents, preds))
+        if total != 1.0:
+            x0 = x0 + (1 - total) * x / level.alpha
         return Weighted(x0, rate)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from diffguide.samplers.base import DenoiseFn, Level
 from diffguide.samplers.inverse import Transition, level_at
+from diffguide.samplers.models import call_network
 from diffguide.samplers.schedule import Plan, check_prediction_type, to_x0
 
 from .dps import DPS
@@ -87,7 +88,7 @@ class P2L(DPS):
     # -- the denoiser that reads the current embedding --------------------------------------------------------
     def _x0(self, z: Tensor, level: Level, embedding: Tensor) -> Tensor:
         cond = embedding.expand(z.shape[0], *embedding.shape[1:]) if embedding.shape[0] == 1 else embedding
-        out = self.model_fn(z, level.t, cond.to(z.dtype))
+        out = call_network(self.model_fn, z, level, cond.to(z.dtype), self.prediction_type)
         return to_x0(out, z, level.alpha, level.sigma, self.prediction_type)
 
     def denoiser(self) -> DenoiseFn:

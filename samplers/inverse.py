@@ -8,7 +8,8 @@ Each step ``i`` runs, on the VP state ``x_t = alpha x0 + sigma eps``:
    to level ``i + 1`` (Song et al. 2021, Eq. 12; ``eta = 1`` is DDPM's ancestral step).
 3. ``x_next = solver.correct(transition)`` — the data-consistency step (DPS gradient, MCG projection).
 
-The solver is duck-typed, so this module knows nothing of operators or measurements.
+The solver is duck-typed, so this module knows nothing of operators or measurements. The DDIM move never
+divides by alpha, so a flow plan's pure-noise first level (alpha = 0) is taken exactly.
 """
 
 from __future__ import annotations

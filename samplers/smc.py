@@ -19,6 +19,11 @@ rule). More noise mixes particles faster, which keeps the weights from degenerat
 lower Monte-Carlo error) at the cost of a larger time-step error; above 1 it needs small steps (``g^2 dt``
 well below the target's variance scale) for the Langevin move to be stable.
 
+A plan may start at pure noise (a flow schedule, ``alpha = 0``): every target there is ``N(0, I / B)``, the
+first move is DDIM/DDPM's (finite: it never divides by alpha; the Langevin step, infinite there, is left out)
+and the weight increment is 0, which needs a rate of 0 (CFG: every expert's eps is ``x`` at alpha = 0);
+otherwise ``sample_smc`` refuses the plan and ``plan.starting_at(1)`` starts one level later.
+
 Particles of one system are resampled when their effective sample size falls below ``ess_threshold * N``
 (``ess_threshold = 1``: at every step), never at the last step: the result carries the final weights.
 Several independent systems (e.g. one per prompt) run side by side as ``num_groups`` contiguous blocks.
@@ -140,7 +145,7 @@ def _move(x: Tensor, x0: Tensor, level: Level, plan: Plan, beta_dt: float, noise
     x_next = ddim_move(x, x0, level.alpha, level.sigma, alpha_next, sigma_next, math.sqrt(min(noise, 1.0)),
                        generator)[0]
     step = (noise - 1.0) * beta_dt
-    if step > 0 and float(sigma_next) > 0:
+    if step > 0 and math.isfinite(step) and float(sigma_next) > 0:
         score = (level.alpha * x0 - x) / level.sigma**2
         x_next = x_next + 0.5 * step * score + math.sqrt(step) * noise_like(x, generator)
     return x_next
@@ -193,6 +198,12 @@ def sample_smc(model: WeightedDenoiseFn, x: Tensor, plan: Plan, *, num_groups: i
         level = level_at(plan, i, x)
         x0, rate = _as_weighted(model(x, level), x.shape[0], i)
         beta_dt = math.log((1 + float(plan.sigmas[i]) ** 2) / (1 + float(plan.sigmas[i + 1]) ** 2))  # g^2 dt
+        if math.isinf(beta_dt):  # a step from pure noise: g^2 dt is infinite (alpha_bar = 0)
+            if bool((rate != 0).any()):
+                raise ValueError(f"step {i} starts at pure noise (alpha = 0), where g^2 dt is infinite: the "
+                                 "log-weight rate must be 0 there (it is for CFG targets); start the plan one "
+                                 "level later (plan.starting_at(1))")
+            rate, beta_dt = torch.zeros_like(rate), 0.0
         increment = (rate.to(log_w.device) * beta_dt).view(num_groups, particles)
         if not bool(torch.isfinite(increment).all()):
             raise FloatingPointError(f"step {i} (t={float(level.t):g}): the log-weight increment is NaN/Inf for "

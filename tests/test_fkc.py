@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffguide.guidance import CFG, FKCAnneal, FKCCFG, FKCDenoiser, FKCProduct, GuidedDenoiser
 from diffguide.samplers import (Level, Plan, SMCResult, Weighted, effective_sample_size, multinomial_resample,
@@ -57,6 +57,40 @@ def mixture_eps(mixture: GaussianMixture):
         return sigma * (resp[..., None] * diff / var_t[..., None]).sum(0)
 
     return eps
+
+
+def mixture_velocity(mixture: GaussianMixture):
+    """Exact flow velocity ``E[eps - x0 | x_s]`` of an isotropic mixture at flow time ``t = 1000 s`` on the flow state
+    ``x_s = (1 - s) x0 + s eps``: ``v = (x - D) / s`` with ``D = sum_k r_k m_k``,
+    ``m_k = mu_k + a v_k (x - a mu_k) / S_k``
+    (a = 1 - s, b = s, ``S_k = a^2 v_k + b^2``); a few-line reference, finite at pure noise (a = 0)."""
+    log_w, mu, var = mixture.weights.log()[:, None], mixture.means[:, None, :], mixture.covs[:, 0, 0][:, None]
+    dim = mixture.dim
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        s = float(t.flatten()[0]) / 1000
+        a = 1 - s
+        var_t = a**2 * var + s**2                                          # (K, 1)
+        diff = x[None] - a * mu                                             # (K, N, d)
+        resp = torch.softmax(log_w - 0.5 * dim * var_t.log() - 0.5 * diff.pow(2).sum(-1) / var_t, dim=0)
+        x0 = (resp[..., None] * (mu + a * var[..., None] * diff / var_t[..., None])).sum(0)
+        return (x - x0) / s
+
+    return velocity
+
+
+FLOW_SCHEDULER = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def target_setup(schedule: str, mixtures, steps: int, exponent_sum: float):
+    """(model functions, prediction type, plan) for a VP (DDPM betas) or flow (FlowMatchEuler, shift 3) run. A flow
+    plan starts at pure noise, where only targets with exponents summing to 1 have a finite drift: the others start
+    one level later (VE sigma ~ 1e3 there, closer to pure noise than the VP plan's first level, 157)."""
+    if schedule == "vp":
+        return [mixture_eps(m) for m in mixtures], "epsilon", ddim_plan(steps)
+    plan = plan_from_scheduler(FLOW_SCHEDULER, steps)
+    fns = [mixture_velocity(m) for m in mixtures]
+    return fns, "flow_prediction", plan if exponent_sum == 1 else plan.starting_at(1)
 
 
 def level_of(timestep: int) -> Level:
@@ -306,6 +340,34 @@ def test_resampling_stays_within_groups_and_follows_threshold():
     assert not never.resampled.any() and float(never.ess[0].max()) < 1.5
 
 
+def test_flow_predictions_and_the_pure_noise_level():
+    """Flow velocities give the same drift and rate as the exact eps at the same VP level; at pure noise (alpha = 0)
+    a CFG target has rate 0 and drift ``w x0_c + (1 - w) x0_u`` (the two means), a product (B = 2) is refused."""
+    first = mixture_1d([0.3, 0.7], [-2.0, 2.0], [0.25, 0.25])
+    second = mixture_1d([0.6, 0.4], [-1.0, 2.5], [0.8, 0.1])
+    plan = plan_from_scheduler(FLOW_SCHEDULER, 10)
+    x = torch.randn(5, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    fns = [mixture_velocity(first), mixture_velocity(second)]
+    level = Level(plan.timesteps[4], plan.alpha(4), plan.sigma_vp(4), 4, 10)
+    out = FKCDenoiser(fns, FKCProduct(), [None, None], prediction_type="flow")(x, level)
+    eps_1, eps_2 = first.eps(x, level.alpha, level.sigma), second.eps(x, level.alpha, level.sigma)
+    # rtol 1e-6: the network reads s from its float32 timestep 1000 s (1e-7 relative off the plan's level)
+    torch.testing.assert_close(out.x0, (x - level.sigma * (eps_1 + eps_2)) / level.alpha, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out.log_weight_rate, (eps_1 * eps_2).sum(1) / level.sigma**2, rtol=1e-6, atol=1e-9)
+    noise_level = Level(plan.timesteps[0], plan.alpha(0), plan.sigma_vp(0), 0, 10)
+    assert float(noise_level.alpha) == 0.0
+    cfg = FKCDenoiser(fns, FKCCFG(2.5), [None, None], prediction_type="flow")(x, noise_level)
+    assert torch.equal(cfg.log_weight_rate, torch.zeros(5, dtype=F64))
+    torch.testing.assert_close(cfg.x0, (2.5 * first.mean() - 1.5 * second.mean()).expand(5, 1), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="pure-noise.*starting_at"):
+        FKCDenoiser(fns, FKCProduct(), [None, None], prediction_type="flow")(x, noise_level)
+    with pytest.raises(ValueError, match="pure noise.*starting_at"):
+        sample_smc(RateModel(lambda x_, lv: torch.ones(5, dtype=F64)), x, plan, disable=True)
+    result = sample_smc(FKCDenoiser(fns, FKCCFG(2.5), [None, None], prediction_type="flow"), x, plan,
+                        generator=torch.Generator().manual_seed(0), disable=True)
+    assert torch.isfinite(result.x).all() and torch.isfinite(result.log_weights).all()
+
+
 def test_select_draws_by_weight():
     log_w = torch.full((2, 5), -math.inf, dtype=F64)
     log_w[0, 3] = log_w[1, 1] = 0.0
@@ -364,35 +426,42 @@ def test_bad_inputs():
 GROUPS, PARTICLES, STEPS = 10, 2000, 500
 
 
-def test_annealed_mixture_matches_grid_reference():
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_annealed_mixture_matches_grid_reference(schedule):
     """``p^2`` of a mixture with unequal widths: the narrow mode gains mass (no closed form: grid)."""
     mix = mixture_1d([0.5, 0.5], [-2.0, 2.0], [0.1, 1.0])
     target = annealed_grid(mix, 2.0)
-    den = FKCDenoiser(mixture_eps(mix), FKCAnneal(2.0), [None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=2.0)
+    (fn,), prediction_type, plan = target_setup(schedule, [mix], STEPS, 2.0)
+    den = FKCDenoiser(fn, FKCAnneal(2.0), [None], prediction_type=prediction_type)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), plan, GROUPS, noise=2.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.mode_masses(mix)])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(mix), truth,
                                      tolerance_scale(target.mean(), target.cov(), 2))
 
 
-def test_cfg_geometric_mean_matches_grid_reference():
-    """``p_c^2 p_u^-1`` with the paper's SDE (noise 1): plain CFG's drift, corrected by the weights."""
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_cfg_geometric_mean_matches_grid_reference(schedule):
+    """``p_c^2 p_u^-1`` with the paper's SDE (noise 1): plain CFG's drift, corrected by the weights. On the flow
+    plan the run starts at pure noise (rate 0 there)."""
     cond = mixture_1d([0.5, 0.5], [-2.0, 2.0], [0.1, 0.5])
     uncond = mixture_1d([0.5, 0.5], [-2.0, 2.0], [1.0, 1.0])
     target = geometric_grid(cond, uncond, 2.0)
-    den = FKCDenoiser([mixture_eps(cond), mixture_eps(uncond)], FKCCFG(2.0), [None, None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=1.0)
+    fns, prediction_type, plan = target_setup(schedule, [cond, uncond], STEPS, 1.0)
+    den = FKCDenoiser(fns, FKCCFG(2.0), [None, None], prediction_type=prediction_type)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), plan, GROUPS, noise=1.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.mode_masses(cond)])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(cond), truth,
                                      tolerance_scale(target.mean(), target.cov(), 2))
 
 
-def test_product_of_two_mixtures_matches_closed_form():
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_product_of_two_mixtures_matches_closed_form(schedule):
     first = mixture_1d([0.3, 0.7], [-2.0, 2.0], [0.25, 0.25])
     second = mixture_1d([0.6, 0.4], [-1.0, 2.5], [0.8, 0.1])
     target = first.product(second)
-    den = FKCDenoiser([mixture_eps(first), mixture_eps(second)], FKCProduct(), [None, None])
-    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), ddim_plan(STEPS), GROUPS, noise=2.0)
+    fns, prediction_type, plan = target_setup(schedule, [first, second], STEPS, 2.0)
+    den = FKCDenoiser(fns, FKCProduct(), [None, None], prediction_type=prediction_type)
+    fkc, naive = run_pair(den, (GROUPS * PARTICLES, 1), plan, GROUPS, noise=2.0)
     truth = torch.cat([target.mean(), target.cov().flatten(), target.weights])
     assert_fkc_exact_and_naive_fails(fkc, naive, moments_and_masses(target), truth,
                                      tolerance_scale(target.mean(), target.cov(), target.num_components))

@@ -11,6 +11,7 @@ from scipy.stats import multivariate_normal, norm
 
 from diffguide.tasks.gmm import (
     ClassConditionalGMM,
+    FlowMatchingGMM,
     GaussianMixture,
     SlicedWasserstein,
     annealed_grid,
@@ -367,3 +368,35 @@ def test_module_runs_inside_class_conditional_pipeline(sample_shape):
         eps_u, eps_c = gmm.eps(x, t, torch.full((3,), 2)), gmm.eps(x, t, labels)
         x = ref.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
         assert torch.allclose(latents, x, atol=1e-12, rtol=0)
+
+
+def test_flow_module_velocity_is_exact():
+    """``v = E[eps - x0 | x_s]`` on the flow state ``x_s = (1 - s) x0 + s eps`` against autograd of log p_s (G1):
+    ``eps = -s grad log p_s``, ``x0 = (x - s eps) / (1 - s)``; at s = 1 (pure noise) ``v = x - E[x0]``."""
+    _, _, (c0, c1) = two_class_gmm()
+    flow = FlowMatchingGMM([c0, c1], class_priors=t64([0.25, 0.75]), sample_shape=(1, 2, 1))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(9), dtype=F64)
+    labels = torch.tensor([0, 1, 2, 1])
+    uncond = GaussianMixture.concat([c0, c1], t64([0.25, 0.75]))
+    for t in (250.0, 700.0, 999.5):
+        s = t / 1000
+        v = flow.velocity(x, torch.tensor(t), labels)
+        for row, mix in zip(range(4), (c0, c1, uncond, c1)):
+            xr = x[row].clone().requires_grad_(True)
+            (score,) = torch.autograd.grad(mix.log_prob_t(xr, 1 - s, s), xr)
+            eps = -s * score
+            assert torch.allclose(v[row], eps - (x[row] - s * eps) / (1 - s), atol=1e-10)
+    v1 = flow.velocity(x, 1000, labels)
+    means = torch.stack([c0.mean(), c1.mean(), uncond.mean(), c1.mean()])
+    assert torch.allclose(v1, x - means, atol=1e-12)
+    out = flow(hidden_states=x.reshape(4, 1, 2, 1), timestep=torch.full((4,), 700.0), encoder_hidden_states=None,
+               class_labels=labels).sample
+    assert torch.allclose(out.reshape(4, 2), flow.velocity(x, 700.0, labels), atol=0)
+    with pytest.raises(ValueError, match="s > 0"):
+        flow.velocity(x, 0, labels)
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        flow.velocity(x, 1001, labels)
+    with pytest.raises(ValueError, match="hidden_states must have shape"):
+        flow(hidden_states=x, timestep=500)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        FlowMatchingGMM([c0], num_train_timesteps=0)

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from diffguide.guidance import DPS, MCG, EnKG
+from diffguide.guidance import DPS, MCG, EnKG, GuidedDenoiser
 from diffguide.guidance.enkg import ensemble_update_direction
 from diffguide.samplers import plan_from_scheduler, sample_ddim, sample_inverse
 from diffguide.samplers.base import Level
 from diffguide.samplers.inverse import NoCorrection, Transition
-from diffguide.tasks.gmm import GaussianMixture
+from diffguide.tasks.gmm import FlowMatchingGMM, GaussianMixture
 from diffguide.tasks.operators import HeatEquation, Inpainting, MatrixOperator, PhaseRetrieval, box_mask, random_matrix
 
 F64 = torch.float64
@@ -23,13 +23,25 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _plan(steps: int):
+# "vp": DDPM linear betas with the exact denoiser at each level's (alpha, sigma); "flow": FlowMatchEuler sigmas
+# (the first level pure noise) with the mixture's exact velocity network read through GuidedDenoiser, as a flow
+# transformer is (flow-scaled input x / (alpha + sigma), velocity -> x0).
+SCHEDULES = ["vp", "flow"]
+
+
+def _plan(steps: int, schedule: str = "vp"):
+    if schedule == "flow":
+        return plan_from_scheduler(FlowMatchEulerDiscreteScheduler(), steps)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
                               clip_sample=False)
     return plan_from_scheduler(scheduler, steps)
 
 
-def _denoiser(gmm: GaussianMixture):
+def _denoiser(gmm: GaussianMixture, schedule: str = "vp", sample_shape=None):
+    if schedule == "flow":
+        net = FlowMatchingGMM([gmm], sample_shape=sample_shape)
+        return GuidedDenoiser(lambda x, t, cond: net.velocity(x, t), None, None, prediction_type="flow_prediction")
+
     def denoise(x, level):
         return gmm.denoise(x.reshape(x.shape[0], -1), level.alpha, level.sigma).reshape(x.shape)
     return denoise
@@ -46,18 +58,21 @@ def _level(alpha: float, sigma: float) -> Level:
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_loop_without_correction_is_ddim(gmm2, eta):
-    plan = _plan(20)
+def test_loop_without_correction_is_ddim(gmm2, eta, schedule):
+    plan = _plan(20, schedule)
     x = torch.randn(64, 2, generator=_gen(0), dtype=F64)
-    ours = sample_inverse(_denoiser(gmm2), x, plan, NoCorrection(), eta=eta, generator=_gen(1), disable=True)
-    ref = sample_ddim(_denoiser(gmm2), x, plan, eta=eta, generator=_gen(1), disable=True)
+    ours = sample_inverse(_denoiser(gmm2, schedule), x, plan, NoCorrection(), eta=eta, generator=_gen(1), disable=True)
+    ref = sample_ddim(_denoiser(gmm2, schedule), x, plan, eta=eta, generator=_gen(1), disable=True)
     assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
 
 
-def test_bayes_weighted_exact_likelihood_score_recovers_posterior(gmm2):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_bayes_weighted_exact_likelihood_score_recovers_posterior(gmm2, schedule):
     """Harness check: adding the exact likelihood score (G6) with the Tweedie weight ``x0_weight sigma^2 / alpha``
-    (the weight of ``DPS(normalize="likelihood")``) samples the exact posterior (G5)."""
+    (the weight of ``DPS(normalize="likelihood")``) samples the exact posterior (G5). At pure noise (flow) the
+    score is 0 and the weight infinite: no correction there, as DPS."""
     matrix = torch.tensor([[1.0, 0.5]], dtype=F64)
     sigma_y = 0.3
     y = torch.tensor([[0.9]], dtype=F64)
@@ -65,12 +80,14 @@ def test_bayes_weighted_exact_likelihood_score_recovers_posterior(gmm2):
 
     class ExactScore(NoCorrection):
         def correct(self, t: Transition):
+            if float(t.level.alpha) == 0.0:
+                return t.x_next
             score = gmm2.likelihood_score_t(t.x, t.level.alpha, t.level.sigma, matrix, y[0], sigma_y**2)
             return t.x_next + t.x0_weight * float(t.level.sigma**2 / t.level.alpha) * score
 
     n = 4000
-    out = sample_inverse(_denoiser(gmm2), torch.randn(n, 2, generator=_gen(2), dtype=F64), _plan(200), ExactScore(),
-                         eta=1.0, generator=_gen(3), disable=True)
+    out = sample_inverse(_denoiser(gmm2, schedule), torch.randn(n, 2, generator=_gen(2), dtype=F64),
+                         _plan(200, schedule), ExactScore(), eta=1.0, generator=_gen(3), disable=True)
     se = posterior.cov().diagonal().sqrt() / math.sqrt(n)
     assert ((out.mean(0) - posterior.mean()).abs() < 4 * se + 0.02).all()
     assert ((out.var(0) / posterior.cov().diagonal() - 1).abs() < 0.1).all()
@@ -147,22 +164,24 @@ def test_dps_likelihood_error_vanishes_as_noise_vanishes(gmm2):
     assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])) and errors[-1] < 1e-4
 
 
-def test_dps_moves_samples_towards_posterior(gmm2):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dps_moves_samples_towards_posterior(gmm2, schedule):
     A = torch.tensor([[1.0, 0.5]], dtype=F64)
     sigma_y = 0.3
     y = torch.tensor([[-1.2]], dtype=F64)
     posterior = gmm2.condition(A, y[0], sigma_y**2)
     dps = DPS(MatrixOperator(A, sigma_y), y, normalize="likelihood")
     n = 800
-    out = sample_inverse(_denoiser(gmm2), torch.randn(n, 2, generator=_gen(10), dtype=F64), _plan(50), dps,
-                         generator=_gen(11), disable=True)
+    out = sample_inverse(_denoiser(gmm2, schedule), torch.randn(n, 2, generator=_gen(10), dtype=F64),
+                         _plan(50, schedule), dps, generator=_gen(11), disable=True)
     prior_err = float((gmm2.mean() - posterior.mean()).norm())
     assert float((out.mean(0) - posterior.mean()).norm()) < 0.25 * prior_err
     assert dps.stats.gradient_calls == dps.stats.denoiser_calls == 50 * n
 
 
 # ------------------------------------------------------------------------------------------------- MCG
-def test_mcg_noiseless_inpainting_keeps_measured_pixels_exactly():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mcg_noiseless_inpainting_keeps_measured_pixels_exactly(schedule):
     shape = (1, 4, 4)
     g = _gen(12)
     gmm = GaussianMixture.isotropic(torch.ones(3, dtype=F64) / 3, torch.randn(3, 16, generator=g, dtype=F64), 0.2)
@@ -170,8 +189,8 @@ def test_mcg_noiseless_inpainting_keeps_measured_pixels_exactly():
     truth = gmm.sample(6, g).reshape(6, *shape)
     y = op.forward(truth)
     mcg = MCG(op, y, scale=0.5)
-    out = sample_inverse(_denoiser(gmm), torch.randn(6, *shape, generator=g, dtype=F64), _plan(20), mcg,
-                         generator=g, disable=True)
+    out = sample_inverse(_denoiser(gmm, schedule, shape), torch.randn(6, *shape, generator=g, dtype=F64),
+                         _plan(20, schedule), mcg, generator=g, disable=True)
     measured = op.mask.bool().expand_as(out)
     assert torch.equal(out[measured], y[measured])
     assert not torch.equal(out[~measured], truth[~measured])        # the hole is sampled, not copied
@@ -278,14 +297,15 @@ def test_enkg_step_schedule_follows_the_official_get_lr():
         EnKG(op, y, lr_min_ratio=1.5)
 
 
-def test_enkg_on_a_black_box_uses_forward_calls_only():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_enkg_on_a_black_box_uses_forward_calls_only(schedule):
     shape = (1, 4, 4)
     g = _gen(16)
     gmm = GaussianMixture.isotropic(torch.ones(2, dtype=F64) / 2, torch.randn(2, 16, generator=g, dtype=F64), 0.3)
     op = HeatEquation(shape, num_steps=2, stride=2, sigma_y=0.05)
     truth = gmm.sample(1, g).reshape(1, *shape)
     y = op.measure(truth, g)
-    base = _denoiser(gmm)
+    base = _denoiser(gmm, schedule, shape)
 
     def model(x, level):
         assert not torch.is_grad_enabled() and not x.requires_grad
@@ -293,12 +313,12 @@ def test_enkg_on_a_black_box_uses_forward_calls_only():
 
     num, steps = 32, 20
     enkg = EnKG(op, y, scale=1.0, max_ode_steps=1, num_updates=2, window=(0.1, 0.1))
-    out = sample_inverse(model, torch.randn(num, *shape, generator=g, dtype=F64), _plan(steps), enkg,
+    out = sample_inverse(model, torch.randn(num, *shape, generator=g, dtype=F64), _plan(steps, schedule), enkg,
                          generator=g, disable=True)
     active = sum(enkg.active(i, steps) for i in range(steps))
     assert enkg.stats.forward_model_calls == active * 2 * num and enkg.stats.gradient_calls == 0
-    prior = sample_inverse(base, torch.randn(num, *shape, generator=g, dtype=F64), _plan(steps), NoCorrection(),
-                           disable=True)
+    prior = sample_inverse(base, torch.randn(num, *shape, generator=g, dtype=F64), _plan(steps, schedule),
+                           NoCorrection(), disable=True)
     misfit = lambda z: float(((op.forward(z) - y) ** 2).flatten(1).sum(1).mean())
     assert misfit(out) < 0.5 * misfit(prior)
 

@@ -127,8 +127,9 @@ def test_euler_initial_noise_conventions_differ():
 # ------------------------------------------------------------------------------------------------------------
 # unconditional sampling recovers the mixture
 # ------------------------------------------------------------------------------------------------------------
-# Bias allowed on top of 4 Monte-Carlo standard errors, from the `samplers` section of BENCHMARKS.md
-# (scripts/bench_samplers.py; 1-D: 3 seeds x 2e5 particles): at 200 steps (100 for DPM-Solver++) the largest errors
+# Bias allowed on top of 4 Monte-Carlo standard errors, measured by scripts/bench_samplers.py --particles-1d
+# 200000 --particles 20000 --steps 10 25 50 100 200 --repeats 3 (VP plan): at 200 steps (100 for DPM-Solver++) the
+# largest errors
 # there are 0.017 (mean), 0.064 (variance, Euler-ancestral in 1-D) and 0.004 (mode mass), discretisation and the
 # N(0, I) start included.
 BIAS_TOL = {"mean": 0.02, "var": 0.08, "mass": 0.005}
