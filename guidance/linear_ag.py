@@ -202,7 +202,8 @@ class LinearAG(Guidance):
             uncond = eps_uncond if step.prediction_type == "epsilon" else \
                 step.from_x0(to_x0(eps_uncond, step.x, step.alpha, step.sigma, "epsilon"))
             pred = uncond + self.scale * (step.pred_cond - uncond)
-            if adaptive is not None and adaptive.truncated is not None:
+            if adaptive is not None:
+                adaptive.skip(step)
                 pred = torch.where(batch_view(adaptive.truncated.to(pred.device), pred), step.pred_cond, pred)
         else:
             uncond = require_uncond(step, "LinearAG")
