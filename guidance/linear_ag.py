@@ -22,8 +22,8 @@ from torch import Tensor
 from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import to_x0
 
-from .adaptive import AdaptiveGuidance
-from .base import Guidance, Guided, Step, batch_view, check_scale, require_uncond
+from .adaptive import SPACES, AdaptiveGuidance
+from .base import Guidance, Guided, Step, batch_view, check_flag, check_scale, require_uncond
 
 
 def regressors(eps_cond: Sequence[Tensor], eps_uncond: Sequence[Tensor], x: Tensor | None, index: int,
@@ -111,14 +111,20 @@ class LinearAG(Guidance):
             if replace not in ("alternate", "all"):
                 raise ValueError(f"replace must be 'alternate', 'all' or a sequence of step indices, got {replace!r}")
         else:
-            replace = sorted({int(i) for i in replace})
+            if not isinstance(replace, (list, tuple, range)) or any(
+                    isinstance(i, bool) or not isinstance(i, int) for i in replace):
+                raise TypeError(f"replace must be 'alternate', 'all' or a sequence of int step indices, got {replace!r}")
+            replace = sorted(set(replace))
             if any(i < history for i in replace):
                 raise ValueError(f"replaced step indices must be >= history={history}, got {replace}")
         self.until = check_scale("until", until)
         if self.until > 1:
             raise ValueError(f"until must lie in [0, 1], got {until}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         self.adaptive = None if threshold is None else AdaptiveGuidance(scale, threshold, space)
-        self.replace, self.history, self.use_x, self.bias = replace, history, bool(use_x), bool(bias)
+        self.replace, self.history = replace, history
+        self.use_x, self.bias = check_flag("use_x", use_x), check_flag("bias", bias)
         self.coefficients: Tensor | None = None
         self._calibrating = False
         self._records: list[tuple[Tensor, Tensor, Tensor]] = []
