@@ -52,7 +52,7 @@ def check_cond_rows(name: str, c: Any, batch: int) -> None:
     if rows and rows != {batch}:
         counts = ", ".join("a 0-d tensor" if r < 0 else str(r) for r in sorted(rows))
         raise ValueError(f"{name} has {counts} rows (labels / embeddings) but x has {batch} samples; "
-                         f"pass one {name} row per sample")
+                         "give one row per sample")
 
 
 class GuidedDenoiser:

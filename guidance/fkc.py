@@ -38,7 +38,7 @@ from diffguide.samplers.schedule import check_prediction_type, to_eps
 from diffguide.samplers.smc import Weighted
 
 from .base import check_scale
-from .denoiser import cat_cond
+from .denoiser import cat_cond, check_cond_rows
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]  # (x_t, t, cond) -> model output
 
@@ -190,6 +190,8 @@ class FKCDenoiser:
         return preds
 
     def __call__(self, x: Tensor, level: Level) -> Weighted:
+        for name, cond in zip(self.guide.expert_names, self.conds):
+            check_cond_rows(f"the condition of {name}", cond, x.shape[0])
         preds = self._evaluate(x, level.t)
         eps = [to_eps(p, x, level.alpha, level.sigma, self.prediction_type) for p in preds]
         eps_pi, rate = self.guide.combine(eps, level.sigma)

@@ -20,7 +20,8 @@ from diffguide import guidance
 from diffguide.guidance.base import Guidance
 from diffguide.guidance.fkc import FKCGuidance
 from diffguide.guidance.measurement import MeasurementSolver
-from diffguide.samplers import plan_from_scheduler, sample_ddim
+from diffguide.samplers import sample_ddim
+from diffguide.samplers.base import Level
 from diffguide.tasks import zoo
 from diffguide.tasks.classifier import DigitClassifier
 from diffguide.tasks.metrics import DigitFeatures, ImageMetrics
@@ -105,6 +106,12 @@ def run_guided(labels, null, batch=4):
     sample_ddim(guidance.GuidedDenoiser(gmm.eps, guidance.CFG(2.0), labels, null), x, plan, disable=True)
 
 
+def run_fkc(second_labels, batch=4):
+    gmm, plan, labels, _, x = gmm_problem(batch=batch, steps=2)
+    model = guidance.FKCDenoiser(gmm.eps, guidance.FKCProduct(), [labels, second_labels])
+    model(x, Level(plan.timesteps[0], plan.alpha(0).to(x), plan.sigma_vp(0).to(x), 0, 2))
+
+
 def run_pipe(**kwargs):
     class_pipe()(**{"class_labels": [1, 2], "num_inference_steps": 2, "output_type": "pt", **kwargs})
 
@@ -149,6 +156,10 @@ CALLS = {
                                   r"uncond has 6 rows .* x has 4 samples"),
     "denoiser-scalar-label": (lambda: run_guided(torch.tensor(3), torch.full((4,), 10)), ValueError,
                               r"cond has a 0-d tensor rows"),
+    "fkc-denoiser-labels-for-other-batch": (lambda: run_fkc(torch.arange(3)), ValueError,
+                                            r"condition of expert 1 has 3 rows .* x has 4 samples"),
+    "pipeline-generators-for-other-batch": (lambda: run_pipe(generator=[torch.Generator()] * 3), ValueError,
+                                            r"list of generators of length 3"),
     "pipeline-latents-for-other-batch": (lambda: run_pipe(latents=torch.randn(3, 1, 8, 8)), ValueError,
                                          r"latents must have shape \(2, 1, 8, 8\)"),
     "pipeline-label-out-of-range": (lambda: run_pipe(class_labels=[1, 11]), ValueError, r"class label 11"),
