@@ -84,7 +84,8 @@ class LinearAG(Guidance):
         until: fraction of the run after which ``"alternate"``/``"all"`` stop replacing (the estimate degrades
             at low noise, where ``eps_c - eps_u`` is tiny compared with its error).
         threshold: if given, AG's per-sample truncation (:class:`AdaptiveGuidance`, cosine in ``space``) on the
-            steps that evaluate the unconditional branch; ``None`` keeps CFG there.
+            steps that evaluate the unconditional branch; ``None`` keeps CFG there. ``guide.adaptive.cosines`` is
+            then ``(num_steps, B)``, row ``i`` = step ``i``, NaN at the replaced steps (nothing measured there).
         space: AG's cosine space, ``"x0"`` or ``"eps"`` (see :class:`AdaptiveGuidance`).
         history: number of past steps whose ``eps_c`` and ``eps_u`` enter the regression.
         use_x: also regress on the current state ``x_t``.
