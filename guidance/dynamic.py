@@ -53,7 +53,7 @@ class DynamicCFG(Guidance):
         for ev in self.evaluators:
             if not callable(ev):
                 raise TypeError(f"evaluators must be callables (images, step) -> scores, got {type(ev).__name__}")
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (Sequence, Tensor)):
+        if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
             raise TypeError(f"candidates must be a sequence of scales, got {candidates!r}")
         candidates = [check_scale(f"candidates[{i}]", c) for i, c in enumerate(candidates)]
         if not candidates:
@@ -79,7 +79,7 @@ class DynamicCFG(Guidance):
         self.reset()
 
     def _check_weights(self, weights: Sequence[float]) -> list[float]:
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
             raise TypeError(f"weights must be a sequence of numbers (one per evaluator) or a callable, got {weights!r}")
         weights = [check_scale(f"weights[{i}]", w, minimum=-math.inf) for i, w in enumerate(weights)]
         if len(weights) != len(self.evaluators):

@@ -102,8 +102,11 @@ class GFCG(Guidance):
             raise ValueError(f"sigma_hi must be a number > sigma_lo={self.sigma_lo}, got {sigma_hi}")
         self.sigma_hi = float(sigma_hi)
         if labels is not None:
-            labels = torch.as_tensor(labels) if isinstance(labels, (Tensor, list, tuple)) else None
-            if labels is None or labels.ndim != 1 or labels.dtype in (torch.bool,) or labels.is_floating_point() \
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):
+                labels = None
+            if labels is None or labels.ndim != 1 or labels.dtype == torch.bool or labels.is_floating_point() \
                     or labels.is_complex():
                 raise TypeError("labels must be None or a 1-D sequence / tensor of int class indices")
         if class_conds is not None and not isinstance(class_conds, Tensor):

@@ -13,6 +13,7 @@ not public, so both are parameters.
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -112,10 +113,14 @@ class LinearAG(Guidance):
             if replace not in ("alternate", "all"):
                 raise ValueError(f"replace must be 'alternate', 'all' or a sequence of step indices, got {replace!r}")
         else:
-            if not isinstance(replace, (list, tuple, range)) or any(
-                    isinstance(i, bool) or not isinstance(i, int) for i in replace):
-                raise TypeError(f"replace must be 'alternate', 'all' or a sequence of int step indices, got {replace!r}")
-            replace = sorted(set(replace))
+            try:
+                indices = [operator.index(i) for i in replace if not isinstance(i, bool)]
+            except TypeError:
+                indices = None
+            if indices is None or len(indices) != len(replace):
+                raise TypeError(f"replace must be 'alternate', 'all' or a sequence of int step indices, "
+                                f"got {replace!r}")
+            replace = sorted(set(indices))
             if any(i < history for i in replace):
                 raise ValueError(f"replaced step indices must be >= history={history}, got {replace}")
         self.until = check_scale("until", until)
