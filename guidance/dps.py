@@ -9,18 +9,18 @@ The official code instead takes ``x_{i-1} = x'_{i-1} - scale * grad_{x_i} ||y - 
 (:meth:`DPS.from_paper`). ``normalize="squared"`` gives ``scale * grad ||r||^2`` (unnormalised).
 Norms are per sample (the official code's batch-wide norm couples the samples of a batch).
 
+``clip_x0=(low, high)`` is the official code's ``clip_denoised``: ``x0_hat`` is clamped to the data range before
+both the reverse step and the residual (so clamped pixels get no gradient). The official configs clip to
+[-1, 1] (``configs/diffusion_config.yaml``: ``clip_denoised: True``); here it is off by default, because the
+operators carry no data range and the solver also serves unbounded data (the Gaussian-mixture benchmarks),
+where clamping would bias the posterior.
+
 ``normalize="likelihood"`` uses DPS's Gaussian likelihood ``log p(y | x_t) ≈ -||y - A(x0_hat)||^2 / (2 sigma_y^2)``
 (paper Eq. 16) as a score term with its Bayes weight instead of a tuned step: the Tweedie shift
 ``x0_hat <- x0_hat + (sigma_t^2 / alpha_t) grad log p(y | x_t)`` carried through the sampler's move, i.e.
 ``x_{i-1} = x'_{i-1} - scale * (d x_{i-1} / d x0_hat) * (sigma_t^2 / alpha_t) * grad ||r||^2 / (2 sigma_y^2)``.
 It is exact Bayes for an exact likelihood, but DPS's likelihood drops ``Cov[x0 | x_t]``, so at high noise and
 small ``sigma_y`` the step overshoots (on the digits with ``sigma_y = 0.05`` it diverges); use ``scale < 1`` there.
-
-``clip_x0=(low, high)`` is the official code's ``clip_denoised``: ``x0_hat`` is clamped to the data range before
-both the reverse step and the residual (so clamped pixels get no gradient). The official configs clip to
-[-1, 1] (``configs/diffusion_config.yaml``: ``clip_denoised: True``); here it is off by default, because the
-operators carry no data range and the solver also serves unbounded data (the Gaussian-mixture benchmarks),
-where clamping would bias the posterior.
 """
 
 from __future__ import annotations

@@ -179,6 +179,8 @@ class FKCDenoiser:
     def _evaluate(self, x: Tensor, t: Tensor) -> list[Tensor]:
         preds: list[Tensor | None] = [None] * self.guide.num_experts
         for fn, idx in self._batches:
+            for i in idx:
+                check_cond_rows(f"the condition of {self.guide.expert_names[i]}", self.conds[i], x.shape[0])
             cond = self.conds[idx[0]]
             for i in idx[1:]:
                 cond = cat_cond(cond, self.conds[i])
@@ -190,8 +192,6 @@ class FKCDenoiser:
         return preds
 
     def __call__(self, x: Tensor, level: Level) -> Weighted:
-        for name, cond in zip(self.guide.expert_names, self.conds):
-            check_cond_rows(f"the condition of {name}", cond, x.shape[0])
         preds = self._evaluate(x, level.t)
         eps = [to_eps(p, x, level.alpha, level.sigma, self.prediction_type) for p in preds]
         eps_pi, rate = self.guide.combine(eps, level.sigma)
