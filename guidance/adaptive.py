@@ -104,6 +104,13 @@ class AdaptiveGuidance(Guidance):
         self._truncated = truncated | newly
         return Guided(pred, pred)
 
+    def skip(self, step: Step) -> None:
+        """Record a step decided elsewhere (LinearAG's regression): an unmeasured (NaN) cosine row, so that row
+        ``i`` of :attr:`cosines` stays step ``i``; the truncation state is unchanged."""
+        batch = step.pred_cond.shape[0]
+        self._state(batch, step.pred_cond.device, step.num_steps)
+        self._cosines.append(torch.full((batch,), math.nan, dtype=torch.float64, device=step.pred_cond.device))
+
     @property
     def truncated(self) -> Tensor | None:
         """Which samples of the current run are already conditional-only (``None`` before the first step)."""

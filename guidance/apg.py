@@ -31,7 +31,7 @@ class APG(Guidance):
         if self.eta > 1:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.norm_threshold = check_scale("norm_threshold", norm_threshold)
-        momentum = float(momentum)
+        momentum = check_scale("momentum", momentum, minimum=-1.0)
         if not -1.0 < momentum < 1.0:
             raise ValueError(f"momentum must lie in (-1, 1), got {momentum}")
         self.momentum = momentum

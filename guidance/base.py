@@ -115,6 +115,13 @@ def check_scale(name: str, value: float, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def check_flag(name: str, value: bool) -> bool:
+    """Validate an on/off option: ``True`` or ``False`` (not a truthy string or number)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def require_uncond(step: Step, who: str) -> Tensor:
     if step.pred_uncond is None:
         raise ValueError(f"{who} needs the unconditional prediction; got pred_uncond=None")

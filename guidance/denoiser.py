@@ -38,6 +38,24 @@ def take_rows(c: Any, rows: Tensor) -> Any:
     raise TypeError(f"conditions must be tensors or dicts of tensors, got {type(c).__name__}")
 
 
+def cond_rows(c: Any) -> set[int]:
+    """The batch sizes of a condition's tensors (tensors, dicts of tensors, or None)."""
+    if isinstance(c, Tensor):
+        return {c.shape[0] if c.ndim else -1}
+    if isinstance(c, dict):
+        return set().union(*(cond_rows(v) for v in c.values()))
+    return set()
+
+
+def check_cond_rows(name: str, c: Any, batch: int) -> None:
+    """Every tensor of condition ``c`` has one row per sample: ``ValueError`` naming the counts otherwise."""
+    rows = cond_rows(c)
+    if rows and rows != {batch}:
+        counts = ", ".join("a 0-d tensor" if r < 0 else str(r) for r in sorted(rows))
+        raise ValueError(f"{name} has {counts} rows (labels / embeddings) but x has {batch} samples; "
+                         "give one row per sample")
+
+
 class GuidedDenoiser:
     """A sampler denoiser (``(x_t, Level) -> Denoised``) that evaluates cond/uncond in one batch and guides.
 
@@ -64,6 +82,8 @@ class GuidedDenoiser:
 
     def __call__(self, x: Tensor, level: Level) -> Denoised:
         batch = x.shape[0]
+        check_cond_rows("cond", self.cond, batch)
+        check_cond_rows("uncond", self.uncond, batch)
         if self.guide is None:
             out = self._eval(x, level, self.cond)
             step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, out, None,

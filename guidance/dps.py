@@ -9,6 +9,12 @@ The official code instead takes ``x_{i-1} = x'_{i-1} - scale * grad_{x_i} ||y - 
 (:meth:`DPS.from_paper`). ``normalize="squared"`` gives ``scale * grad ||r||^2`` (unnormalised).
 Norms are per sample (the official code's batch-wide norm couples the samples of a batch).
 
+``clip_x0=(low, high)`` is the official code's ``clip_denoised``: ``x0_hat`` is clamped to the data range before
+both the reverse step and the residual (so clamped pixels get no gradient). The official configs clip to
+[-1, 1] (``configs/diffusion_config.yaml``: ``clip_denoised: True``); here it is off by default, because the
+operators carry no data range and the solver also serves unbounded data (the Gaussian-mixture benchmarks),
+where clamping would bias the posterior.
+
 ``normalize="likelihood"`` uses DPS's Gaussian likelihood ``log p(y | x_t) ≈ -||y - A(x0_hat)||^2 / (2 sigma_y^2)``
 (paper Eq. 16) as a score term with its Bayes weight instead of a tuned step: the Tweedie shift
 ``x0_hat <- x0_hat + (sigma_t^2 / alpha_t) grad log p(y | x_t)`` carried through the sampler's move, i.e.
@@ -22,6 +28,7 @@ autograd cannot give at ``alpha = 0``; that step takes no correction.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -32,6 +39,18 @@ from diffguide.samplers.inverse import Transition
 from .measurement import MeasurementSolver, check_operator, check_positive
 
 NORMALIZATIONS = ("norm", "squared", "likelihood")
+
+
+def check_range(name: str, value: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``None`` or a pair of finite real numbers ``(low, high)`` with ``low < high``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        raise TypeError(f"{name} must be None or a pair of finite numbers (low, high), got {value!r}")
+    if not value[0] < value[1]:
+        raise ValueError(f"{name} must have low < high, got {tuple(value)}")
+    return float(value[0]), float(value[1])
 
 
 class DPS(MeasurementSolver):
@@ -46,13 +65,16 @@ class DPS(MeasurementSolver):
             Bayes with DPS's likelihood approximation; needs ``sigma_y > 0``).
         decode: latent -> image map for latent diffusion (latent DPS); ``None`` in pixel space.
         sigma_y: noise level for ``"likelihood"`` (default: ``operator.sigma_y``).
+        clip_x0: ``(low, high)``: clamp ``x0_hat`` to the data range as the official code does (``(-1, 1)`` for
+            its images); ``None`` (default) does not clamp. Pixel space only.
     """
 
     needs_grad = True
     default_eta = 1.0
 
     def __init__(self, operator: Any, y: Tensor, scale: float = 1.0, normalize: str = "norm",
-                 decode: Callable[[Tensor], Tensor] | None = None, sigma_y: float | None = None) -> None:
+                 decode: Callable[[Tensor], Tensor] | None = None, sigma_y: float | None = None,
+                 clip_x0: tuple[float, float] | None = None) -> None:
         check_operator(operator, type(self).__name__, needs_gradient=True)
         super().__init__(operator, y, decode)
         self.scale = check_positive("scale", scale)
@@ -62,6 +84,9 @@ class DPS(MeasurementSolver):
         self.sigma_y = check_positive("sigma_y", getattr(operator, "sigma_y", 0.0) if sigma_y is None else sigma_y)
         if normalize == "likelihood" and self.sigma_y == 0:
             raise ValueError("normalize='likelihood' needs a noise level sigma_y > 0 (operator.sigma_y or sigma_y=)")
+        self.clip_x0 = check_range("clip_x0", clip_x0)
+        if self.clip_x0 is not None and decode is not None:
+            raise ValueError("clip_x0 clamps a pixel-space x0_hat; latent models (decode=...) have no data range")
 
     @classmethod
     def from_paper(cls, operator: Any, y: Tensor, zeta: float, **kwargs) -> "DPS":
@@ -98,9 +123,22 @@ class DPS(MeasurementSolver):
         tweedie = float(level.sigma**2 / level.alpha)
         return self.scale * transition.x0_weight * tweedie / (2 * self.sigma_y**2)
 
+    def clipped(self, transition: Transition) -> tuple[Tensor, Tensor]:
+        """``(x0_hat, x_next)`` of the move with ``x0_hat`` clamped to ``clip_x0`` (unchanged if ``None``).
+
+        The move is affine in ``x0_hat`` at fixed ``x`` and noise, so the clamped move is
+        ``x_next + x0_weight * (clamp(x0_hat) - x0_hat)`` exactly.
+        """
+        if self.clip_x0 is None:
+            return transition.x0_hat, transition.x_next
+        x0_hat = transition.x0_hat.clamp(*self.clip_x0)
+        return x0_hat, transition.x_next + transition.x0_weight * (x0_hat - transition.x0_hat)
+
     def correct(self, transition: Transition) -> Tensor:
-        grad, _ = self.gradient(transition.x, transition.x0_hat)
-        return transition.x_next.detach() - self.step_weight(transition) * grad
+        x0_hat, x_next = self.clipped(transition)
+        grad, _ = self.gradient(transition.x, x0_hat)
+        return x_next.detach() - self.step_weight(transition) * grad
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(scale={self.scale}, normalize={self.normalize!r})"
+        clip = "" if self.clip_x0 is None else f", clip_x0={self.clip_x0}"
+        return f"{type(self).__name__}(scale={self.scale}, normalize={self.normalize!r}{clip})"

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import Guidance, Guided, Step, batch_view, check_scale, require_uncond
+from .base import Guidance, Guided, Step, batch_view, check_flag, check_scale, require_uncond
 from .feedback import Decode, Evaluator, check_scores, predicted_images
 
 NORMALIZE = ("zscore", "none")
@@ -53,7 +53,9 @@ class DynamicCFG(Guidance):
         for ev in self.evaluators:
             if not callable(ev):
                 raise TypeError(f"evaluators must be callables (images, step) -> scores, got {type(ev).__name__}")
-        candidates = [check_scale("candidate scale", c) for c in candidates]
+        if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+            raise TypeError(f"candidates must be a sequence of scales, got {candidates!r}")
+        candidates = [check_scale(f"candidates[{i}]", c) for i, c in enumerate(candidates)]
         if not candidates:
             raise ValueError("candidates must contain at least one scale")
         if len(set(candidates)) != len(candidates):
@@ -67,8 +69,9 @@ class DynamicCFG(Guidance):
         self.normalize = normalize
         if decode is not None and not callable(decode):
             raise TypeError(f"decode must be a callable latents -> images, got {type(decode).__name__}")
-        self.decode, self.clip, self.per_sample = decode, bool(clip), bool(per_sample)
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        self.decode, self.clip = decode, check_flag("clip", clip)
+        self.per_sample = check_flag("per_sample", per_sample)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.warmup_scale = max(candidates) if warmup_scale is None else check_scale("warmup_scale", warmup_scale)
@@ -76,8 +79,10 @@ class DynamicCFG(Guidance):
         self.reset()
 
     def _check_weights(self, weights: Sequence[float]) -> list[float]:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(self.evaluators) or not all(math.isfinite(w) for w in weights):
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+            raise TypeError(f"weights must be a sequence of numbers (one per evaluator) or a callable, got {weights!r}")
+        weights = [check_scale(f"weights[{i}]", w, minimum=-math.inf) for i, w in enumerate(weights)]
+        if len(weights) != len(self.evaluators):
             raise ValueError(f"weights must be {len(self.evaluators)} finite numbers (one per evaluator), got {weights}")
         return weights
 

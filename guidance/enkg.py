@@ -77,7 +77,10 @@ class EnKG(MeasurementSolver):
             check_count("ensemble_size", ensemble_size, 2)
         self.ensemble_size = ensemble_size
         self.num_updates = check_count("num_updates", num_updates)
-        if len(window) != 2 or not all(0.0 <= float(w) < 1.0 for w in window):
+        if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list)) or len(window) != 2 or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) for w in window):
+            raise TypeError(f"window must be a pair of fractions (start, end) in [0, 1), got {window!r}")
+        if not all(0.0 <= w < 1.0 for w in window):
             raise ValueError(f"window must be two fractions in [0, 1), got {window!r}")
         self.window = (float(window[0]), float(window[1]))
         self.max_ode_steps = check_count("max_ode_steps", max_ode_steps)

@@ -39,7 +39,7 @@ from diffguide.samplers.schedule import check_prediction_type, to_eps, to_x0
 from diffguide.samplers.smc import Weighted
 
 from .base import check_scale
-from .denoiser import cat_cond
+from .denoiser import cat_cond, check_cond_rows
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]  # (x_t, t, cond) -> model output
 
@@ -189,6 +189,8 @@ class FKCDenoiser:
     def _evaluate(self, x: Tensor, level: Level) -> list[Tensor]:
         preds: list[Tensor | None] = [None] * self.guide.num_experts
         for fn, idx in self._batches:
+            for i in idx:
+                check_cond_rows(f"the condition of {self.guide.expert_names[i]}", self.conds[i], x.shape[0])
             cond = self.conds[idx[0]]
             for i in idx[1:]:
                 cond = cat_cond(cond, self.conds[i])

@@ -97,9 +97,20 @@ class GFCG(Guidance):
         if self.temperature == 0:
             raise ValueError("temperature must be > 0")
         self.sigma_lo = check_scale("sigma_lo", sigma_lo)
-        if not isinstance(sigma_hi, (int, float)) or math.isnan(sigma_hi) or sigma_hi <= self.sigma_lo:
+        if isinstance(sigma_hi, bool) or not isinstance(sigma_hi, (int, float)) or math.isnan(sigma_hi) \
+                or sigma_hi <= self.sigma_lo:
             raise ValueError(f"sigma_hi must be a number > sigma_lo={self.sigma_lo}, got {sigma_hi}")
         self.sigma_hi = float(sigma_hi)
+        if labels is not None:
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):
+                labels = None
+            if labels is None or labels.ndim != 1 or labels.dtype == torch.bool or labels.is_floating_point() \
+                    or labels.is_complex():
+                raise TypeError("labels must be None or a 1-D sequence / tensor of int class indices")
+        if class_conds is not None and not isinstance(class_conds, Tensor):
+            raise TypeError(f"class_conds must be None or a tensor indexed by class, got {type(class_conds).__name__}")
         self.labels, self.class_conds = labels, class_conds
         self.reference_model, self.decode = reference_model, decode
         self.changes_renoise = base.changes_renoise if base is not None else False

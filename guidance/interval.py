@@ -24,7 +24,8 @@ class GuidanceInterval(Guidance):
             raise TypeError(f"guide must be a guidance.Guidance, got {type(guide).__name__}")
         self.guide = guide
         self.sigma_lo = check_scale("sigma_lo", sigma_lo)
-        if not isinstance(sigma_hi, (int, float)) or math.isnan(sigma_hi) or sigma_hi <= self.sigma_lo:
+        if isinstance(sigma_hi, bool) or not isinstance(sigma_hi, (int, float)) or math.isnan(sigma_hi) \
+                or sigma_hi <= self.sigma_lo:
             raise ValueError(f"sigma_hi must be a number > sigma_lo={self.sigma_lo}, got {sigma_hi}")
         self.sigma_hi = float(sigma_hi)
         self.changes_renoise = guide.changes_renoise

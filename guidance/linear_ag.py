@@ -13,6 +13,7 @@ not public, so both are parameters.
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -22,8 +23,8 @@ from torch import Tensor
 from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import to_x0
 
-from .adaptive import AdaptiveGuidance
-from .base import Guidance, Guided, Step, batch_view, check_scale, require_uncond
+from .adaptive import SPACES, AdaptiveGuidance
+from .base import Guidance, Guided, Step, batch_view, check_flag, check_scale, require_uncond
 
 
 def regressors(eps_cond: Sequence[Tensor], eps_uncond: Sequence[Tensor], x: Tensor | None, index: int,
@@ -84,7 +85,8 @@ class LinearAG(Guidance):
         until: fraction of the run after which ``"alternate"``/``"all"`` stop replacing (the estimate degrades
             at low noise, where ``eps_c - eps_u`` is tiny compared with its error).
         threshold: if given, AG's per-sample truncation (:class:`AdaptiveGuidance`, cosine in ``space``) on the
-            steps that evaluate the unconditional branch; ``None`` keeps CFG there.
+            steps that evaluate the unconditional branch; ``None`` keeps CFG there. ``guide.adaptive.cosines`` is
+            then ``(num_steps, B)``, row ``i`` = step ``i``, NaN at the replaced steps (nothing measured there).
         space: AG's cosine space, ``"x0"`` or ``"eps"`` (see :class:`AdaptiveGuidance`).
         history: number of past steps whose ``eps_c`` and ``eps_u`` enter the regression.
         use_x: also regress on the current state ``x_t``.
@@ -111,14 +113,24 @@ class LinearAG(Guidance):
             if replace not in ("alternate", "all"):
                 raise ValueError(f"replace must be 'alternate', 'all' or a sequence of step indices, got {replace!r}")
         else:
-            replace = sorted({int(i) for i in replace})
+            try:
+                indices = [operator.index(i) for i in replace if not isinstance(i, bool)]
+            except TypeError:
+                indices = None
+            if indices is None or len(indices) != len(replace):
+                raise TypeError(f"replace must be 'alternate', 'all' or a sequence of int step indices, "
+                                f"got {replace!r}")
+            replace = sorted(set(indices))
             if any(i < history for i in replace):
                 raise ValueError(f"replaced step indices must be >= history={history}, got {replace}")
         self.until = check_scale("until", until)
         if self.until > 1:
             raise ValueError(f"until must lie in [0, 1], got {until}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         self.adaptive = None if threshold is None else AdaptiveGuidance(scale, threshold, space)
-        self.replace, self.history, self.use_x, self.bias = replace, history, bool(use_x), bool(bias)
+        self.replace, self.history = replace, history
+        self.use_x, self.bias = check_flag("use_x", use_x), check_flag("bias", bias)
         self.coefficients: Tensor | None = None
         self._calibrating = False
         self._records: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -202,7 +214,8 @@ class LinearAG(Guidance):
             uncond = eps_uncond if step.prediction_type == "epsilon" else \
                 step.from_x0(to_x0(eps_uncond, step.x, step.alpha, step.sigma, "epsilon"))
             pred = uncond + self.scale * (step.pred_cond - uncond)
-            if adaptive is not None and adaptive.truncated is not None:
+            if adaptive is not None:
+                adaptive.skip(step)
                 pred = torch.where(batch_view(adaptive.truncated.to(pred.device), pred), step.pred_cond, pred)
         else:
             uncond = require_uncond(step, "LinearAG")

@@ -32,12 +32,16 @@ class MCG(DPS):
         y: measurement ``(1 or B, *operator.out_shape)``.
         scale: step ``alpha`` on ``grad ||y - A x0_hat||`` (official inpainting code: 1 at 1000 DDPM steps).
         project: apply the measurement-set projection after the gradient (``False`` leaves the gradient only).
+        clip_x0: ``(low, high)`` clamps ``x0_hat`` to the data range, as the official code does (see :class:`DPS`).
     """
 
-    def __init__(self, operator: Any, y: Tensor, scale: float = 1.0, project: bool = True) -> None:
+    def __init__(self, operator: Any, y: Tensor, scale: float = 1.0, project: bool = True,
+                 clip_x0: tuple[float, float] | None = None) -> None:
         check_operator(operator, "MCG", needs_gradient=True, needs_linear=True)
-        super().__init__(operator, y, scale=scale, normalize="norm")
-        self.project = bool(project)
+        super().__init__(operator, y, scale=scale, normalize="norm", clip_x0=clip_x0)
+        if not isinstance(project, bool):
+            raise TypeError(f"project must be True or False, got {project!r}")
+        self.project = project
 
     def noised_measurement(self, alpha: Tensor, sigma: Tensor, like: Tensor,
                            generator: torch.Generator | None) -> Tensor:
@@ -49,8 +53,9 @@ class MCG(DPS):
         return alpha * y + sigma * self.operator.forward(noise_like(like, generator))
 
     def correct(self, transition: Transition) -> Tensor:
-        grad, _ = self.gradient(transition.x, transition.x0_hat)
-        x_next = transition.x_next.detach() - self.step_weight(transition) * self.operator.project_null(grad)
+        x0_hat, x_next = self.clipped(transition)
+        grad, _ = self.gradient(transition.x, x0_hat)
+        x_next = x_next.detach() - self.step_weight(transition) * self.operator.project_null(grad)
         self.stats.forward_model_calls += x_next.shape[0]          # project_null evaluates A once
         if not self.project:
             return x_next

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from diffguide.samplers.inverse import Transition
+
 from .dps import DPS
 from .measurement import batch_norms, check_operator, check_positive
 
@@ -51,9 +53,16 @@ class PSLD(DPS):
         return self.operator.project(image, self.y.to(image).expand(image.shape[0], *self.y.shape[1:]))
 
     def data_loss(self, x0_hat: Tensor) -> Tensor:
+        """Per-sample ``omega ||y - A D(z0)|| + gamma ||z0 - E(glue(D(z0)))||``: the weights are inside the loss, as
+        in the official code (``error = inpaint_error * gamma + meas_error * omega``), so ``omega = 0`` keeps the
+        gluing step."""
         image = self.decode(x0_hat)
         self.stats.forward_model_calls += x0_hat.shape[0]
-        loss = batch_norms(self.y.to(image) - self.operator.forward(image))
+        loss = self.scale * batch_norms(self.y.to(image) - self.operator.forward(image))
         if self.gluing > 0:
-            loss = loss + (self.gluing / max(self.scale, 1e-12)) * batch_norms(x0_hat - self.encode(self.glue(image)))
+            loss = loss + self.gluing * batch_norms(x0_hat - self.encode(self.glue(image)))
         return loss
+
+    def step_weight(self, transition: Transition) -> float:
+        """1: ``omega`` and ``gamma`` already weigh the two terms of :meth:`data_loss`."""
+        return 1.0

@@ -171,7 +171,8 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
                 if state.is_main_process:
                     write_metadata(folder, cfg, kind)
                 sample_seconds = time.perf_counter() - start
-                key = config_hash({"run": folder.hash, **metrics_key})
+                files = folder.files_state(range(cfg.num_images))             # metrics of exactly these files
+                key = config_hash({"run": folder.hash, "files": files, **metrics_key})
                 cached = folder.read_json("metrics.json")
                 if cached is not None and cached.get("key") == key:
                     results = cached["results"]

@@ -11,6 +11,7 @@ run only samples what is missing.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -131,14 +132,19 @@ def sample_run(pipe, cfg: SamplingConfig, folder: RunFolder, state: PartialState
                progress: bool = True) -> int:
     """Sample the images ``folder`` is missing, split over processes; returns how many were written (all ranks).
 
-    A block with some images already written is sampled whole (same batch, same numbers) and only its
-    missing images are written, each with the network rows it took. At the end the main process writes
-    their mean over all images to ``nfe.json`` (the same for any batch size, process count or restart).
+    The main process first verifies the folder (:meth:`RunFolder.claim`: another configuration is refused,
+    damaged images are removed and named in a warning, so they are re-sampled here). A block with some images
+    already written is sampled whole (same batch, same numbers) and only its missing images are written, each
+    with the network rows it took. At the end the main process writes their mean over all images to
+    ``nfe.json`` (the same for any batch size, process count or restart).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if state.is_main_process:
-        folder.claim()
+        damaged = folder.claim()
+        if damaged:
+            warnings.warn(f"re-sampling {len(damaged)} damaged image(s) of {folder.root}: "
+                          f"{', '.join(p.name for p in damaged)}", stacklevel=2)
     state.wait_for_everyone()
     folder.check()
     missing = folder.missing(cfg.num_images)

@@ -8,6 +8,7 @@ forward hooks that rewrite the two halves work the same way on both pipelines.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,6 +120,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs: tensors passed to the callback (only ``"latents"``).
         """
         labels = self._check_labels(class_labels)
+        for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite real number, got {value!r}")
         if int(num_inference_steps) <= 0:
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
         if num_images_per_label < 1:
@@ -137,6 +141,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"You have passed a list of generators of length {len(generator)}, but {batch_size} "
+                             "images are requested; pass one generator per image or a single one")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:

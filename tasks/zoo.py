@@ -42,6 +42,11 @@ def model_path(name: str) -> Path:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"model must be a name ({', '.join(MODELS)}), a folder or a hub repo id, "
+                        f"got {type(name_or_path).__name__}")
+    if not str(name_or_path).strip():
+        raise ValueError(f"model name is empty; give one of {', '.join(MODELS)}, a folder or a hub repo id")
     if str(name_or_path) in MODELS:
         return model_path(str(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -49,7 +54,12 @@ def _resolve(name_or_path: str | Path) -> Path:
         return path
     if isinstance(name_or_path, str) and _REPO_ID.match(name_or_path) and not path.exists():
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name_or_path))
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        try:
+            return Path(snapshot_download(name_or_path))
+        except (LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+            raise ValueError(f"{name_or_path!r} is neither a known model nor a folder, and as a hub repo id it "
+                             f"cannot be fetched ({type(err).__name__}); known models: {', '.join(MODELS)}") from None
     raise ValueError(f"{str(name_or_path)!r} is neither a known model, a folder nor a hub repo id; "
                      f"known models: {', '.join(MODELS)}")
 

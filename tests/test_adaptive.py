@@ -230,13 +230,23 @@ def test_linear_ag_calibrate_fit_sample_saves_rows():
     assert den.rows == 2 * 6 * 10 - 6 * len(replaced)
     assert torch.isfinite(out).all()
     # with AG's truncation afterwards: cheaper than AG alone with the same threshold
-    ag_den = GuidedDenoiser(gmm.eps, AdaptiveGuidance(3.0, 0.99, space="x0"), labels, null)
+    ag = AdaptiveGuidance(3.0, 0.99, space="x0")
+    ag_den = GuidedDenoiser(gmm.eps, ag, labels, null)
     sample_ddim(ag_den, x.clone(), plan, disable=True)
     both = LinearAG(3.0, threshold=0.99, space="x0")
     both.coefficients = beta
     both_den = GuidedDenoiser(gmm.eps, both, labels, null)
     sample_ddim(both_den, x.clone(), plan, disable=True)
     assert both_den.rows < ag_den.rows < 2 * 6 * 10
+    # the inner AG's cosines keep one row per step (row i = step i): NaN at the replaced steps
+    cosines = both.adaptive.cosines
+    assert cosines.shape == (10, 6)
+    assert torch.isnan(cosines[replaced]).all()
+    assert torch.equal(cosines[:2], ag.cosines[:2])                  # same trajectory before the first replaced step
+    measured = [i for i in range(10) if i not in replaced]
+    truncated_at = both.adaptive.truncated_at
+    for i in measured:                                               # measured exactly where not yet truncated
+        assert torch.equal(torch.isfinite(cosines[i]), truncated_at > i)
 
 
 def test_linear_ag_through_apply_saves_rows():

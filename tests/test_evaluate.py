@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,3 +231,39 @@ def test_batch_size_is_not_part_of_the_result(assets, reference):
     row = run_here(argv)[0]
     for key in ("fid", "kid", "accuracy"):                       # same seeds per image; float noise at most
         assert row[key] == pytest.approx(reference[0][key], rel=1e-2, abs=1e-6)
+
+
+def copy_run(reference, out):
+    """A copy of the reference run's output folder (its run folder under ``out/pipe/cfg/scale-2``)."""
+    source = Path(reference[0]["folder"]).parents[2]
+    shutil.copytree(source, out)
+    return out / "pipe" / "cfg" / "scale-2"
+
+
+def test_damaged_images_are_found_named_and_resampled(assets, reference, tmp_path):
+    folder = copy_run(reference, tmp_path / "damaged")
+    truncated, garbage, empty = (folder / "images" / f"{i:06d}.png" for i in (5, 13, 22))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    garbage.write_bytes(b"not a png")
+    empty.write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"re-sampling 3 damaged image\(s\).*000005.png, 000013.png, 000022.png"):
+        row = run_here(arguments(assets, tmp_path / "damaged"))[0]
+    assert row["sampled_now"] == 3
+    assert image_bytes(tmp_path / "damaged") == reference[1]            # the same images as the first run
+    assert {k: row[k] for k in ("fid", "kid", "accuracy")} == {k: reference[0][k] for k in ("fid", "kid", "accuracy")}
+
+
+def test_folder_without_config_json_is_refused_for_another_configuration(assets, reference, tmp_path):
+    folder = copy_run(reference, tmp_path / "no-config")
+    (folder / "config.json").unlink()
+    before = image_bytes(tmp_path / "no-config")
+    argv = arguments(assets, tmp_path / "no-config")
+    other = list(argv)
+    other[other.index("--steps") + 1] = str(STEPS // 2)                  # the issue's --steps 5 after 10 steps
+    with pytest.raises(SystemExit, match=r"config.json is missing\) holds 23 image\(s\) not made by this "
+                                         r"configuration, e.g. .*000000.png"):
+        run_here(other)
+    assert not (folder / "config.json").exists() and image_bytes(tmp_path / "no-config") == before
+    row = run_here(argv)[0]                                            # its own configuration: recognised
+    assert row["sampled_now"] == 0 and (folder / "config.json").exists()
+    assert {k: row[k] for k in ("fid", "kid", "accuracy")} == {k: reference[0][k] for k in ("fid", "kid", "accuracy")}

@@ -351,3 +351,46 @@ def test_solvers_refuse_operators_they_cannot_use():
         EnKG(op, torch.zeros(1, 2), ensemble_size=1)
     with pytest.raises(TypeError):
         sample_inverse(lambda x, lv: x, torch.zeros(2, 2), _plan(3), object(), disable=True)
+
+
+# ------------------------------------------------------------------------------------------------- x0 clipping
+def _official_dps(denoise, x, plan, A, y, scale, low, high):
+    """Independent few-line DPS loop with the official code's ``clip_denoised`` (eta = 0): x0_hat is clamped
+    before both the reverse step and the residual; ``x <- x' - scale * grad ||y - A x0_hat||`` per sample."""
+    for i in range(plan.num_steps):
+        x = x.detach().requires_grad_(True)
+        a, s = plan.alpha(i).to(F64), plan.sigma_vp(i).to(F64)
+        a_next, s_next = plan.alpha(i + 1).to(F64), plan.sigma_vp(i + 1).to(F64)
+        x0 = denoise(x, _level(float(a), float(s))).clamp(low, high)
+        x_prime = a_next * x0 + s_next * (x - a * x0) / s
+        (grad,) = torch.autograd.grad((y - x0 @ A.T).norm(dim=1).sum(), x)
+        x = x_prime - scale * grad
+    return x.detach()
+
+
+def test_dps_clip_x0_follows_the_official_clip_denoised():
+    g = _gen(30)
+    M, c = 1.5 * torch.eye(3, dtype=F64), torch.tensor([0.9, -0.4, 0.2], dtype=F64)
+    denoise = lambda x, level: x @ M.T + c                          # pushes x0_hat out of [-1, 1]
+    A = random_matrix(2, 3, g)
+    y = torch.randn(4, 2, generator=g, dtype=F64)
+    x = torch.randn(4, 3, generator=g, dtype=F64)
+    plan = _plan(12)
+    clipped = DPS(MatrixOperator(A), y, scale=0.2, clip_x0=(-1.0, 1.0))
+    ours = sample_inverse(denoise, x, plan, clipped, eta=0.0, disable=True)
+    assert torch.allclose(ours, _official_dps(denoise, x, plan, A, y, 0.2, -1.0, 1.0), atol=1e-10)
+    plain = sample_inverse(denoise, x, plan, DPS(MatrixOperator(A), y, scale=0.2), eta=0.0, disable=True)
+    assert (ours - plain).abs().max() > 1e-3                        # the clamp is active on this problem
+    assert torch.allclose(plain, _official_dps(denoise, x, plan, A, y, 0.2, -1e9, 1e9), atol=1e-10)
+    mcg = MCG(MatrixOperator(A), y, scale=0.2, project=False, clip_x0=(-1.0, 1.0))
+    assert mcg.clip_x0 == (-1.0, 1.0) and "clip_x0=(-1.0, 1.0)" in repr(clipped)
+
+
+@pytest.mark.parametrize("bad,error", [((1.0, -1.0), ValueError), ((0.0,), TypeError), ("-1,1", TypeError),
+                                       ((0.0, float("nan")), TypeError)])
+def test_dps_clip_x0_is_validated(bad, error):
+    op = MatrixOperator(random_matrix(2, 3, _gen(31)))
+    with pytest.raises(error, match="clip_x0"):
+        DPS(op, torch.zeros(1, 2), clip_x0=bad)
+    with pytest.raises(ValueError, match="latent"):
+        DPS(op, torch.zeros(1, 2), decode=lambda z: z, clip_x0=(-1, 1))

@@ -138,3 +138,28 @@ def test_latent_solver_arguments_are_validated(toy):
         P2L(toy["op"], toy["y"], toy["model_fn"], toy["embedding"], toy["decode"], toy["encode"], prompt_steps=-1)
     with pytest.raises(ValueError):
         P2L(toy["op"], toy["y"], toy["model_fn"], toy["embedding"], toy["decode"], toy["encode"], prompt_lr=0.0)
+
+
+@pytest.mark.parametrize("omega,gamma", [(0.0, 0.1), (0.3, 0.1), (0.3, 0.0)])
+def test_psld_step_is_the_official_weighted_sum(toy, omega, gamma):
+    """Official ``p_sample_ddim``: ``error = inpaint_error * gamma + meas_error * omega``, ``z_prev -= grad error``
+    (so omega = 0 still glues); here per sample, with ``A^T`` for the orthonormal-row ``A``."""
+    from diffguide.samplers.inverse import Transition, ddim_move, level_at
+
+    plan = _plan(10)
+    z = torch.randn(2, LATENT, generator=_gen(11), dtype=F64, requires_grad=True)
+    level = level_at(plan, 3, z)
+    x0_hat = toy["model_fn"](z, level.t, toy["embedding"].expand(2, 4, 5))
+    alpha_next, sigma_next = plan.alpha(4).to(F64), plan.sigma_vp(4).to(F64)
+    x_next, eps_hat, weight = ddim_move(z, x0_hat, level.alpha, level.sigma, alpha_next, sigma_next, 0.0, None)
+    A, y = toy["op"].matrix, toy["y"]
+    image = toy["decode"](x0_hat)
+    meas_error = (image @ A.T - y).norm(dim=1)
+    glued = y @ A + image - image @ A.T @ A                       # A^T y + (I - A^T A) D(z0)
+    inpaint_error = (toy["encode"](glued) - x0_hat).norm(dim=1)
+    (grad,) = torch.autograd.grad((inpaint_error * gamma + meas_error * omega).sum(), z, retain_graph=True)
+    psld = PSLD(toy["op"], toy["y"], toy["decode"], toy["encode"], scale=omega, gluing=gamma)
+    ours = psld.correct(Transition(z, x0_hat, eps_hat, x_next, level, alpha_next, sigma_next, weight))
+    assert torch.allclose(ours, x_next.detach() - grad, atol=1e-12)
+    if omega == 0.0:
+        assert grad.abs().max() > 1e-3                            # the gluing step alone moves the latent

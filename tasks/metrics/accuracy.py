@@ -26,9 +26,17 @@ class ClassifierAccuracy(MulticlassAccuracy):
     @torch.no_grad()
     def update(self, images: Tensor, labels: Tensor) -> None:
         check_images(images)
-        labels = torch.as_tensor(labels, device=images.device).reshape(-1)
+        try:
+            labels = torch.as_tensor(labels, device=images.device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"labels must be int class indices, got {labels!r}") from None
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be int class indices, got a {labels.dtype} tensor")
         if len(labels) != len(images):
             raise ValueError(f"got {len(images)} images and {len(labels)} labels; pass one label per image")
+        outside = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(outside):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {sorted(set(outside.tolist()))}")
         param = next(self.classifier.parameters())
         logits = self.classifier(images.to(param.device, param.dtype) * 2 - 1)
         super().update(logits, labels.to(logits.device))

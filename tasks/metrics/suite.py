@@ -60,6 +60,7 @@ class ImageMetrics:
         }
         self.names = list(dict.fromkeys(names))
         self.metrics: dict[str, Metric] = {name: builders[name]() for name in self.names}
+        self.num_images = 0                     # generated images added since the last reset (this process)
 
     def to(self, device: torch.device | str) -> "ImageMetrics":
         for metric in self.metrics.values():
@@ -93,6 +94,7 @@ class ImageMetrics:
                 if target is None:
                     raise ValueError(f"metric {name!r} needs target=... (reference images)")
                 metric.update(images, target)
+        self.num_images += len(images)
 
     def update_real(self, images: Tensor) -> None:
         """Add real images to the real side of FID / KID."""
@@ -113,7 +115,14 @@ class ImageMetrics:
         return load_real_stats(path, **self._distribution)
 
     def compute(self) -> dict[str, float]:
-        """All values as floats; KID adds ``kid_std``. Collective: call on every rank."""
+        """All values as floats; KID adds ``kid_std``. Collective: call on every rank.
+
+        ``ValueError`` if no generated image was added (single process; under ``torch.distributed`` a rank
+        may legitimately hold none).
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.num_images == 0 and not distributed:
+            raise ValueError(f"compute() before update(): no generated images were added to {', '.join(self.names)}")
         results: dict[str, float] = {}
         for name, metric in self.metrics.items():
             value = metric.compute()
@@ -125,5 +134,6 @@ class ImageMetrics:
 
     def reset(self) -> None:
         """Forget generated images (real statistics are kept)."""
+        self.num_images = 0
         for metric in self.metrics.values():
             metric.reset()
