@@ -40,7 +40,7 @@ def operator():
 # class name -> its required arguments (valid values)
 REQUIRED = {
     "AdaptiveGuidance": dict, "APG": dict, "CFG": dict, "CFGPlusPlus": dict, "CFGRescale": dict,
-    "CFGZeroStar": dict, "LinearAG": dict,
+    "CFGZeroStar": dict, "LinearAG": dict, "RectifiedCFGPlusPlus": dict,
     "Autoguidance": lambda: {"guide_model": identity},
     "DynamicCFG": lambda: {"evaluators": [identity]},
     "GFCG": lambda: {"classifier": identity},
@@ -54,7 +54,7 @@ REQUIRED = {
     "FKCAnneal": lambda: {"beta": 2.0}, "FKCProduct": dict, "FKCCFG": lambda: {"scale": 2.0},
 }
 BASES = (Guidance, FKCGuidance, MeasurementSolver)
-KNOWN_GAPS = {("CFGZeroStar", "zero_init_steps", True): "zero_init_steps accepts a bool as the int 1"}
+KNOWN_GAPS: dict = {}  # (class, parameter, value) -> reason, for a refusal not yet made
 
 
 def guide_classes() -> dict[str, type]:
