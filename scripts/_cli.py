@@ -1,0 +1,175 @@
+"""Checks shared by the command lines, run before any model is loaded: numbers, devices, output paths, model
+folders, image files, guide specs. Each failure is one ``argparse`` error line naming the option, the bad
+value and what is allowed (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and appends ``(default: ...)`` to every option's help."""
+
+
+def number(kind: type = int, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``int`` / ``float`` in ``[low, high]``."""
+    what = "an integer" if kind is int else "a finite number"
+    bounds = (f" in {low:g}..{high:g}" if low is not None and high is not None else
+              f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what}{bounds}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give {what}{bounds}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_device(parser: argparse.ArgumentParser, text: str | None) -> str:
+    """The device to use: ``text`` if this machine has it, else a usage error; ``None``: cuda if available."""
+    import torch
+
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"argument --device: {text!r} is not a device; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"argument --device: {text!r} needs a CUDA GPU and this machine has none; use --device cpu")
+        if device.index is not None and device.index >= count:
+            parser.error(f"argument --device: {text!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            parser.error(f"argument --device: {text!r} is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        parser.error(f"argument --device: {text!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_writable(parser: argparse.ArgumentParser, option: str, path: str | Path, folder: bool = False) -> Path:
+    """``path`` (a file, or a folder if ``folder``) can be created or overwritten: its nearest existing
+    ancestor is a folder in which a file can be made (probed with a temporary file, so it holds for root too)."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        parser.error(f"argument {option}: {str(path)!r} is a {'file' if folder else 'folder'}; "
+                     f"give a {'folder' if folder else 'file'} path")
+    if path.exists() and not folder and not os.access(path, os.W_OK):
+        parser.error(f"argument {option}: {str(path)!r} exists and cannot be overwritten")
+    ancestor = path if folder and path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        parser.error(f"argument {option}: cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        parser.error(f"argument {option}: cannot write {str(path)!r}: {str(ancestor)!r}: {err.strerror}")
+    return path
+
+
+def check_image(parser: argparse.ArgumentParser, option: str, path: str | Path) -> tuple[int, int]:
+    """``path`` is a readable, complete image file; returns its ``(width, height)``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        parser.error(f"argument {option}: no image file at {str(path)!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        parser.error(f"argument {option}: {str(path)!r} is not a readable image (PNG, JPEG, ...): {err}")
+
+
+@dataclass
+class PipelineInfo:
+    """What a pipeline folder's configs say, read without loading a weight."""
+
+    kind: str                          # "class" (ClassConditionalPipeline), "text" (has a tokenizer) or "other"
+    latent: bool                       # has a VAE
+    num_classes: int | None            # real classes of a class-conditional UNet (null label excluded)
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images it makes
+    scheduler: dict[str, Any] | None   # its scheduler config
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_pipeline(parser: argparse.ArgumentParser, option: str, name: str) -> PipelineInfo | None:
+    """A shipped pipeline name or a local pipeline folder, read from its configs (``None`` for a hub id, which
+    only loading can check)."""
+    from diffguide.tasks import zoo
+
+    pipelines = [m for m in zoo.list_models() if (zoo.model_path(m) / "model_index.json").is_file()]
+    if name in zoo.list_models():
+        folder = zoo.model_path(name)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/")):
+        return None
+    else:
+        parser.error(f"argument {option}: {name!r} is neither a shipped model ({', '.join(pipelines)}), "
+                     "a local pipeline folder nor a hub id")
+    index = _json(folder / "model_index.json")
+    if not index:
+        parser.error(f"argument {option}: {name!r} is not a diffusion pipeline (no model_index.json); "
+                     f"shipped pipelines: {', '.join(pipelines)}")
+    unet, vae = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
+    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None
+    kind = ("class" if index.get("_class_name") == "ClassConditionalPipeline" else
+            "text" if has("tokenizer") else "other")
+    classes = unet.get("num_class_embeds")
+    source = vae if has("vae") else unet
+    size = source.get("sample_size", 0)
+    height, width = (size, size) if isinstance(size, int) else size
+    scheduler = next(iter(sorted((folder / "scheduler").glob("*.json"))), None)
+    return PipelineInfo(kind=kind, latent=has("vae"), num_classes=classes - 1 if classes else None,
+                        image_shape=(source.get("in_channels", 0), height, width),
+                        scheduler=_json(scheduler) if scheduler else None)
+
+
+def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, scale: float | None = None):
+    """``(name, scales, params)`` of a guide spec whose guide can be built (at ``scale`` and each ``@`` scale)."""
+    from diffguide import guidance
+
+    try:
+        name, scales, params = guidance.parse_guide_spec(spec)
+        for value in scales or [scale]:
+            guidance.build_guide(name, value, **params)
+    except (ValueError, TypeError) as err:
+        parser.error(f"argument {option}: {err}")
+    return name, scales, params
+
+
+def guides_epilog() -> str:
+    """The guide names and their keys, for ``--help``."""
+    from diffguide.guidance.registry import GUIDES, guide_keys
+
+    lines = [f"  {name:<15} {', '.join(guide_keys(name))}" for name in GUIDES]
+    return "guides (NAME) and their keys (KEY=VALUE):\n" + "\n".join(lines)
