@@ -173,3 +173,25 @@ def guides_epilog() -> str:
 
     lines = [f"  {name:<15} {', '.join(guide_keys(name))}" for name in GUIDES]
     return "guides (NAME) and their keys (KEY=VALUE):\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- captions
+def font(size: int):
+    """PIL's built-in scalable font at ``size`` px."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def wrap(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
+    """Greedy word wrap of ``text`` to ``width`` pixels; the last kept line ends with '...' if cut."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(1, len(lines[-1]) - 3)] + "..."
+    return lines or [""]

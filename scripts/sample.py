@@ -20,8 +20,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_pipeline, check_writable,
-                                    guides_epilog, number, set_threads)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_pipeline, check_writable, font,
+                                    guides_epilog, number, set_threads, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -192,26 +192,6 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
 
 
 # ----------------------------------------------------------------------------------------------- grid
-def _font(size: int):
-    from PIL import ImageFont
-
-    return ImageFont.load_default(size=size)
-
-
-def _wrap(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
-    """Greedy word wrap of ``text`` to ``width`` pixels; the last kept line ends with '...' if cut."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(1, len(lines[-1]) - 3)] + "..."
-    return lines or [""]
-
-
 def make_grid(images: list, labels: list[str], per_row_label: int, title: str, columns: int = GRID_COLUMNS):
     """A readable grid: ``title`` on top, then images in groups of ``per_row_label`` sharing one label.
 
@@ -224,11 +204,11 @@ def make_grid(images: list, labels: list[str], per_row_label: int, title: str, c
     factor = max(1, -(-64 // images[0].size[0]))
     tile_w, tile_h = images[0].size[0] * factor, images[0].size[1] * factor
     tiles = [im.convert("RGB").resize((tile_w, tile_h), Image.NEAREST) for im in images]
-    font, title_font, pad, line = _font(11), _font(13), 4, 13
+    small, title_font, pad, line = font(11), font(13), 4, 13
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     if per_row_label == 1:
         cols = min(columns, len(tiles))
-        captions = [_wrap(probe, text, font, tile_w) for text in labels]
+        captions = [wrap(probe, text, small, tile_w) for text in labels]
         cap_h = line * max(len(c) for c in captions) + pad
         cells = [(i % cols * (tile_w + pad), i // cols * (tile_h + cap_h + pad), tiles[i], captions[i], None)
                  for i in range(len(tiles))]
@@ -237,7 +217,7 @@ def make_grid(images: list, labels: list[str], per_row_label: int, title: str, c
     else:
         cols = min(columns, per_row_label)
         groups = [labels[i] for i in range(0, len(labels), per_row_label)]
-        label_w = int(min(200, max(probe.textlength(text, font=font) for text in groups))) + 3 * pad
+        label_w = int(min(200, max(probe.textlength(text, font=small) for text in groups))) + 3 * pad
         rows_per_group = -(-per_row_label // cols)
         block_h = rows_per_group * (tile_h + pad) + pad
         cells = []
@@ -245,10 +225,10 @@ def make_grid(images: list, labels: list[str], per_row_label: int, title: str, c
             for j in range(per_row_label):
                 i = g * per_row_label + j
                 cells.append((label_w + j % cols * (tile_w + pad), g * block_h + j // cols * (tile_h + pad),
-                              tiles[i], None, _wrap(probe, text, font, label_w - 2 * pad, 4) if j == 0 else None))
+                              tiles[i], None, wrap(probe, text, small, label_w - 2 * pad, 4) if j == 0 else None))
         body_w, body_h = label_w + cols * (tile_w + pad), len(groups) * block_h
     width = max(body_w, 260)
-    title_lines = _wrap(probe, title, title_font, width - 2 * pad, 4)
+    title_lines = wrap(probe, title, title_font, width - 2 * pad, 4)
     top = len(title_lines) * (line + 3) + 2 * pad
     grid = Image.new("RGB", (width + pad, top + body_h), "white")
     draw = ImageDraw.Draw(grid)
@@ -257,9 +237,9 @@ def make_grid(images: list, labels: list[str], per_row_label: int, title: str, c
     for x, y, tile, caption, row_label in cells:
         grid.paste(tile, (x + pad, top + y))
         for k, text in enumerate(caption or []):
-            draw.text((x + pad, top + y + tile_h + 2 + k * line), text, fill="black", font=font)
+            draw.text((x + pad, top + y + tile_h + 2 + k * line), text, fill="black", font=small)
         for k, text in enumerate(row_label or []):
-            draw.text((pad, top + y + k * line), text, fill="black", font=font)
+            draw.text((pad, top + y + k * line), text, fill="black", font=small)
     return grid
 
 
