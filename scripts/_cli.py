@@ -15,7 +15,14 @@ from typing import Any, Callable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and appends ``(default: ...)`` to every option's help."""
+    """Keeps the description's layout and appends ``(default: ...)`` to every option's help that does not
+    already say its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def number(kind: type = int, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
@@ -154,13 +161,14 @@ def check_pipeline(parser: argparse.ArgumentParser, option: str, name: str) -> P
                         scheduler=_json(scheduler) if scheduler else None)
 
 
-def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, scale: float | None = None):
-    """``(name, scales, params)`` of a guide spec whose guide can be built (at ``scale`` and each ``@`` scale)."""
+def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default_scales=(None,)):
+    """``(name, scales, params)`` of a guide spec whose guide can be built at each of its ``@`` scales, or at
+    each of ``default_scales`` (a list, or a callable of the guide name giving one) if it has none."""
     from diffguide import guidance
 
     try:
         name, scales, params = guidance.parse_guide_spec(spec)
-        for value in scales or [scale]:
+        for value in scales or (default_scales(name) if callable(default_scales) else default_scales):
             guidance.build_guide(name, value, **params)
     except (ValueError, TypeError) as err:
         parser.error(f"argument {option}: {err}")

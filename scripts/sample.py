@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             except ValueError as err:
                 p.error(str(err))
     if args.guidance != "none":
-        name, scales, params = check_guide(p, "--guidance", args.guidance, args.scale)
+        name, scales, params = check_guide(p, "--guidance", args.guidance, [args.scale])
         if scales:
             p.error(f"argument --guidance: give one scale with --scale, not NAME@scales ({args.guidance!r})")
         scale = args.scale
