@@ -161,6 +161,17 @@ def check_pipeline(parser: argparse.ArgumentParser, option: str, name: str) -> P
                         scheduler=_json(scheduler) if scheduler else None)
 
 
+def load_model(option: str, name: str, device: str | None = None):
+    """``zoo.load(name)``; a failure (a hub id not cached offline, a damaged folder) becomes a ``ValueError``
+    naming ``option``."""
+    from diffguide.tasks import zoo
+
+    try:
+        return zoo.load(name, device=device)
+    except Exception as err:      # noqa: BLE001 - any loading failure is reported as one line
+        raise ValueError(f"{option} {name}: cannot load it: {err}") from err
+
+
 def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default_scales=(None,)):
     """``(name, scales, params)`` of a guide spec whose guide can be built at each of its ``@`` scales, or at
     each of ``default_scales`` (a list, or a callable of the guide name giving one) if it has none."""

@@ -161,11 +161,11 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
     from tqdm.auto import tqdm
 
     from diffguide import guidance
-    from diffguide.tasks import zoo
+    from diffguide.scripts._cli import load_model
     from diffguide.tasks.run_folder import image_seed
 
     if pipe is None:
-        pipe = zoo.load(args.model, device=args.device)
+        pipe = load_model("--model", args.model, args.device)
     args.spacing = choose_spacing(args, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.spacing)
     pipe.set_progress_bar_config(disable=True)

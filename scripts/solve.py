@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, check_pipeline, check_writable,
-                                    number, set_threads)
-from diffguide.tasks import inverse, zoo
+                                    load_model, number, set_threads)
+from diffguide.tasks import inverse
 from diffguide.tasks.digits import load_digits_tensors
 
 DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 1.0, "latent_dps": 1.0, "psld": 1.0,
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def solve(args: argparse.Namespace, latent: bool) -> dict:
     """Load the model, measure, reconstruct, write the PNG and the JSON; returns the JSON's content."""
-    pipe = zoo.load(args.model, device=args.device)
+    pipe = load_model("--model", args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     if latent:
         if getattr(pipe, "vae", None) is None:
