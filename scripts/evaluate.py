@@ -286,6 +286,16 @@ def _plot_title(rows: list[dict[str, Any]]) -> str:
 
 def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics: list[str] | None = None,
               title: str | None = None) -> None:
+    """Save :func:`rows_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = rows_figure(rows, x, metrics, title)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def rows_figure(rows: list[dict[str, Any]], x: str = "scale", metrics: list[str] | None = None,
+                title: str | None = None):
     """One panel per metric, one line per model/method against ``x`` (scale, nfe or a metric), each method with
     its own marker, one legend for all panels, the title naming the models, N and the steps; the scale of
     each point is written beside it when ``x`` is not the scale; negative KID values are flagged."""
@@ -323,8 +333,7 @@ def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle(title or _plot_title(rows), fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_folder(row: dict[str, Any], path: Path) -> None:
