@@ -132,7 +132,7 @@ def choose_spacing(args: argparse.Namespace, config: dict) -> str:
         if problem is None:
             return spacing
         problems.append(f"with {spacing} spacing it {problem}")
-    fewest = next((n for n in range(args.steps + 1, 1001)
+    fewest = next((n for n in range(args.steps + 1, max(50, 2 * args.steps))
                    if start_problem(make_scheduler(args.scheduler, config, candidates[0]), n) is None), None)
     hint = f"; use --steps {fewest} or more" if fewest else ""
     raise ValueError(f"argument --steps: {args.steps} steps of {args.scheduler} cannot sample this model: "
@@ -192,7 +192,18 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
 
 
 # ----------------------------------------------------------------------------------------------- grid
-def make_grid(images: list, labels: list[str], per_row_label: int, title: str, columns: int = GRID_COLUMNS):
+def make_grid(images: list, cols: int):
+    """Tile PIL images row-major into one picture, ``cols`` per row, no labels."""
+    from PIL import Image
+
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (cols * width, -(-len(images) // cols) * height))
+    for i, image in enumerate(images):
+        grid.paste(image, (i % cols * width, i // cols * height))
+    return grid
+
+
+def labelled_grid(images: list, labels: list[str], per_row_label: int, title: str, columns: int = GRID_COLUMNS):
     """A readable grid: ``title`` on top, then images in groups of ``per_row_label`` sharing one label.
 
     One image per label: tiles in rows of ``columns``, each labelled underneath. Several: one block per label,
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         images, conds = sample(args)
         labels = [f"class {c}" if isinstance(c, int) else str(c) for c in conds]
-        grid = make_grid(images, labels, args.num_images, grid_title(args))
+        grid = labelled_grid(images, labels, args.num_images, grid_title(args))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

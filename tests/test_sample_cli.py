@@ -49,11 +49,27 @@ def test_guides_and_schedulers(tmp_path, guide):
     assert Image.open(out).size[0] >= 2 * 64
 
 
-def test_many_images_wrap_into_rows(tmp_path):
-    """200 images of one class: at most 10 columns (not a 12800-px strip), 20 rows."""
-    out = run(tmp_path, "--class-labels", "4", "--num-images", "200", "--steps", "5", "--batch-size", "100")
+def test_many_images_wrap_into_rows():
+    """200 images of one label: 10 columns and 20 rows under one label (not a 12800-px strip); 10 labels of one
+    image: one row, each tile captioned."""
+    tiles = [Image.new("L", (16, 16), i % 256) for i in range(200)]
+    grid = sample.labelled_grid(tiles, ["class 4"] * 200, 200, "title")
+    assert 10 * 68 <= grid.size[0] <= 10 * 68 + 120 and 20 * 68 <= grid.size[1] <= 20 * 68 + 60
+    pixels = np.asarray(grid.convert("L"))
+    left = grid.size[0] - 10 * 68 - 4                  # the label column, then tile (r, c) at 68 px pitch
+    top = grid.size[1] - 20 * 68
+    for index in (0, 9, 10, 199):
+        r, c = divmod(index, 10)
+        patch = pixels[top + r * 68 + 10, left + 4 + c * 68 + 10]
+        assert patch == index % 256
+    row = sample.labelled_grid(tiles[:10], [f"class {i}" for i in range(10)], 1, "title")
+    assert row.size[0] <= 10 * 68 + 8 and row.size[1] < 2 * 68
+
+
+def test_cli_run_of_several_images_per_label(tmp_path):
+    out = run(tmp_path, "--class-labels", "4", "8", "--num-images", "12", "--batch-size", "5")
     width, height = Image.open(out).size
-    assert width <= 200 + 10 * 68 + 8 and height >= 20 * 64
+    assert width <= 200 + 10 * 68 + 8 and height >= 4 * 64               # 2 labels x 2 rows of at most 10
 
 
 def test_images_do_not_depend_on_the_batch_size(class_pipe):
