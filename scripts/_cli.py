@@ -172,6 +172,50 @@ def load_model(option: str, name: str, device: str | None = None):
         raise ValueError(f"{option} {name}: cannot load it: {err}") from err
 
 
+MAX_START_SIGNAL = 0.1    # largest alpha_bar(t) of the first timestep: above it, pure noise is not a valid x_t
+MIN_START_SIGNAL = 1e-5   # smallest for an epsilon model: its x0 error grows as 1 / sqrt(alpha_bar)
+
+
+def start_problem(scheduler, steps: int, x0_check: bool = True) -> str | None:
+    """Why the plan of ``steps`` steps cannot start from pure noise, or ``None`` if it can.
+
+    Sampling starts from pure noise, which is a valid x_t only where alpha_bar(t) <= MAX_START_SIGNAL (one DDIM
+    step of leading spacing sits at t = 1 and would return the noise as the image); and an epsilon model's
+    x0 estimate sqrt(1 / alpha_bar) (x - sqrt(1 - alpha_bar) eps) is unusable where alpha_bar < MIN_START_SIGNAL.
+    """
+    scheduler.set_timesteps(steps)
+    first = int(round(float(scheduler.timesteps[0])))
+    alpha_bar = float(scheduler.alphas_cumprod[first])
+    if alpha_bar > MAX_START_SIGNAL:
+        return f"starts at t = {first} (alpha_bar {alpha_bar:.2g} > {MAX_START_SIGNAL}: not noise)"
+    if x0_check and alpha_bar < MIN_START_SIGNAL and scheduler.config.prediction_type == "epsilon":
+        return (f"starts at t = {first} (alpha_bar {alpha_bar:.2g} < {MIN_START_SIGNAL}: an epsilon model "
+                "cannot estimate x0 there)")
+    return None
+
+
+def fewest_steps(scheduler, steps: int, x0_check: bool = True) -> int | None:
+    """The fewest steps above ``steps`` (searched up to ``max(50, 2 steps)``) whose plan starts from noise."""
+    return next((n for n in range(steps + 1, max(50, 2 * steps))
+                 if start_problem(scheduler, n, x0_check) is None), None)
+
+
+def check_start(parser: argparse.ArgumentParser, config: dict[str, Any] | None, steps: int, model: str) -> None:
+    """A usage error when ``steps`` steps of the model's own scheduler (``config``) start where pure noise is not
+    a valid x_t (alpha_bar > MAX_START_SIGNAL), e.g. one DDIM step of leading spacing at t = 1."""
+    if not config or "_class_name" not in config:
+        return
+    import diffusers
+
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    problem = start_problem(scheduler, steps, x0_check=False)
+    if problem is not None:
+        fewest = fewest_steps(scheduler, steps, x0_check=False)
+        parser.error(f"argument --steps: {steps} steps of {model}'s {config['_class_name']} "
+                     f"({scheduler.config.timestep_spacing} spacing) cannot sample it: the plan {problem}"
+                     + (f"; use --steps {fewest} or more" if fewest else ""))
+
+
 def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default_scales=(None,)):
     """``(name, scales, params)`` of a guide spec whose guide can be built at each of its ``@`` scales, or at
     each of ``default_scales`` (a list, or a callable of the guide name giving one) if it has none."""

@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_pipeline, check_writable, font,
-                                    guides_epilog, number, set_threads, wrap)
+                                    fewest_steps, guides_epilog, number, set_threads, start_problem, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -30,8 +30,6 @@ SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 SPACINGS = ("auto", "leading", "trailing", "linspace")
-MAX_START_SIGNAL = 0.1    # largest alpha_bar(t) of the first timestep: above it, pure noise is not a valid x_t
-MIN_START_SIGNAL = 1e-5   # smallest for an epsilon model: its x0 error grows as 1 / sqrt(alpha_bar)
 DEFAULT_SCALES = {"cfgpp": 0.4}  # others: 2.0, good for the shipped digits models
 DEFAULT_PROMPTS = ["a handwritten digit " + w for w in ("zero", "one", "two", "three", "four")]
 GRID_COLUMNS = 10
@@ -102,24 +100,6 @@ def make_scheduler(name: str, config: dict, spacing: str | None = None):
     return getattr(diffusers, class_name).from_config(dict(config), **overrides, **spacing)
 
 
-def start_problem(scheduler, steps: int) -> str | None:
-    """Why the plan of ``steps`` steps cannot start from pure noise, or ``None`` if it can.
-
-    Sampling starts from pure noise, which is a valid x_t only where alpha_bar(t) <= MAX_START_SIGNAL (one DDIM
-    step of leading spacing sits at t = 1 and would return the noise as the image); and an epsilon model's
-    x0 estimate sqrt(1 / alpha_bar) (x - sqrt(1 - alpha_bar) eps) is unusable where alpha_bar < MIN_START_SIGNAL.
-    """
-    scheduler.set_timesteps(steps)
-    first = int(round(float(scheduler.timesteps[0])))
-    alpha_bar = float(scheduler.alphas_cumprod[first])
-    if alpha_bar > MAX_START_SIGNAL:
-        return f"starts at t = {first} (alpha_bar {alpha_bar:.2g} > {MAX_START_SIGNAL}: not noise)"
-    if alpha_bar < MIN_START_SIGNAL and scheduler.config.prediction_type == "epsilon":
-        return (f"starts at t = {first} (alpha_bar {alpha_bar:.2g} < {MIN_START_SIGNAL}: an epsilon model "
-                "cannot estimate x0 there)")
-    return None
-
-
 def choose_spacing(args: argparse.Namespace, config: dict) -> str:
     """The timestep spacing to sample with: ``--timestep-spacing``, or for ``auto`` the model's own spacing if
     its plan starts from noise, else ``trailing`` if that one does; ``ValueError`` when none does."""
@@ -132,8 +112,7 @@ def choose_spacing(args: argparse.Namespace, config: dict) -> str:
         if problem is None:
             return spacing
         problems.append(f"with {spacing} spacing it {problem}")
-    fewest = next((n for n in range(args.steps + 1, max(50, 2 * args.steps))
-                   if start_problem(make_scheduler(args.scheduler, config, candidates[0]), n) is None), None)
+    fewest = fewest_steps(make_scheduler(args.scheduler, config, candidates[0]), args.steps)
     hint = f"; use --steps {fewest} or more" if fewest else ""
     raise ValueError(f"argument --steps: {args.steps} steps of {args.scheduler} cannot sample this model: "
                      + "; ".join(problems) + hint)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, check_pipeline, check_writable,
-                                    load_model, number, set_threads)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, check_pipeline, check_start,
+                                    check_writable, load_model, number, set_threads)
 from diffguide.tasks import inverse
 from diffguide.tasks.digits import load_digits_tensors
 
@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_problem(args, info.image_shape)
         except ValueError as err:
             p.error(str(err))
+        if args.solver != "pinv":
+            check_start(p, info.scheduler, args.steps, args.model)
     return args
 
 
