@@ -27,10 +27,11 @@ GUIDES: dict[str, tuple[type[Guidance], str]] = {
 INTERVAL_KEYS = ("sigma_lo", "sigma_hi")
 
 
-def build_guide(name: str, scale: float | None = None, **params: Any) -> Guidance:
+def build_guide(name: str, scale: float | None = None, /, **params: Any) -> Guidance:
     """Construct guide ``name`` with its main scale (``lam`` for CFG++) and keyword hyper-parameters.
 
-    ``sigma_lo`` / ``sigma_hi`` wrap the guide in :class:`GuidanceInterval`.
+    ``sigma_lo`` / ``sigma_hi`` wrap the guide in :class:`GuidanceInterval`. ``name`` and ``scale`` are
+    positional, so a guide's own ``scale=`` keyword (from a spec ``cfg:scale=3``) is one of ``params``.
     """
     _check_keys(name, params)
     cls, scale_arg = GUIDES[name]
@@ -61,7 +62,7 @@ def _check_keys(name: str, params: dict[str, Any]) -> None:
     allowed = guide_keys(name)
     unknown = [key for key in params if key not in allowed]
     if unknown:
-        raise ValueError(f"guide {name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise TypeError(f"guide {name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed)}")
 
 
 def _number(text: str) -> Any:

@@ -226,7 +226,9 @@ def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default
         for value in scales or (default_scales(name) if callable(default_scales) else default_scales):
             guidance.build_guide(name, value, **params)
     except (ValueError, TypeError) as err:
-        parser.error(f"argument {option}: {err}")
+        message = str(err)
+        parser.error(f"argument {option}: {message}" if repr(spec) in message
+                     else f"argument {option}: {spec!r}: {message}")
     return name, scales, params
 
 

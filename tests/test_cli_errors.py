@@ -42,6 +42,8 @@ USAGE_ERRORS = [
     ("sample", ["--guidance", "cfg@"], ["--guidance", "'cfg@'", "finite numbers"]),
     ("sample", ["--guidance", "cfg@,"], ["--guidance", "'cfg@,'", "finite numbers"]),
     ("sample", ["--guidance", "cfg@2"], ["--guidance", "--scale"]),
+    ("sample", ["--guidance", "cfg:scale=3", "--scale", "2"], ["--guidance", "'cfg:scale=3'", "scale once"]),
+    ("sample", ["--guidance", "apg:momentum=x"], ["--guidance", "'apg:momentum=x'"]),
     ("sample", ["--scheduler", "heun"], ["--scheduler", "'heun'", "ddim"]),
     ("sample", ["--timestep-spacing", "linspace", "--steps", "1"], ["--steps", "linspace", "not noise"]),
     ("sample", ["--device", "banana"], ["--device", "'banana'", "cpu"]),
@@ -182,9 +184,9 @@ def test_guide_spec_parser_refuses_empty_scales_and_lists_allowed_keys():
         with pytest.raises(ValueError, match="finite numbers"):
             parse_guide_spec(spec)
     assert parse_guide_spec("apg@1,2:eta=0") == ("apg", [1.0, 2.0], {"eta": 0})
-    with pytest.raises(ValueError, match="allowed: lam, sigma_lo, sigma_hi"):
+    with pytest.raises(TypeError, match="allowed: lam, sigma_lo, sigma_hi"):        # unknown keyword: TypeError
         parse_guide_spec("cfgpp:scale=1")
-    with pytest.raises(ValueError, match="allowed: scale, phi, sigma_lo, sigma_hi"):
+    with pytest.raises(TypeError, match="allowed: scale, phi, sigma_lo, sigma_hi"):
         build_guide("cfg-rescale", 2.0, rescale=0.7)
     with pytest.raises(ValueError, match="twice"):
         parse_guide_spec("cfg:scale=1,scale=2")

@@ -43,7 +43,7 @@ def test_default_run_writes_a_labelled_grid_and_is_reproducible(tmp_path):
     assert digest(first) == digest(again) and digest(first) != digest(other)
 
 
-@pytest.mark.parametrize("guide", ["cfgpp", "apg:eta=0,norm_threshold=2", "cfg-zero-star", "none"])
+@pytest.mark.parametrize("guide", ["cfgpp", "apg:eta=0,norm_threshold=2", "cfg-zero-star", "none", "cfg:scale=3"])
 def test_guides_and_schedulers(tmp_path, guide):
     out = run(tmp_path, "--guidance", guide, "--scheduler", "euler", "--class-labels", "3", "7")
     assert Image.open(out).size[0] >= 2 * 64
