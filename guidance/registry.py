@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -28,13 +29,13 @@ GUIDES: dict[str, tuple[type[Guidance], str]] = {
 INTERVAL_KEYS = ("sigma_lo", "sigma_hi")
 
 
-def build_guide(name: str, scale: float | None = None, **params: Any) -> Guidance:
+def build_guide(name: str, scale: float | None = None, /, **params: Any) -> Guidance:
     """Construct guide ``name`` with its main scale (``lam`` for CFG++) and keyword hyper-parameters.
 
-    ``sigma_lo`` / ``sigma_hi`` wrap the guide in :class:`GuidanceInterval`.
+    ``sigma_lo`` / ``sigma_hi`` wrap the guide in :class:`GuidanceInterval`. ``name`` and ``scale`` are
+    positional, so a guide's own ``scale=`` keyword (from a spec ``cfg:scale=3``) is one of ``params``.
     """
-    if name not in GUIDES:
-        raise ValueError(f"unknown guide {name!r}; known: {', '.join(GUIDES)}")
+    _check_keys(name, params)
     cls, scale_arg = GUIDES[name]
     interval = {key: params.pop(key) for key in INTERVAL_KEYS if key in params}
     if scale is not None:
@@ -48,6 +49,22 @@ def build_guide(name: str, scale: float | None = None, **params: Any) -> Guidanc
     if interval:
         guide = GuidanceInterval(guide, interval.get("sigma_lo", 0.0), interval.get("sigma_hi", math.inf))
     return guide
+
+
+def guide_keys(name: str) -> tuple[str, ...]:
+    """The keyword hyper-parameters guide ``name`` takes (its constructor's, then ``sigma_lo`` / ``sigma_hi``)."""
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide {name!r}; known: {', '.join(GUIDES)}")
+    parameters = inspect.signature(GUIDES[name][0]).parameters.values()
+    own = tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return own + INTERVAL_KEYS
+
+
+def _check_keys(name: str, params: dict[str, Any]) -> None:
+    allowed = guide_keys(name)
+    unknown = [key for key in params if key not in allowed]
+    if unknown:
+        raise TypeError(f"guide {name!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed)}")
 
 
 def _number(text: str) -> Any:
@@ -70,15 +87,22 @@ def parse_guide_spec(spec: str) -> tuple[str, list[float] | None, dict[str, Any]
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r} in {spec!r}; known: {', '.join(GUIDES)}")
     scales = None
-    if scale_text:
+    if "@" in head:
+        items = [s.strip() for s in scale_text.split(",")]
         try:
-            scales = [float(s) for s in scale_text.split(",") if s.strip()]
+            scales = [float(s) for s in items if s]
         except ValueError:
-            raise ValueError(f"scales in {spec!r} must be numbers separated by commas") from None
+            scales = None
+        if scales is None or "" in items or not all(math.isfinite(s) for s in scales):
+            raise ValueError(f"scales in {spec!r} must be finite numbers separated by commas after '@', "
+                             f"e.g. {name}@1,2,4 (or no '@' at all)")
     params: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in tail.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"guide parameter {item!r} in {spec!r} must look like key=value")
+        if key.strip() in params:
+            raise ValueError(f"guide parameter {key.strip()!r} is given twice in {spec!r}")
         params[key.strip()] = _number(value.strip())
+    _check_keys(name, params)
     return name, scales, params

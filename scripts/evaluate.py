@@ -29,21 +29,24 @@ SAMPLE_METRICS = ("fid", "kid", "accuracy", "clip_score")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffguide-evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from diffguide.scripts._cli import HelpFormatter, check_device, check_writable, guides_epilog, number
+
+    p = argparse.ArgumentParser(prog="diffguide-evaluate", description=__doc__, formatter_class=HelpFormatter,
+                                epilog=guides_epilog())
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", nargs="+", help="shipped model name(s) or local pipeline folder(s)")
     src.add_argument("--images", help="score this image folder instead of sampling (labels/prompts from "
                                       "its metadata.jsonl: file_name, label, text)")
     p.add_argument("--guide", action="append", default=None,
-                   help="guide spec NAME[@S1,S2,...][:KEY=VALUE,...], repeatable (default: cfg)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0],
-                   help="scales for guides given without @scales (cfgpp default: 0.2 0.4 0.6 0.8)")
-    p.add_argument("--num-images", type=int, default=500)
-    p.add_argument("--steps", type=int, default=25)
+                   help="guide spec NAME[@S1,S2,...][:KEY=VALUE,...], repeatable (names and keys below; "
+                        "default: cfg)")
+    p.add_argument("--scales", type=number(float), nargs="+", default=[1.0, 2.0, 3.0, 5.0],
+                   help="scales for guides given without @scales; cfgpp (lam) uses 0.2 0.4 0.6 0.8")
+    p.add_argument("--num-images", type=number(int, 1), default=500, help="images per grid point")
+    p.add_argument("--steps", type=number(int, 1), default=25, help="DDIM sampling steps")
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed hash(seed, i)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="images sampled / scored at once")
     p.add_argument("--metrics", nargs="+", default=None,
                    help=f"metrics to compute (default: fid kid accuracy, + clip_score for text models); "
                         f"known: {', '.join(SAMPLE_METRICS)}")
@@ -53,27 +56,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--real", default="digits-train", help="real set: digits-train, digits-test, digits-all or a folder")
     p.add_argument("--stats-dir", default=None, help="cache of real statistics (default ~/.cache/diffguide/real_stats)")
-    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--kid-subset-size", type=number(int, 1), default=1000, help="KID subset size")
     p.add_argument("--classifier", default="digits-classifier", help="shipped name or folder of the classifier")
     p.add_argument("--clip", default="digits-clip", help="shipped name, or an open_clip model name")
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or local weights file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--plot-x", default="scale", help="x axis of the plot: scale, nfe or a metric name")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the process's accelerate device)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("num_images", "steps", "batch_size", "kid_subset_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     unknown = set(args.metrics or []) - set(SAMPLE_METRICS) - {"psnr", "ssim", "lpips"}
     if unknown:
-        p.error(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(SAMPLE_METRICS)}")
+        p.error(f"argument --metrics: unknown metric(s) {sorted(unknown)}; known: {', '.join(SAMPLE_METRICS)}")
     if args.plot_x not in ("scale", "nfe", *SAMPLE_METRICS):
-        p.error(f"--plot-x must be scale, nfe or one of {', '.join(SAMPLE_METRICS)}, got {args.plot_x!r}")
+        p.error(f"argument --plot-x: must be scale, nfe or one of {', '.join(SAMPLE_METRICS)}, got {args.plot_x!r}")
     if set(args.metrics or []) & {"psnr", "ssim", "lpips"}:
-        p.error("psnr, ssim and lpips compare against reference images; use tasks.metrics directly")
+        p.error("argument --metrics: psnr, ssim and lpips compare against reference images; use tasks.metrics "
+                "directly")
+    check_writable(p, "--out", args.out, folder=True)
+    if args.device is not None:
+        check_device(p, args.device)
+    from diffguide.tasks.evaluation import REAL_SETS
+    if args.real not in REAL_SETS and not Path(args.real).is_dir():
+        p.error(f"argument --real: {args.real!r} is neither {', '.join(REAL_SETS)} nor a folder")
+    if args.model:
+        check_models(p, args)
+    else:
+        check_image_folder(p, args.images)
     return args
+
+
+def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every ``--model`` is a class-conditional or text-to-image pipeline; every guide builds at its scales."""
+    from diffguide.scripts._cli import check_guide, check_pipeline, check_start
+
+    for name in args.model:
+        info = check_pipeline(p, "--model", name)
+        if info is not None and info.kind == "other":
+            p.error(f"argument --model: {name} is neither class-conditional nor text-to-image")
+        if info is not None:
+            check_start(p, info.scheduler, args.steps, name)
+    for spec in args.guide or ["cfg"]:
+        check_guide(p, "--guide", spec, lambda name: DEFAULT_SCALES.get(name, args.scales))
+
+
+def check_image_folder(p: argparse.ArgumentParser, folder: str) -> None:
+    """The ``--images`` folder holds images, all complete, readable and of one size (each file is decoded)."""
+    from diffguide.scripts._cli import check_image
+    from diffguide.tasks.evaluation import folder_images
+
+    try:
+        paths, _, _ = folder_images(folder)
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        p.error(f"argument --images: {err}")
+    first = check_image(p, "--images", paths[0])
+    for path in paths[1:]:
+        size = check_image(p, "--images", path)
+        if size != first:
+            p.error(f"argument --images: {path} is {size[0]}x{size[1]} but {paths[0].name} is "
+                    f"{first[0]}x{first[1]}; all images of a folder must have one size")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -229,11 +271,37 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, plot_x: str) -> None:
     atomic_write(out / "results.csv", write_csv)
     if rows and "method" in rows[0]:
         atomic_write(out / "plot.png", lambda tmp: plot_rows(rows, tmp, plot_x))
+    elif rows:
+        atomic_write(out / "plot.png", lambda tmp: plot_folder(rows[0], tmp))
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+KID_NOTE = "KID < 0 here: the unbiased estimator is noisy\nat small N; read such values as about 0"
+
+
+def _plot_title(rows: list[dict[str, Any]]) -> str:
+    models = ", ".join(dict.fromkeys(str(r["model"]) for r in rows))
+    counts = sorted({r["num_images"] for r in rows})
+    steps = sorted({r["steps"] for r in rows})
+    return (f"{models}: {'/'.join(map(str, counts))} images per point, {'/'.join(map(str, steps))} DDIM steps, "
+            f"seed {rows[0]['seed']}")
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics: list[str] | None = None,
               title: str | None = None) -> None:
-    """One panel per metric, one line per model/method, against ``x`` (scale, nfe or a metric)."""
+    """Save :func:`rows_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = rows_figure(rows, x, metrics, title)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def rows_figure(rows: list[dict[str, Any]], x: str = "scale", metrics: list[str] | None = None,
+                title: str | None = None):
+    """One panel per metric, one line per model/method against ``x`` (scale, nfe or a metric), each method with
+    its own marker, one legend for all panels, the title naming the models, N and the steps; the scale of
+    each point is written beside it when ``x`` is not the scale; negative KID values are flagged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,20 +311,51 @@ def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics:
     if x not in rows[0]:
         raise ValueError(f"--plot-x {x!r} is not a column; choose from {', '.join(k for k in rows[0] if k != 'params')}")
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    lines = [(model, method) for model in models
+             for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for model in models:
-            for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
-                line = sorted((r[x], r[metric]) for r in rows if r["model"] == model and r["method"] == method
-                              and r.get(metric) is not None)
-                label = method if len(models) == 1 else f"{model}: {method}"
-                ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=label)
-        ax.set_xlabel({"scale": "guidance scale (lam for cfgpp)", "nfe": "NFE per image"}.get(x, x))
+        for k, (model, method) in enumerate(lines):
+            points = sorted((r[x], r[metric], r["scale"]) for r in rows if r["model"] == model
+                            and r["method"] == method and r.get(metric) is not None and r.get(x) is not None)
+            label = method if len(models) == 1 else f"{model}: {method}"
+            ax.plot([q[0] for q in points], [q[1] for q in points], marker=MARKERS[k % len(MARKERS)],
+                    linestyle=("-", "--", ":", "-.")[k // len(MARKERS) % 4], color=f"C{k % 10}", label=label)
+            if x != "scale":
+                for px, py, scale in points:
+                    ax.annotate(f"{scale:g}", (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                                color=f"C{k % 10}")
+        if metric == "kid" and any((r.get("kid") or 0) < 0 for r in rows):
+            ax.axhline(0.0, color="gray", linewidth=0.8, linestyle=":")
+            ax.set_title(KID_NOTE, fontsize=7, color="dimgray")
+        ax.set_xlabel({"scale": "guidance scale (lam for cfgpp)", "nfe": "NFE per image"}.get(x, x)
+                      + ("" if x == "scale" else "  (labels: scale)"))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.suptitle(title or _plot_title(rows), fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
+    return fig
+
+
+def plot_folder(row: dict[str, Any], path: Path) -> None:
+    """The scores of one ``--images`` folder: one bar per metric with its value, the folder and N as title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in SAMPLE_METRICS if row.get(m) is not None]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.bar([0], [row[metric]], color="C0", width=0.5)
+        ax.set_xticks([])
+        ax.set_title(f"{metric} = {row[metric]:.4g}", fontsize=9)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        if metric == "kid" and row[metric] < 0:
+            ax.set_xlabel(KID_NOTE, fontsize=6)
+    fig.suptitle(f"{row['images']}: {row['num_images']} images", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
@@ -268,8 +367,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
     from accelerate import PartialState
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffguide.scripts._cli import set_threads
+
+    set_threads(args.threads)
     state = PartialState(cpu=not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
     progress = not args.no_progress
@@ -277,8 +377,8 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     try:
         rows = run_grid(args, state, device, progress) if args.model else run_images(args, state, device, progress)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, MissingWeightsError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, TypeError, OSError, ImportError, MissingWeightsError, FloatingPointError) as err:
+        raise SystemExit(f"diffguide-evaluate: error: {err}") from None
     if state.is_main_process:
         write_outputs(rows, Path(args.out), args.plot_x)
         print(f"wrote {Path(args.out) / 'results.json'}, results.csv and plot.png ({len(rows)} rows)",

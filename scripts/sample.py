@@ -4,116 +4,255 @@ With no arguments it samples one image per digit from the shipped ``digits-class
 ``samples.png``. ``--model`` takes a shipped model name, a local folder or a hub id; ``--prompt`` drives
 text-to-image models, ``--class-labels`` class-conditional ones; ``--guidance`` is a guide spec such as
 ``cfg``, ``apg:eta=0,norm_threshold=2`` or ``cfgpp`` with ``--scale`` its main scale.
+
+    diffguide-sample --class-labels 3 7 --num-images 8 --guidance apg:eta=0 --scale 4 --out apg.png
+    diffguide-sample --model digits-t2i --prompt "the number 8" "a handwritten digit two" --guidance cfgpp
+
+Image i starts from the noise of seed hash(--seed, i) and images are sampled --batch-size at a time, so the
+images do not depend on the batch size. The grid shows one row per prompt / class (wrapped at 10 images),
+labelled, under a caption with the model, guide, scale, scheduler and steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+import textwrap
 from pathlib import Path
 
-import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
-from PIL import Image
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_pipeline, check_writable, font,
+                                    fewest_steps, guides_epilog, number, set_threads, start_problem, wrap)
 
-from diffguide import guidance
-from diffguide.tasks import zoo
-
-SCHEDULERS = {
-    "ddim": lambda cfg: DDIMScheduler.from_config(cfg, clip_sample=False),
-    "euler": EulerDiscreteScheduler.from_config,
-    "euler_ancestral": EulerAncestralDiscreteScheduler.from_config,
-    "dpmpp_2m": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
+SCHEDULERS = {  # name -> (diffusers class name, config overrides)
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
-
-
+SPACINGS = ("auto", "leading", "trailing", "linspace")
 DEFAULT_SCALES = {"cfgpp": 0.4}  # others: 2.0, good for the shipped digits models
+DEFAULT_PROMPTS = ["a handwritten digit " + w for w in ("zero", "one", "two", "three", "four")]
+GRID_COLUMNS = 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffguide-sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits-class", help="shipped model name, local folder or hub id")
-    p.add_argument("--prompt", nargs="+", help="prompts (text-to-image models)")
-    p.add_argument("--class-labels", nargs="+", type=int, help="class labels (class-conditional models)")
-    p.add_argument("--guidance", default="cfg", help="guide spec NAME[:KEY=VALUE,...]; 'none' for no guidance")
-    p.add_argument("--scale", type=float, default=None, help="the guide's main scale (lam for cfgpp; default 2, 0.4 for cfgpp)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt / label")
+    p = argparse.ArgumentParser(prog="diffguide-sample", description=__doc__, formatter_class=HelpFormatter,
+                                epilog=guides_epilog())
+    p.add_argument("--model", default="digits-class", help="shipped model name, local pipeline folder or hub id")
+    p.add_argument("--prompt", nargs="+", help="prompts of a text-to-image model (default: five digit captions)")
+    p.add_argument("--class-labels", nargs="+", type=number(int, 0),
+                   help="class labels of a class-conditional model (default: every class)")
+    p.add_argument("--guidance", default="cfg", help="guide spec NAME[:KEY=VALUE,...] (names and keys below); "
+                                                     "'none' for the unguided conditional model")
+    p.add_argument("--scale", type=number(float), default=None,
+                   help="the guide's main scale (lam for cfgpp); default 2, 0.4 for cfgpp")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler (diffusers scheduler)")
+    p.add_argument("--steps", type=number(int, 1), default=25, help="sampling steps")
+    p.add_argument("--timestep-spacing", choices=SPACINGS, default="auto",
+                   help="where the steps sit (diffusers' timestep_spacing); auto: the model's own if its first "
+                        "step is at noise, else trailing. A plan whose first step is not at noise is refused")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image i uses the seed hash(seed, i)")
+    p.add_argument("--num-images", type=number(int, 1), default=1, help="images per prompt / label")
+    p.add_argument("--batch-size", type=number(int, 1), default=64,
+                   help="images sampled at once (memory); the images do not depend on it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--out", default="samples.png", help="output PNG (a grid)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="samples.png", help="output PNG (a labelled grid)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.steps <= 0:
-        p.error(f"--steps must be positive, got {args.steps}")
-    if args.num_images <= 0:
-        p.error(f"--num-images must be positive, got {args.num_images}")
-    if args.prompt is not None and (not args.prompt or any(not s.strip() for s in args.prompt)):
-        p.error("--prompt needs at least one non-empty prompt")
+    if args.prompt is not None and any(not s.strip() for s in args.prompt):
+        p.error("argument --prompt: every prompt must be non-empty")
+    check_writable(p, "--out", args.out)
+    args.device = check_device(p, args.device)
+    info = check_pipeline(p, "--model", args.model)
+    if info is not None:
+        if info.kind == "text" and args.class_labels:
+            p.error(f"argument --class-labels: {args.model} is a text-to-image model: use --prompt")
+        if info.kind == "class" and args.prompt:
+            p.error(f"argument --prompt: {args.model} is class-conditional: use --class-labels")
+        if info.kind == "class" and args.class_labels and max(args.class_labels) >= info.num_classes:
+            p.error(f"argument --class-labels: class label {max(args.class_labels)} is out of range; "
+                    f"{args.model} has classes 0..{info.num_classes - 1}")
+        if info.kind == "other":
+            p.error(f"argument --model: {args.model} is neither class-conditional nor text-to-image")
+        if info.scheduler is not None:
+            try:
+                choose_spacing(args, info.scheduler)
+            except ValueError as err:
+                p.error(str(err))
+    if args.guidance != "none":
+        name, scales, params = check_guide(p, "--guidance", args.guidance, [args.scale])
+        if scales:
+            p.error(f"argument --guidance: give one scale with --scale, not NAME@scales ({args.guidance!r})")
+        scale = args.scale
+        if scale is None and not {"scale", "lam"} & set(params):
+            scale = DEFAULT_SCALES.get(name, 2.0)
+        args.guide = (name, scale, params)
     return args
 
 
-def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    """Tile PIL images row-major into one picture."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+def make_scheduler(name: str, config: dict, spacing: str | None = None):
+    """Scheduler ``name`` (a ``SCHEDULERS`` key) from a pipeline's scheduler ``config``, with ``spacing``."""
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    spacing = {"timestep_spacing": spacing} if spacing else {}
+    return getattr(diffusers, class_name).from_config(dict(config), **overrides, **spacing)
+
+
+def choose_spacing(args: argparse.Namespace, config: dict) -> str:
+    """The timestep spacing to sample with: ``--timestep-spacing``, or for ``auto`` the model's own spacing if
+    its plan starts from noise, else ``trailing`` if that one does; ``ValueError`` when none does."""
+    own = config.get("timestep_spacing", "leading")
+    candidates = [own, *(["trailing"] if own != "trailing" else [])] if args.timestep_spacing == "auto" \
+        else [args.timestep_spacing]
+    problems = []
+    for spacing in candidates:
+        problem = start_problem(make_scheduler(args.scheduler, config, spacing), args.steps)
+        if problem is None:
+            return spacing
+        problems.append(f"with {spacing} spacing it {problem}")
+    fewest = fewest_steps(make_scheduler(args.scheduler, config, candidates[0]), args.steps)
+    hint = f"; use --steps {fewest} or more" if fewest else ""
+    raise ValueError(f"argument --steps: {args.steps} steps of {args.scheduler} cannot sample this model: "
+                     + "; ".join(problems) + hint)
+
+
+def conditions(args: argparse.Namespace, pipe) -> tuple[str, list]:
+    """``("prompt" | "class_labels", one condition per image)``, prompt / label-major."""
+    if getattr(pipe, "tokenizer", None) is not None:
+        if args.class_labels:
+            raise ValueError(f"{args.model} is a text-to-image model: use --prompt, not --class-labels")
+        key, values = "prompt", args.prompt or DEFAULT_PROMPTS
+    elif hasattr(pipe, "num_classes"):
+        if args.prompt:
+            raise ValueError(f"{args.model} is class-conditional: use --class-labels, not --prompt")
+        key, values = "class_labels", (args.class_labels if args.class_labels is not None
+                                       else list(range(pipe.num_classes)))
+    else:
+        raise ValueError(f"{args.model} is neither class-conditional nor text-to-image")
+    return key, [v for v in values for _ in range(args.num_images)]
+
+
+def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
+    """``(images as PIL, condition of each)``; image i starts from the noise of ``image_seed(args.seed, i)``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffguide import guidance
+    from diffguide.scripts._cli import load_model
+    from diffguide.tasks.run_folder import image_seed
+
+    if pipe is None:
+        pipe = load_model("--model", args.model, args.device)
+    args.spacing = choose_spacing(args, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.spacing)
+    pipe.set_progress_bar_config(disable=True)
+    key, conds = conditions(args, pipe)
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    guide = guidance.build_guide(*args.guide[:2], **args.guide[2]) if args.guidance != "none" else None
+    images = []
+    bar = tqdm(total=len(conds), desc="sampling", unit="img", disable=args.no_progress)
+    for start in range(0, len(conds), args.batch_size):
+        indices = range(start, min(start + args.batch_size, len(conds)))
+        generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in indices]
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        call = {key: [conds[i] for i in indices], "latents": latents.to(pipe.device, pipe.unet.dtype),
+                "generator": generators, "num_inference_steps": args.steps, "output_type": "pil"}
+        with torch.no_grad():
+            if guide is None:
+                images += pipe(guidance_scale=1.0, **call).images
+            else:
+                with guidance.apply(pipe, guide):
+                    images += pipe(**call).images
+        bar.update(len(indices))
+    bar.close()
+    return images, conds
+
+
+# ----------------------------------------------------------------------------------------------- grid
+def make_grid(images: list, cols: int):
+    """Tile PIL images row-major into one picture, ``cols`` per row, no labels."""
+    from PIL import Image
+
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (cols * width, -(-len(images) // cols) * height))
+    for i, image in enumerate(images):
+        grid.paste(image, (i % cols * width, i // cols * height))
     return grid
 
 
-def sample(args: argparse.Namespace) -> list[Image.Image]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = zoo.load(args.model, device=device)
-    pipe.scheduler = SCHEDULERS[args.scheduler](pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=args.no_progress, desc="sampling")
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    text_to_image = hasattr(pipe, "tokenizer")
-    if text_to_image:
-        if args.class_labels:
-            raise SystemExit(f"{args.model} is a text-to-image model: use --prompt, not --class-labels")
-        prompts = args.prompt or ["a handwritten digit " + w for w in ("zero", "one", "two", "three", "four")]
-        call = dict(prompt=prompts, num_images_per_prompt=args.num_images)
+def labelled_grid(images: list, labels: list[str], per_row_label: int, title: str, columns: int = GRID_COLUMNS):
+    """A readable grid: ``title`` on top, then images in groups of ``per_row_label`` sharing one label.
+
+    One image per label: tiles in rows of ``columns``, each labelled underneath. Several: one block per label,
+    the label on the left and its images in rows of ``columns``. Tiles smaller than 64 px are magnified
+    (nearest neighbour) so a person can see them.
+    """
+    from PIL import Image, ImageDraw
+
+    factor = max(1, -(-64 // images[0].size[0]))
+    tile_w, tile_h = images[0].size[0] * factor, images[0].size[1] * factor
+    tiles = [im.convert("RGB").resize((tile_w, tile_h), Image.NEAREST) for im in images]
+    small, title_font, pad, line = font(11), font(13), 4, 13
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if per_row_label == 1:
+        cols = min(columns, len(tiles))
+        captions = [wrap(probe, text, small, tile_w) for text in labels]
+        cap_h = line * max(len(c) for c in captions) + pad
+        cells = [(i % cols * (tile_w + pad), i // cols * (tile_h + cap_h + pad), tiles[i], captions[i], None)
+                 for i in range(len(tiles))]
+        body_w = cols * (tile_w + pad)
+        body_h = -(-len(tiles) // cols) * (tile_h + cap_h + pad)
     else:
-        if args.prompt:
-            raise SystemExit(f"{args.model} is class-conditional: use --class-labels, not --prompt")
-        labels = args.class_labels if args.class_labels is not None else list(range(pipe.num_classes))
-        call = dict(class_labels=labels, num_images_per_label=args.num_images)
-    call.update(num_inference_steps=args.steps, generator=generator, output_type="pil")
-    if args.guidance == "none":
-        return pipe(guidance_scale=1.0, **call).images
-    name, scales, params = guidance.parse_guide_spec(args.guidance)
-    if scales:
-        raise SystemExit("give one scale with --scale, not NAME@scales")
-    scale = args.scale
-    if scale is None and not {"scale", "lam"} & set(params):
-        scale = DEFAULT_SCALES.get(name, 2.0)
-    guide = guidance.build_guide(name, scale, **params)
-    with guidance.apply(pipe, guide):
-        return pipe(**call).images
+        cols = min(columns, per_row_label)
+        groups = [labels[i] for i in range(0, len(labels), per_row_label)]
+        label_w = int(min(200, max(probe.textlength(text, font=small) for text in groups))) + 3 * pad
+        rows_per_group = -(-per_row_label // cols)
+        block_h = rows_per_group * (tile_h + pad) + pad
+        cells = []
+        for g, text in enumerate(groups):
+            for j in range(per_row_label):
+                i = g * per_row_label + j
+                cells.append((label_w + j % cols * (tile_w + pad), g * block_h + j // cols * (tile_h + pad),
+                              tiles[i], None, wrap(probe, text, small, label_w - 2 * pad, 4) if j == 0 else None))
+        body_w, body_h = label_w + cols * (tile_w + pad), len(groups) * block_h
+    width = max(body_w, 260)
+    title_lines = wrap(probe, title, title_font, width - 2 * pad, 4)
+    top = len(title_lines) * (line + 3) + 2 * pad
+    grid = Image.new("RGB", (width + pad, top + body_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, text in enumerate(title_lines):
+        draw.text((pad, pad + k * (line + 3)), text, fill="black", font=title_font)
+    for x, y, tile, caption, row_label in cells:
+        grid.paste(tile, (x + pad, top + y))
+        for k, text in enumerate(caption or []):
+            draw.text((x + pad, top + y + tile_h + 2 + k * line), text, fill="black", font=small)
+        for k, text in enumerate(row_label or []):
+            draw.text((pad, top + y + k * line), text, fill="black", font=small)
+    return grid
+
+
+def grid_title(args: argparse.Namespace) -> str:
+    guide = "no guidance" if args.guidance == "none" else f"{args.guidance} scale {args.guide[1]:g}" \
+        if args.guide[1] is not None else args.guidance
+    return (f"{args.model} | {guide} | {args.scheduler} {args.steps} steps ({args.spacing} spacing) | "
+            f"seed {args.seed}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    set_threads(args.threads)
     try:
-        images = sample(args)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: {err}") from None
-    cols = args.num_images if args.num_images > 1 else min(len(images), 10)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images, cols)
-    factor = max(1, 64 // images[0].size[0])  # small digits: upscale so a person can see them
-    if factor > 1:
-        grid = grid.resize((grid.size[0] * factor, grid.size[1] * factor), Image.NEAREST)
-    grid.save(out)
-    print(f"wrote {out} ({len(images)} images, model {args.model}, guidance {args.guidance}, seed {args.seed})",
-          file=sys.stderr)
+        images, conds = sample(args)
+        labels = [f"class {c}" if isinstance(c, int) else str(c) for c in conds]
+        grid = labelled_grid(images, labels, args.num_images, grid_title(args))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        raise SystemExit(f"diffguide-sample: error: {err}") from None
+    print(f"wrote {out} ({len(images)} images, {textwrap.shorten(grid_title(args), 120)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -11,6 +12,7 @@ from PIL import Image
 
 from diffguide.scripts import solve
 from diffguide.tasks import inverse
+from diffguide.tasks.digits import load_digits_tensors
 from diffguide.tasks.pipelines import ClassConditionalPipeline
 
 
@@ -48,13 +50,31 @@ def test_solve_pixel_counts_and_scores(tiny_class_pipe):
 
 def test_cli_writes_triptych_and_metrics(tiny_class_pipe, tmp_path):
     out = tmp_path / "res.png"
-    solve.main(["--task", "sr4", "--digit", "2", "--solver", "dps", "--steps", "3", "--model", str(tiny_class_pipe),
-                "--out", str(out), "--zoom", "2", "--no-progress"])
-    image = Image.open(out)
-    assert image.size == (2 * (3 * 16 + 2), 2 * 16)
+    solve.main(["--task", "sr4", "--index", "2", "--solver", "dps", "--steps", "3", "--model", str(tiny_class_pipe),
+                "--out", str(out), "--zoom", "8", "--no-progress"])
+    image = np.asarray(Image.open(out).convert("L"))
+    assert image.shape[1] == 3 * (128 + 6) + 6           # three 128-px panels, captions under them
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["task"] == "sr4" and report["solver"] == "dps" and "pinv_psnr" in report
+    images, labels = load_digits_tensors("test", size=16)
+    assert report["index"] == 2 and report["digit_class"] == int(labels[2])
+    truth = ((images[2, 0] + 1) * 127.5).round().numpy().repeat(8, 0).repeat(8, 1)
+    found = [(y, x) for y in range(image.shape[0] - 127) for x in (6 + 2 * 134,)
+             if np.abs(image[y:y + 128, x:x + 128].astype(float) - truth).max() <= 1]
+    assert found                                           # the third panel is the held-out digit, magnified
     assert report["calls_per_sample"]["gradient_calls"] == 3
+
+
+def test_digit_class_picks_a_digit_of_that_class(tiny_class_pipe, tmp_path):
+    out = tmp_path / "c.png"
+    solve.main(["--digit-class", "4", "--solver", "pinv", "--model", str(tiny_class_pipe), "--out", str(out),
+                "--no-progress"])
+    report = json.loads(out.with_suffix(".json").read_text())
+    _, labels = load_digits_tensors("test", size=16)
+    assert report["digit_class"] == 4 and report["index"] == int((labels == 4).nonzero()[0])
+    solve.main(["--digit", "5", "--solver", "pinv", "--model", str(tiny_class_pipe), "--out", str(out),
+                "--no-progress"])                          # the deprecated name of --index still works
+    assert json.loads(out.with_suffix(".json").read_text())["index"] == 5
 
 
 def test_cli_image_input_and_black_box_error(tiny_class_pipe, tmp_path):
@@ -66,21 +86,21 @@ def test_cli_image_input_and_black_box_error(tiny_class_pipe, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["calls_per_sample"]["gradient_calls"] == 0 and len(report["psnr_per_particle"]) == 4
     with pytest.raises(SystemExit, match="EnKG"):
-        solve.main(["--task", "heat", "--digit", "0", "--solver", "dps", "--steps", "2", "--model",
+        solve.main(["--task", "heat", "--index", "0", "--solver", "dps", "--steps", "2", "--model",
                     str(tiny_class_pipe), "--out", str(tmp_path / "x.png"), "--no-progress"])
 
 
 @pytest.mark.parametrize("solver", ["p2l", "latent_dps"])
 def test_cli_latent_solvers_on_the_shipped_t2i_model(solver, tmp_path):
     out = tmp_path / f"{solver}.png"
-    solve.main(["--task", "inpaint_box", "--digit", "5", "--solver", solver, "--steps", "3", "--device", "cpu",
+    solve.main(["--task", "inpaint_box", "--index", "5", "--solver", solver, "--steps", "4", "--device", "cpu",
                 "--out", str(out), "--zoom", "1", "--no-progress"])
-    assert Image.open(out).size == (3 * 16 + 2, 16)
+    assert Image.open(out).size[0] == 3 * (110 + 6) + 6     # panels at least 110 px wide for their captions
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["model"] == "digits-t2i" and report["solver"] == solver
     calls = report["calls_per_sample"]
     if solver == "latent_dps":                                       # one denoiser call and one gradient per step
-        assert calls["denoiser_calls"] == calls["gradient_calls"] == 3
+        assert calls["denoiser_calls"] == calls["gradient_calls"] == 4
     else:                                                            # P2L adds its prompt-tuning passes
-        assert calls["denoiser_calls"] > 3 and calls["gradient_calls"] > 3
+        assert calls["denoiser_calls"] > 4 and calls["gradient_calls"] > 4
     assert 0.0 < report["psnr"] < 100.0
