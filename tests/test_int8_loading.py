@@ -77,18 +77,12 @@ def test_layer_by_layer_load_trains_the_same_embedding_bit_for_bit(case, batched
 
 
 def tensor_peak_bytes(fn):
-    """Peak net bytes of tensors allocated during ``fn()`` (torch profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak net bytes of tensors allocated during ``fn()`` (the benchmark's profiler measure) and its result."""
+    from diffguide.scripts.bench_personalize import _tensor_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    total = peak = 0
-    for event in events:
-        total += event.nbytes()
-        peak = max(peak, total)
-    return peak, result
+    result = []
+    peak = _tensor_peak_bytes(lambda: result.append(fn()))
+    return peak, result[0]
 
 
 def test_load_peak_is_the_int8_total_plus_about_one_layer():
