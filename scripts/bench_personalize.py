@@ -44,16 +44,6 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS reflects live memory after quantization."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def sd15_shaped_pipeline(seed: int = 0, image_size: int = 64):
     """A random-weight pipeline with Stable Diffusion 1.5's UNet, VAE, CLIP ViT-L/14 text encoder and its
     49,408-token BPE vocabulary (built from open_clip's bundled merges) — for memory, not for pictures."""
@@ -118,6 +108,7 @@ def run_child(spec: dict) -> dict:
 
     from diffguide.tasks.digits import CAPTION_TEMPLATES
     from diffguide.tasks.personalize import PersonalizeConfig, TextualInversion
+    from diffguide.tasks.quantize import release_freed_memory
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -126,7 +117,7 @@ def run_child(spec: dict) -> dict:
         from diffusers import StableDiffusionPipeline  # noqa: F401  (lazy modules the rows load too)
         from transformers import CLIPTextModel  # noqa: F401
 
-        _release_free_heap()
+        release_freed_memory()
         return {"rss_imports_mib": _status_kib("VmRSS") / 1024}
     if spec["model"] == "save-sd15-shaped":           # write the float checkpoint folder the sd15 rows load
         sd15_shaped_pipeline().save_pretrained(spec["folder"])
@@ -149,7 +140,7 @@ def run_child(spec: dict) -> dict:
     import gc
 
     gc.collect()
-    _release_free_heap()
+    release_freed_memory()
     load_seconds = time.perf_counter() - start
     rss_loaded = _status_kib("VmRSS")
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # the reset below clears it too
@@ -404,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-steps", type=int, default=20, help="steps per memory/time child")
     p.add_argument("--sd15-shaped", action="store_true", help="also measure a random SD-1.5-shaped pipeline")
     p.add_argument("--sd15-steps", type=int, default=2)
+    p.add_argument("--sd15-only", action="store_true", help="no memory rows for --model (only sd15-shaped)")
+    p.add_argument("--sd15-rows", nargs="+", default=None, metavar="LABEL",
+                   help="in-process sd15-shaped rows to run (default: ZO int8 quantized whole and layer by layer, "
+                        "batched or not, backprop float)")
+    p.add_argument("--cli-batch-directions", action="store_true",
+                   help="run the command-line ZO rows with --batch-directions")
     p.add_argument("--digits", type=int, nargs="+", default=[2, 5, 7], help="classes used as the user's concept")
     p.add_argument("--num-images", type=int, default=5)
     p.add_argument("--quality-steps", type=int, nargs="+", default=[400], help="backprop step counts to score")
@@ -440,12 +437,12 @@ def main(argv: list[str] | None = None) -> None:
                ("backprop, int8", "backprop", True, False, "whole"),
                ("ZO, int8 layer by layer", "zo", True, False, "layers"),
                ("ZO, int8 layer by layer, batched directions", "zo", True, True, "layers")]
-    sd15_configs = [configs[i] for i in (0, 1, 5, 6)]
+    sd15_configs = [c for c in (configs[i] for i in (0, 1, 5, 6)) if args.sd15_rows is None or c[0] in args.sd15_rows]
     floor = None
     work = Path(tempfile.mkdtemp(prefix="bench-personalize-"))
     if not args.skip_memory:
         floor = measure({"model": "none"})["rss_imports_mib"]
-        models = [(args.model, args.memory_steps, configs, False)]
+        models = [] if args.sd15_only else [(args.model, args.memory_steps, configs, False)]
         if args.sd15_shaped:
             sd15_folder = work / "sd15-shaped"
             measure({"model": "save-sd15-shaped", "folder": str(sd15_folder)})
@@ -456,8 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                 save_rgb_pngs(sd15_images(args.num_images), images)
             else:
                 save_pngs(target_images(args.digits[0], args.num_images, args.seed), images)
-            for method, batched in (("zo", False), ("backprop", False)):     # the command line, as a user runs it
-                label = f"{'ZO, int8 layer by layer' if method == 'zo' else 'backprop, float'}"
+            for method, batched in (("zo", args.cli_batch_directions), ("backprop", False)):   # as a user runs it
+                label = "ZO, int8 layer by layer" if method == "zo" else "backprop, float"
                 out = work / f"cli-{Path(model).name}-{method}"
                 cli_results.append((model, label, measure_cli(model, method, steps, images, out, sd15, batched)))
                 print(model, "cli", label, json.dumps(cli_results[-1][2]), file=sys.stderr, flush=True)
@@ -499,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
                "it whole.", "", memory_table(results, floor), "", *ratio_lines(results, floor)]
     if cli_results:
         md += ["", "### The command line, as a user runs it", "",
-               f"`diffguide-personalize IMAGES --model FOLDER --method zo|backprop --steps N --threads 1` from the "
+               f"`diffguide-personalize IMAGES --model FOLDER --method zo|backprop --steps N --threads 1"
+               f"{' (--batch-directions for zo)' if args.cli_batch_directions else ''}` from the "
                f"float checkpoint folder, each in its own process ({args.num_images} images, {args.memory_steps} steps "
                f"on `{Path(args.model).name}`, {args.sd15_steps} on `sd15-shaped`, saved by `save_pretrained`): peak "
                "RSS of that process (`os.wait4` rusage, loading, training and saving included) and wall time.", "",
