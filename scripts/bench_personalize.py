@@ -26,6 +26,7 @@ import math
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,16 +42,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS reflects live memory after quantization."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def sd15_shaped_pipeline(seed: int = 0, image_size: int = 64):
@@ -87,6 +78,16 @@ def sd15_shaped_pipeline(seed: int = 0, image_size: int = 64):
                                    image_encoder=None, requires_safety_checker=False)
 
 
+SD15_TEMPLATES, SD15_INITIALIZER = ("a photo of a {}",), "dog"
+
+
+def sd15_images(num_images: int):
+    """Random 64x64 RGB images in [-1, 1] (memory and time only)."""
+    import torch
+
+    return torch.rand(num_images, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
 def target_images(digit: int, num_images: int, seed: int):
     """``num_images`` test-split images of ``digit`` (16x16, [-1, 1]; the t2i model never saw them), chosen with ``seed``."""
     import torch
@@ -107,6 +108,7 @@ def run_child(spec: dict) -> dict:
 
     from diffguide.tasks.digits import CAPTION_TEMPLATES
     from diffguide.tasks.personalize import PersonalizeConfig, TextualInversion
+    from diffguide.tasks.quantize import release_freed_memory
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -115,18 +117,22 @@ def run_child(spec: dict) -> dict:
         from diffusers import StableDiffusionPipeline  # noqa: F401  (lazy modules the rows load too)
         from transformers import CLIPTextModel  # noqa: F401
 
-        _release_free_heap()
+        release_freed_memory()
         return {"rss_imports_mib": _status_kib("VmRSS") / 1024}
-    if spec["model"] == "sd15-shaped":
-        pipe = sd15_shaped_pipeline()
-        images = torch.rand(spec["num_images"], 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        templates, initializer = ("a photo of a {}",), "dog"
-    else:
-        from diffguide.tasks import zoo
+    if spec["model"] == "save-sd15-shaped":           # write the float checkpoint folder the sd15 rows load
+        sd15_shaped_pipeline().save_pretrained(spec["folder"])
+        return {}
+    from diffguide.tasks import zoo
 
-        pipe = zoo.load(spec["model"])
+    if spec.get("sd15"):
+        images = sd15_images(spec["num_images"])
+        templates, initializer = SD15_TEMPLATES, SD15_INITIALIZER
+    else:
         images = target_images(spec["digit"], spec["num_images"], spec["seed"])
         templates, initializer = digit_templates(CAPTION_TEMPLATES), INITIALIZER
+    # "layers": TextualInversion loads the checkpoint itself (int8 layer by layer, or float);
+    # "whole": a float pipeline loaded in full, which TextualInversion then quantizes whole
+    pipe = spec["model"] if spec.get("load") == "layers" else zoo.load(spec["model"])
     config = PersonalizeConfig(method=spec["method"], quantize=spec["quantize"], steps=spec["steps"],
                                templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"],
                                batch_directions=spec.get("batched", False))
@@ -134,7 +140,7 @@ def run_child(spec: dict) -> dict:
     import gc
 
     gc.collect()
-    _release_free_heap()
+    release_freed_memory()
     load_seconds = time.perf_counter() - start
     rss_loaded = _status_kib("VmRSS")
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # the reset below clears it too
@@ -150,7 +156,7 @@ def run_child(spec: dict) -> dict:
     tensor_peak = max(_tensor_peak_bytes(trainer.step) for _ in range(spec.get("profiled_steps", 2)))
     from diffguide.tasks.quantize import weight_report
 
-    weights = sum(weight_report(getattr(pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
+    weights = sum(weight_report(getattr(trainer.pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
     return {"peak_process_mib": peak_process / 1024,
             "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": peak_training / 1024,
             "seconds_per_step": sorted(times)[len(times) // 2], "load_seconds": load_seconds,
@@ -186,6 +192,35 @@ def measure(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_cli(model: str, method: str, steps: int, images: Path, out: Path, sd15: bool,
+                batched: bool = False) -> dict:
+    """Run ``diffguide-personalize`` as a user does, in its own process with one thread; its own peak RSS
+    (``os.wait4`` rusage of that child, loading included) and wall time."""
+    command = [sys.executable, "-m", "diffguide.scripts.personalize", str(images), "--model", model, "--token", TOKEN,
+               "--initializer-token", SD15_INITIALIZER if sd15 else INITIALIZER, "--out", str(out),
+               "--method", method, "--steps", str(steps), "--threads", "1", "--no-progress"]
+    command += ["--template", SD15_TEMPLATES[0], "--flip-prob", "0"] if sd15 else []
+    command += ["--batch-directions"] if batched else []
+    tick = time.perf_counter()
+    child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    return {"peak_process_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - tick}
+
+
+def save_rgb_pngs(images, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array, mode="RGB").save(folder / f"{i:02d}.png")
+
+
 # ------------------------------------------------------------------------------------------ quality
 def quality(args: argparse.Namespace) -> list[dict]:
     import torch
@@ -212,7 +247,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
         embeddings, seconds = {}, {}
         for method, step_list, lr in (("zo", args.quality_steps_zo, args.lr_zo),
                                       ("backprop", args.quality_steps, args.lr_bp)):
-            trainer = TextualInversion(zoo.load(args.model), targets, TOKEN, INITIALIZER,
+            trainer = TextualInversion(args.model, targets, TOKEN, INITIALIZER,       # int8 rows: layer by layer
                                        PersonalizeConfig(method=method, steps=max(step_list), learning_rate=lr,
                                                          flip_prob=0.0, templates=templates, seed=args.seed,
                                                          tau=args.tau, save_every=max(step_list)))
@@ -277,10 +312,17 @@ def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]
     out = []
     for model in dict.fromkeys(m for m, _, _ in results):
         by = {label: r for m, label, r in results if m == model}
-        zo, bp = by.get("ZO, int8"), by.get("backprop, float")
+        bp = by.get("backprop, float")
+        for label in ("ZO, int8 layer by layer", "ZO, int8 layer by layer, batched directions"):
+            if label in by and bp:
+                out.append(f"- `{Path(model).name}`, {label} / backprop float: whole-process peak RSS "
+                           f"{by[label]['peak_process_mib'] / bp['peak_process_mib']:.2f}, training peak above the "
+                           f"libraries {(by[label]['peak_training_mib'] - floor) / (bp['peak_training_mib'] - floor):.2f}, "
+                           f"time per step {by[label]['seconds_per_step'] / bp['seconds_per_step']:.2f}")
+        zo = by.get("ZO, int8")
         if not zo or not bp:
             continue
-        out.append(f"- `{Path(model).name}`, ZO int8 / backprop float: whole-process peak RSS "
+        out.append(f"- `{Path(model).name}`, ZO int8 (quantized whole) / backprop float: whole-process peak RSS "
                    f"{zo['peak_process_mib'] / bp['peak_process_mib']:.2f}, training peak RSS "
                    f"{zo['peak_training_mib'] / bp['peak_training_mib']:.2f}, training peak above the libraries "
                    f"{(zo['peak_training_mib'] - floor) / (bp['peak_training_mib'] - floor):.2f}, weights "
@@ -288,6 +330,40 @@ def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]
                    f"{(zo['weights_mib'] + zo['tensor_peak_mib']) / (bp['weights_mib'] + bp['tensor_peak_mib']):.2f}, "
                    f"tensor peak per step {zo['tensor_peak_mib'] / bp['tensor_peak_mib']:.2f}, "
                    f"time per step {zo['seconds_per_step'] / bp['seconds_per_step']:.2f}")
+    return out
+
+
+def kept_quality_section() -> str:
+    """The quality heading, its paragraph and table as BENCHMARKS.md holds them, marked as kept."""
+    from diffguide.scripts._bench_md import BENCHMARKS
+
+    text = BENCHMARKS.read_text()
+    heading = "### Quality: a held-out digit class as the new concept"
+    if heading not in text:
+        raise SystemExit("--keep-quality: BENCHMARKS.md has no quality subsection to keep")
+    body = text[text.index(heading):].split("\n\n")
+    kept = body[:3] if body[1].startswith("Kept from") else [body[0], body[1], body[2]]
+    note = ("Kept from the previous run of this script (not recomputed): the int8 pipeline loaded layer by layer "
+            "trains the bit-identical embedding of the one quantized whole (same seed; "
+            "`tests/test_int8_loading.py`), so these numbers hold for it.")
+    return "\n\n".join([kept[0], note, *[b for b in kept[1:] if not b.startswith("Kept from")]][:4])
+
+
+def cli_table(results: list[tuple[str, str, dict]]) -> str:
+    lines = ["| pipeline | method | peak RSS, whole process MiB | wall s |", "|---|---|---|---|"]
+    for model, label, r in results:
+        lines.append(f"| {Path(model).name} | {label} | {r['peak_process_mib']:.0f} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def cli_ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(m for m, _, _ in results):
+        by = {label: r for m, label, r in results if m == model}
+        zo, bp = by.get("ZO, int8 layer by layer"), by.get("backprop, float")
+        if zo and bp:
+            out.append(f"- `{Path(model).name}` command line, whole-process peak RSS ZO int8 (layer by layer) / "
+                       f"backprop float: **{zo['peak_process_mib'] / bp['peak_process_mib']:.2f}** (goal <= 0.45)")
     return out
 
 
@@ -319,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-steps", type=int, default=20, help="steps per memory/time child")
     p.add_argument("--sd15-shaped", action="store_true", help="also measure a random SD-1.5-shaped pipeline")
     p.add_argument("--sd15-steps", type=int, default=2)
+    p.add_argument("--sd15-only", action="store_true", help="no memory rows for --model (only sd15-shaped)")
+    p.add_argument("--sd15-rows", nargs="+", default=None, metavar="LABEL",
+                   help="in-process sd15-shaped rows to run (default: ZO int8 quantized whole and layer by layer, "
+                        "batched or not, backprop float)")
+    p.add_argument("--cli-batch-directions", action="store_true",
+                   help="run the command-line ZO rows with --batch-directions")
     p.add_argument("--digits", type=int, nargs="+", default=[2, 5, 7], help="classes used as the user's concept")
     p.add_argument("--num-images", type=int, default=5)
     p.add_argument("--quality-steps", type=int, nargs="+", default=[400], help="backprop step counts to score")
@@ -332,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--quality-from", type=Path, default=None,
                    help="reuse the quality rows an earlier run printed to stderr instead of recomputing them")
+    p.add_argument("--keep-quality", action="store_true",
+                   help="keep the quality subsection already in BENCHMARKS.md instead of recomputing it (the "
+                        "layer-by-layer int8 load trains a bit-identical embedding: tests/test_int8_loading.py)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
@@ -344,21 +429,43 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    results = []
-    configs = [("ZO, int8", "zo", True, False), ("backprop, float", "backprop", False, False),
-               ("ZO, int8, batched directions", "zo", True, True), ("ZO, float", "zo", False, False),
-               ("backprop, int8", "backprop", True, False)]
+    results, cli_results = [], []
+    # label, method, int8, batched directions, load ("whole": float pipeline quantized whole, as before;
+    # "layers": the checkpoint loaded by TextualInversion, int8 layer by layer)
+    configs = [("ZO, int8", "zo", True, False, "whole"), ("backprop, float", "backprop", False, False, "whole"),
+               ("ZO, int8, batched directions", "zo", True, True, "whole"), ("ZO, float", "zo", False, False, "whole"),
+               ("backprop, int8", "backprop", True, False, "whole"),
+               ("ZO, int8 layer by layer", "zo", True, False, "layers"),
+               ("ZO, int8 layer by layer, batched directions", "zo", True, True, "layers")]
+    sd15_configs = [c for c in (configs[i] for i in (0, 1, 5, 6)) if args.sd15_rows is None or c[0] in args.sd15_rows]
     floor = None
+    work = Path(tempfile.mkdtemp(prefix="bench-personalize-"))
     if not args.skip_memory:
         floor = measure({"model": "none"})["rss_imports_mib"]
-        models = [(args.model, args.memory_steps, configs)]
-        models += [("sd15-shaped", args.sd15_steps, configs[:3])] if args.sd15_shaped else []
-        for model, steps, model_configs in models:
-            for label, method, quantized, batched in model_configs:
+        models = [] if args.sd15_only else [(args.model, args.memory_steps, configs, False)]
+        if args.sd15_shaped:
+            sd15_folder = work / "sd15-shaped"
+            measure({"model": "save-sd15-shaped", "folder": str(sd15_folder)})
+            models.append((str(sd15_folder), args.sd15_steps, sd15_configs, True))
+        for model, steps, model_configs, sd15 in models:
+            images = work / f"images-{Path(model).name}"
+            if sd15:
+                save_rgb_pngs(sd15_images(args.num_images), images)
+            else:
+                save_pngs(target_images(args.digits[0], args.num_images, args.seed), images)
+            for method, batched in (("zo", args.cli_batch_directions), ("backprop", False)):   # as a user runs it
+                label = "ZO, int8 layer by layer" if method == "zo" else "backprop, float"
+                out = work / f"cli-{Path(model).name}-{method}"
+                cli_results.append((model, label, measure_cli(model, method, steps, images, out, sd15, batched)))
+                print(model, "cli", label, json.dumps(cli_results[-1][2]), file=sys.stderr, flush=True)
+            for label, method, quantized, batched, load in model_configs:
                 spec = {"model": model, "method": method, "quantize": quantized, "steps": steps, "batched": batched,
-                        "digit": args.digits[0], "num_images": args.num_images, "seed": args.seed, "tau": args.tau}
+                        "load": load, "sd15": sd15, "profiled_steps": 1 if sd15 else 2, "digit": args.digits[0], "num_images": args.num_images,
+                        "seed": args.seed, "tau": args.tau}
                 results.append((model, label, measure(spec)))
                 print(model, label, json.dumps(results[-1][2]), file=sys.stderr, flush=True)
+        if args.sd15_shaped:
+            shutil.rmtree(sd15_folder)
     if args.quality_from:                     # rows printed (one JSON per line) by an earlier run
         lines = Path(args.quality_from).read_text().splitlines()
         rows = [json.loads(line) for line in lines if line.startswith('{"digit"')]
@@ -375,16 +482,29 @@ def main(argv: list[str] | None = None) -> None:
         md += ["", "### Memory and time per step", "",
                f"Each row is one subprocess: load, add `{TOKEN}`, encode the images, then "
                f"{args.memory_steps} timed steps ({args.sd15_steps} for `sd15-shaped`) after a first, untimed one. "
-               "*Peak RSS, whole process* is `getrusage` max RSS including loading (and, for int8 rows, the float "
-               "weights before quantization: pipelines are loaded from float checkpoints); *RSS loaded* is taken "
+               "*Peak RSS, whole process* is `getrusage` max RSS including loading (and, for int8 rows quantized "
+               "whole, the float weights before quantization: pipelines are loaded from float checkpoints); *RSS loaded* is taken "
                "once the pipeline is loaded (and quantized), the token added and the images encoded; *peak RSS "
                "training* is the kernel high-water mark reset at that point, so it covers all the steps, the first "
                "one (optimizer state) included. *Above libraries* subtracts the RSS of a process that only imports "
                f"torch, diffusers (StableDiffusionPipeline), transformers (CLIPTextModel), optimum-quanto and this package's "
                f"personalization module ({floor or 0:.0f} MiB). *Tensor peak per step* is exact and free of allocator noise: the largest net bytes of "
                "tensors allocated during one step (torch profiler memory events; activations, gradients, optimizer "
-               "updates, transient dequantized weights), max over 2 steps. s / step is the median.", "", memory_table(results, floor), "", *ratio_lines(results, floor)]
-    if rows:
+               "updates, transient dequantized weights), max over 2 steps. s / step is the median. Rows marked "
+               "*layer by layer* load the float checkpoint with `tasks.quantize.load_int8_pipeline` (each Linear/Conv2d "
+               "quantized as soon as its tensors are read); the others load the float pipeline in full and quantize "
+               "it whole.", "", memory_table(results, floor), "", *ratio_lines(results, floor)]
+    if cli_results:
+        md += ["", "### The command line, as a user runs it", "",
+               f"`diffguide-personalize IMAGES --model FOLDER --method zo|backprop --steps N --threads 1"
+               f"{' (--batch-directions for zo)' if args.cli_batch_directions else ''}` from the "
+               f"float checkpoint folder, each in its own process ({args.num_images} images, {args.memory_steps} steps "
+               f"on `{Path(args.model).name}`, {args.sd15_steps} on `sd15-shaped`, saved by `save_pretrained`): peak "
+               "RSS of that process (`os.wait4` rusage, loading, training and saving included) and wall time.", "",
+               cli_table(cli_results), "", *cli_ratio_lines(cli_results)]
+    if args.keep_quality:
+        md += ["", kept_quality_section()]
+    elif rows:
         md += ["", "### Quality: a held-out digit class as the new concept", "",
                f"Digits {args.digits}: {args.num_images} training images each, prompt `{PROMPT.format(TOKEN)}`, "
                f"{args.samples} samples per embedding (DDIM 25 steps, CFG {args.guidance_scale}) from the *float* "

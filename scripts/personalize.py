@@ -13,6 +13,7 @@ is diffusers' textual inversion on float weights. ``--sample`` writes a grid of 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,16 +24,18 @@ DIGIT_TEMPLATES = ("a handwritten digit {}", "a drawing of the digit {}", "a han
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffguide-personalize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", type=Path, help="folder of training images (png, jpg, ...)")
     p.add_argument("--token", required=True, help="the new placeholder token, e.g. '<s1>'")
     p.add_argument("--initializer-token", required=True, help="an existing single-token word to start from")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", default="digits-t2i", help="shipped model name, local folder or hub id")
+    p.add_argument("--model", default="digits-t2i",
+                   help="shipped model name, local float checkpoint folder or hub id (int8 runs load it layer by layer)")
     p.add_argument("--method", choices=("zo", "backprop"), default="zo")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 zo, 5e-4 backprop)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per step, at most images x mirrors x templates")
     p.add_argument("--directions", type=int, default=2, help="zo: random directions n per step")
     p.add_argument("--mu", type=float, default=1e-3, help="zo: finite-difference step")
     p.add_argument("--scaling", choices=("repo", "paper"), default="repo", help="zo: gradient normalisation")
@@ -50,48 +53,126 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flip-prob", type=float, default=None,
                    help="mirror-flip probability (default 0 for the digits model, 0.5 otherwise)")
     p.add_argument("--resize", action="store_true", help="resize and convert images of another size or mode")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (starts afresh if none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=0, metavar="N", help="after training, write N samples to OUT/samples.png")
     p.add_argument("--prompt", default=None, help="prompt for --sample (default: the first template with the token)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "directions", "tau", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.timesteps is not None:
-        try:
-            low, high = (int(v) for v in args.timesteps.split(":"))
-        except ValueError:
-            p.error(f"--timesteps must be LOW:HIGH integers, got {args.timesteps!r}")
-        args.timesteps = (low, high)
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
-def run(args: argparse.Namespace) -> Path:
+def check_args(args: argparse.Namespace) -> None:
+    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option)."""
     import torch
 
-    from diffguide.tasks import zoo
-    from diffguide.tasks.personalize import (OBJECT_TEMPLATES, PersonalizeConfig, TextualInversion, expected_image_format,
-                                   load_image_folder)
+    from diffguide.tasks.personalize import CHECKPOINT_DIR, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size
+    from diffguide.tasks.zoo import _resolve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = zoo.load(args.model, device=args.device)
-    if not hasattr(pipe, "tokenizer"):
-        raise ValueError(f"{args.model} is not a text-to-image pipeline")
-    images = load_image_folder(args.images, *expected_image_format(pipe), resize=args.resize)
+    for name in ("steps", "batch_size", "directions", "tau", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.sample < 0:
+        raise ValueError(f"--sample must be >= 0 (number of images), got {args.sample}")
+    if args.prompt is not None and (args.sample == 0 or not args.prompt.strip()):
+        raise ValueError("--prompt needs --sample N > 0 and a non-empty prompt")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    for name in ("token", "initializer_token"):
+        value = getattr(args, name)
+        if not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"--{name.replace('_', '-')} must be one word without spaces, got {value!r}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
+    if args.timesteps is not None:
+        try:
+            low, high = (int(v) for v in str(args.timesteps).split(":"))
+        except ValueError:
+            raise ValueError(f"--timesteps must be LOW:HIGH integers, got {args.timesteps!r}") from None
+        if not 0 <= low < high:
+            raise ValueError(f"--timesteps must satisfy 0 <= LOW < HIGH, got {args.timesteps!r}")
+        args.timesteps = (low, high)
+    try:
+        args.model_folder = _resolve(args.model)
+    except Exception as err:                       # unknown name, missing folder, hub error
+        raise ValueError(f"--model: {err}") from None
+    index = args.model_folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    components = json.loads(index.read_text())
+    if not (components.get("tokenizer") or [None])[0] or not (components.get("text_encoder") or [None])[0]:
+        raise ValueError(f"--model {args.model}: not a text-to-image pipeline (no tokenizer/text encoder)")
+    num_train = json.loads((args.model_folder / "scheduler" / "scheduler_config.json").read_text()).get(
+        "num_train_timesteps", 1000) if (args.model_folder / "scheduler" / "scheduler_config.json").is_file() else 1000
+    if args.timesteps is not None and args.timesteps[1] > num_train:
+        raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
     digits = Path(str(args.model)).name == "digits-t2i"          # the shipped model or a copy of its folder
-    config = PersonalizeConfig(
+    args.config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         num_directions=args.directions, mu=args.mu, scaling=args.scaling, tau=args.tau, nu=args.nu,
         timestep_range=args.timesteps, seed=args.seed, save_every=args.save_every,
         flip_prob=args.flip_prob if args.flip_prob is not None else (0.0 if digits else 0.5),
         templates=tuple(args.template or (DIGIT_TEMPLATES if digits else OBJECT_TEMPLATES)),
         quantize=None if args.quantize is None else args.quantize == "int8", batch_directions=args.batch_directions)
+    try:
+        resolved = args.config.resolved(num_train)
+    except ValueError as err:                      # names the config field; map it to the option
+        raise ValueError(f"{err} ({_option_names(str(err))})") from None
+    if not args.images.is_dir():
+        raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
+    num_images = sum(1 for f in args.images.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if num_images == 0:
+        raise ValueError(f"no images in {str(args.images)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        check_batch_size(resolved, num_images)
+    except ValueError as err:
+        raise ValueError(f"--batch-size: {err}") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} exists and is not a folder")
+    existing = next((p for p in (args.out, *args.out.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(args.out)!r} cannot be written ({str(existing)!r} is not writable)")
+    has_checkpoint = (args.out / CHECKPOINT_DIR / "state.json").is_file()
+    if has_checkpoint and not args.resume:
+        raise ValueError(f"--out {str(args.out)!r} already holds a checkpoint; pass --resume to continue it or "
+                         "choose another output folder")
+
+
+def _option_names(message: str) -> str:
+    options = {"learning_rate": "--lr", "num_directions": "--directions", "timestep_range": "--timesteps",
+               "flip_prob": "--flip-prob", "templates": "--template", "mu": "--mu", "nu": "--nu"}
+    return ", ".join(option for field, option in options.items() if message.startswith(field)) or "options"
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from diffguide.tasks.personalize import (CHECKPOINT_DIR, TextualInversion, expected_image_format, load_image_folder,
+                                             load_pipeline, read_checkpoint_meta)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = args.config
+    if args.resume and not (args.out / CHECKPOINT_DIR / "state.json").is_file():
+        print(f"--resume: no checkpoint in {args.out}, starting afresh from step 0", file=sys.stderr)
+    elif args.resume:
+        meta = read_checkpoint_meta(args.out)                 # a damaged checkpoint is named before loading
+        print(f"--resume: continuing {args.out} from step {meta['step']}", file=sys.stderr)
+    pipe = load_pipeline(args.model_folder, config.resolved().quantize, device=args.device)
+    images = load_image_folder(args.images, *expected_image_format(pipe), resize=args.resize)
     trainer = TextualInversion(pipe, images, args.token, args.initializer_token, config)
     path = trainer.train(args.out, resume=args.resume, progress=not args.no_progress)
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "
@@ -114,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:                 # runtime failures: one line, exit 1
         raise SystemExit(f"error: {err}") from None
 
 

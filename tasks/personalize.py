@@ -26,6 +26,7 @@ exactly as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,7 +39,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
-from diffguide.tasks.metrics.features import tensors_fingerprint, weights_fingerprint
+from diffguide.tasks.quantize import COMPONENTS, float_weights_fingerprint, is_quantized, quantize_module
+from diffguide.tasks.metrics.features import tensors_fingerprint
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -152,9 +154,37 @@ def load_learned_embedding(path: str | Path) -> tuple[str, Tensor]:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    """``save_file`` to a temporary name, then rename; the file gets the permissions of the user's umask
+    (safetensors itself creates files readable by their owner only)."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def read_checkpoint_meta(out_dir: str | Path) -> dict:
+    """The ``state.json`` of ``out_dir``'s checkpoint, after checking that it and ``state.safetensors`` are
+    readable (``ValueError`` naming the damaged or missing file)."""
+    from safetensors import safe_open
+
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    meta_path, state_path = folder / "state.json", folder / "state.safetensors"
+    try:
+        meta = json.loads(meta_path.read_text())
+        PersonalizeConfig.from_json(meta["config"])
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"damaged checkpoint {str(meta_path)!r} ({type(err).__name__}: {err}); remove "
+                         f"{str(folder)!r} to start afresh") from None
+    try:
+        with safe_open(str(state_path), "pt") as handle:
+            handle.keys()
+    except Exception as err:                                  # SafetensorError, FileNotFoundError
+        raise ValueError(f"damaged checkpoint {str(state_path)!r} ({type(err).__name__}: {err}); remove "
+                         f"{str(folder)!r} to start afresh") from None
+    return meta
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -209,8 +239,11 @@ class PersonalizeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("learning_rate", "mu", "nu"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not self.nu < 1:
+            raise ValueError(f"nu must be in (0, 1), got {self.nu!r}")
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.weight_decay < 0:
@@ -232,6 +265,33 @@ class PersonalizeConfig:
         return cls(**values)
 
 
+def load_pipeline(name_or_path: str | Path, int8: bool, device: str | torch.device | None = None):
+    """The pipeline to personalize from a float checkpoint: int8 loaded layer by layer
+    (:func:`tasks.quantize.load_int8_pipeline`) or float (``zoo.load``)."""
+    if int8:
+        from diffguide.tasks.quantize import load_int8_pipeline
+
+        return load_int8_pipeline(name_or_path, device=device)
+    from diffguide.tasks import zoo
+
+    return zoo.load(name_or_path, device=device)
+
+
+def max_batch_size(config: PersonalizeConfig, num_images: int) -> int:
+    """Distinct (image, mirror, caption template) combinations: a larger batch repeats them in every step."""
+    return num_images * (2 if config.flip_prob > 0 else 1) * len(config.templates)
+
+
+def check_batch_size(config: PersonalizeConfig, num_images: int) -> None:
+    """Refuse a batch larger than :func:`max_batch_size`: it only repeats images and captions (more steps
+    average over noise and timesteps at no memory cost), while activation memory grows with every row."""
+    limit = max_batch_size(config, num_images)
+    if config.batch_size > limit:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {limit} distinct (image, mirror, "
+                         f"caption template) combinations of {num_images} images; a larger batch only repeats "
+                         "them at more memory, use at most that many (or more steps)")
+
+
 # ------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _Batch:
@@ -244,8 +304,12 @@ class _Batch:
 class TextualInversion:
     """Learn the embedding row of a new ``token`` of ``pipe`` from ``images`` ``(N, C, H, W)`` in [-1, 1].
 
-    Construction adds the token (initialised from ``initializer_token``), quantizes the pipeline to int8 if
-    ``config.quantize`` (default for ``zo``) and caches the VAE posteriors of the images and their mirror
+    ``pipe`` is a loaded pipeline or a float checkpoint (shipped model name, folder or hub id): with int8
+    weights (``config.quantize``, default for ``zo``) a checkpoint is loaded by
+    :func:`tasks.quantize.load_int8_pipeline`, one layer at a time, so the float weights are never all in memory
+    (the trained embedding is bit-identical to the one from a float pipeline quantized whole); without, by
+    ``zoo.load``. Construction adds the token (initialised from ``initializer_token``), quantizes a float
+    pipeline to int8 if ``config.quantize`` and caches the VAE posteriors of the images and their mirror
     images. :meth:`step` does one update and returns the loss at the current embedding; :meth:`train` loops
     with a progress bar, checkpoints every ``config.save_every`` steps and can resume.
     """
@@ -254,10 +318,12 @@ class TextualInversion:
                  config: PersonalizeConfig | None = None) -> None:
         from diffusers import DDPMScheduler
 
-        self.pipe, self.images, self.token, self.initializer_token = pipe, images, token, initializer_token
         config = PersonalizeConfig() if config is None else config
         if not isinstance(config, PersonalizeConfig):
             raise TypeError(f"config must be a PersonalizeConfig, got {type(config).__name__}")
+        if isinstance(pipe, (str, Path)):
+            pipe = load_pipeline(pipe, config.resolved().quantize)       # validates the config before loading
+        self.pipe, self.images, self.token, self.initializer_token = pipe, images, token, initializer_token
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipe, name, None) is None:
                 raise TypeError(f"pipe must be a StableDiffusionPipeline-like pipeline with a {name!r} component")
@@ -265,12 +331,11 @@ class TextualInversion:
         self.config = config.resolved(self.noise_scheduler.config.num_train_timesteps)
         self._check_images(self.images)
         self.images_sha256 = tensors_fingerprint([(f"images{tuple(self.images.shape)}", self.images.float())], 16)
-        self.model_fingerprint = "-".join(weights_fingerprint(getattr(pipe, name))
+        self.model_fingerprint = "-".join(float_weights_fingerprint(getattr(pipe, name))
                                           for name in ("unet", "text_encoder", "vae"))
+        check_batch_size(self.config, len(self.images))
         self.token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, self.token, self.initializer_token)
         if self.config.quantize:                          # token embeddings stay float: quanto skips nn.Embedding
-            from diffguide.tasks.quantize import COMPONENTS, is_quantized, quantize_module
-
             for name in COMPONENTS:
                 if not is_quantized(getattr(pipe, name)):
                     quantize_module(getattr(pipe, name))
@@ -475,7 +540,8 @@ class TextualInversion:
         (``ValueError`` names the differences).
         """
         folder = Path(out_dir) / CHECKPOINT_DIR
-        meta = json.loads((folder / "state.json").read_text())
+        meta = read_checkpoint_meta(out_dir)
+        state_path = folder / "state.safetensors"
         saved = PersonalizeConfig.from_json(meta["config"]).to_json()
         ours = self.config.to_json()
         diffs = [f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in ours
@@ -487,7 +553,15 @@ class TextualInversion:
                 diffs.append(f"{key}: checkpoint {meta.get(key)!r} vs now {now!r}")
         if diffs:
             raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
-        self.load_state_dict(load_file(str(folder / "state.safetensors")))
+        try:
+            state = load_file(str(state_path))
+            self.load_state_dict(state)
+        except Exception as err:                        # SafetensorError, missing keys, wrong shapes
+            raise ValueError(f"damaged checkpoint {str(state_path)!r} ({type(err).__name__}: {err}); remove "
+                             f"{str(folder)!r} to start afresh") from None
+        if self.step_count != meta.get("step"):
+            raise ValueError(f"damaged checkpoint: {str(state_path)!r} is at step {self.step_count}, "
+                             f"{str(folder / 'state.json')!r} says {meta.get('step')!r}")
         return self.step_count
 
     def train(self, out_dir: str | Path, resume: bool = False, progress: bool = True,

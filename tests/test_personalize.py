@@ -1,6 +1,7 @@
 """Int8 inference, ZO / backprop textual inversion, diffusers loading, exact resume and bad input, on tiny_sd()."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -237,9 +238,8 @@ def test_bad_tokens_and_config():
         TextualInversion(tiny_sd(), images(), "<s2>", "a", {"method": "zo"})
 
 
-def test_command_line_trains_resumes_and_rejects_bad_input(tmp_path, capsys):
-    from diffguide.scripts.personalize import main
-
+@pytest.fixture
+def cli_setup(tmp_path):
     model = tmp_path / "model"
     tiny_sd().save_pretrained(model)
     rng = np.random.default_rng(1)
@@ -247,13 +247,100 @@ def test_command_line_trains_resumes_and_rejects_bad_input(tmp_path, capsys):
     common = [str(tmp_path / "imgs"), "--model", str(model), "--token", "<s1>", "--initializer-token", "a",
               "--out", str(tmp_path / "out"), "--save-every", "2", "--tau", "2", "--no-progress",
               "--template", "a {}", "--template", "{}"]
-    main(common + ["--steps", "2"])
+    return tmp_path, common
+
+
+def test_command_line_trains_resumes_and_rejects_bad_input(cli_setup, capsys):
+    from diffguide.scripts.personalize import main
+
+    tmp_path, common = cli_setup
+    old = os.umask(0o022)
+    try:
+        main(common + ["--steps", "2", "--resume"])
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "starting afresh" in err
+    assert (tmp_path / "out" / "learned_embeds.safetensors").stat().st_mode & 0o777 == 0o644
     main(common + ["--steps", "4", "--resume"])
     meta = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
     assert meta["step"] == 4 and meta["config"]["method"] == "zo"
-    assert "4 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "continuing" in err and "from step 2" in err and "4 steps" in err
     with pytest.raises(SystemExit, match="already in the tokenizer's vocabulary"):
-        main(common[:4] + ["a"] + common[5:] + ["--steps", "1"])
+        main(common[:4] + ["a"] + common[5:] + ["--steps", "1", "--resume"])
     (tmp_path / "none").mkdir()
-    with pytest.raises(SystemExit, match="no images"):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "none")] + common[1:])
+    assert exit_info.value.code == 2 and "no images" in capsys.readouterr().err
+
+
+BAD_COMMAND_LINES = [   # extra arguments -> words the one error line must contain
+    (["--sample", "-3"], "--sample must be >= 0"),
+    (["--batch-size", "100000"], "--batch-size: batch_size 100000 is larger than the 8 distinct"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--lr", "nan"], "learning_rate must be a positive finite number, got nan (--lr)"),
+    (["--lr", "-1"], "(--lr)"),
+    (["--mu", "inf"], "mu must be a positive finite number"),
+    (["--nu", "1.5"], "nu must be in (0, 1)"),
+    (["--flip-prob", "2"], "flip_prob must be in [0, 1], got 2.0 (--flip-prob)"),
+    (["--timesteps", "900:500"], "--timesteps must satisfy 0 <= LOW < HIGH"),
+    (["--timesteps", "0:5000"], "--timesteps HIGH must be <= the model's 1000 training timesteps"),
+    (["--timesteps", "a:b"], "--timesteps must be LOW:HIGH integers"),
+    (["--template", "no slot"], "templates must be"),
+    (["--threads", "0"], "--threads must be positive"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--device", "gpu0"], "is not a torch device"),
+    (["--prompt", "a <s1>"], "--prompt needs --sample N > 0"),
+    (["--model", "nope"], "--model: 'nope' is neither a known model"),
+    (["--token", " "], "--token must be one word without spaces"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
+def test_command_line_usage_errors_exit_2_before_loading(extra, message, cli_setup, capsys, monkeypatch):
+    from diffguide.scripts import personalize as cli
+    from diffguide.tasks import personalize
+
+    if torch.cuda.is_available() and "cuda" in extra:
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr(personalize, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    tmp_path, common = cli_setup
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(common + ["--steps", "1"] + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("diffguide-personalize: error: ")
+    assert message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_checkpoint_problems_are_named_before_loading(cli_setup, capsys, monkeypatch):
+    from diffguide.scripts import personalize as cli
+    from diffguide.tasks import personalize
+
+    tmp_path, common = cli_setup
+    cli.main(common + ["--steps", "2"])
+    monkeypatch.setattr(personalize, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:                               # no --resume
+        cli.main(common + ["--steps", "4"])
+    assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    (tmp_path / "out2").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(common[:8] + [str(tmp_path / "out2")] + common[9:] + ["--steps", "4"])
+    assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
+    state = tmp_path / "out" / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:40])                                   # truncated
+    with pytest.raises(SystemExit, match=r"error: damaged checkpoint .*state.safetensors.*start afresh"):
+        cli.main(common + ["--steps", "4", "--resume"])
+    (tmp_path / "out" / "checkpoint" / "state.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"error: damaged checkpoint .*state.json"):
+        cli.main(common + ["--steps", "4", "--resume"])
+
+
+def test_batch_sizes_that_only_repeat_images_are_refused():
+    config_ok = config(batch_size=6, flip_prob=0.0)          # 2 images x 3 templates
+    TextualInversion(tiny_sd(), images(2), "<s1>", "a", config_ok)
+    with pytest.raises(ValueError, match="batch_size 7 is larger than the 6 distinct"):
+        TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=7, flip_prob=0.0))
+    TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=12))   # mirrors double it
