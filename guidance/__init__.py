@@ -18,6 +18,7 @@ from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
 from .mcg import MCG
+from .norm_rescale import NormRescale
 from .p2l import P2L
 from .psld import PSLD
 from .registry import GUIDES, build_guide, parse_guide_spec
@@ -30,6 +31,6 @@ __all__ = [
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "parse_guide_spec",
-    "DPS", "EnKG", "MCG", "P2L", "PSLD",
+    "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
     "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
 ]

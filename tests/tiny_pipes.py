@@ -80,3 +80,110 @@ def tiny_dit(seed: int = 0):
     pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=sched, id2label={0: "zero", 1: "one"})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- transformer pipelines (text encoders left out: tests pass prompt embeddings directly) ---------------------
+
+def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
+def tiny_sd3(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                        pooled_projection_dim=16, out_channels=4).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=_tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=[4, 4, 8]).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(1), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sana(seed: int = 0):
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=32).eval()
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407).eval()
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart(seed: int = 0):
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, caption_channels=16, in_channels=4,
+                                           cross_attention_dim=16, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                           norm_eps=1e-6).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def embeds(name: str, batch: int = 2) -> dict:
+    """Prompt (and negative prompt) embeddings for the tiny transformer pipelines, fixed seeds."""
+    dim = {"sana": 8}.get(name, 16)
+    cond, uncond = _randn(batch, 5, dim, seed=1), _randn(batch, 5, dim, seed=2)
+    kw = dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
+    if name in ("sd3", "flux"):
+        kw.update(pooled_prompt_embeds=_randn(batch, 16, seed=3), negative_pooled_prompt_embeds=_randn(batch, 16, seed=4))
+    if name in ("sana", "pixart"):
+        kw.update(prompt_attention_mask=torch.ones(batch, 5), negative_prompt_attention_mask=torch.ones(batch, 5),
+                  negative_prompt=None, use_resolution_binning=False)
+    kw.update(SIZES[name])
+    return kw
+
+
+SIZES = {"sd3": dict(height=16, width=16), "flux": dict(height=16, width=16), "sana": dict(height=32, width=32),
+         "pixart": dict(height=16, width=16)}
+
+# name -> (builder, first layer every forward passes (rows are counted there), call arguments for native CFG at s)
+PIPELINES = {
+    "sd3": (tiny_sd3, "pos_embed", lambda s: dict(guidance_scale=s)),
+    "flux": (tiny_flux, "x_embedder", lambda s: dict(true_cfg_scale=s)),
+    "sana": (tiny_sana, "patch_embed", lambda s: dict(guidance_scale=s)),
+    "pixart": (tiny_pixart, "pos_embed", lambda s: dict(guidance_scale=s)),
+}
+
+
+def first_layer(net, name: str):
+    return getattr(getattr(net, "_orig_mod", net), PIPELINES[name][1])
