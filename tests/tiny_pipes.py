@@ -155,6 +155,89 @@ def tiny_pixart(seed: int = 0):
     return pipe
 
 
+def tiny_hunyuan(seed: int = 0):
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    torch.manual_seed(seed)
+    transformer = HunyuanDiT2DModel(sample_size=16, num_layers=1, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=2, in_channels=4, cross_attention_dim=16,
+                                    cross_attention_dim_t5=16, pooled_projection_dim=8, hidden_size=16,
+                                    text_len=5, text_len_t5=5, activation_fn="gelu-approximate").eval()
+    pipe = HunyuanDiTPipeline(vae=_tiny_vae(), text_encoder=None, tokenizer=None, transformer=transformer,
+                              scheduler=DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear",
+                                                      beta_start=0.00085, beta_end=0.03, clip_sample=False),
+                              safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                              text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen(seed: int = 0):
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan(seed: int = 0, two_stage: bool = False):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+
+    def net():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=16,
+                                     num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     rope_max_seq_len=32).eval()
+
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                       transformer=net(), transformer_2=net() if two_stage else None,
+                       boundary_ratio=0.5 if two_stage else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cogview4(seed: int = 0):
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4,
+                                             num_attention_heads=4, out_channels=4, text_embed_dim=16,
+                                             time_embed_dim=8, condition_dim=4).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(), transformer=transformer,
+                            scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_lumina2(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=1,
+                                            num_attention_heads=1, num_kv_heads=1, multiple_of=16,
+                                            ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
+                                            axes_dim_rope=[4, 2, 2], cap_feat_dim=16).eval()
+    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(),
+                           text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -166,6 +249,17 @@ def embeds(name: str, batch: int = 2) -> dict:
     kw = dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
     if name in ("sd3", "flux"):
         kw.update(pooled_prompt_embeds=_randn(batch, 16, seed=3), negative_pooled_prompt_embeds=_randn(batch, 16, seed=4))
+    if name == "hunyuan":
+        kw.update(prompt_attention_mask=torch.ones(batch, 5), negative_prompt_attention_mask=torch.ones(batch, 5),
+                  prompt_embeds_2=_randn(batch, 5, 16, seed=5), negative_prompt_embeds_2=_randn(batch, 5, 16, seed=6),
+                  prompt_attention_mask_2=torch.ones(batch, 5), negative_prompt_attention_mask_2=torch.ones(batch, 5),
+                  use_resolution_binning=False)
+    if name == "qwen":
+        kw.update(prompt_embeds_mask=torch.ones(batch, 5, dtype=torch.long),
+                  negative_prompt_embeds_mask=torch.ones(batch, 5, dtype=torch.long))
+    if name == "lumina2":
+        kw.update(prompt_attention_mask=torch.ones(batch, 5, dtype=torch.long),
+                  negative_prompt_attention_mask=torch.ones(batch, 5, dtype=torch.long))
     if name in ("sana", "pixart"):
         kw.update(prompt_attention_mask=torch.ones(batch, 5), negative_prompt_attention_mask=torch.ones(batch, 5),
                   negative_prompt=None, use_resolution_binning=False)
@@ -174,7 +268,10 @@ def embeds(name: str, batch: int = 2) -> dict:
 
 
 SIZES = {"sd3": dict(height=16, width=16), "flux": dict(height=16, width=16), "sana": dict(height=32, width=32),
-         "pixart": dict(height=16, width=16)}
+         "pixart": dict(height=16, width=16),
+         "hunyuan": dict(height=16, width=16), "qwen": dict(height=32, width=32),
+         "wan": dict(height=16, width=16, num_frames=5), "cogview4": dict(height=16, width=16),
+         "lumina2": dict(height=16, width=16)}
 
 # name -> (builder, first layer every forward passes (rows are counted there), call arguments for native CFG at s)
 PIPELINES = {
@@ -182,6 +279,11 @@ PIPELINES = {
     "flux": (tiny_flux, "x_embedder", lambda s: dict(true_cfg_scale=s)),
     "sana": (tiny_sana, "patch_embed", lambda s: dict(guidance_scale=s)),
     "pixart": (tiny_pixart, "pos_embed", lambda s: dict(guidance_scale=s)),
+    "hunyuan": (tiny_hunyuan, "pos_embed", lambda s: dict(guidance_scale=s)),
+    "qwen": (tiny_qwen, "img_in", lambda s: dict(true_cfg_scale=s)),
+    "wan": (tiny_wan, "patch_embedding", lambda s: dict(guidance_scale=s)),
+    "cogview4": (tiny_cogview4, "patch_embed", lambda s: dict(guidance_scale=s)),
+    "lumina2": (tiny_lumina2, "x_embedder", lambda s: dict(guidance_scale=s)),
 }
 
 
