@@ -16,6 +16,7 @@ Everything is restored on exit.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from contextlib import contextmanager
@@ -64,6 +65,15 @@ def _rows(value: Any, rows: Tensor, full: int) -> Any:
 
 def _tensor(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def _with_tensor(out: Any, tensor: Tensor) -> Any:
+    """The network output ``out`` with its prediction replaced (tuple or output object alike)."""
+    if isinstance(out, tuple):
+        return (tensor,) + tuple(out[1:])
+    out = copy.copy(out)
+    out.sample = tensor
+    return out
 
 
 class _Network:
@@ -274,10 +284,7 @@ class _Session:
         half = torch.cat([guided.denoise, extra], dim=1) if extra.shape[1] else guided.denoise
         new = torch.cat([half, half])
         self._end_step()
-        if isinstance(out, tuple):
-            return (new,) + tuple(out[1:])
-        out.sample = new
-        return out
+        return _with_tensor(out, new)
 
     def _forward_two_calls(self, net: _Network, args: tuple, kwargs: dict):
         arguments = net.bind(args, kwargs)
@@ -292,10 +299,19 @@ class _Session:
         if "uncond" in pending:
             raise RuntimeError(f"{type(self.pipe).__name__} called its network a third time in one step; apply() "
                                "knows two calls per step (cond, uncond)")
-        if not bool(pending["mask"].any()):  # the guide does not need it: the call is skipped, not evaluated
+        mask, full = pending["mask"], sample.shape[0]
+        if not bool(mask.any()):  # the guide does not need it: the call is skipped, not evaluated
             pending["uncond"] = None
             return pending["cond"]
-        pending["uncond"] = out = net.run(arguments, sample.shape[0])
+        if bool(mask.all()):
+            pending["uncond"] = out = net.run(arguments, full)
+            return out
+        rows = torch.nonzero(mask).flatten().to(sample.device)  # only the rows the guide asks for
+        selected = {k: v if k in self.family.unbatched else _rows(v, rows, full) for k, v in arguments.items()}
+        part = _tensor(net.run(selected, len(rows)))
+        merged = _tensor(pending["cond"]).clone()  # unevaluated rows carry the conditional prediction
+        merged[rows] = part
+        pending["uncond"] = out = _with_tensor(pending["cond"], merged)
         return out
 
     def _cond_branch(self, net: _Network, arguments: dict, rows: Tensor, full: int | None):
@@ -355,9 +371,6 @@ class _Session:
         else:
             pred_uncond = _tensor(pending["uncond"])
             pred_uncond = -pred_uncond if sign < 0 else pred_uncond
-            if not bool(mask.all()):
-                keep = mask.to(pred_cond.device).view(-1, *[1] * (pred_cond.ndim - 1))
-                pred_uncond = torch.where(keep, pred_uncond, pred_cond)
         level = pending["level"]
         rows = torch.arange(pred_cond.shape[0], device=sample.device)
         cond, evaluate = self._cond_branch(pending["net"], pending["arguments"], rows, None)

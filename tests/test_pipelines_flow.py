@@ -9,7 +9,7 @@ import torch
 
 from diffguide import guidance
 from diffguide.guidance.families import family_of, native_guide
-from tiny_pipes import PIPELINES, embeds, first_layer
+from tiny_pipes import PIPELINES, embeds, first_layer, tiny_flux, tiny_qwen, tiny_wan
 
 
 def count_rows(pipe, name):
@@ -62,3 +62,74 @@ def test_cfg_scale_one_evaluates_only_conditional_rows(name):
         h.remove()
     assert sum(rows) == stats.rows == 2 * 2  # conditional rows only, both steps
     assert stats.uncond_rows_per_sample.tolist() == [0, 0]
+
+
+def test_wan22_two_networks_are_both_guided_bit_exact():
+    """Wan 2.2: ``transformer`` above the boundary, ``transformer_2`` below; both branches of both are hooked."""
+    pipe = tiny_wan(two_stage=True)
+    rows, handles = count_rows(pipe, "wan")
+    native = run(pipe, "wan", steps=3, guidance_scale=4.0, guidance_scale_2=4.0)
+    native_rows = sum(rows)
+    rows.clear()
+    with guidance.apply(pipe, guidance.CFG(4.0)) as stats:
+        hooked = run(pipe, "wan", steps=3)
+    for h in handles:
+        h.remove()
+    assert torch.equal(native, hooked) and stats.rows == native_rows == sum(rows) == 3 * 2 * 2
+
+
+def test_qwen_native_cfg_needs_the_norm_rescale():
+    pipe = tiny_qwen()
+    native = run(pipe, "qwen", true_cfg_scale=4.0)
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        plain = run(pipe, "qwen")
+    with guidance.apply(pipe, guidance.NormRescale(guidance.CFG(4.0))):
+        rescaled = run(pipe, "qwen")
+    assert torch.equal(native, rescaled) and (native - plain).abs().max() > 1e-3
+
+
+def test_adaptive_guidance_on_two_call_pipeline_skips_uncond_calls():
+    """AG (one-way truncation once cos(x0_c, x0_u) > threshold) on Flux's two calls: the unconditional call is not
+    made once both samples are truncated, counted at the network's first layer."""
+    pipe = tiny_flux()
+    rows, handles = count_rows(pipe, "flux")
+    with guidance.apply(pipe, guidance.CFG(4.0)) as cfg_stats:
+        run(pipe, "flux", steps=4)
+    cfg_rows = sum(rows)
+    rows.clear()
+    ag = guidance.AdaptiveGuidance(4.0, threshold=0.5)
+    with guidance.apply(pipe, ag) as stats:
+        run(pipe, "flux", steps=4)
+    for h in handles:
+        h.remove()
+    assert cfg_rows == cfg_stats.rows == 4 * 2 * 2
+    assert sum(rows) == stats.rows < cfg_rows
+    # each sample's unconditional rows: the steps up to and including the one that measured cos > threshold
+    assert stats.uncond_rows_per_sample.tolist() == ag.truncated_at.tolist()
+    assert sum(rows) == 4 * 2 + int(ag.truncated_at.sum())
+
+
+class FirstSampleOnly(guidance.CFG):
+    """CFG on sample 0, conditional-only on the others (a per-sample mask, as AG's truncation makes one)."""
+
+    def needs_uncond(self, level, batch_size):
+        return torch.arange(batch_size, device=level.alpha.device) == 0
+
+
+@pytest.mark.parametrize("name", ["flux", "cogview4", "sd3"])
+def test_per_sample_uncond_mask_evaluates_only_those_rows(name):
+    make = PIPELINES[name][0]
+    pipe = make()
+    rows, handles = count_rows(pipe, name)
+    with guidance.apply(pipe, FirstSampleOnly(4.0)) as stats:
+        mixed = run(pipe, name)
+    for h in handles:
+        h.remove()
+    assert sum(rows) == stats.rows == 2 * (2 + 1)
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        cfg = run(pipe, name)
+    with guidance.apply(pipe, guidance.CFG(1.0)):
+        cond_only = run(pipe, name)
+    # rows of a smaller batch may round differently in the attention kernels: 1e-5 on these O(1) latents
+    torch.testing.assert_close(mixed[0], cfg[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], cond_only[1], atol=1e-5, rtol=1e-5)
