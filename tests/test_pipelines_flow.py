@@ -133,3 +133,70 @@ def test_per_sample_uncond_mask_evaluates_only_those_rows(name):
     # rows of a smaller batch may round differently in the attention kernels: 1e-5 on these O(1) latents
     torch.testing.assert_close(mixed[0], cfg[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], cond_only[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,callback", [("sd3", "SD3CFGCutoffCallback"), ("cogview4", "SDCFGCutoffCallback")])
+def test_callback_turning_cfg_off_continues_conditional_only(name, callback):
+    """diffusers' CFG-cutoff callbacks set ``pipe._guidance_scale = 0`` mid-run: batched (SD3) and two-call (CogView4)
+    pipelines then run conditional-only, under apply exactly as natively."""
+    import diffusers.callbacks
+
+    make, _, native_kw = PIPELINES[name]
+    pipe = make()
+    cut = lambda: getattr(diffusers.callbacks, callback)(cutoff_step_ratio=None, cutoff_step_index=1)  # noqa: E731
+    native = run(pipe, name, batch=1, steps=3, callback_on_step_end=cut(), **native_kw(4.0))
+    with guidance.apply(pipe, guidance.CFG(4.0)) as stats:
+        hooked = run(pipe, name, batch=1, steps=3, callback_on_step_end=cut())
+    assert torch.equal(native, hooked)
+    assert stats.cond_only_steps == 1 and stats.rows_per_step == [2, 2, 1]
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sana", "qwen", "wan"])
+def test_bf16_bit_exact(name):
+    make, _, native_kw = PIPELINES[name]
+    pipe = make().to(dtype=torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in embeds(name).items()}
+    native = run(pipe, name, **kw, **native_kw(4.0))
+    with guidance.apply(pipe, native_guide(family_of(pipe), 4.0)):
+        hooked = run(pipe, name, **kw)
+    assert pipe.transformer.dtype == torch.bfloat16 and torch.equal(native, hooked)
+
+
+# SD3, HunyuanDiT and Lumina 2 do not repeat prompt embeddings passed directly (natively a shape error)
+@pytest.mark.parametrize("name", ["flux", "sana", "pixart", "qwen", "cogview4", "wan"])
+def test_images_per_prompt_and_generator_lists_bit_exact(name):
+    make, _, native_kw = PIPELINES[name]
+    pipe = make()
+    per_prompt = "num_videos_per_prompt" if name == "wan" else "num_images_per_prompt"
+
+    def extra():
+        return {per_prompt: 2, "generator": [torch.Generator().manual_seed(i) for i in (3, 4)]}
+
+    native = run(pipe, name, batch=1, **extra(), **native_kw(4.0))
+    with guidance.apply(pipe, native_guide(family_of(pipe), 4.0)) as stats:
+        hooked = run(pipe, name, batch=1, **extra())
+    assert native.shape[0] == 2 and torch.equal(native, hooked) and stats.rows == 2 * 2 * 2
+
+
+def test_torch_compiled_network_is_hooked_through_its_wrapper():
+    """A ``torch.compile``d transformer is an ``OptimizedModule`` around ``_orig_mod`` whose forward takes
+    ``(*args, **kwargs)``: apply binds calls to the wrapped module's signature and calls the wrapper's forward.
+    The wrapper is built here with dynamo disabled (``DisableContext``): the same object ``torch.compile`` returns,
+    without its 20 s graph capture on this CPU (``torch.compile(backend="eager")`` passes the same asserts)."""
+    from torch._dynamo.eval_frame import DisableContext, OptimizedModule
+
+    pipe = PIPELINES["sd3"][0]()
+    native = run(pipe, "sd3", guidance_scale=4.0)
+    pipe.transformer = OptimizedModule(pipe.transformer, DisableContext())
+    compiled_forward = pipe.transformer.forward
+    rows, handles = count_rows(pipe, "sd3")
+    with guidance.apply(pipe, guidance.CFG(4.0)) as stats:
+        hooked = run(pipe, "sd3")
+    with guidance.apply(pipe, guidance.CFG(1.0)):
+        run(pipe, "sd3")
+    for h in handles:
+        h.remove()
+    assert torch.equal(native, hooked) and stats.rows == 8 and sum(rows) == 8 + 4
+    assert pipe.transformer.forward is compiled_forward  # restored
+    assert torch.equal(native, run(pipe, "sd3", guidance_scale=4.0))
