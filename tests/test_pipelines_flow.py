@@ -4,12 +4,13 @@ Bars: CFG through apply is bit-identical to the native call and evaluates as man
 the network, at its first layer); guides that skip the unconditional branch skip those rows or calls.
 """
 
+import diffusers
 import pytest
 import torch
 
 from diffguide import guidance
 from diffguide.guidance.families import family_of, native_guide
-from tiny_pipes import PIPELINES, embeds, first_layer, tiny_flux, tiny_qwen, tiny_wan
+from tiny_pipes import PIPELINES, embeds, first_layer, tiny_flux, tiny_flux_with_text_encoders, tiny_qwen, tiny_wan
 
 
 def count_rows(pipe, name):
@@ -200,3 +201,120 @@ def test_torch_compiled_network_is_hooked_through_its_wrapper():
     assert torch.equal(native, hooked) and stats.rows == 8 and sum(rows) == 8 + 4
     assert pipe.transformer.forward is compiled_forward  # restored
     assert torch.equal(native, run(pipe, "sd3", guidance_scale=4.0))
+
+
+def recorded_calls(pipe, name, **kw):
+    """A native run's network calls per step (keyword arguments), and the flow sigmas it stepped through."""
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
+    run(pipe, name, steps=3, **kw)
+    handle.remove()
+    return calls, pipe.scheduler.sigmas.clone()
+
+
+def apg_oracle(w, r=5.0, momentum=-0.5):
+    """APG (Sadat et al. 2025, Alg. 1) on x0 = x - s v, written out: momentum, norm clamp, projection on x0_c."""
+    running = []
+
+    def combine(x, s, v_c, v_u, i):
+        x0_c, x0_u = x - s * v_c, x - s * v_u
+        delta = x0_c - x0_u
+        if running:
+            delta = delta + momentum * running[-1]
+        running.append(delta)
+        norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.ndim - 1))
+        delta = delta * torch.clamp(r / norm, max=1.0)
+        unit = x0_c / x0_c.flatten(1).norm(dim=1).view(-1, *[1] * (delta.ndim - 1))
+        par = (delta * unit).flatten(1).sum(1).view(-1, *[1] * (delta.ndim - 1)) * unit
+        x0 = x0_c + (w - 1) * (delta - par)
+        return (x - x0) / s
+
+    return combine
+
+
+def cfg_zero_star_oracle(w, zero_init_steps=1):
+    """CFG-Zero* (Fan et al. 2025, Eq. 9-10 and zero-init): s* = <c, u> / ||u||^2 per sample."""
+    def combine(x, s, v_c, v_u, i):
+        if i < zero_init_steps:
+            return torch.zeros_like(v_c)
+        dims = list(range(1, v_c.ndim))
+        s_star = (v_c * v_u).sum(dims, keepdim=True) / (v_u.pow(2).sum(dims, keepdim=True) + 1e-8)
+        return s_star * v_u + w * (v_c - s_star * v_u)
+
+    return combine
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("guide,oracle", [
+    (lambda: guidance.APG(4.0, norm_threshold=5.0, momentum=-0.5), lambda: apg_oracle(4.0)),
+    (lambda: guidance.CFGZeroStar(4.0, zero_init_steps=1), lambda: cfg_zero_star_oracle(4.0)),
+], ids=["APG", "CFGZeroStar"])
+def test_flow_guides_through_apply_equal_a_hand_written_euler_loop(name, guide, oracle):
+    """The pipeline under apply vs a flow Euler loop x' = x + (s' - s) v_guided that calls the network itself with
+    the native run's arguments (cond and uncond rows), on the flow sigmas of the scheduler."""
+    make, _, native_kw = PIPELINES[name]
+    pipe = make()
+    calls, sigmas = recorded_calls(pipe, name, **native_kw(4.0))
+    start = torch.randn(run(pipe, name, steps=1).shape, generator=torch.Generator().manual_seed(7))
+    with guidance.apply(pipe, guide()):
+        hooked = run(pipe, name, steps=3, latents=start.clone())
+    combine, x = oracle(), start.clone()
+    with torch.no_grad():
+        for i in range(3):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            if name == "sd3":  # one batched [uncond; cond] call
+                v_u, v_c = pipe.transformer(**dict(calls[i], hidden_states=torch.cat([x, x])))[0].chunk(2)
+            else:  # Flux: cond call, then uncond call
+                v_c = pipe.transformer(**dict(calls[2 * i], hidden_states=x))[0]
+                v_u = pipe.transformer(**dict(calls[2 * i + 1], hidden_states=x))[0]
+            x = x + (s_next - s) * combine(x, s, v_c, v_u, i)
+    # float32 rounding of the reordered formulas over 3 steps on O(1) latents
+    torch.testing.assert_close(hooked, x, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_without_negative_prompt_gets_the_empty_one():
+    """Flux runs true CFG only with a negative prompt; apply supplies "" (as Flux's own docs suggest)."""
+    pipe = tiny_flux_with_text_encoders()
+    kw = dict(prompt=["a cat", "dog"], height=16, width=16, max_sequence_length=8, num_inference_steps=2,
+              output_type="latent")
+    native = pipe(true_cfg_scale=4.0, negative_prompt="", generator=torch.Generator().manual_seed(0), **kw)[0]
+    with guidance.apply(pipe, guidance.CFG(4.0)) as stats:
+        hooked = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
+    assert torch.equal(native, hooked) and stats.rows == 2 * 2 * 2
+    bare = tiny_flux()  # no tokenizer: the empty prompt cannot be encoded
+    with guidance.apply(bare, guidance.CFG(4.0)):
+        with pytest.raises(ValueError, match="FluxPipeline runs CFG only with a negative prompt.*negative_prompt_embeds"):
+            run(bare, "flux", prompt_embeds=embeds("flux")["prompt_embeds"],
+                pooled_prompt_embeds=embeds("flux")["pooled_prompt_embeds"], negative_prompt_embeds=None,
+                negative_pooled_prompt_embeds=None)
+
+
+@pytest.mark.parametrize("name,arg,value,hint", [
+    ("hunyuan", "guidance_rescale", 0.7, "CFGRescale"),
+    ("sd3", "skip_guidance_layers", [0], "skip-layer"),
+    ("lumina2", "cfg_trunc_ratio", 0.5, "GuidanceInterval"),
+])
+def test_pipeline_cfg_options_apply_would_override_are_refused(name, arg, value, hint):
+    pipe = PIPELINES[name][0]()
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        with pytest.raises(ValueError, match=f"{arg} must be .* under guidance.apply .*{hint}"):
+            run(pipe, name, **{arg: value})
+
+
+def test_unsupported_pipelines_and_schedulers_are_refused_up_front():
+    from diffusers import DDIMScheduler
+
+    class NewPipeline(diffusers.DiffusionPipeline):  # a pipeline no family describes
+        def __call__(self, prompt=None, guidance_scale=5.0):
+            pass
+
+    with pytest.raises(TypeError, match="supports StableDiffusionPipeline.*FluxPipeline.*got NewPipeline, which runs "
+                                        "CFG in a way no table entry describes"):
+        with guidance.apply(NewPipeline(), guidance.CFG(2.0)):
+            pass
+    pipe = PIPELINES["sd3"][0]()
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline runs a flow network; its scheduler DDIMScheduler"):
+        with guidance.apply(pipe, guidance.CFG(2.0)):
+            pass
+    assert "forward" not in pipe.transformer.__dict__ and getattr(pipe, "_diffguide_session", None) is None

@@ -289,3 +289,20 @@ PIPELINES = {
 
 def first_layer(net, name: str):
     return getattr(getattr(net, "_orig_mod", net), PIPELINES[name][1])
+
+
+def tiny_flux_with_text_encoders(seed: int = 0):
+    """tiny_flux with a CLIP and a T5 text encoder over the byte tokenizer, so prompts (and "") can be encoded."""
+    from diffusers import FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    parts = tiny_flux(seed).components
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+                                                     intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                                     vocab_size=len(tok), max_position_embeddings=16)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)).eval()
+    pipe = FluxPipeline(**dict(parts, text_encoder=clip, text_encoder_2=t5, tokenizer=tok, tokenizer_2=tok))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
