@@ -22,7 +22,8 @@ class Family:
     """One family of pipelines that run CFG the same way.
 
     ``networks``: pipeline attributes holding the denoising network(s) (Wan 2.2 has two).
-    ``latent``: name of the network ``forward`` parameter that takes the latent (positional or keyword alike).
+    ``latent`` / ``timestep``: names of the network ``forward`` parameters that take the latent and the time
+    (positional or keyword alike: calls are bound to the forward's signature).
     ``scale_arg``: the ``__call__`` argument that switches CFG on (``> cfg_threshold``), forced on under apply.
     ``negative``: call arguments of which one must be given for the pipeline to run CFG at all (Flux, Qwen);
     when none is, apply passes ``negative_prompt=""`` (the empty prompt, as those pipelines document).
@@ -33,7 +34,9 @@ class Family:
     ``float32``: the pipeline combines ``.float()`` copies of the network outputs (Sana, Z-Image).
     ``unbatched``: network arguments that are not per-row even if their first dimension matches the batch.
     ``scheduler``: "flow" (rectified flow, velocity output) or "diffusion" (epsilon / v / x0 schedules).
-    ``native``: the guide expression that reproduces the pipeline's own CFG at scale ``s`` (docs and tests).
+    ``native``: the guide expression that reproduces the pipeline's own CFG at scale ``s`` (docs and tests);
+    ``native_exact`` False where it does so only to rounding: Z-Image computes ``c + s (c - u)``, which is
+    ``CFG(s + 1)`` but not CFG's floating-point expression ``u + w (c - u)``.
     """
 
     pipelines: tuple[str, ...]
@@ -41,6 +44,7 @@ class Family:
     scheduler: str
     networks: tuple[str, ...] = ("transformer",)
     latent: str = "hidden_states"
+    timestep: str = "timestep"
     scale_arg: str = "guidance_scale"
     cfg_threshold: float = 1.0
     negative: tuple[str, ...] = ()
@@ -49,6 +53,7 @@ class Family:
     float32: bool = False
     unbatched: tuple[str, ...] = ()
     native: str = "CFG(s)"
+    native_exact: bool = True
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -76,6 +81,11 @@ FAMILIES: tuple[Family, ...] = (
            negative=("negative_prompt", "negative_prompt_embeds"), native="NormRescale(CFG(s))"),
     Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2")),
     Family(("CogView4Pipeline",), "two_calls", "flow"),
+    Family(("ZImagePipeline",), "list_cu", "flow", latent="x", timestep="t", scale_arg="guidance_scale",
+           cfg_threshold=0.0, output_sign=-1, float32=True, native="CFG(s + 1)", native_exact=False,
+           neutral={"cfg_normalization": (False, "its norm clamp is not a guide yet"),
+                    "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
+                                            "guidance.GuidanceInterval")}),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                              "guidance.GuidanceInterval")}),
@@ -121,4 +131,5 @@ def native_guide(family: Family, scale: float):
     from .cfg import CFG
     from .norm_rescale import NormRescale
 
-    return {"CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale))}[family.native]()
+    return {"CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
+            "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()

@@ -52,14 +52,17 @@ def is_flow_scheduler(scheduler) -> bool:
             or cfg.get("prediction_type") == "flow_prediction")
 
 
-def _rows(value: Any, rows: Tensor, full: int) -> Any:
-    """Select batch rows of every tensor (in nested dicts/lists) whose first dim is the CFG batch."""
+def _rows(value: Any, rows: Tensor, full: int, lists: bool = False) -> Any:
+    """Select batch rows of every tensor (in nested dicts/lists) whose first dim is the CFG batch; with ``lists``,
+    also the items of lists of ``full`` per-sample entries (Z-Image's list batches)."""
     if isinstance(value, Tensor):
         return value[rows] if value.ndim > 0 and value.shape[0] == full else value
     if isinstance(value, dict):
-        return {k: _rows(v, rows, full) for k, v in value.items()}
+        return {k: _rows(v, rows, full, lists) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_rows(v, rows, full) for v in value)
+        if lists and len(value) == full:
+            return type(value)(value[i] for i in rows.tolist())
+        return type(value)(_rows(v, rows, full, lists) for v in value)
     return value
 
 
@@ -232,9 +235,11 @@ class _Session:
 
     def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
         family = self.family
+        as_list = family.layout == "list_cu"  # per-sample tensors in a list (Z-Image): the list is the batch
         arguments = net.bind(args, kwargs)
-        sample, timestep = arguments[family.latent], arguments.get("timestep")
-        full = sample.shape[0]
+        sample, timestep = arguments[family.latent], arguments.get(family.timestep)
+        full = len(sample) if as_list else sample.shape[0]
+        sample = torch.stack(list(sample)) if as_list else sample
         if self.full is None:
             if full % 2:
                 raise ValueError(f"guidance.apply expects {type(self.pipe).__name__}'s CFG batch; got an odd batch")
@@ -261,11 +266,13 @@ class _Session:
             out = net.run(arguments, full)
         else:
             rows = torch.cat([picked, cond_rows]).to(sample.device)
-            selected = {k: v if k in family.unbatched else _rows(v, rows, full) for k, v in arguments.items()}
+            selected = {k: v if k in family.unbatched else _rows(v, rows, full, as_list)
+                        for k, v in arguments.items()}
             out = net.run(selected, len(rows))
-        tensor = _tensor(out)
+        tensor = torch.stack(list(_tensor(out))) if as_list else _tensor(out)
         if family.float32:
             tensor = tensor.float()
+        tensor = -tensor if family.output_sign < 0 else tensor  # guides see the velocity the scheduler steps on
         channels = sample.shape[1]
         pred_all = tensor[:, :channels]
         pred_cond = pred_all[n_u:]
@@ -275,23 +282,25 @@ class _Session:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
         x = sample[cond_rows.to(sample.device)]
-        cond, evaluate = self._cond_branch(net, arguments, cond_rows.to(sample.device), full)
+        cond, evaluate = (None, None) if as_list else self._cond_branch(net, arguments, cond_rows.to(sample.device),
+                                                                        full)
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
         guided = guided_checked(self.guide, step)
         self.last_step, self.renoise = step, guided.renoise
+        denoise = -guided.denoise if family.output_sign < 0 else guided.denoise
         extra = tensor[n_u:, channels:]
-        half = torch.cat([guided.denoise, extra], dim=1) if extra.shape[1] else guided.denoise
-        new = torch.cat([half, half])
+        half = torch.cat([denoise, extra], dim=1) if extra.shape[1] else denoise
+        new = torch.cat([half, half])  # the pipeline's combination of [g; g] is g exactly
         self._end_step()
-        return _with_tensor(out, new)
+        return _with_tensor(out, list(new.unbind(0)) if as_list else new)
 
     def _forward_two_calls(self, net: _Network, args: tuple, kwargs: dict):
         arguments = net.bind(args, kwargs)
         sample = arguments[self.family.latent]
         pending = self.pending
         if pending is None:  # the conditional call opens the step
-            level = self._level(arguments.get("timestep"), sample.device, sample.dtype)
+            level = self._level(arguments.get(self.family.timestep), sample.device, sample.dtype)
             out = net.run(arguments, sample.shape[0])
             self.pending = dict(net=net, arguments=arguments, level=level, cond=out,
                                 mask=self._mask(level, sample.shape[0]))

@@ -44,11 +44,14 @@ def test_cfg_through_apply_is_bit_exact_with_native(name):
         hooked = run(pipe, name)  # no scale passed: the guide's rules
     for h in handles:
         h.remove()
-    assert torch.equal(native, hooked), (native - hooked).abs().max()
+    if family_of(pipe).native_exact:
+        assert torch.equal(native, hooked), (native - hooked).abs().max()
+    else:  # Z-Image's c + s (c - u) vs CFG's u + (s + 1)(c - u): float32 rounding of O(1) latents, 2 steps
+        assert 0 < (native - hooked).abs().max() <= 1e-5
     assert stats.rows == native_rows == sum(rows) == 2 * 2 * 2
     with guidance.apply(pipe, guide):
         other = run(pipe, name, **native_kw(9.0))  # a scale passed to the pipeline does not change the result
-    assert torch.equal(native, other)
+    assert torch.equal(hooked, other)
     assert torch.equal(native, run(pipe, name, **native_kw(4.0)))  # restored
 
 

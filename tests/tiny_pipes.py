@@ -238,6 +238,22 @@ def tiny_lumina2(seed: int = 0):
     return pipe
 
 
+def tiny_zimage(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]).eval()
+    with torch.no_grad():  # the pad tokens start as torch.empty
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4), text_encoder=None,
+                          tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -260,6 +276,8 @@ def embeds(name: str, batch: int = 2) -> dict:
     if name == "lumina2":
         kw.update(prompt_attention_mask=torch.ones(batch, 5, dtype=torch.long),
                   negative_prompt_attention_mask=torch.ones(batch, 5, dtype=torch.long))
+    if name == "zimage":  # a list of (length, dim) embeddings per prompt
+        kw = dict(prompt_embeds=list(cond.unbind(0)), negative_prompt_embeds=list(uncond.unbind(0)))
     if name in ("sana", "pixart"):
         kw.update(prompt_attention_mask=torch.ones(batch, 5), negative_prompt_attention_mask=torch.ones(batch, 5),
                   negative_prompt=None, use_resolution_binning=False)
@@ -271,7 +289,7 @@ SIZES = {"sd3": dict(height=16, width=16), "flux": dict(height=16, width=16), "s
          "pixart": dict(height=16, width=16),
          "hunyuan": dict(height=16, width=16), "qwen": dict(height=32, width=32),
          "wan": dict(height=16, width=16, num_frames=5), "cogview4": dict(height=16, width=16),
-         "lumina2": dict(height=16, width=16)}
+         "lumina2": dict(height=16, width=16), "zimage": dict(height=16, width=16)}
 
 # name -> (builder, first layer every forward passes (rows are counted there), call arguments for native CFG at s)
 PIPELINES = {
@@ -284,6 +302,7 @@ PIPELINES = {
     "wan": (tiny_wan, "patch_embedding", lambda s: dict(guidance_scale=s)),
     "cogview4": (tiny_cogview4, "patch_embed", lambda s: dict(guidance_scale=s)),
     "lumina2": (tiny_lumina2, "x_embedder", lambda s: dict(guidance_scale=s)),
+    "zimage": (tiny_zimage, "t_embedder", lambda s: dict(guidance_scale=s)),  # pos + s (pos - neg): CFG(s + 1)
 }
 
 
