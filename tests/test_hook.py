@@ -8,18 +8,7 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMult
 from diffguide import guidance
 from diffguide.guidance import GuidedDenoiser
 from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_ddim, sample_dpmpp_2m, sample_euler
-from diffguide.tasks.pipelines import ClassConditionalPipeline
-from tiny_pipes import tiny_dit, tiny_sd, tiny_sdxl
-
-
-def tiny_class_pipe():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11).eval()
-    pipe = ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from tiny_pipes import tiny_class_pipe, tiny_dit, tiny_sd, tiny_sdxl
 
 
 PIPES = {

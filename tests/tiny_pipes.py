@@ -82,6 +82,19 @@ def tiny_dit(seed: int = 0):
     return pipe
 
 
+def tiny_class_pipe():
+    from diffusers import UNet2DModel
+
+    from diffguide.tasks.pipelines import ClassConditionalPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=11).eval()
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 # -- transformer pipelines (text encoders left out: tests pass prompt embeddings directly) ---------------------
 
 def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
