@@ -6,7 +6,7 @@ from .autoguidance import Autoguidance
 from .base import Guidance, Guided, Step
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
-from .cfgpp import CFGPlusPlus, equivalent_cfg_scale
+from .cfgpp import CFGPlusPlus, equivalent_cfg_scale, equivalent_cfg_scales
 from .denoiser import GuidedDenoiser
 from .dps import DPS
 from .dynamic import DynamicCFG
@@ -21,6 +21,7 @@ from .mcg import MCG
 from .norm_rescale import NormRescale
 from .p2l import P2L
 from .psld import PSLD
+from .rectified_cfgpp import RectifiedCFGPlusPlus
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
@@ -29,8 +30,9 @@ __all__ = [
     "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
     "vae_decoder",
     "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
+    "RectifiedCFGPlusPlus",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
-    "parse_guide_spec",
+    "equivalent_cfg_scales", "parse_guide_spec",
     "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
     "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
 ]

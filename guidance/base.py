@@ -23,6 +23,11 @@ class Step:
     network's outputs in ``prediction_type`` space. Rows whose unconditional branch was not evaluated
     (``uncond_mask`` False) carry ``pred_uncond == pred_cond`` there, so any CFG-type combination reduces
     to the conditional prediction on those rows.
+
+    ``cond`` / ``uncond`` are the network conditions of the two branches (when the caller has them) and
+    ``evaluate(x, cond, level=None)`` one more network pass at VP state ``x`` (the step's shape) with condition
+    ``cond``, at this step's level or at another ``samplers.Level`` (guides that take a sub-step, e.g.
+    Rectified-CFG++); ``None`` where the caller cannot run extra passes.
     """
 
     x: Tensor
@@ -36,7 +41,8 @@ class Step:
     prediction_type: str = "epsilon"
     uncond_mask: Tensor | None = None
     cond: Any = None
-    evaluate: Callable[[Tensor, Any], Tensor] | None = field(default=None, repr=False)
+    evaluate: Callable[..., Tensor] | None = field(default=None, repr=False)
+    uncond: Any = None
 
     def __post_init__(self) -> None:
         self.prediction_type = check_prediction_type(self.prediction_type)

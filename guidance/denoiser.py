@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from diffguide.samplers.base import Denoised, Level
+from diffguide.samplers.models import call_network
 from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
@@ -55,15 +56,16 @@ class GuidedDenoiser:
         self.rows = 0
         self.calls = 0
 
-    def _eval(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def _eval(self, x: Tensor, level: Level, cond: Any) -> Tensor:
+        """The network at VP state ``x`` (a flow network reads ``x / (alpha + sigma)``, ``samplers.call_network``)."""
         self.rows += x.shape[0]
         self.calls += 1
-        return self.model_fn(x, t, cond)
+        return call_network(self.model_fn, x, level, cond, self.prediction_type)
 
     def __call__(self, x: Tensor, level: Level) -> Denoised:
         batch = x.shape[0]
         if self.guide is None:
-            out = self._eval(x, level.t, self.cond)
+            out = self._eval(x, level, self.cond)
             step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, out, None,
                         self.prediction_type)
             x0 = step.x0(out)
@@ -73,7 +75,7 @@ class GuidedDenoiser:
         mask = self.guide.needs_uncond(level, batch).to(x.device)
         rows = mask.nonzero().squeeze(1)
         n_u = len(rows)
-        out = self._eval(torch.cat([x[rows], x]), level.t, cat_cond(take_rows(self.uncond, rows), self.cond))
+        out = self._eval(torch.cat([x[rows], x]), level, cat_cond(take_rows(self.uncond, rows), self.cond))
         pred_cond = out[n_u:]
         if n_u == batch:
             pred_uncond = out[:n_u]
@@ -81,7 +83,7 @@ class GuidedDenoiser:
             pred_uncond = pred_cond.clone()
             pred_uncond[rows] = out[:n_u]
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask, cond=self.cond,
-                    evaluate=lambda x_, c_: self._eval(x_, level.t, c_))
+                    self.prediction_type, uncond_mask=mask, cond=self.cond, uncond=self.uncond,
+                    evaluate=lambda x_, c_, level_=None: self._eval(x_, level if level_ is None else level_, c_))
         guided = guided_checked(self.guide, step)
         return Denoised(step.x0(guided.denoise), step.x0(guided.renoise))

@@ -12,6 +12,7 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
 from .interval import GuidanceInterval
+from .rectified_cfgpp import RectifiedCFGPlusPlus
 from .rescale import CFGRescale
 
 # name -> (class, name of the constructor argument that is "the scale" of the method)
@@ -22,6 +23,7 @@ GUIDES: dict[str, tuple[type[Guidance], str]] = {
     "cfg-rescale": (CFGRescale, "scale"),
     "cfg-zero-star": (CFGZeroStar, "scale"),
     "ag": (AdaptiveGuidance, "scale"),
+    "rcfgpp": (RectifiedCFGPlusPlus, "scale"),
 }
 INTERVAL_KEYS = ("sigma_lo", "sigma_hi")
 

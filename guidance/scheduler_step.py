@@ -5,10 +5,16 @@ on the guided prediction plus a correction along ``eps_renoise - eps_denoise`` (
 
 * DDIM: ``+ sqrt(1 - abar_prev - std^2) (eps_r - eps_d)``
 * Euler: ``+ sigma_next (eps_r - eps_d)`` and Euler-ancestral ``+ sigma_down (eps_r - eps_d)`` (VE state)
+* FlowMatchEuler (flow state ``(1 - s) x0 + s eps``): ``+ s_next (eps_r - eps_d)``, i.e. the DDIM analogue
+  ``x' = (1 - s') x0(v_lam) + s' eps(v_u)``; with ``stochastic_sampling`` the scheduler draws all of the new noise
+  and the step is its own step on ``v_lam`` (no deterministic noise direction to renoise).
 
-DPM-Solver++(2M) keeps guided x0 in its history, so its step is computed here (CFG++'s SD1.5 convention:
-``x' = D_l + e^{-h}(x - D_u) + (1 - e^{-h})/(2r) (D_l - D_u_prev)``, first order on the first and last
-step) and the scheduler's own step only advances its state.
+DPM-Solver++ (1S/2M, also with ``use_flow_sigmas``) keeps guided x0 in its history, so its step is computed
+here in the scheduler's own ``(alpha_t, sigma_t)`` (CFG++'s SD1.5 convention:
+``x' = alpha' D_l + (sigma'/sigma) (x - alpha D_u) + c(h, r) (D_l - D_u_prev) / r`` with diffusers' midpoint or
+Heun coefficient ``c``), first order exactly where diffusers takes first order (first step, ``euler_at_final``,
+``lower_order_final`` below 15 steps, ``final_sigmas_type="zero"``); the scheduler's own step only advances its
+state.
 """
 
 from __future__ import annotations
@@ -22,21 +28,34 @@ from torch import Tensor
 from diffguide.samplers.schedule import to_eps, to_x0
 
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                        "DPMSolverMultistepScheduler")
+                        "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 
 def check_scheduler(scheduler) -> str:
-    """Raise ValueError unless this scheduler can take a separate renoise prediction."""
+    """Raise ValueError unless this scheduler can take a separate renoise prediction (with every option followed)."""
     name = type(scheduler).__name__
     cfg = scheduler.config
     if name not in SUPPORTED_SCHEDULERS:
         raise ValueError(f"CFG++-style guides support {', '.join(SUPPORTED_SCHEDULERS)}; got {name}")
     if name == "DDIMScheduler" and (cfg.get("clip_sample", False) or cfg.get("thresholding", False)):
         raise ValueError("CFG++ on DDIMScheduler needs clip_sample=False and thresholding=False")
-    if name == "DPMSolverMultistepScheduler" and (
-            cfg.get("algorithm_type") != "dpmsolver++" or cfg.get("solver_order") != 2 or cfg.get("thresholding")):
-        raise ValueError("CFG++ on DPMSolverMultistepScheduler needs algorithm_type='dpmsolver++', solver_order=2, "
-                         "thresholding=False")
+    if name == "FlowMatchEulerDiscreteScheduler" and cfg.get("invert_sigmas", False):
+        raise ValueError("CFG++ on FlowMatchEulerDiscreteScheduler needs invert_sigmas=False (with inverted sigmas "
+                         "the scheduler's sigma is not the noise level)")
+    if name == "DPMSolverMultistepScheduler":
+        problems = []
+        if cfg.get("algorithm_type") != "dpmsolver++":
+            problems.append(f"algorithm_type={cfg.get('algorithm_type')!r} (supported: 'dpmsolver++')")
+        if cfg.get("solver_order") not in (1, 2):
+            problems.append(f"solver_order={cfg.get('solver_order')!r} (supported: 1, 2)")
+        if cfg.get("solver_type") not in ("midpoint", "heun"):
+            problems.append(f"solver_type={cfg.get('solver_type')!r} (supported: 'midpoint', 'heun')")
+        if cfg.get("thresholding"):
+            problems.append("thresholding=True (supported: False)")
+        if cfg.get("variance_type") in ("learned", "learned_range"):
+            problems.append(f"variance_type={cfg.get('variance_type')!r} (supported: None)")
+        if problems:
+            raise ValueError("CFG++ on DPMSolverMultistepScheduler does not follow " + "; ".join(problems))
     return name
 
 
@@ -89,24 +108,60 @@ def renoise_step(scheduler, orig_step, pred_denoise: Tensor, pred_renoise: Tenso
         prev = out.prev_sample + coef * (eps_r - eps_d)
         return _pack(prev.to(sample.dtype), out.pred_original_sample, return_dict, out)
 
-    # DPMSolverMultistepScheduler, dpmsolver++ order 2, VP state
-    alpha, sigma = 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
-    x = sample.to(torch.float64) / alpha
-    x0_d = to_x0(pred_denoise.to(torch.float64), sample.to(torch.float64), alpha, sigma, prediction_type)
-    x0_r = to_x0(pred_renoise.to(torch.float64), sample.to(torch.float64), alpha, sigma, prediction_type)
-    if idx == 0:
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("CFG++ on FlowMatchEulerDiscreteScheduler does not support per_token_timesteps")
+        if prediction_type != "flow_prediction":
+            raise ValueError(f"FlowMatchEulerDiscreteScheduler steps flow velocities; got prediction_type "
+                             f"{prediction_type!r}")
+        # the state is the flow state (1 - s) x0 + s eps: alpha = 1 - s, sigma = s
+        eps_d = to_eps(pred_denoise.to(torch.float32), sample.to(torch.float32), 1 - s, s, prediction_type)
+        eps_r = to_eps(pred_renoise.to(torch.float32), sample.to(torch.float32), 1 - s, s, prediction_type)
+        out = orig_step(pred_denoise, timestep, sample, *args, return_dict=True, **kwargs)
+        coef = 0.0 if scheduler.config.get("stochastic_sampling", False) else s_next
+        prev = out.prev_sample + coef * (eps_r - eps_d)
+        return _pack(prev.to(out.prev_sample.dtype), None, return_dict, out)
+
+    return _dpmpp_step(scheduler, orig_step, idx, pred_denoise, pred_renoise, timestep, sample, prediction_type,
+                       state, *args, return_dict=return_dict, **kwargs)
+
+
+def _dpmpp_first_order_final(scheduler, idx: int) -> bool:
+    """diffusers' ``lower_order_final`` test of ``DPMSolverMultistepScheduler.step`` (0.42.1)."""
+    cfg = scheduler.config
+    return idx == len(scheduler.timesteps) - 1 and (
+        cfg.euler_at_final or (cfg.lower_order_final and len(scheduler.timesteps) < 15)
+        or cfg.final_sigmas_type == "zero")
+
+
+def _dpmpp_step(scheduler, orig_step, idx: int, pred_denoise: Tensor, pred_renoise: Tensor, timestep, sample: Tensor,
+                prediction_type: str, state: dict, *args, return_dict: bool = True, **kwargs):
+    """DPM-Solver++ 1S/2M CFG++ step in the scheduler's own ``(alpha_t, sigma_t)`` (flow sigmas included)."""
+    if kwargs.get("variance_noise") is not None:
+        raise ValueError("CFG++ on DPMSolverMultistepScheduler takes no variance_noise (deterministic dpmsolver++)")
+    levels = torch.stack([scheduler.sigmas[idx], scheduler.sigmas[idx + 1]]).to(torch.float64)
+    (alpha, alpha_next), (sigma, sigma_next) = (v.tolist() for v in scheduler._sigma_to_alpha_sigma_t(levels))
+    x = sample.to(torch.float64)
+    x0_d = to_x0(pred_denoise.to(torch.float64), x, alpha, sigma, prediction_type)
+    x0_r = to_x0(pred_renoise.to(torch.float64), x, alpha, sigma, prediction_type)
+    first_order = (scheduler.config.solver_order == 1 or scheduler.lower_order_nums < 1
+                   or _dpmpp_first_order_final(scheduler, idx))
+    if scheduler.lower_order_nums < 1:
         state.clear()
-    h = math.log(s / s_next) if s_next > 0 else math.inf
-    if s_next == 0:
-        x_next = x0_d
-    else:
-        x_next = x0_d + math.exp(-h) * (x - x0_r)
-        if "x0_r_prev" in state and math.isfinite(state["h"]):
-            r = state["h"] / h
-            x_next = x_next + (-math.expm1(-h)) / (2 * r) * (x0_d - state["x0_r_prev"])
+    # first order (DDIM): alpha' D_l + sigma' eps_u, eps_u = (x - alpha D_u) / sigma
+    x_next = alpha_next * x0_d + (sigma_next / sigma) * (x - alpha * x0_r)
+    lam = math.log(alpha) - math.log(sigma) if alpha > 0 else -math.inf
+    lam_next = math.log(alpha_next) - math.log(sigma_next) if sigma_next > 0 else math.inf
+    h = lam_next - lam
+    if not first_order and "x0_r_prev" in state and math.isfinite(state["h"]) and math.isfinite(h):
+        d1 = (x0_d - state["x0_r_prev"]) / (state["h"] / h)
+        if scheduler.config.solver_type == "midpoint":
+            x_next = x_next - 0.5 * alpha_next * math.expm1(-h) * d1
+        else:  # heun
+            x_next = x_next + alpha_next * (math.expm1(-h) / h + 1.0) * d1
     state["x0_r_prev"], state["h"] = x0_r, h
     orig_step(pred_denoise, timestep, sample, *args, return_dict=True, **kwargs)  # advance the scheduler's state
-    prev = (x_next / math.sqrt(1 + s_next**2)).to(sample.dtype)
+    prev = x_next.to(pred_denoise.dtype)
     if not return_dict:
         return (prev,)
     from diffusers.schedulers.scheduling_utils import SchedulerOutput

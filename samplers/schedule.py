@@ -14,6 +14,7 @@ with the same formulas; only the network's *input* needs the flow scale (:func:`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -94,26 +95,32 @@ class Plan:
     ``timesteps[i]`` is what the network is told at step ``i``; ``sigmas`` holds ``num_steps + 1``
     VE sigmas (``sigma/alpha``): ``sigmas[i]`` at step ``i`` and ``sigmas[i + 1]`` the level it moves to
     (the last one is 0 for a sampler that ends on clean data, or the schedule's final level). The first one may
-    be ``inf``: pure noise (``alpha = 0``), where a flow schedule starts.
+    be ``inf``: pure noise (``alpha = 0``), where a flow schedule starts. ``prediction_type`` is the network
+    output the scheduler was configured for (``plan_from_scheduler`` fills it; ``None`` for a hand-made plan).
     """
 
     timesteps: Tensor
     sigmas: Tensor  # float64, length num_steps + 1
+    prediction_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.sigmas.ndim != 1 or self.timesteps.ndim != 1 or len(self.sigmas) != len(self.timesteps) + 1:
             raise ValueError("Plan needs 1-D timesteps (N) and sigmas (N + 1)")
         if len(self.timesteps) < 1:
             raise ValueError("Plan needs at least one step")
-        if bool((self.sigmas[:-1] <= 0).any()) or bool((self.sigmas < 0).any()):
+        if bool((self.sigmas[:-1] <= 0).any()) or bool((self.sigmas < 0).any()) or bool(self.sigmas.isnan().any()):
             raise ValueError("Plan sigmas must be positive (the last may be 0)")
+        if bool(torch.isinf(self.sigmas[1:]).any()):
+            raise ValueError("only the first Plan sigma may be inf (pure noise)")
+        if self.prediction_type is not None:
+            object.__setattr__(self, "prediction_type", check_prediction_type(self.prediction_type))
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def alpha(self, i: int) -> Tensor:
-        """VP alpha of level ``i`` (1 at sigma = 0)."""
+        """VP alpha of level ``i`` (1 at sigma = 0, 0 at pure noise)."""
         return 1 / (1 + self.sigmas[i] ** 2).sqrt()
 
     def sigma_vp(self, i: int) -> Tensor:
@@ -121,32 +128,86 @@ class Plan:
         ve = self.sigmas[i]
         return torch.where(torch.isinf(ve), torch.ones_like(ve), ve / (1 + ve**2).sqrt())
 
+    def starting_at(self, index: int) -> "Plan":
+        """The same plan from step ``index`` on (e.g. past a pure-noise first level, or img2img's strength)."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_steps:
+            raise ValueError(f"index must be an int in [0, {self.num_steps - 1}], got {index!r}")
+        return Plan(self.timesteps[index:], self.sigmas[index:], self.prediction_type)
 
-def plan_from_scheduler(scheduler, num_inference_steps: int, device: torch.device | str | None = None) -> Plan:
+
+def _is_flow(scheduler) -> bool:
+    """Rectified-flow sigmas: the FlowMatch* schedulers, or DPM-Solver / UniPC with ``use_flow_sigmas``."""
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas", False))
+
+
+def scheduler_prediction_type(scheduler) -> str:
+    """The network output a diffusers scheduler expects: its ``config.prediction_type``, or ``"flow_prediction"``
+    for the FlowMatch* schedulers. ValueError when it cannot be read (never a silent default to epsilon)."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    if config is None or not callable(getattr(scheduler, "set_timesteps", None)):
+        raise TypeError(f"scheduler must be a diffusers scheduler (with config and set_timesteps), got {name}")
+    supported = (f"supported: the FlowMatch* schedulers, DPM-Solver / UniPC with use_flow_sigmas=True and "
+                 f"prediction_type='flow_prediction', and schedulers with prediction_type in {PREDICTION_TYPES[:3]}")
+    if name.startswith("EDM"):
+        raise ValueError(f"{name} uses EDM preconditioning, which plans do not read; {supported}")
+    flow = _is_flow(scheduler)
+    default = "flow_prediction" if name.startswith("FlowMatch") else None
+    prediction_type = config.get("prediction_type", default)
+    if prediction_type not in PREDICTION_TYPES or flow != (prediction_type == "flow_prediction"):
+        raise ValueError(f"cannot read the parametrisation of {name} (prediction_type={prediction_type!r}, "
+                         f"flow sigmas: {flow}); {supported}")
+    if config.get("invert_sigmas", False):
+        raise ValueError(f"{name} with invert_sigmas=True (Mochi's reversed sigmas) is not supported; {supported}")
+    return prediction_type
+
+
+def plan_from_scheduler(scheduler, num_inference_steps: int | None, device: torch.device | str | None = None,
+                        **set_timesteps_kwargs) -> Plan:
     """Read the noise levels a diffusers scheduler would visit with ``num_inference_steps`` steps.
 
+    ``set_timesteps_kwargs`` go to ``scheduler.set_timesteps`` as a pipeline passes them: ``mu=`` for dynamic
+    shifting (Flux, SD3.5), ``sigmas=`` for a custom list (then ``num_inference_steps`` may be ``None``).
+
+    Flow schedulers (FlowMatch*, DPM-Solver / UniPC with ``use_flow_sigmas``) give flow levels ``s``; the plan
+    holds the VE sigma of equal signal-to-noise ratio, ``s / (1 - s)`` (``inf`` at ``s = 1``, pure noise).
     Schedulers that keep ``sigmas`` (Euler, Euler-ancestral, DPM-Solver) give them directly; DDIM/DDPM-style
     schedulers give ``alphas_cumprod`` at each timestep and at DDIM's previous timestep
     (``t - T // N``, ``final_alpha_cumprod`` below 0) after the last one. Between listed timesteps the plan moves
     to the next *listed* level; diffusers' DDIM moves to ``t - T // N`` instead, which is the same level for its
     default "leading" spacing but not for "trailing"/"linspace" spacing when ``T % N != 0`` (there its
-    trajectories and ours differ slightly, by ~1e-3 in alpha_bar).
+    trajectories and ours differ slightly, by ~1e-3 in alpha_bar). ``plan.prediction_type`` says what the
+    network predicts (:func:`scheduler_prediction_type`).
     """
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    custom = any(set_timesteps_kwargs.get(k) is not None for k in ("sigmas", "timesteps"))
+    if not (num_inference_steps is None and custom) and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    prediction_type = scheduler_prediction_type(scheduler)
+    scheduler.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)
     timesteps = scheduler.timesteps.clone()
     sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is not None and len(sigmas) == len(timesteps) + 1:
+    has_sigmas = sigmas is not None and len(sigmas) == len(timesteps) + 1
+    name = type(scheduler).__name__
+    if _is_flow(scheduler):
+        if not has_sigmas:
+            raise ValueError(f"{name} is a flow scheduler but keeps no sigmas (N + 1 flow levels) after "
+                             "set_timesteps; supported: flow schedulers with scheduler.sigmas")
+        s = torch.as_tensor(sigmas, dtype=torch.float64).clone()
+        if bool(((s < 0) | (s > 1)).any()) or bool((s[:-1] <= s[1:]).any()):
+            raise ValueError(f"{name}: flow sigmas must decrease within [0, 1], got {s.tolist()}")
+        ve = torch.where(s == 1, torch.full_like(s, math.inf), s / (1 - s))
+    elif has_sigmas:
         ve = torch.as_tensor(sigmas, dtype=torch.float64).clone()
     else:
         abar = scheduler.alphas_cumprod.to(torch.float64)
         final = getattr(scheduler, "final_alpha_cumprod", abar[0])
         final = torch.as_tensor(final, dtype=torch.float64)
-        ratio = scheduler.config.num_train_timesteps // num_inference_steps
+        ratio = scheduler.config.num_train_timesteps // len(timesteps)
         levels = [abar[int(t)] for t in timesteps]
         prev = int(timesteps[-1]) - ratio
         levels.append(abar[prev] if prev >= 0 else final)
         ab = torch.stack(levels)
         ve = ((1 - ab) / ab).sqrt()
-    return Plan(timesteps=timesteps.to(device) if device is not None else timesteps, sigmas=ve)
+    return Plan(timesteps=timesteps.to(device) if device is not None else timesteps, sigmas=ve,
+                prediction_type=prediction_type)

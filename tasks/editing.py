@@ -5,8 +5,8 @@
     noise = editing.invert(pipe, image, "a handwritten digit seven", guidance.CFGPlusPlus(0.4), steps=50)
     edited = editing.generate(pipe, noise, "a handwritten digit one", guidance.CFGPlusPlus(0.4), steps=50)
 
-With CFG++ one inversion step is the exact inverse of one sampling step when the network's epsilons agree
-(CFG++ Sec. 4.3), so the round trip ``generate(invert(x, p), p)`` reconstructs ``x`` better than with CFG.
+With CFG++ one inversion step is the exact inverse of one sampling step when the network's outputs agree
+(CFG++ Sec. 4.3; epsilons, or velocities for a flow scheduler: the plan carries the parametrisation), so the round trip ``generate(invert(x, p), p)`` reconstructs ``x`` better than with CFG.
 Images are ``(B, C, H, W)`` in [-1, 1].
 """
 
@@ -19,7 +19,8 @@ from torch import Tensor
 
 from diffguide.guidance import Guidance, GuidedDenoiser
 from diffguide.guidance.latent import vae_decoder, vae_encoder
-from diffguide.samplers import diffusers_model_fn, invert_ddim, plan_from_scheduler, sample_ddim
+from diffguide.samplers import (diffusers_model_fn, invert_ddim, plan_from_scheduler, sample_ddim,
+                               scheduler_prediction_type)
 
 
 def _prompts(prompt: str | Sequence[str], batch: int) -> list[str]:
@@ -37,8 +38,7 @@ def text_conditions(pipe: Any, prompts: list[str], negative: str = "") -> tuple[
 
 def _denoiser(pipe: Any, prompt, guide: Guidance, batch: int) -> GuidedDenoiser:
     cond, uncond = text_conditions(pipe, _prompts(prompt, batch))
-    return GuidedDenoiser(diffusers_model_fn(pipe.unet), guide, cond, uncond,
-                          pipe.scheduler.config.get("prediction_type", "epsilon"))
+    return GuidedDenoiser(diffusers_model_fn(pipe.unet), guide, cond, uncond, scheduler_prediction_type(pipe.scheduler))
 
 
 @torch.no_grad()

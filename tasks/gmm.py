@@ -29,6 +29,7 @@ Level = float | Tensor
 
 __all__ = [
     "ClassConditionalGMM",
+    "FlowMatchingGMM",
     "ComponentPosterior",
     "GaussianMixture",
     "GridDensity",
@@ -635,6 +636,14 @@ class ClassConditionalGMM(torch.nn.Module):
     def __init__(self, class_mixtures: Sequence[GaussianMixture], alphas_cumprod: Tensor,
                  class_priors: Tensor | None = None, sample_shape: Sequence[int] | None = None) -> None:
         super().__init__()
+        alphas_cumprod = torch.as_tensor(alphas_cumprod)
+        if alphas_cumprod.ndim != 1 or bool(((alphas_cumprod <= 0) | (alphas_cumprod >= 1)).any()):
+            raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1)")
+        self._register_mixtures(class_mixtures, class_priors, sample_shape, len(alphas_cumprod))
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
+
+    def _register_mixtures(self, class_mixtures: Sequence[GaussianMixture], class_priors: Tensor | None,
+                           sample_shape: Sequence[int] | None, num_train_timesteps: int) -> None:
         if not class_mixtures or not all(isinstance(m, GaussianMixture) for m in class_mixtures):
             raise TypeError("class_mixtures must be a non-empty sequence of GaussianMixture")
         dim = class_mixtures[0].dim
@@ -643,16 +652,12 @@ class ClassConditionalGMM(torch.nn.Module):
         sample_shape = (1, dim, 1) if sample_shape is None else tuple(int(s) for s in sample_shape)
         if len(sample_shape) != 3 or math.prod(sample_shape) != dim:
             raise ValueError(f"sample_shape must be (C, H, W) with C*H*W = {dim}, got {sample_shape}")
-        alphas_cumprod = torch.as_tensor(alphas_cumprod)
-        if alphas_cumprod.ndim != 1 or bool(((alphas_cumprod <= 0) | (alphas_cumprod >= 1)).any()):
-            raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1)")
         dtype = class_mixtures[0].dtype
         priors = torch.ones(len(class_mixtures), dtype=dtype) if class_priors is None else torch.as_tensor(
             class_priors, dtype=dtype)
         if priors.shape != (len(class_mixtures),) or bool((priors <= 0).any()):
             raise ValueError(f"class_priors must be {len(class_mixtures)} positive numbers")
         self.sample_shape = sample_shape
-        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
         self.register_buffer("class_priors", priors / priors.sum())
         self.register_buffer("counts", torch.tensor([m.num_components for m in class_mixtures]))
         self.register_buffer("weights", torch.cat([m.weights.to(dtype) for m in class_mixtures]))
@@ -661,7 +666,7 @@ class ClassConditionalGMM(torch.nn.Module):
         self.config = _Config(
             in_channels=sample_shape[0], out_channels=sample_shape[0], sample_size=tuple(sample_shape[1:]),
             num_class_embeds=len(class_mixtures) + 1, time_cond_proj_dim=None,
-            num_train_timesteps=len(alphas_cumprod), dim=dim)
+            num_train_timesteps=num_train_timesteps, dim=dim)
 
     # -- mixtures -------------------------------------------------------------------------------------
     @property
@@ -778,3 +783,50 @@ class ClassConditionalGMM(torch.nn.Module):
                              f"got {tuple(sample.shape)}")
         eps = self.eps(sample, timestep, class_labels)
         return UNet2DOutput(sample=eps) if return_dict else (eps,)
+
+
+class FlowMatchingGMM(ClassConditionalGMM):
+    """The class-conditional mixtures as a rectified-flow network: exact velocities ``v = E[eps - x0 | x_s]``.
+
+    A drop-in for SD3Transformer2DModel-style transformers: ``forward(hidden_states=x_s, timestep=t, ...)``
+    reads the flow state ``x_s = (1 - s) x0 + s eps`` at ``s = t / num_train_timesteps`` (diffusers'
+    FlowMatch* timesteps ``t = 1000 s``; ``s = 1`` is pure noise) and returns the velocity in ``.sample``.
+    Class labels come as ``class_labels=`` (``None`` or ``null_class_label``: the unconditional mixture); the
+    text-model arguments (``encoder_hidden_states``, ``pooled_projections``, ...) are accepted and ignored.
+    ``v = (x_s - D) / s`` with the exact denoiser ``D = E[x0 | x_s]`` (G4) at ``alpha = 1 - s, sigma = s``.
+    :meth:`denoiser` (inherited) answers x0 at a sampler ``Level``'s exact ``alpha, sigma`` (any scale).
+    """
+
+    def __init__(self, class_mixtures: Sequence[GaussianMixture], num_train_timesteps: int = 1000,
+                 class_priors: Tensor | None = None, sample_shape: Sequence[int] | None = None) -> None:
+        torch.nn.Module.__init__(self)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        self._register_mixtures(class_mixtures, class_priors, sample_shape, num_train_timesteps)
+
+    def noise_level(self, timestep: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma) = (1 - s, s)`` with ``s = timestep / num_train_timesteps`` in [0, 1] (float64)."""
+        s = torch.as_tensor(timestep, device=self.means.device).to(torch.float64) / self.config.num_train_timesteps
+        if not torch.isfinite(s).all() or bool(((s < 0) | (s > 1)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.config.num_train_timesteps}], got {timestep}")
+        return 1 - s, s
+
+    def velocity(self, x_s: Tensor, t: float | Tensor, cond: Tensor | int | None = None) -> Tensor:
+        """Exact ``E[eps - x0 | x_s]`` at network time ``t`` (flow state ``x_s``, ``s > 0``)."""
+        alpha, sigma = self.noise_level(t)
+        if bool((sigma == 0).any()):
+            raise ValueError("the velocity needs s > 0 (timestep > 0)")
+        x0 = self._per_class(x_s, alpha, sigma, cond, "x0")
+        return (x_s - x0) / sigma.to(x_s.dtype).reshape(-1, *[1] * (x_s.ndim - 1))
+
+    def forward(self, hidden_states: Tensor, timestep: float | Tensor, encoder_hidden_states: Tensor | None = None,
+                pooled_projections: Tensor | None = None, class_labels: Tensor | None = None,
+                return_dict: bool = True, **kwargs):
+        """Transformer-style call: ``hidden_states`` (B, C, H, W) flow state -> velocity in ``.sample``."""
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        if hidden_states.ndim != 4 or tuple(hidden_states.shape[1:]) != self.sample_shape:
+            raise ValueError(f"hidden_states must have shape (B, {', '.join(map(str, self.sample_shape))}), "
+                             f"got {tuple(hidden_states.shape)}")
+        v = self.velocity(hidden_states, timestep, class_labels)
+        return Transformer2DModelOutput(sample=v) if return_dict else (v,)

@@ -256,3 +256,80 @@ def test_non_finite_predictions_are_refused_with_the_step():
     level = Level(t=torch.tensor(500), alpha=torch.tensor(0.6), sigma=torch.tensor(0.8), index=3, num_steps=10)
     with pytest.raises(FloatingPointError, match="step 3 of 10"):
         guided(torch.randn(2, 3), level)
+
+
+# ---- CFG++ on DPMSolverMultistepScheduler: every accepted option followed (issue 18) -------------------------
+DPM_OPTIONS = [dict(solver_type=st, lower_order_final=lof, final_sigmas_type=fs, euler_at_final=eaf, use_flow_sigmas=fl)
+               for st in ("midpoint", "heun") for lof in (True, False) for fs in ("zero", "sigma_min")
+               for eaf in (False, True) for fl in (False, True) if not (eaf and lof)] + [dict(solver_order=1)]
+
+
+def _dpm(options, prediction_type):
+    from diffusers import DPMSolverMultistepScheduler
+    sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        prediction_type=prediction_type, **options)
+    sched.set_timesteps(6)
+    return sched
+
+
+@pytest.mark.parametrize("options", DPM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_cfgpp_dpmpp_with_equal_estimates_is_the_scheduler_step(options):
+    """cond == uncond: the CFG++ step must be DPMSolverMultistepScheduler.step, step for step, for each option."""
+    prediction_type = "flow_prediction" if options.get("use_flow_sigmas") else "epsilon"
+    plain, ours = _dpm(options, prediction_type), _dpm(options, prediction_type)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    x_plain, x_ours, state = x.clone(), x.clone(), {}
+    for t in plain.timesteps:
+        pred = torch.randn(x.shape, generator=g)
+        x_plain = plain.step(pred, t, x_plain).prev_sample
+        x_ours = renoise_step(ours, ours.step, pred, pred, t, x_ours, prediction_type, state).prev_sample
+        assert torch.allclose(x_ours, x_plain, atol=2e-5, rtol=1e-5), (t, (x_ours - x_plain).abs().max())
+        x_ours = x_plain.clone()  # compare each step from the same state
+
+
+@pytest.mark.parametrize("options", [dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=3),
+                                     dict(thresholding=True), dict(algorithm_type="dpmsolver")])
+def test_cfgpp_dpmpp_refuses_options_it_does_not_follow(options):
+    from diffusers import DPMSolverMultistepScheduler
+    from diffguide.guidance.scheduler_step import check_scheduler
+    kwargs = dict(options)
+    if kwargs.get("algorithm_type") == "dpmsolver":
+        kwargs["final_sigmas_type"] = "sigma_min"
+    with pytest.raises(ValueError, match="does not follow"):
+        check_scheduler(DPMSolverMultistepScheduler(**kwargs))
+
+
+def test_cfgpp_dpmpp_first_and_second_order_steps_follow_the_formula():
+    """Unequal estimates: step 0 is the DDIM CFG++ step, step 1 adds the midpoint term on D_l - D_u_prev."""
+    sched = _dpm(dict(solver_type="midpoint"), "epsilon")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    state, prev_du = {}, None
+    for i, t in enumerate(sched.timesteps[:2]):
+        eps_c, eps_u = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
+        eps_l = eps_u + 0.6 * (eps_c - eps_u)
+        s, s_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+        a, b = 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
+        a2, b2 = 1 / math.sqrt(1 + s_next**2), s_next / math.sqrt(1 + s_next**2)
+        d_l, d_u = (x - b * eps_l) / a, (x - b * eps_u) / a
+        want = a2 * d_l + b2 * eps_u
+        h = math.log(a2 / b2) - math.log(a / b)
+        if i == 1:
+            h_prev = math.log(a / b) - math.log(a_prev / b_prev)
+            want = want - 0.5 * a2 * math.expm1(-h) * (d_l - prev_du) * h / h_prev
+        x = renoise_step(sched, sched.step, eps_l, eps_u, t, x, "epsilon", state).prev_sample
+        assert torch.allclose(x, want, atol=1e-10), (i, (x - want).abs().max())
+        prev_du, a_prev, b_prev = d_u, a, b
+
+
+def test_cfg_zero_star_computes_s_star_in_float32_for_fp16_latents():
+    """An SDXL-size fp16 latent (std 1.5): ||u||^2 ~ 1.5e5 overflows fp16 (max 65504); s* must still be right (issue 18)."""
+    g = torch.Generator().manual_seed(5)
+    u = 1.5 * torch.randn(2, 4, 128, 128, generator=g, dtype=torch.float64)
+    c = 0.8 * u + 0.3 * torch.randn(u.shape, generator=g, dtype=torch.float64)
+    assert torch.isinf(u.half().flatten(1).pow(2).sum(1)).all()  # the overflow the fix is about
+    ours = guidance.CFGZeroStar(4.0).combine(make_step(c.half(), u.half(), index=3)).denoise
+    want = ref_zero_star(c.half().double(), u.half().double(), 4.0)
+    assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
+    assert torch.allclose(ours.double(), want, atol=4e-3, rtol=2e-3), (ours.double() - want).abs().max()
