@@ -357,8 +357,10 @@ class _Session:
         batch = self.renoise.shape[0]
         if model_output.shape[0] != batch:  # DiT steps on the doubled batch
             raise TypeError("guides that change the renoise term need a pipeline that steps on one batch copy")
-        return renoise_step(self.scheduler, self._orig_step, model_output[:, : self.renoise.shape[1]],
-                            self.renoise, timestep, sample, self.prediction_type, self.step_state, *args, **kwargs)
+        denoise = model_output[:, : self.renoise.shape[1]]
+        renoise = self.renoise.reshape(denoise.shape)  # Z-Image steps on its outputs squeezed of the frame axis
+        return renoise_step(self.scheduler, self._orig_step, denoise, renoise, timestep, sample, self.prediction_type,
+                            self.step_state, *args, **kwargs)
 
     def _step_two_calls(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
         pending, self.pending = self.pending, None
