@@ -11,7 +11,8 @@ The pipeline's family (:mod:`.families`) says how it runs CFG; the control flow 
   prediction replaces the pipeline's own combination where it is handed to ``scheduler.step``. The pipeline's
   code runs unchanged, and whatever it does between the calls and the step is superseded by the guide.
 
-Everything is restored on exit.
+``Step.x`` is the pipeline's own latent (flow scale for flow pipelines; the converters hold for any scale) and
+``step.evaluate(x, cond)`` takes ``x`` in that same scale, at the step's own level. Everything is restored on exit.
 """
 
 from __future__ import annotations

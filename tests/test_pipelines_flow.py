@@ -333,3 +333,24 @@ def test_unsupported_pipelines_and_schedulers_are_refused_up_front():
         with guidance.apply(pipe, guidance.CFG(2.0)):
             pass
     assert "forward" not in pipe.transformer.__dict__ and getattr(pipe, "_diffguide_session", None) is None
+
+
+def test_subclasses_are_served_only_with_their_parents_call():
+    from diffusers import FluxPipeline
+
+    class KeepsCall(FluxPipeline):
+        pass
+
+    class OverridesCall(FluxPipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    parts = tiny_flux().components
+    keeps = KeepsCall(**parts)
+    keeps.set_progress_bar_config(disable=True)
+    native = run(keeps, "flux", true_cfg_scale=4.0)
+    with guidance.apply(keeps, guidance.CFG(4.0)):
+        assert torch.equal(native, run(keeps, "flux"))
+    with pytest.raises(TypeError, match="got OverridesCall, which overrides the __call__ of FluxPipeline"):
+        with guidance.apply(OverridesCall(**parts), guidance.CFG(4.0)):
+            pass
