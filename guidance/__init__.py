@@ -19,6 +19,7 @@ from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
 from .mcg import MCG
+from .norm_rescale import NormRescale
 from .p2l import P2L
 from .psld import PSLD
 from .rectified_cfgpp import RectifiedCFGPlusPlus
@@ -33,7 +34,7 @@ __all__ = [
     "RectifiedCFGPlusPlus",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "equivalent_cfg_scales", "parse_guide_spec",
-    "DPS", "EnKG", "MCG", "P2L", "PSLD",
+    "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
     "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
     "DiffguideGuider", "as_diffusers_guider",
 ]

@@ -1,13 +1,23 @@
-"""``apply(pipe, guide)``: make a classic diffusers pipeline run any guide, without copying its ``__call__``.
+"""``apply(pipe, guide)``: make a diffusers pipeline run any guide, without copying its ``__call__``.
 
-The pipeline computes CFG inline as ``u + w (c - u)`` on a batched ``[uncond; cond]`` network call. We
-replace the network's ``forward`` on the instance: it evaluates only the rows the guide asks for, lets the
-guide combine, and returns ``[g; g]``; the pipeline's ``g + w (g - g)`` is then ``g`` exactly. For guides
-that renoise differently (CFG++), ``scheduler.step`` is wrapped too. Everything is restored on exit.
+The pipeline's family (:mod:`.families`) says how it runs CFG; the control flow is written once per layout:
+
+* batched (``[uncond; cond]``, ``[cond; uncond]``): the network's ``forward`` is replaced on the instance. It
+  evaluates only the rows the guide asks for, lets the guide combine, and returns ``[g; g]``; the pipeline's
+  ``g + w (g - g)`` is then ``g`` exactly. ``scheduler.step`` is wrapped only for guides that renoise
+  differently (CFG++).
+* two calls per step (cond, then uncond: Flux, Qwen-Image, Wan, CogView4, Lumina 2): the forward records each
+  branch as it passes (and skips the unconditional call when the guide does not need it); the guided
+  prediction replaces the pipeline's own combination where it is handed to ``scheduler.step``. The pipeline's
+  code runs unchanged, and whatever it does between the calls and the step is superseded by the guide.
+
+``Step.x`` is the pipeline's own latent (flow scale for flow pipelines; the converters hold for any scale) and
+``step.evaluate(x, cond)`` takes ``x`` in that same scale, at the step's own level. Everything is restored on exit.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from contextlib import contextmanager
@@ -21,9 +31,8 @@ from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
+from .families import Family, family_of
 from .scheduler_step import check_scheduler, renoise_step
-
-SUPPORTED = "StableDiffusionPipeline, StableDiffusionXLPipeline, DiTPipeline, tasks.pipelines.ClassConditionalPipeline"
 
 
 @dataclass
@@ -34,57 +43,94 @@ class HookStats:
     rows: int = 0
     rows_per_step: list[int] = field(default_factory=list)
     uncond_rows_per_sample: Tensor | None = None   # (B,) unconditional rows each sample took (adaptive guides)
+    cond_only_steps: int = 0  # steps the pipeline itself ran without CFG (a callback turned it off)
 
 
-def _network(pipe) -> tuple[str, torch.nn.Module, bool]:
-    """(attribute name, module, uncond_first) of the pipeline's denoising network.
-
-    Only pipelines that batch CFG are accepted; their ``__call__`` takes ``guidance_scale``. Others (e.g. the
-    unconditional ``DDPMPipeline``) would have independent samples taken for ``[uncond; cond]`` halves.
-    """
-    name = type(pipe).__name__
-    call = getattr(type(pipe), "__call__", None)
-    if not callable(call) or "guidance_scale" not in inspect.signature(call).parameters:
-        raise TypeError(f"apply() supports pipelines that batch classifier-free guidance, whose __call__ takes "
-                        f"guidance_scale ({SUPPORTED}); got {name}, which does not")
-    if name == "DiTPipeline":
-        return "transformer", pipe.transformer, False
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(pipe, "scheduler"):
-        raise TypeError(f"apply() supports pipelines with a CFG-batched unet ({SUPPORTED}); got {name}")
-    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
-        raise TypeError(f"{name} has a guidance-distilled unet (time_cond_proj_dim set): it never runs CFG batches")
-    return "unet", unet, True
+def is_flow_scheduler(scheduler) -> bool:
+    """Rectified-flow schedules: FlowMatch* schedulers, or DPM/UniPC with flow sigmas / ``flow_prediction``."""
+    cfg = scheduler.config
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas", False))
+            or cfg.get("prediction_type") == "flow_prediction")
 
 
-def _rows(value: Any, rows: Tensor, full: int) -> Any:
-    """Select batch rows of every tensor (in nested dicts/lists) whose first dim is the CFG batch."""
+def _rows(value: Any, rows: Tensor, full: int, lists: bool = False) -> Any:
+    """Select batch rows of every tensor (in nested dicts/lists) whose first dim is the CFG batch; with ``lists``,
+    also the items of lists of ``full`` per-sample entries (Z-Image's list batches)."""
     if isinstance(value, Tensor):
         return value[rows] if value.ndim > 0 and value.shape[0] == full else value
     if isinstance(value, dict):
-        return {k: _rows(v, rows, full) for k, v in value.items()}
+        return {k: _rows(v, rows, full, lists) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_rows(v, rows, full) for v in value)
+        if lists and len(value) == full:
+            return type(value)(value[i] for i in rows.tolist())
+        return type(value)(_rows(v, rows, full, lists) for v in value)
     return value
+
+
+def _tensor(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def _with_tensor(out: Any, tensor: Tensor) -> Any:
+    """The network output ``out`` with its prediction replaced (tuple or output object alike)."""
+    if isinstance(out, tuple):
+        return (tensor,) + tuple(out[1:])
+    out = copy.copy(out)
+    out.sample = tensor
+    return out
+
+
+class _Network:
+    """One hooked network: its original forward, the signature it binds calls to, and a counted call."""
+
+    def __init__(self, module: torch.nn.Module, session: "_Session") -> None:
+        self.module, self.session = module, session
+        self.orig_forward = module.forward
+        # a torch.compile'd module's forward takes (*args, **kwargs): bind to the wrapped module's own signature
+        self.signature = inspect.signature(getattr(module, "_orig_mod", module).forward)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return dict(self.signature.bind(*args, **kwargs).arguments)
+
+    def run(self, arguments: dict[str, Any], rows: int) -> Any:
+        call = inspect.BoundArguments(self.signature, arguments)
+        self.session.step_rows += rows
+        self.session.stats.calls += 1
+        return self.orig_forward(*call.args, **call.kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.session.forward(self, args, kwargs)
 
 
 class _Session:
     def __init__(self, pipe, guide: Guidance) -> None:
         self.pipe, self.guide = pipe, guide
-        self.attr, self.net, self.uncond_first = _network(pipe)
+        self.family: Family = family_of(pipe)
         self.scheduler = pipe.scheduler
-        self.prediction_type = check_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
-        if self.prediction_type == "flow_prediction":
-            raise ValueError(f"apply() does not read flow-matching schedulers yet ({type(self.scheduler).__name__} "
-                             "with prediction_type='flow_prediction'); supported prediction_type: epsilon, "
-                             "v_prediction, sample")
+        self.flow = is_flow_scheduler(self.scheduler)
+        name, sched = type(pipe).__name__, type(self.scheduler).__name__
+        if self.flow != (self.family.scheduler == "flow"):
+            kind = "a rectified-flow" if self.flow else "a diffusion (epsilon / v / sample)"
+            raise ValueError(f"{name} runs a {self.family.scheduler} network; its scheduler {sched} is {kind} "
+                             "scheduler, which apply() would misread")
+        if self.flow:
+            self.prediction_type = "flow_prediction"
+        else:
+            self.prediction_type = check_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
+        if not self.flow and not hasattr(self.scheduler, "alphas_cumprod"):
+            raise ValueError(f"apply() reads noise levels from alphas_cumprod or flow sigmas; {sched} has neither")
         self.stats = HookStats()
+        self.step_rows = 0  # network rows of the current step, extra passes (step.evaluate) included
+        self._saved: list[tuple[Any, str, bool, Any]] = []
+        self._reset_run()
+
+    def _reset_run(self) -> None:
         self.index = 0
+        self.full: int | None = None        # the CFG batch of the first batched call
+        self.pending: dict[str, Any] | None = None  # two-call layout: the branches of the current step
         self.renoise: Tensor | None = None
         self.last_step: Step | None = None
         self.step_state: dict = {}
-        self.step_rows = 0  # network rows of the current step, extra passes (step.evaluate) included
-        self._saved: list[tuple[Any, str, bool, Any]] = []
 
     # -- installation -------------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, value: Any) -> None:
@@ -93,10 +139,11 @@ class _Session:
         setattr(obj, name, value)
 
     def install(self) -> None:
-        self._orig_forward = self.net.forward
-        self._forward_signature = inspect.signature(self._orig_forward)
-        self._patch(self.net, "forward", self.forward)
-        if self.guide.changes_renoise:
+        for attr in self.family.networks:
+            module = getattr(self.pipe, attr, None)
+            if module is not None:
+                self._patch(module, "forward", _Network(module, self).forward)
+        if self.guide.changes_renoise or self.family.layout == "two_calls":
             self._orig_step = self.scheduler.step
             # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
             self._patch(self.scheduler, "step", functools.wraps(self._orig_step)(
@@ -104,7 +151,7 @@ class _Session:
         base = type(self.pipe)
         session = self
 
-        class Guided(base):  # a per-session subclass: forces CFG batching, resets the guide per call
+        class Guided(base):  # a per-session subclass: forces CFG on, resets the guide per call
             def __call__(self, *args, **kwargs):
                 return session.call(super().__call__, *args, **kwargs)
 
@@ -123,58 +170,110 @@ class _Session:
 
     # -- the pipeline call --------------------------------------------------------------------------
     def call(self, super_call, *args, **kwargs):
+        family, name = self.family, self._orig_class.__name__
         sig = inspect.signature(self._orig_class.__call__)
         bound = sig.bind_partial(self.pipe, *args, **kwargs)
         params = bound.arguments
-        if float(params.get("guidance_rescale", 0.0) or 0.0) != 0.0:
-            raise ValueError("guidance_rescale must be 0 under guidance.apply; use guidance.CFGRescale instead")
-        scale = params.get("guidance_scale", sig.parameters["guidance_scale"].default)
-        if scale is None or float(scale) <= 1.0:
-            params["guidance_scale"] = 2.0  # any value > 1 makes the pipeline batch [uncond; cond]
+
+        def given(arg: str) -> Any:
+            return params.get(arg, sig.parameters[arg].default if arg in sig.parameters else None)
+
+        for arg, (neutral, hint) in family.neutral.items():
+            value = given(arg)
+            if value != neutral and not (neutral == 0.0 and value is None):
+                raise ValueError(f"{arg} must be {neutral!r} under guidance.apply ({hint}); got {value!r}")
+        scale = given(family.scale_arg)
+        if scale is None or float(scale) <= family.cfg_threshold:
+            params[family.scale_arg] = family.cfg_threshold + 1.0  # any value that makes the pipeline run CFG
+        if family.negative and all(given(arg) is None for arg in family.negative):
+            if getattr(self.pipe, "tokenizer", None) is None:
+                raise ValueError(f"{name} runs CFG only with a negative prompt; pass {family.negative[1]} (and its "
+                                 "pooled/mask companions): the pipeline has no tokenizer to encode an empty one")
+            params["negative_prompt"] = ""  # the empty prompt: what the unconditional branch means elsewhere
         self.guide.reset()
-        self.index = 0
-        self.renoise = None
-        self.step_state.clear()
+        self._reset_run()
         # bound.args/kwargs re-expand **kwargs (e.g. SD's legacy callback=), so every argument arrives unchanged
         return super_call(*bound.args[1:], **bound.kwargs)
 
-    # -- the network ----------------------------------------------------------------------------------
-    def _level(self, t: Tensor, device, dtype) -> Level:
+    # -- the scheduler side: noise level of the current step ----------------------------------------------
+    def _level(self, t: Any, device, dtype) -> Level:
         sched = self.scheduler
         num_steps = len(sched.timesteps)
+        index = min(self.index, num_steps)
         sigmas = getattr(sched, "sigmas", None)
-        if sigmas is not None and len(sigmas) == num_steps + 1:
-            ve = torch.as_tensor(sigmas[min(self.index, num_steps)], dtype=torch.float64)
-            alpha_bar = 1 / (1 + ve**2)
+        if self.flow:  # x_s = (1 - s) x0 + s eps, read from the scheduler's own flow sigmas
+            s = torch.as_tensor(sigmas[index], dtype=torch.float64)
+            alpha, sigma = 1 - s, s
         else:
-            t_int = int(t.flatten()[0].item()) if isinstance(t, Tensor) else int(t)
-            alpha_bar = sched.alphas_cumprod[t_int].to(torch.float64)
+            if sigmas is not None and len(sigmas) == num_steps + 1:
+                ve = torch.as_tensor(sigmas[index], dtype=torch.float64)
+                alpha_bar = 1 / (1 + ve**2)
+            else:
+                t_int = int(t.flatten()[0].item()) if isinstance(t, Tensor) else int(t)
+                alpha_bar = sched.alphas_cumprod[t_int].to(torch.float64)
+            alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         t_scalar = t.flatten()[0] if isinstance(t, Tensor) else torch.tensor(t)
-        return Level(t=t_scalar, alpha=alpha_bar.sqrt().to(device, dtype), sigma=(1 - alpha_bar).sqrt().to(device, dtype),
-                     index=self.index, num_steps=num_steps)
+        return Level(t=t_scalar, alpha=alpha.to(device, dtype), sigma=sigma.to(device, dtype), index=index,
+                     num_steps=num_steps)
 
-    def forward(self, sample: Tensor, timestep: Any, *args, **kwargs):
-        full = sample.shape[0]
-        if full % 2:
-            raise ValueError("guidance.apply expects the pipeline's CFG batch [uncond; cond]; got an odd batch")
-        batch = full // 2
-        cond_rows = torch.arange(batch, full) if self.uncond_first else torch.arange(batch)
-        uncond_rows = torch.arange(batch) if self.uncond_first else torch.arange(batch, full)
-        x = sample[cond_rows]
-        level = self._level(timestep, sample.device, sample.dtype)
+    def _mask(self, level: Level, batch: int) -> Tensor:
         mask = self.guide.needs_uncond(level, batch).to(torch.bool).cpu()
         counts = self.stats.uncond_rows_per_sample
         self.stats.uncond_rows_per_sample = mask.long() if counts is None or len(counts) != batch else counts + mask
+        return mask
+
+    def _end_step(self) -> None:
+        self.stats.rows += self.step_rows
+        self.stats.rows_per_step.append(self.step_rows)
+        self.step_rows = 0
+        self.index += 1
+
+    # -- the network side -----------------------------------------------------------------------------
+    def forward(self, net: _Network, args: tuple, kwargs: dict):
+        if self.family.layout == "two_calls":
+            return self._forward_two_calls(net, args, kwargs)
+        return self._forward_batched(net, args, kwargs)
+
+    def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
+        family = self.family
+        as_list = family.layout == "list_cu"  # per-sample tensors in a list (Z-Image): the list is the batch
+        arguments = net.bind(args, kwargs)
+        sample, timestep = arguments[family.latent], arguments.get(family.timestep)
+        full = len(sample) if as_list else sample.shape[0]
+        sample = torch.stack(list(sample)) if as_list else sample
+        if self.full is None:
+            if full % 2:
+                raise ValueError(f"guidance.apply expects {type(self.pipe).__name__}'s CFG batch; got an odd batch")
+            self.full = full
+        if full != self.full:  # the pipeline stopped batching CFG (a callback such as SDCFGCutoffCallback)
+            if 2 * full != self.full:
+                raise ValueError(f"{type(self.pipe).__name__} changed its batch from {self.full} to {full} rows "
+                                 "mid-run; apply() follows a callback that turns CFG off, nothing else")
+            self.stats.cond_only_steps += 1
+            self.renoise = None
+            out = net.run(arguments, full)
+            self._end_step()
+            return out
+        batch = full // 2
+        uncond_first = family.layout == "uc"
+        cond_rows = torch.arange(batch, full) if uncond_first else torch.arange(batch)
+        uncond_rows = torch.arange(batch) if uncond_first else torch.arange(batch, full)
+        level = self._level(timestep, sample.device, sample.dtype)
+        mask = self._mask(level, batch)
         picked = uncond_rows[mask]
         n_u = len(picked)
-        if n_u == batch and self.uncond_first:  # the pipeline's own batch: pass it through untouched
+        if n_u == batch and uncond_first:  # the pipeline's own batch: pass it through untouched
             rows = torch.arange(full)
-            out = self._orig_forward(sample, timestep, *args, **kwargs)
+            out = net.run(arguments, full)
         else:
             rows = torch.cat([picked, cond_rows]).to(sample.device)
-            out = self._orig_forward(sample[rows], _rows(timestep, rows, full), *_rows(list(args), rows, full),
-                                     **_rows(kwargs, rows, full))
-        tensor = out[0] if isinstance(out, tuple) else out.sample
+            selected = {k: v if k in family.unbatched else _rows(v, rows, full, as_list)
+                        for k, v in arguments.items()}
+            out = net.run(selected, len(rows))
+        tensor = torch.stack(list(_tensor(out))) if as_list else _tensor(out)
+        if family.float32:
+            tensor = tensor.float()
+        tensor = -tensor if family.output_sign < 0 else tensor  # guides see the velocity the scheduler steps on
         channels = sample.shape[1]
         pred_all = tensor[:, :channels]
         pred_cond = pred_all[n_u:]
@@ -183,71 +282,128 @@ class _Session:
         else:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
-        cond, evaluate = self._cond_branch(sample, timestep, args, kwargs, cond_rows, full)
+        x = sample[cond_rows.to(sample.device)]
+        cond, evaluate = (None, None) if as_list else self._cond_branch(net, arguments, cond_rows.to(sample.device),
+                                                                        full)
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
-        self.step_rows = len(rows)
-        self.stats.calls += 1
         guided = guided_checked(self.guide, step)
         self.last_step, self.renoise = step, guided.renoise
+        denoise = -guided.denoise if family.output_sign < 0 else guided.denoise
         extra = tensor[n_u:, channels:]
-        half = torch.cat([guided.denoise, extra], dim=1) if extra.shape[1] else guided.denoise
-        new = torch.cat([half, half])
-        self.stats.rows += self.step_rows
-        self.stats.rows_per_step.append(self.step_rows)
-        self.index += 1
-        if isinstance(out, tuple):
-            return (new,) + tuple(out[1:])
-        out.sample = new
+        half = torch.cat([denoise, extra], dim=1) if extra.shape[1] else denoise
+        new = torch.cat([half, half])  # the pipeline's combination of [g; g] is g exactly
+        self._end_step()
+        return _with_tensor(out, list(new.unbind(0)) if as_list else new)
+
+    def _forward_two_calls(self, net: _Network, args: tuple, kwargs: dict):
+        arguments = net.bind(args, kwargs)
+        sample = arguments[self.family.latent]
+        pending = self.pending
+        if pending is None:  # the conditional call opens the step
+            level = self._level(arguments.get(self.family.timestep), sample.device, sample.dtype)
+            out = net.run(arguments, sample.shape[0])
+            self.pending = dict(net=net, arguments=arguments, level=level, cond=out,
+                                mask=self._mask(level, sample.shape[0]))
+            return out
+        if "uncond" in pending:
+            raise RuntimeError(f"{type(self.pipe).__name__} called its network a third time in one step; apply() "
+                               "knows two calls per step (cond, uncond)")
+        mask, full = pending["mask"], sample.shape[0]
+        if not bool(mask.any()):  # the guide does not need it: the call is skipped, not evaluated
+            pending["uncond"] = None
+            return pending["cond"]
+        if bool(mask.all()):
+            pending["uncond"] = out = net.run(arguments, full)
+            return out
+        rows = torch.nonzero(mask).flatten().to(sample.device)  # only the rows the guide asks for
+        selected = {k: v if k in self.family.unbatched else _rows(v, rows, full) for k, v in arguments.items()}
+        part = _tensor(net.run(selected, len(rows)))
+        merged = _tensor(pending["cond"]).clone()  # unevaluated rows carry the conditional prediction
+        merged[rows] = part
+        pending["uncond"] = out = _with_tensor(pending["cond"], merged)
         return out
 
-    def _cond_branch(self, sample: Tensor, timestep: Any, args: tuple, kwargs: dict, cond_rows: Tensor, full: int):
-        """``step.cond`` (the conditional half's class labels or text embeddings, as ``diffusers_model_fn`` takes
+    def _cond_branch(self, net: _Network, arguments: dict, rows: Tensor, full: int | None):
+        """``step.cond`` (the conditional rows' class labels or text embeddings, as ``diffusers_model_fn`` takes
         them) and ``step.evaluate(x, cond)``: one more counted network pass on the conditional rows' inputs,
         with ``x`` and the condition replaced (e.g. GFCG's reference class)."""
-        signature = self._forward_signature
-        arguments = signature.bind(sample, timestep, *args, **kwargs).arguments
-        rows = cond_rows.to(sample.device)
-        sample_name = next(iter(arguments))
+        select = (lambda v: v) if full is None else (lambda v: _rows(v, rows, full))
+        latent = self.family.latent
         key = "class_labels" if arguments.get("class_labels") is not None else "encoder_hidden_states"
-        cond = _rows(arguments.get(key), rows, full)
+        cond = select(arguments.get(key))
         if arguments.get("added_cond_kwargs") is not None:
-            cond = {key: cond, "added_cond_kwargs": _rows(arguments["added_cond_kwargs"], rows, full)}
-        shape = (len(cond_rows), *sample.shape[1:])
+            cond = {key: cond, "added_cond_kwargs": select(arguments["added_cond_kwargs"])}
+        shape = (len(rows), *arguments[latent].shape[1:])
 
         def evaluate(x: Tensor, new_cond: Any) -> Tensor:
             if tuple(x.shape) != shape:
                 raise ValueError(f"step.evaluate takes x of the step's shape {shape}, got {tuple(x.shape)}")
             replace = new_cond if isinstance(new_cond, dict) else {key: new_cond}
-            unknown = set(replace) - set(signature.parameters)
+            unknown = set(replace) - set(net.signature.parameters)
             if unknown:
-                raise ValueError(f"{type(self.net).__name__}.forward takes no {sorted(unknown)}")
-            selected = {name: _rows(value, rows, full) for name, value in arguments.items()}
-            call = inspect.BoundArguments(signature, dict(selected, **replace, **{sample_name: x}))
-            out = self._orig_forward(*call.args, **call.kwargs)
-            self.step_rows += x.shape[0]
-            self.stats.calls += 1
-            return (out[0] if isinstance(out, tuple) else out.sample)[:, : x.shape[1]]
+                raise ValueError(f"{type(net.module).__name__}.forward takes no {sorted(unknown)}")
+            selected = {name: select(value) for name, value in arguments.items()}
+            out = net.run(dict(selected, **replace, **{latent: x}), x.shape[0])
+            return _tensor(out)[:, : x.shape[1]]
 
         return cond, evaluate
 
-    # -- the scheduler (guides that renoise differently) --------------------------------------------------
+    # -- the scheduler side: the prediction the pipeline steps with ---------------------------------------
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
+        if self.family.layout == "two_calls":
+            return self._step_two_calls(model_output, timestep, sample, *args, **kwargs)
         if self.renoise is None or self.last_step is None:
             return self._orig_step(model_output, timestep, sample, *args, **kwargs)
         batch = self.renoise.shape[0]
         if model_output.shape[0] != batch:  # DiT steps on the doubled batch
             raise TypeError("guides that change the renoise term need a pipeline that steps on one batch copy")
-        return renoise_step(self.scheduler, self._orig_step, model_output[:, : self.renoise.shape[1]],
-                            self.renoise, timestep, sample, self.prediction_type, self.step_state, *args, **kwargs)
+        denoise = model_output[:, : self.renoise.shape[1]]
+        renoise = self.renoise.reshape(denoise.shape)  # Z-Image steps on its outputs squeezed of the frame axis
+        return renoise_step(self.scheduler, self._orig_step, denoise, renoise, timestep, sample, self.prediction_type,
+                            self.step_state, *args, **kwargs)
+
+    def _step_two_calls(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise RuntimeError(f"{type(self.pipe).__name__} stepped its scheduler without a network call")
+        mask = pending["mask"]
+        if "uncond" not in pending:  # the pipeline ran no unconditional branch this step
+            if bool(mask.any()) and self.index == 0:
+                raise ValueError(f"{type(self.pipe).__name__} evaluated no unconditional branch: pass a negative "
+                                 f"prompt ({', '.join(self.family.negative) or 'negative_prompt_embeds'})")
+            self.stats.cond_only_steps += 1  # a callback turned CFG off mid-run: continue conditional-only
+            self._end_step()
+            return self._orig_step(model_output, timestep, sample, *args, **kwargs)
+        sign = self.family.output_sign
+        pred_cond = _tensor(pending["cond"])
+        pred_cond = -pred_cond if sign < 0 else pred_cond
+        if pending["uncond"] is None:
+            pred_uncond = pred_cond.clone()
+        else:
+            pred_uncond = _tensor(pending["uncond"])
+            pred_uncond = -pred_uncond if sign < 0 else pred_uncond
+        level = pending["level"]
+        rows = torch.arange(pred_cond.shape[0], device=sample.device)
+        cond, evaluate = self._cond_branch(pending["net"], pending["arguments"], rows, None)
+        step = Step(sample, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
+                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
+        guided = guided_checked(self.guide, step)
+        self.last_step = step
+        self._end_step()
+        if self.guide.changes_renoise:
+            return renoise_step(self.scheduler, self._orig_step, guided.denoise, guided.renoise, timestep, sample,
+                                self.prediction_type, self.step_state, *args, **kwargs)
+        return self._orig_step(guided.denoise, timestep, sample, *args, **kwargs)
 
 
 @contextmanager
 def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
     """Context manager: inside it, ``pipe(...)`` runs ``guide`` instead of its own CFG.
 
-    Whatever ``guidance_scale`` the caller passes (or none), the pipeline runs CFG-batched and the guide's
-    own parameters rule. Yields :class:`HookStats` (network calls and rows). Restores the pipeline on exit.
+    Whatever CFG scale the caller passes (or none), the pipeline runs CFG and the guide's own parameters rule.
+    Yields :class:`HookStats` (network calls and rows). Restores the pipeline on exit. Supported pipelines and
+    how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`.
     """
     if not isinstance(guide, Guidance):
         raise TypeError(f"guide must be a guidance.Guidance, got {type(guide).__name__}")
@@ -255,7 +411,7 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
         raise ValueError("this pipeline is already inside guidance.apply; nested apply is not supported")
     session = _Session(pipe, guide)
     if guide.changes_renoise:
-        if not session.uncond_first:
+        if session.family.layout == "cu":
             raise TypeError(f"{type(guide).__name__} changes the renoise term; {type(pipe).__name__} steps its "
                             "scheduler on the doubled CFG batch, which apply() cannot split")
         check_scheduler(session.scheduler)

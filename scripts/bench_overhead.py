@@ -1,8 +1,10 @@
-"""Overhead of ``guidance.apply`` on a StableDiffusionPipeline: wall-time and network-row ratios vs native CFG.
+"""Overhead of ``guidance.apply``: wall-time and network-row ratios vs each pipeline's native CFG.
 
-Runs native CFG and the hooked guides interleaved (round-robin, same seeds) on an offline pipeline with random
-weights, and reports median time ratios and the rows the UNet really evaluates (counted at its ``conv_in``).
-Writes the ``overhead`` section of BENCHMARKS.md.
+For a StableDiffusionPipeline (batched ``[uncond; cond]`` UNet), a StableDiffusion3Pipeline (batched transformer,
+flow matching) and a FluxPipeline (true CFG: two transformer calls per step), runs native CFG and the hooked
+guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports paired time
+ratios and the rows the network really evaluates (counted at its first layer). Writes the ``overhead`` section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (DDIMScheduler, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from diffguide import guidance  # noqa: E402
 from diffguide.scripts._bench_md import write_section  # noqa: E402
-from tiny_pipes import tiny_sd  # noqa: E402
+from tiny_pipes import embeds, tiny_flux, tiny_sd, tiny_sd3  # noqa: E402
 
 
 def bench_pipe() -> StableDiffusionPipeline:
@@ -36,6 +40,89 @@ def bench_pipe() -> StableDiffusionPipeline:
     return pipe
 
 
+def bench_sd3():
+    pipe = tiny_sd3()
+    torch.manual_seed(0)
+    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=4,
+                                             attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128,
+                                             joint_attention_dim=16, pooled_projection_dim=16, out_channels=4).eval()
+    return pipe
+
+
+def bench_flux():
+    pipe = tiny_flux()
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4,
+                                              attention_head_dim=32, num_attention_heads=4, joint_attention_dim=16,
+                                              pooled_projection_dim=16, axes_dims_rope=[8, 12, 12]).eval()
+    return pipe
+
+
+def _batch(kw: dict, batch: int) -> dict:
+    return {k: v.repeat(batch, *[1] * (v.ndim - 1)) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def setups(batch: int) -> list[tuple[str, Callable, str, dict, dict, dict[str, guidance.Guidance]]]:
+    """(pipeline, builder, first layer, call arguments, native CFG arguments, guides)."""
+    sd_kw = dict(prompt=["a handwritten digit"] * batch, height=64, width=64)
+    sd_guides = {"CFG(7.5)": guidance.CFG(7.5), "APG(7.5)": guidance.APG(7.5, norm_threshold=5.0),
+                 "CFG++(0.6)": guidance.CFGPlusPlus(0.6)}
+    flow_kw = {name: dict(_batch(embeds(name, 1), batch), height=32, width=32) for name in ("sd3", "flux")}
+    return [
+        ("StableDiffusionPipeline (UNet (64, 128), 32x32 latents, DDIM)", bench_pipe, "conv_in", sd_kw,
+         dict(guidance_scale=7.5), sd_guides),
+        ("StableDiffusion3Pipeline (4 joint blocks, width 128, 16x16 tokens, FlowMatchEuler)", bench_sd3,
+         "pos_embed", flow_kw["sd3"], dict(guidance_scale=7.5),
+         {"CFG(7.5)": guidance.CFG(7.5), "APG(7.5)": guidance.APG(7.5, norm_threshold=5.0)}),
+        ("FluxPipeline true CFG (2 + 4 blocks, width 128, 16x16 tokens, FlowMatchEuler)", bench_flux, "x_embedder",
+         flow_kw["flux"], dict(true_cfg_scale=4.0),
+         {"CFG(4)": guidance.CFG(4.0), "CFGZeroStar(4)": guidance.CFGZeroStar(4.0, zero_init_steps=1)}),
+    ]
+
+
+def measure(make, layer: str, kw: dict, native_kw: dict, guides: dict, steps: int, repeats: int):
+    pipe = make()
+    net = pipe.unet if layer == "conv_in" else pipe.transformer
+    net_rows: list[int] = []
+    # count at the first layer every pass goes through: a hook on the network itself sees only the pipeline's
+    # input, since the hooked forward calls the original forward directly
+    getattr(net, layer).register_forward_pre_hook(lambda m, a: net_rows.append(a[0].shape[0]))
+    kw = dict(kw, num_inference_steps=steps, output_type="latent")
+    times: dict[str, list[float]] = {name: [] for name in ["native", *guides]}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
+    rows: dict[str, int] = {}
+
+    def run(name: str) -> None:
+        net_rows.clear()
+        gen = torch.Generator().manual_seed(0)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        if name == "native":
+            pipe(generator=gen, **native_kw, **kw)
+        else:
+            with guidance.apply(pipe, guides[name]):
+                pipe(generator=gen, **kw)
+        times[name].append(time.perf_counter() - start)
+        cpu[name].append(time.process_time() - start_cpu)
+        rows[name] = sum(net_rows)
+
+    for name in times:  # warm-up
+        run(name)
+        times[name].clear()
+        cpu[name].clear()
+    names = list(times)
+    for r in range(repeats):  # rotate the order each round so no run always follows another
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            run(name)
+    native_name = "native CFG (" + ", ".join(f"{k}={v:g}" for k, v in native_kw.items()) + ")"
+
+    def paired(series: dict[str, list[float]], name: str) -> float:
+        """Median over rounds of the run's time / the native time of the same round (drift cancels)."""
+        return statistics.median(a / b for a, b in zip(series[name], series["native"]))
+
+    return [(native_name if name == "native" else name, paired(times, name), paired(cpu, name), rows[name],
+             rows[name] / rows["native"]) for name in times]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
@@ -43,46 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
-    pipe = bench_pipe()
-    net_rows: list[int] = []
-    # count at conv_in, which every UNet pass goes through: a hook on the UNet itself sees only the pipeline's
-    # [uncond; cond] input, since the hooked forward calls the original forward directly
-    pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: net_rows.append(a[0].shape[0]))
-    kw = dict(prompt=["a handwritten digit"] * args.batch, height=64, width=64, num_inference_steps=args.steps,
-              output_type="latent")
-    guides = {"CFG(7.5)": guidance.CFG(7.5), "APG(7.5)": guidance.APG(7.5, norm_threshold=5.0),
-              "CFG++(0.6)": guidance.CFGPlusPlus(0.6)}
-    times: dict[str, list[float]] = {name: [] for name in ["native", *guides]}
-    rows: dict[str, int] = {}
-
-    def run(name: str) -> None:
-        net_rows.clear()
-        gen = torch.Generator().manual_seed(0)
-        start = time.perf_counter()
-        if name == "native":
-            pipe(guidance_scale=7.5, generator=gen, **kw)
-        else:
-            with guidance.apply(pipe, guides[name]):
-                pipe(generator=gen, **kw)
-        times[name].append(time.perf_counter() - start)
-        rows[name] = sum(net_rows)
-
-    for name in times:  # warm-up
-        run(name)
-        times[name].clear()
-    names = list(times)
-    for r in range(args.repeats):  # rotate the order each round so no run always follows another
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            run(name)
-    base = statistics.median(times["native"])
-    lines = ["Written by `scripts/bench_overhead.py`: offline StableDiffusionPipeline (random weights, UNet "
-             f"(64, 128) channels, 32x32 latents), batch {args.batch}, {args.steps} DDIM steps, median of "
-             f"{args.repeats} interleaved runs.", "",
-             "| run | wall-time ratio vs native CFG | UNet rows | rows ratio |", "|---|---|---|---|"]
-    for name in times:
-        ratio = statistics.median(times[name]) / base
-        lines.append(f"| {name if name != 'native' else 'native CFG (guidance_scale=7.5)'} | {ratio:.3f} | "
-                     f"{rows[name]} | {rows[name] / rows['native']:.2f} |")
+    torch.set_num_threads(1)
+    lines = ["Written by `scripts/bench_overhead.py`: offline pipelines with random weights, batch "
+             f"{args.batch}, {args.steps} steps, one torch thread, {args.repeats} interleaved rounds (native and "
+             "hooked side by side in one process, order rotated each round); a ratio is the median over rounds "
+             "of the run's time over the native time of the same round. Rows are counted at the "
+             "network's first layer, so skipped rows and calls show. The machine is shared: the process CPU-time "
+             "ratio is the less noisy of the two.", "",
+             "| pipeline | run | wall-time ratio vs native CFG | CPU-time ratio | network rows | rows ratio |",
+             "|---|---|---|---|---|---|"]
+    for title, make, layer, kw, native_kw, guides in setups(args.batch):
+        for name, ratio, cpu_ratio, rows, rows_ratio in measure(make, layer, kw, native_kw, guides, args.steps,
+                                                                 args.repeats):
+            lines.append(f"| {title} | {name} | {ratio:.3f} | {cpu_ratio:.3f} | {rows} | {rows_ratio:.2f} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -1,0 +1,128 @@
+"""Which guide runs on which diffusers pipeline under ``guidance.apply``: a generated support matrix.
+
+Every cell is measured on a tiny random-weight pipeline (``tests/tiny_pipes.py``, 2 steps, batch 1):
+``exact`` — the pipeline's native CFG is reproduced bit for bit (``~exact`` — to float32 rounding, where the
+pipeline's own expression differs from CFG's); ``runs`` — the guided call finishes with finite latents of the
+native shape; ``refused`` — apply raises up front, with its reason. Writes the ``support-matrix`` block of
+README.md (``--check`` instead exits 1 if that block is stale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from diffguide import guidance  # noqa: E402
+from diffguide.guidance.families import family_of, native_guide  # noqa: E402
+from diffguide.scripts._bench_md import write_section  # noqa: E402
+import tiny_pipes  # noqa: E402
+
+README = ROOT / "README.md"
+SCALE = 4.0
+
+GUIDES: dict[str, Callable[[], guidance.Guidance]] = {
+    "APG": lambda: guidance.APG(SCALE, norm_threshold=5.0),
+    "CFG-Zero*": lambda: guidance.CFGZeroStar(SCALE),
+    "CFGRescale": lambda: guidance.CFGRescale(SCALE, 0.7),
+    "AG": lambda: guidance.AdaptiveGuidance(SCALE, threshold=0.5),
+    "Interval(CFG)": lambda: guidance.GuidanceInterval(guidance.CFG(SCALE), sigma_lo=0.5),
+    "CFG++": lambda: guidance.CFGPlusPlus(0.6),
+}
+
+
+def _classic(make, **kw):
+    return make, lambda s: dict(kw, guidance_scale=s)
+
+
+def pipelines() -> dict[str, tuple[Callable, Callable[[float], dict]]]:
+    """name -> (builder, call arguments for native CFG at scale s), batch 1, 2 steps, latents out."""
+    rows = {
+        "StableDiffusionPipeline": _classic(tiny_pipes.tiny_sd, prompt=["a cat"], height=16, width=16),
+        "StableDiffusionXLPipeline": _classic(tiny_pipes.tiny_sdxl, prompt=["a cat"], height=16, width=16),
+        "DiTPipeline": _classic(tiny_pipes.tiny_dit, class_labels=[1], output_type="np"),
+        "ClassConditionalPipeline": _classic(tiny_pipes.tiny_class_pipe, class_labels=[3], output_type="np"),
+    }
+    for name, (make, _, native_kw) in tiny_pipes.PIPELINES.items():
+        embeds = tiny_pipes.embeds(name, 1)
+        rows[type(make()).__name__] = (make, lambda s, e=embeds, k=native_kw: dict(e, **k(s)))
+    return rows
+
+
+def _run(pipe, kw: dict) -> torch.Tensor:
+    kw = dict({"output_type": "latent"}, **kw)  # DiT and ClassConditionalPipeline decode: images as numpy
+    return torch.as_tensor(pipe(**kw, num_inference_steps=2, generator=torch.Generator().manual_seed(0))[0])
+
+
+def _refusal(error: Exception) -> str:
+    """apply's reason, its last clause (``...; got X`` -> ``got X``)."""
+    return f"refused ({str(error).split('; ')[-1].split('. ')[0].replace('|', '/')})"
+
+
+def cell(pipe, kw: dict, guide: guidance.Guidance, native: torch.Tensor) -> str:
+    """``exact`` / ``~exact (max gap)`` against ``native``, ``fails`` (non-finite or misshapen), or the refusal."""
+    try:
+        with guidance.apply(pipe, guide):
+            out = _run(pipe, kw)
+    except (TypeError, ValueError) as error:
+        return _refusal(error)
+    if not bool(torch.isfinite(out).all()) or out.shape != native.shape:
+        return "fails"
+    return "exact" if torch.equal(out, native) else f"~exact ({float((out - native).abs().max()):.0e})"
+
+
+def compute() -> list[list[str]]:
+    torch.set_num_threads(1)
+    table = []
+    for name, (make, native_kw) in pipelines().items():
+        pipe = make()
+        native = _run(pipe, native_kw(SCALE))
+        family = family_of(pipe)
+        no_scale = {k: v for k, v in native_kw(SCALE).items() if k != family.scale_arg}
+        row = [name, family.layout, f"`{family.native}`", cell(pipe, no_scale, native_guide(family, SCALE), native)]
+        row += [_runs(pipe, no_scale, make_guide(), native) for make_guide in GUIDES.values()]
+        table.append(row)
+    return table
+
+
+def _runs(pipe, kw: dict, guide: guidance.Guidance, native: torch.Tensor) -> str:
+    """A guide other than the native one: ``runs`` when it finishes with finite latents of the native shape."""
+    status = cell(pipe, kw, guide, native)
+    return "runs" if status.startswith(("exact", "~exact")) or status == "runs" else status
+
+
+def render(table: list[list[str]]) -> str:
+    head = ["pipeline", "CFG layout", "native CFG as a guide", "native CFG", *GUIDES]
+    lines = [f"Written by `scripts/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps, scale "
+             f"{SCALE:g}; `exact`: bit-identical to the native call; `runs`: finite latents of the native shape). "
+             "Any other pipeline class is refused up front with the supported list. CFG++ needs a scheduler whose "
+             "step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README's matrix differs from a fresh one")
+    args = parser.parse_args(argv)
+    text = render(compute())
+    if args.check:
+        current = README.read_text()
+        if text not in current:
+            print("README.md's support matrix is stale: run python -m diffguide.scripts.support_matrix")
+            return 1
+        return 0
+    print(text)
+    write_section("support-matrix", text, path=README)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
