@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "tasks" / "zoo"
-MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip")
+MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip", "digits-flow")
 STEPS = {"digits-classifier": 800, "digits-class": 2500, "digits-class-weak": 300,
-         "digits-t2i": 3500, "digits-clip": 2000}
+         "digits-t2i": 3500, "digits-clip": 2000, "digits-flow": 1000}
 VAE_STEPS = 800
 QUICK_STEPS = {**dict.fromkeys(MODELS, 3), "digits-class-weak": 2}
 QUICK_BATCH = 8
@@ -46,6 +46,11 @@ def train_one(name: str, out: Path, steps: int, *, quick: bool, batch_size: int 
         return training.train_t2i(target, steps=steps, vae_steps=plan["digits-t2i"] if quick else VAE_STEPS, **kwargs)
     if name == "digits-clip":
         return training.train_clip(target, steps=steps, **kwargs)
+    if name == "digits-flow":              # on digits-t2i's VAE and tokenizer: this run's if trained, else shipped
+        from diffguide.tasks.training_flow import train_flow
+
+        base = out / "digits-t2i" if (out / "digits-t2i" / "model_index.json").is_file() else ZOO_DIR / "digits-t2i"
+        return train_flow(target, base, steps=steps, **kwargs)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 

@@ -3,6 +3,7 @@
     from diffguide.tasks import zoo
     pipe = zoo.load("digits-class")                  # ClassConditionalPipeline
     sd = zoo.load("digits-t2i")                      # StableDiffusionPipeline
+    flow = zoo.load("digits-flow")                   # StableDiffusion3Pipeline (rectified flow, no T5)
     classifier = zoo.load("digits-classifier")       # DigitClassifier (eval mode)
     model, preprocess, tokenizer = zoo.load("digits-clip")
 
@@ -25,6 +26,7 @@ MODELS: dict[str, str] = {
     "digits-classifier": "CNN digit classifier on 16x16 [-1, 1] images with a 64-d features() embedding",
     "digits-t2i": "tiny StableDiffusionPipeline: AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer",
     "digits-clip": "tiny open_clip model trained contrastively on digit images and captions",
+    "digits-flow": "tiny rectified-flow StableDiffusion3Pipeline: SD3Transformer2DModel, FlowMatchEuler, 2 CLIP, no T5",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -64,8 +66,61 @@ def _resolve(name_or_path: str | Path) -> Path:
                      f"known models: {', '.join(MODELS)}")
 
 
+class DamagedModelError(ValueError):
+    """A model folder with a missing, unreadable or truncated file (the message names it)."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DamagedModelError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedModelError(f"{path} is not valid JSON: {err}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as err:
+        raise DamagedModelError(f"{path} is truncated or not a safetensors file: {err}") from None
+
+
+def check_pipeline_folder(folder: Path) -> dict:
+    """Check that every component ``model_index.json`` lists is there and readable; return the index.
+
+    Schedulers need ``scheduler_config.json``, tokenizers ``tokenizer_config.json`` and ``tokenizer.json``,
+    models ``config.json`` and safetensors weights whose header covers the file. Raises
+    ``DamagedModelError`` naming the first missing or bad file.
+    """
+    index = _read_json(folder / "model_index.json")
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[-1] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise DamagedModelError(f"{sub} is missing (model_index.json lists {name}: {spec[-1]})")
+        if spec[-1].endswith("Scheduler"):
+            needed = ["scheduler_config.json"]
+        elif "Tokenizer" in spec[-1]:
+            needed = ["tokenizer_config.json", "tokenizer.json"]
+        else:
+            needed = ["config.json"]
+            if not list(sub.glob("*.safetensors")):
+                weights = "diffusion_pytorch_model" if spec[0] == "diffusers" else "model"
+                raise DamagedModelError(f"{sub / weights}.safetensors is missing (no safetensors weights in {sub})")
+        for config in needed:
+            _read_json(sub / config)
+        for weights in sorted(sub.glob("*.safetensors")):
+            _check_safetensors(weights)
+    return index
+
+
 def _kind(folder: Path) -> str:
-    if (folder / "model_index.json").is_file():
+    if (folder / "model_index.json").exists():
         return "pipeline"
     for config in folder.glob("*.json"):
         if "vision_cfg" in json.loads(config.read_text()):
@@ -79,8 +134,10 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> Any:
     """Load a zoo model by name, local folder or hub repo id, ready to use (eval mode).
 
-    Returns a ``ClassConditionalPipeline`` or ``StableDiffusionPipeline`` (via ``from_pretrained``), a
-    ``DigitClassifier``, or a ``DigitClip`` (unpacks to ``model, preprocess, tokenizer``).
+    Returns a ``ClassConditionalPipeline``, ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (via
+    ``from_pretrained``; components ``model_index.json`` records as null, such as SD3's T5, are passed as
+    None), a ``DigitClassifier``, or a ``DigitClip`` (unpacks to ``model, preprocess, tokenizer``). A pipeline
+    folder with a missing or bad file raises ``DamagedModelError`` (a ``ValueError``) naming it.
     """
     folder = _resolve(name_or_path)
     kind = _kind(folder)
@@ -89,9 +146,11 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
 
         from diffguide.tasks.pipelines import ClassConditionalPipeline
 
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-        cls = ClassConditionalPipeline if class_name == ClassConditionalPipeline.__name__ else DiffusionPipeline
-        pipe = cls.from_pretrained(folder, torch_dtype=dtype)
+        index = check_pipeline_folder(folder)
+        cls = ClassConditionalPipeline if index.get("_class_name") == ClassConditionalPipeline.__name__ \
+            else DiffusionPipeline
+        absent = {name: None for name, spec in index.items() if isinstance(spec, list) and spec[-1] is None}
+        pipe = cls.from_pretrained(folder, torch_dtype=dtype, **absent)
         return pipe.to(device) if device is not None else pipe
     if kind == "classifier":
         from diffguide.tasks.classifier import DigitClassifier

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline)
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -18,6 +20,8 @@ from diffguide.tasks import zoo
 from diffguide.tasks.classifier import DigitClassifier
 from diffguide.tasks.digits import CAPTION_TEMPLATES, DIGIT_WORDS, caption, load_digits_tensors, random_captions
 from diffguide.tasks.pipelines import ClassConditionalPipeline
+from diffguide.tasks.training_flow import (T5_TOKENS, CountedTokenAttnProcessor, counted_t5_zeros, flow_targets,
+                                           sample_levels)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,10 +46,15 @@ def t2i_pipe():
     return quiet(zoo.load("digits-t2i"))
 
 
+@pytest.fixture(scope="module")
+def flow_pipe():
+    return quiet(zoo.load("digits-flow"))
+
+
 # ------------------------------------------------------------------------------------------- registry
 def test_list_models_and_unknown_name():
     assert zoo.list_models() == ["digits-class", "digits-class-weak", "digits-classifier", "digits-t2i",
-                                 "digits-clip"]
+                                 "digits-clip", "digits-flow"]
     for name in zoo.list_models():
         assert zoo.model_path(name).is_dir(), name
         assert not list(zoo.model_path(name).rglob("*.bin")) and not list(zoo.model_path(name).rglob("*.pt"))
@@ -176,6 +185,103 @@ def test_t2i_latents_and_tokenizer(t2i_pipe, tmp_path):
     assert text_encoder(ids)[0].shape == (1, ids.shape[1], text_encoder.config.hidden_size)
 
 
+# ------------------------------------------------------------------------------------- rectified flow
+def test_flow_pipeline_is_sd3_without_t5(flow_pipe, t2i_pipe):
+    assert isinstance(flow_pipe, StableDiffusion3Pipeline)
+    assert isinstance(flow_pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert flow_pipe.text_encoder_3 is None and flow_pipe.tokenizer_3 is None
+    # the digits-t2i latent space (same VAE weights) and tokenizer
+    for name, weight in t2i_pipe.vae.state_dict().items():
+        assert torch.equal(flow_pipe.vae.state_dict()[name], weight), name
+    assert flow_pipe.tokenizer.get_vocab() == t2i_pipe.tokenizer.get_vocab() == flow_pipe.tokenizer_2.get_vocab()
+    # shift_factor / scaling_factor normalise the held-out latents as the pipeline decodes them
+    vae = flow_pipe.vae
+    latents = (vae.encode(load_digits_tensors("test")[0]).latent_dist.mean - vae.config.shift_factor) \
+        * vae.config.scaling_factor
+    assert abs(latents.mean()) < 0.1 and 0.8 < latents.std() < 1.25             # VAE noise adds to train std
+    record = json.loads((zoo.model_path("digits-flow") / "training.json").read_text())
+    assert record["shift"] == flow_pipe.scheduler.config.shift
+
+
+def test_flow_samples_follow_prompts_offline(flow_pipe, classifier):
+    labels = [i % 10 for i in range(20)]
+    prompts = [caption(c, i // 10) for i, c in enumerate(labels)]
+    images = flow_pipe(prompts, guidance_scale=3.0, num_inference_steps=12,
+                       generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (20, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert classifier.accuracy(images * 2 - 1, torch.tensor(labels)) >= 0.8           # chance is 0.1
+
+
+def test_counted_zero_tokens_equal_the_native_t5_padding(flow_pipe):
+    """One zero token with log(256) on its logit == the 256 zero tokens SD3 appends without T5."""
+    transformer = flow_pipe.transformer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    clip_states = torch.randn(3, 16, transformer.config.joint_attention_dim, generator=gen)
+    pooled = torch.randn(3, transformer.config.pooled_projection_dim, generator=gen)
+    padded = torch.cat([clip_states, torch.zeros(3, T5_TOKENS, clip_states.shape[-1])], dim=1)
+    call = dict(hidden_states=x, pooled_projections=pooled, timestep=torch.tensor([999.0, 500.0, 20.0]))
+    reference = transformer(encoder_hidden_states=padded, **call).sample
+    with counted_t5_zeros(transformer):
+        counted = transformer(encoder_hidden_states=padded[:, :17], **call).sample
+    assert torch.allclose(counted, reference, atol=1e-5), (counted - reference).abs().max()   # fp32 sums
+    assert torch.equal(transformer(encoder_hidden_states=padded, **call).sample, reference)    # restored
+    # and through the pipeline: max_sequence_length=1 under the processor == the default call
+    run = lambda **kw: flow_pipe("the number 4", num_inference_steps=3, guidance_scale=2.0, output_type="latent",
+                                 generator=torch.Generator().manual_seed(0), **kw).images
+    native = run()
+    with counted_t5_zeros(transformer):
+        assert torch.allclose(run(max_sequence_length=1), native, atol=1e-4)
+    with pytest.raises(ValueError):
+        CountedTokenAttnProcessor(0)
+
+
+def test_rectified_flow_objective_and_sd3_timestep_sampling():
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    timesteps, sigmas = sample_levels(scheduler, 4, torch.Generator().manual_seed(0))
+    x_s, v = flow_targets(x0, noise, sigmas)
+    assert torch.allclose(x_s, scheduler.scale_noise(x0, timesteps, noise), atol=1e-6)    # diffusers' forward process
+    s = sigmas.view(-1, 1, 1, 1)
+    assert torch.allclose(x_s - s * v, x0, atol=1e-5) and torch.allclose(x_s + (1 - s) * v, noise, atol=1e-5)
+    # u ~ logit-normal(0, 1), then the shift s' = 3u / (1 + 2u), on the scheduler's 1000 levels
+    timesteps, sigmas = sample_levels(scheduler, 20000, torch.Generator().manual_seed(1))
+    assert torch.allclose(timesteps, sigmas * 1000)
+    u = sigmas / (3 - 2 * sigmas)                                   # inverse shift
+    logit = torch.logit(u.clamp(1e-4, 1 - 1e-4))
+    assert abs(logit.mean()) < 0.05 and abs(logit.std() - 1) < 0.05          # n = 20000: se 0.007
+
+
+def test_damaged_flow_folder_names_the_bad_file(tmp_path):
+    import shutil
+
+    def broken(change) -> Path:
+        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(zoo.model_path("digits-flow"), folder)
+        change(folder)
+        return folder
+
+    def truncate(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    cases = {
+        "transformer/diffusion_pytorch_model.safetensors": lambda f: (
+            f / "transformer/diffusion_pytorch_model.safetensors").unlink(),
+        "text_encoder_2/model.safetensors": lambda f: truncate(f / "text_encoder_2/model.safetensors"),
+        "vae/diffusion_pytorch_model.safetensors": lambda f: (
+            f / "vae/diffusion_pytorch_model.safetensors").write_bytes(b"not weights"),
+        "tokenizer_2/tokenizer.json": lambda f: (f / "tokenizer_2/tokenizer.json").unlink(),
+        "scheduler": lambda f: shutil.rmtree(f / "scheduler"),
+        "text_encoder/config.json": lambda f: truncate(f / "text_encoder/config.json"),
+        "model_index.json": lambda f: truncate(f / "model_index.json"),
+    }
+    for name, change in cases.items():
+        folder = broken(change)
+        with pytest.raises(zoo.DamagedModelError, match=re.escape(str(folder / name))):
+            zoo.load(folder)
+    assert isinstance(zoo.load(broken(lambda f: None)), StableDiffusion3Pipeline)      # an intact copy loads
+
+
 # ---------------------------------------------------------------------------------------------- CLIP
 def test_clip_zero_shot_and_preprocess():
     clip = zoo.load("digits-clip")
@@ -194,7 +300,7 @@ def test_clip_zero_shot_and_preprocess():
 def test_train_zoo_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "scripts/train_zoo.py", "--quick", "--out", str(tmp_path), "--no-progress"]
-    result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in zoo.list_models():
         record = json.loads((tmp_path / name / "training.json").read_text())
