@@ -184,6 +184,9 @@ def start_problem(scheduler, steps: int, x0_check: bool = True) -> str | None:
     x0 estimate sqrt(1 / alpha_bar) (x - sqrt(1 - alpha_bar) eps) is unusable where alpha_bar < MIN_START_SIGNAL.
     """
     scheduler.set_timesteps(steps)
+    if not hasattr(scheduler, "alphas_cumprod"):  # flow matching: the first level must be pure noise (s = 1)
+        first_level = float(scheduler.sigmas[0])
+        return None if first_level >= 1 - 1e-6 else f"starts at s = {first_level:.3g} (not noise, s = 1)"
     first = int(round(float(scheduler.timesteps[0])))
     alpha_bar = float(scheduler.alphas_cumprod[first])
     if alpha_bar > MAX_START_SIGNAL:
@@ -211,8 +214,9 @@ def check_start(parser: argparse.ArgumentParser, config: dict[str, Any] | None, 
     problem = start_problem(scheduler, steps, x0_check=False)
     if problem is not None:
         fewest = fewest_steps(scheduler, steps, x0_check=False)
+        spacing = scheduler.config.get("timestep_spacing", "flow")
         parser.error(f"argument --steps: {steps} steps of {model}'s {config['_class_name']} "
-                     f"({scheduler.config.timestep_spacing} spacing) cannot sample it: the plan {problem}"
+                     f"({spacing} spacing) cannot sample it: the plan {problem}"
                      + (f"; use --steps {fewest} or more" if fewest else ""))
 
 

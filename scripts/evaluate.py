@@ -186,6 +186,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     from diffguide.tasks.evaluation import (SamplingConfig, config_dict, image_labels, image_prompts, pipeline_kind,
                                   prepare_real, sample_run, scheduler_config, score_images, write_metadata)
     from diffguide.tasks.metrics import DEFAULT_CACHE, weights_fingerprint
+    from diffguide.tasks.pipelines import latent_shape
     from diffguide.tasks.run_folder import RunFolder, config_hash
 
     rows = []
@@ -196,7 +197,7 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
         kind = pipeline_kind(pipe)
         names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))
         metrics, feature, metrics_key = build_metrics(args, names, device)
-        size = pipe.unet.config.sample_size * (getattr(pipe, "vae_scale_factor", 1) if kind == "text" else 1)
+        size = latent_shape(pipe)[-1] * (getattr(pipe, "vae_scale_factor", 1) if kind == "text" else 1)
         if feature is not None:
             prepare_real(metrics, args.real, size, args.stats_dir or DEFAULT_CACHE, feature, state)
         networks = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
@@ -283,8 +284,8 @@ def _plot_title(rows: list[dict[str, Any]]) -> str:
     models = ", ".join(dict.fromkeys(str(r["model"]) for r in rows))
     counts = sorted({r["num_images"] for r in rows})
     steps = sorted({r["steps"] for r in rows})
-    return (f"{models}: {'/'.join(map(str, counts))} images per point, {'/'.join(map(str, steps))} DDIM steps, "
-            f"seed {rows[0]['seed']}")
+    return (f"{models}: {'/'.join(map(str, counts))} images per point, {'/'.join(map(str, steps))} sampling steps "
+            f"(the model's own scheduler), seed {rows[0]['seed']}")
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path, x: str = "scale", metrics: list[str] | None = None,

@@ -28,7 +28,9 @@ SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
+FLOW_SCHEDULERS = {"flow_euler"}  # for rectified-flow models (FlowMatch* scheduler configs); the others for VP ones
 SPACINGS = ("auto", "leading", "trailing", "linspace")
 DEFAULT_SCALES = {"cfgpp": 0.4}  # others: 2.0, good for the shipped digits models
 DEFAULT_PROMPTS = ["a handwritten digit " + w for w in ("zero", "one", "two", "three", "four")]
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "'none' for the unguided conditional model")
     p.add_argument("--scale", type=number(float), default=None,
                    help="the guide's main scale (lam for cfgpp); default 2, 0.4 for cfgpp")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler (diffusers scheduler)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler (diffusers scheduler); default ddim, or flow_euler for a rectified-flow model")
     p.add_argument("--steps", type=number(int, 1), default=25, help="sampling steps")
     p.add_argument("--timestep-spacing", choices=SPACINGS, default="auto",
                    help="where the steps sit (diffusers' timestep_spacing); auto: the model's own if its first "
@@ -77,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"argument --model: {args.model} is neither class-conditional nor text-to-image")
         if info.scheduler is not None:
             try:
+                args.scheduler = choose_scheduler(args.scheduler, info.scheduler, args.model)
                 choose_spacing(args, info.scheduler)
             except ValueError as err:
                 p.error(str(err))
@@ -100,9 +104,32 @@ def make_scheduler(name: str, config: dict, spacing: str | None = None):
     return getattr(diffusers, class_name).from_config(dict(config), **overrides, **spacing)
 
 
-def choose_spacing(args: argparse.Namespace, config: dict) -> str:
+def is_flow_config(config: dict) -> bool:
+    """Whether a scheduler config belongs to a rectified-flow model (a ``FlowMatch*`` scheduler)."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or config.get("use_flow_sigmas", False)
+
+
+def choose_scheduler(name: str | None, config: dict, model: str) -> str:
+    """``--scheduler``, defaulted for the model's parametrisation; ``ValueError`` for one of the other kind."""
+    flow = is_flow_config(config)
+    if name is None:
+        return "flow_euler" if flow else "ddim"
+    if flow != (name in FLOW_SCHEDULERS):
+        allowed = sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - FLOW_SCHEDULERS)
+        kind = "a rectified-flow" if flow else "a diffusion (VP)"
+        raise ValueError(f"argument --scheduler: {model} is {kind} model; {name} cannot sample it "
+                         f"(use {', '.join(allowed)})")
+    return name
+
+
+def choose_spacing(args: argparse.Namespace, config: dict) -> str | None:
     """The timestep spacing to sample with: ``--timestep-spacing``, or for ``auto`` the model's own spacing if
-    its plan starts from noise, else ``trailing`` if that one does; ``ValueError`` when none does."""
+    its plan starts from noise, else ``trailing`` if that one does; ``ValueError`` when none does. Flow
+    schedulers have no spacing (their plan starts at pure noise, s = 1): ``None``."""
+    if args.scheduler in FLOW_SCHEDULERS:
+        if args.timestep_spacing != "auto":
+            raise ValueError(f"argument --timestep-spacing: {args.scheduler} has no timestep spacing (use auto)")
+        return None
     own = config.get("timestep_spacing", "leading")
     candidates = [own, *(["trailing"] if own != "trailing" else [])] if args.timestep_spacing == "auto" \
         else [args.timestep_spacing]
@@ -143,13 +170,16 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
     from diffguide.scripts._cli import load_model
     from diffguide.tasks.run_folder import image_seed
 
+    from diffguide.tasks.pipelines import denoising_network, latent_shape
+
     if pipe is None:
         pipe = load_model("--model", args.model, args.device)
+    args.scheduler = choose_scheduler(args.scheduler, pipe.scheduler.config, args.model)
     args.spacing = choose_spacing(args, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.spacing)
     pipe.set_progress_bar_config(disable=True)
     key, conds = conditions(args, pipe)
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    shape, dtype = latent_shape(pipe), denoising_network(pipe).dtype
     guide = guidance.build_guide(*args.guide[:2], **args.guide[2]) if args.guidance != "none" else None
     images = []
     bar = tqdm(total=len(conds), desc="sampling", unit="img", disable=args.no_progress)
@@ -157,7 +187,7 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
         indices = range(start, min(start + args.batch_size, len(conds)))
         generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in indices]
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        call = {key: [conds[i] for i in indices], "latents": latents.to(pipe.device, pipe.unet.dtype),
+        call = {key: [conds[i] for i in indices], "latents": latents.to(pipe.device, dtype),
                 "generator": generators, "num_inference_steps": args.steps, "output_type": "pil"}
         with torch.no_grad():
             if guide is None:
@@ -236,8 +266,8 @@ def labelled_grid(images: list, labels: list[str], per_row_label: int, title: st
 def grid_title(args: argparse.Namespace) -> str:
     guide = "no guidance" if args.guidance == "none" else f"{args.guidance} scale {args.guide[1]:g}" \
         if args.guide[1] is not None else args.guidance
-    return (f"{args.model} | {guide} | {args.scheduler} {args.steps} steps ({args.spacing} spacing) | "
-            f"seed {args.seed}")
+    spacing = f" ({args.spacing} spacing)" if args.spacing else ""
+    return f"{args.model} | {guide} | {args.scheduler} {args.steps} steps{spacing} | seed {args.seed}"
 
 
 def main(argv: list[str] | None = None) -> None:

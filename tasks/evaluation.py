@@ -10,6 +10,7 @@ run only samples what is missing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from diffguide import guidance
 from diffguide.tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, caption, load_digits_tensors, to_unit
 from diffguide.tasks.metrics import ImageMetrics, extractor_id, real_stats_file
+from diffguide.tasks.pipelines import denoising_network, latent_shape
 from diffguide.tasks.run_folder import RunFolder, atomic_write, image_seed, load_image
 
 REAL_SETS = ("digits-train", "digits-test", "digits-all")
@@ -79,12 +81,6 @@ class SamplingConfig:
         return f"{self.guide}({extra})" if extra else self.guide
 
 
-def _latent_shape(pipe) -> tuple[int, ...]:
-    size = pipe.unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (pipe.unet.config.in_channels, *size)
-
-
 @torch.no_grad()
 def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Tensor, list[int]]:
     """Images ``(B, C, H, W)`` in [0, 1] for ``indices`` and the network rows each image took.
@@ -94,11 +90,14 @@ def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Ten
     """
     kind = pipeline_kind(pipe)
     generators = [torch.Generator().manual_seed(image_seed(cfg.seed, i)) for i in indices]
-    shape = _latent_shape(pipe)
+    shape = latent_shape(pipe)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    latents = latents.to(pipe.device, pipe.unet.dtype)
-    call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, eta=cfg.eta,
-                output_type="pt")
+    latents = latents.to(pipe.device, denoising_network(pipe).dtype)
+    call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, output_type="pt")
+    if "eta" in inspect.signature(type(pipe).__call__).parameters:
+        call["eta"] = cfg.eta
+    elif cfg.eta != 0:
+        raise ValueError(f"eta={cfg.eta}: {type(pipe).__name__} takes no eta (its scheduler is deterministic)")
     with guidance.apply(pipe, cfg.build_guide()) as stats:
         if kind == "class":
             images = pipe(class_labels=image_labels(indices, pipe.num_classes), **call).images

@@ -19,6 +19,23 @@ from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def denoising_network(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The pipeline's denoising network: its ``unet``, or its ``transformer`` (DiT, SD3, Flux, ...)."""
+    for name in ("unet", "transformer"):
+        network = getattr(pipe, name, None)
+        if isinstance(network, torch.nn.Module):
+            return network
+    raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def latent_shape(pipe: DiffusionPipeline) -> tuple[int, ...]:
+    """``(channels, height, width)`` of one starting latent, from the denoising network's config."""
+    config = denoising_network(pipe).config
+    size = config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, *size)
+
+
 def sampling_scheduler(train_scheduler: SchedulerMixin) -> DDIMScheduler:
     """The DDIM scheduler to ship with a model trained under ``train_scheduler`` (same betas and prediction type).
 

@@ -26,7 +26,7 @@ def rows(kid_values):
 
 def test_grid_plot_has_title_one_legend_a_marker_per_method_and_a_kid_note():
     fig = evaluate.rows_figure(rows([0.5, -0.2, 0.1]))
-    assert fig._suptitle.get_text() == "digits-class: 20 images per point, 5 DDIM steps, seed 0"
+    assert fig._suptitle.get_text() == "digits-class: 20 images per point, 5 sampling steps (the model's own scheduler), seed 0"
     assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cfg", "apg(eta=0)"]
     for ax in fig.axes:
@@ -77,3 +77,14 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, umask):
     assert plain == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == plain
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == plain
+
+
+def test_rectified_flow_model_is_evaluated_out_of_the_box(tmp_path):
+    """diffguide-evaluate on digits-flow (SD3 pipeline, flow-matching scheduler) with a guide that skips rows."""
+    out = tmp_path / "runs"
+    evaluate.main(["--model", "digits-flow", "--guide", "cfg@2", "--guide", "ag@2:threshold=0.9", "--num-images", "10",
+                   "--steps", "4", "--metrics", "accuracy", "--out", str(out), "--no-progress"])
+    results = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert results["cfg"]["nfe"] == 8.0                       # [uncond; cond] rows at each of 4 steps
+    assert results["ag(threshold=0.9)"]["nfe"] < 8.0          # adaptive guidance skips unconditional rows
+    assert results["cfg"]["accuracy"] >= 0.5                  # the classifier reads the prompted digits
