@@ -103,13 +103,13 @@ def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
-def tiny_sd3(seed: int = 0):
+def tiny_sd3(seed: int = 0, num_layers: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
-                                        pooled_projection_dim=16, out_channels=4).eval()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=16, pooled_projection_dim=16, out_channels=4).eval()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=_tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
