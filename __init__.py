@@ -15,6 +15,7 @@ from diffguide import guidance, samplers, tasks
 from diffguide.guidance import (APG, CFG, GFCG, AdaptiveGuidance, Autoguidance, CFGPlusPlus, CFGRescale,
                                 CFGZeroStar, DynamicCFG, Guidance, GuidanceInterval, GuidedDenoiser, HookStats,
                                 LinearAG, apply, build_guide)
+from diffguide.guidance import as_diffusers_guider
 from diffguide.tasks import zoo
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "APG", "CFG", "GFCG", "AdaptiveGuidance", "Autoguidance", "CFGPlusPlus", "CFGRescale", "CFGZeroStar",
     "DynamicCFG", "Guidance", "GuidanceInterval", "GuidedDenoiser", "HookStats", "LinearAG", "apply",
     "build_guide", "guidance", "samplers", "tasks", "zoo",
+    "as_diffusers_guider",
 ]

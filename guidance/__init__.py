@@ -8,6 +8,7 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale, equivalent_cfg_scales
 from .denoiser import GuidedDenoiser
+from .diffusers_guider import DiffguideGuider, as_diffusers_guider
 from .dps import DPS
 from .dynamic import DynamicCFG
 from .enkg import EnKG
@@ -35,4 +36,5 @@ __all__ = [
     "equivalent_cfg_scales", "parse_guide_spec",
     "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
     "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
+    "DiffguideGuider", "as_diffusers_guider",
 ]

@@ -337,4 +337,18 @@ def tiny_flux_with_text_encoders(seed: int = 0):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)).eval()
     pipe = FluxPipeline(**dict(parts, text_encoder=clip, text_encoder_2=t5, tokenizer=tok, tokenizer_2=tok))
     pipe.set_progress_bar_config(disable=True)
+def tiny_modular_sdxl(classic, guider=None):
+    """A Modular SDXL pipeline (``StableDiffusionXLAutoBlocks``) on the components of a classic SDXL pipeline."""
+    from diffusers import StableDiffusionXLAutoBlocks
+
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    components = {k: v for k, v in classic.components.items() if k in pipe._component_specs and v is not None}
+    pipe.update_components(**components, **({} if guider is None else {"guider": guider}))
+    pipe.update_components(force_zeros_for_empty_prompt=classic.config.force_zeros_for_empty_prompt)
+    blocks = [pipe._blocks]
+    while blocks:  # the denoising loop sits a few levels down; set_progress_bar_config reaches only the top
+        block = blocks.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        blocks += list(getattr(block, "sub_blocks", {}).values())
     return pipe
