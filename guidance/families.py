@@ -101,17 +101,22 @@ def supported_pipelines() -> list[str]:
 
 
 def family_of(pipe: Any) -> Family:
-    """The family of ``pipe``'s class (exact class name, or the nearest listed base class); TypeError otherwise."""
+    """The family of the class whose ``__call__`` ``pipe`` runs (listed by name); TypeError otherwise."""
     name = type(pipe).__name__
     unet = getattr(pipe, "unet", None)
     if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
         raise TypeError(f"{name} has a guidance-distilled unet (time_cond_proj_dim set): it never runs CFG batches")
-    for cls in type(pipe).__mro__:
-        for family in FAMILIES:
-            if cls.__name__ in family.pipelines:
-                _check_networks(pipe, family, name)
-                return family
+    # the class whose __call__ the pipeline runs: a subclass that keeps its parent's __call__ (e.g. diffusers'
+    # Lumina2Text2ImgPipeline alias) is served as that parent; one that overrides it is not
+    owner = next((cls for cls in type(pipe).__mro__ if "__call__" in vars(cls)), type(pipe))
+    for family in FAMILIES:
+        if owner.__name__ in family.pipelines:
+            _check_networks(pipe, family, name)
+            return family
     reason = DISTILLED.get(name)
+    listed = [cls.__name__ for cls in type(pipe).__mro__[1:] if cls.__name__ in supported_pipelines()]
+    if reason is None and listed:
+        reason = f"overrides the __call__ of {listed[0]}, so its CFG is not the one the table describes"
     if reason is None:
         call = getattr(type(pipe), "__call__", None)
         takes_scale = callable(call) and "guidance_scale" in inspect.signature(call).parameters

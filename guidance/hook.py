@@ -11,7 +11,8 @@ The pipeline's family (:mod:`.families`) says how it runs CFG; the control flow 
   prediction replaces the pipeline's own combination where it is handed to ``scheduler.step``. The pipeline's
   code runs unchanged, and whatever it does between the calls and the step is superseded by the guide.
 
-Everything is restored on exit.
+``Step.x`` is the pipeline's own latent (flow scale for flow pipelines; the converters hold for any scale) and
+``step.evaluate(x, cond)`` takes ``x`` in that same scale, at the step's own level. Everything is restored on exit.
 """
 
 from __future__ import annotations
@@ -357,8 +358,10 @@ class _Session:
         batch = self.renoise.shape[0]
         if model_output.shape[0] != batch:  # DiT steps on the doubled batch
             raise TypeError("guides that change the renoise term need a pipeline that steps on one batch copy")
-        return renoise_step(self.scheduler, self._orig_step, model_output[:, : self.renoise.shape[1]],
-                            self.renoise, timestep, sample, self.prediction_type, self.step_state, *args, **kwargs)
+        denoise = model_output[:, : self.renoise.shape[1]]
+        renoise = self.renoise.reshape(denoise.shape)  # Z-Image steps on its outputs squeezed of the frame axis
+        return renoise_step(self.scheduler, self._orig_step, denoise, renoise, timestep, sample, self.prediction_type,
+                            self.step_state, *args, **kwargs)
 
     def _step_two_calls(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
         pending, self.pending = self.pending, None

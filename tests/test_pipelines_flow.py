@@ -219,7 +219,7 @@ def apg_oracle(w, r=5.0, momentum=-0.5):
     """APG (Sadat et al. 2025, Alg. 1) on x0 = x - s v, written out: momentum, norm clamp, projection on x0_c."""
     running = []
 
-    def combine(x, s, v_c, v_u, i):
+    def combine(x, s, s_next, v_c, v_u, i):
         x0_c, x0_u = x - s * v_c, x - s * v_u
         delta = x0_c - x0_u
         if running:
@@ -230,19 +230,29 @@ def apg_oracle(w, r=5.0, momentum=-0.5):
         unit = x0_c / x0_c.flatten(1).norm(dim=1).view(-1, *[1] * (delta.ndim - 1))
         par = (delta * unit).flatten(1).sum(1).view(-1, *[1] * (delta.ndim - 1)) * unit
         x0 = x0_c + (w - 1) * (delta - par)
-        return (x - x0) / s
+        return x + (s_next - s) * (x - x0) / s  # Euler on v = (x - x0) / s
 
     return combine
 
 
 def cfg_zero_star_oracle(w, zero_init_steps=1):
     """CFG-Zero* (Fan et al. 2025, Eq. 9-10 and zero-init): s* = <c, u> / ||u||^2 per sample."""
-    def combine(x, s, v_c, v_u, i):
+    def combine(x, s, s_next, v_c, v_u, i):
         if i < zero_init_steps:
-            return torch.zeros_like(v_c)
+            return x
         dims = list(range(1, v_c.ndim))
         s_star = (v_c * v_u).sum(dims, keepdim=True) / (v_u.pow(2).sum(dims, keepdim=True) + 1e-8)
-        return s_star * v_u + w * (v_c - s_star * v_u)
+        return x + (s_next - s) * (s_star * v_u + w * (v_c - s_star * v_u))
+
+    return combine
+
+
+def cfgpp_oracle(lam):
+    """CFG++ (Chung et al. 2025, Alg. 1) on a flow step: x' = (1 - s') x0(v_lam) + s' eps(v_u), v_lam = u + lam (c - u),
+    x0(v) = x - s v, eps(v) = x + (1 - s) v."""
+    def combine(x, s, s_next, v_c, v_u, i):
+        v_lam = v_u + lam * (v_c - v_u)
+        return (1 - s_next) * (x - s * v_lam) + s_next * (x + (1 - s) * v_u)
 
     return combine
 
@@ -251,10 +261,12 @@ def cfg_zero_star_oracle(w, zero_init_steps=1):
 @pytest.mark.parametrize("guide,oracle", [
     (lambda: guidance.APG(4.0, norm_threshold=5.0, momentum=-0.5), lambda: apg_oracle(4.0)),
     (lambda: guidance.CFGZeroStar(4.0, zero_init_steps=1), lambda: cfg_zero_star_oracle(4.0)),
-], ids=["APG", "CFGZeroStar"])
+    (lambda: guidance.CFGPlusPlus(0.6), lambda: cfgpp_oracle(0.6)),
+], ids=["APG", "CFGZeroStar", "CFG++"])
 def test_flow_guides_through_apply_equal_a_hand_written_euler_loop(name, guide, oracle):
-    """The pipeline under apply vs a flow Euler loop x' = x + (s' - s) v_guided that calls the network itself with
-    the native run's arguments (cond and uncond rows), on the flow sigmas of the scheduler."""
+    """The pipeline under apply vs a hand-written flow loop (Euler x' = x + (s' - s) v_guided; CFG++'s own step)
+    that calls the network itself with the native run's arguments (cond and uncond rows), on the flow sigmas of
+    the scheduler."""
     make, _, native_kw = PIPELINES[name]
     pipe = make()
     calls, sigmas = recorded_calls(pipe, name, **native_kw(4.0))
@@ -270,7 +282,7 @@ def test_flow_guides_through_apply_equal_a_hand_written_euler_loop(name, guide, 
             else:  # Flux: cond call, then uncond call
                 v_c = pipe.transformer(**dict(calls[2 * i], hidden_states=x))[0]
                 v_u = pipe.transformer(**dict(calls[2 * i + 1], hidden_states=x))[0]
-            x = x + (s_next - s) * combine(x, s, v_c, v_u, i)
+            x = combine(x, s, s_next, v_c, v_u, i)
     # float32 rounding of the reordered formulas over 3 steps on O(1) latents
     torch.testing.assert_close(hooked, x, atol=1e-5, rtol=1e-5)
 
@@ -321,3 +333,24 @@ def test_unsupported_pipelines_and_schedulers_are_refused_up_front():
         with guidance.apply(pipe, guidance.CFG(2.0)):
             pass
     assert "forward" not in pipe.transformer.__dict__ and getattr(pipe, "_diffguide_session", None) is None
+
+
+def test_subclasses_are_served_only_with_their_parents_call():
+    from diffusers import FluxPipeline
+
+    class KeepsCall(FluxPipeline):
+        pass
+
+    class OverridesCall(FluxPipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    parts = tiny_flux().components
+    keeps = KeepsCall(**parts)
+    keeps.set_progress_bar_config(disable=True)
+    native = run(keeps, "flux", true_cfg_scale=4.0)
+    with guidance.apply(keeps, guidance.CFG(4.0)):
+        assert torch.equal(native, run(keeps, "flux"))
+    with pytest.raises(TypeError, match="got OverridesCall, which overrides the __call__ of FluxPipeline"):
+        with guidance.apply(OverridesCall(**parts), guidance.CFG(4.0)):
+            pass
