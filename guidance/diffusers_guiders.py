@@ -23,7 +23,8 @@ from torch import Tensor
 from .base import Guidance, Guided, Step
 from .hook import _Network, _Session, _rows, _tensor, _with_tensor
 
-LAYOUTS = ("uc", "cu")  # the batched CFG layouts a guider's passes are split from
+LAYOUTS = ("uc", "cu", "two_calls")  # the CFG layouts a guider's passes are built from
+_SLOT = "_diffguide_slot"  # marks which side of the (cond, uncond) pairs a guider batch took
 
 
 def is_diffusers_guider(obj: Any) -> bool:
@@ -122,7 +123,7 @@ def _network_state(module: torch.nn.Module) -> list[tuple[int, int]]:
 
 
 class GuiderSession(_Session):
-    """An ``apply`` session whose guide is a diffusers guider (batched CFG pipelines)."""
+    """An ``apply`` session whose guide is a diffusers guider."""
 
     def __init__(self, pipe, guider) -> None:
         check_guider(pipe, guider)
@@ -158,33 +159,36 @@ class GuiderSession(_Session):
         uncond = {k: v if k in family.unbatched else _rows(v, uncond_rows.to(device), full)
                   for k, v in arguments.items()}
         pairs = _pairs(cond, uncond, arguments, full, family.unbatched)
-        batches, outputs = self._run_batches(net, cond, pairs, timestep, uncond_first)
+        batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, timestep)
+        if plain:  # one call on the plain batches, in the pipeline's own row order
+            plain.sort(key=lambda i: self._slot(batches[i]) != (1 if uncond_first else 0))
+            values = {key: torch.cat([getattr(batches[i], key) for i in plain]) for key in pairs}
+            merged = self._run(net, _assemble(cond, values))
+            for j, i in enumerate(plain):
+                outputs[i] = merged[j * batch:(j + 1) * batch]
         channels = sample.shape[1]
-        for state, tensor in zip(batches, outputs):
-            state.noise_pred = tensor[:, :channels]
-        guided = self.guider(batches).pred
-        if not bool(torch.isfinite(guided).all()):
-            raise FloatingPointError(f"{type(self.guider).__name__} produced a non-finite prediction at step "
-                                     f"{self.index}; check the model's outputs and the guider's scales")
-        base = next(t for state, t in zip(batches, outputs) if self._slot(state, pairs) == 0)
+        guided = self._combine(batches, outputs, channels)
+        base = next(t for state, t in zip(batches, outputs) if self._slot(state) == 0)
         extra = base[:, channels:]
         half = torch.cat([guided, extra], dim=1) if extra.shape[1] else guided
         self._end_step()
         return _with_tensor(self._last_out, torch.cat([half, half]))
 
     @staticmethod
-    def _slot(state, pairs: dict[str, tuple[Tensor, Tensor]]) -> int:
+    def _slot(state) -> int:
         """0 if the guider's batch took the conditional inputs, 1 for the unconditional ones."""
-        key = next(iter(pairs))
-        return 0 if getattr(state, key) is pairs[key][0] else 1
+        return int(getattr(state, _SLOT))
 
-    def _run_batches(self, net: _Network, template: dict[str, Any], pairs: dict[str, tuple[Tensor, Tensor]],
-                     timestep: Any, uncond_first: bool) -> tuple[list, list[Tensor]]:
+    def _run_batches(self, net: _Network, templates: tuple[dict, dict], pairs: dict[str, tuple[Tensor, Tensor]],
+                     timestep: Any) -> tuple[list, list[Tensor | None], list[int]]:
+        """The guider's batches for this step; the modified passes evaluated, each inside its
+        ``prepare_models`` / ``cleanup_models``; the indices of the plain ones (unmodified network), left to the
+        caller to evaluate."""
         guider, module = self.guider, net.module
         t = timestep.flatten()[0] if isinstance(timestep, Tensor) else timestep
         guider.set_state(step=self.index, num_inference_steps=len(self.scheduler.timesteps), timestep=t)
         try:
-            batches = guider.prepare_inputs(pairs)
+            batches = guider.prepare_inputs(dict(pairs, **{_SLOT: (torch.tensor(0), torch.tensor(1))}))
         except IndexError:
             extra = [p for p in guider._input_predictions if p not in ("pred_cond", "pred_uncond")]
             raise ValueError(f"{type(guider).__name__} asks for inputs {type(self.pipe).__name__} does not compute: "
@@ -193,23 +197,77 @@ class GuiderSession(_Session):
         outputs: list[Tensor | None] = [None] * len(batches)
         plain = []
         for i, state in enumerate(batches):
+            if templates[self._slot(state)] is None:
+                raise ValueError(self._missing_uncond())
             before = _network_state(module)
             self._prepare(module)
             if _network_state(module) == before:
-                plain.append(i)  # the unmodified network: evaluated below, together with the other plain batches
+                plain.append(i)  # the unmodified network
             else:
                 _fix_block_skip_order(module)
                 values = {key: getattr(state, key) for key in pairs}
-                outputs[i] = self._run(net, _assemble(template, values))
+                outputs[i] = self._run(net, _assemble(templates[self._slot(state)], values))
             guider.cleanup_models(module)
-        if plain:
-            plain.sort(key=lambda i: self._slot(batches[i], pairs) != (1 if uncond_first else 0))
-            values = {key: torch.cat([getattr(batches[i], key) for i in plain]) for key in pairs}
-            rows = len(values[next(iter(values))]) // len(plain)
-            merged = self._run(net, _assemble(template, values))
-            for j, i in enumerate(plain):
-                outputs[i] = merged[j * rows:(j + 1) * rows]
-        return batches, outputs
+        return batches, outputs, plain
+
+    def _missing_uncond(self) -> str:
+        negative = ", ".join(self.family.negative) or "negative_prompt_embeds"
+        return (f"{type(self.guider).__name__} needs the unconditional inputs, which {type(self.pipe).__name__} "
+                f"did not compute at step {self.index}: pass a negative prompt ({negative})")
+
+    def _combine(self, batches: list, outputs: list[Tensor], channels: int | None) -> Tensor:
+        for state, tensor in zip(batches, outputs):
+            state.noise_pred = tensor if channels is None else tensor[:, :channels]
+        guided = self.guider(batches).pred
+        if not bool(torch.isfinite(guided).all()):
+            raise FloatingPointError(f"{type(self.guider).__name__} produced a non-finite prediction at step "
+                                     f"{self.index}; check the model's outputs and the guider's scales")
+        return guided
+
+    # -- two calls per step (cond, then uncond): the guider's passes run at the unconditional call --------------
+    def _forward_two_calls(self, net: _Network, args: tuple, kwargs: dict):
+        arguments = net.bind(args, kwargs)
+        pending = self.pending
+        if pending is None:  # the conditional call opens the step: the plain conditional pass, as the pipeline asks
+            out = net.run(arguments, arguments[self.family.latent].shape[0])
+            self.pending = dict(net=net, cond=arguments, cond_out=out)
+            return out
+        if "uncond" in pending:
+            raise RuntimeError(f"{type(self.pipe).__name__} called its network a third time in one step; apply() "
+                               "knows two calls per step (cond, uncond)")
+        pending["uncond"] = arguments
+        self._evaluate_two_calls(pending)
+        return pending["cond_out"]  # superseded at scheduler.step by the guider's combination
+
+    def _evaluate_two_calls(self, pending: dict) -> None:
+        net, cond, uncond = pending["net"], pending["cond"], pending.get("uncond")
+        flat_c: dict[str, Any] = {}
+        flat_u: dict[str, Any] = {}
+        for name in cond:
+            _flatten(cond[name], name, flat_c)
+            if uncond is not None:
+                _flatten(uncond[name], name, flat_u)
+        pairs = {k: (v, flat_u.get(k)) for k, v in flat_c.items() if isinstance(v, Tensor)}
+        batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, cond.get(self.family.timestep))
+        for i in plain:
+            if self._slot(batches[i]) == 0:  # the conditional call already made, on the same inputs
+                tensor = _tensor(pending["cond_out"])
+                outputs[i] = tensor.float() if self.family.float32 else tensor
+            elif uncond is None:
+                raise ValueError(self._missing_uncond())
+            else:
+                outputs[i] = self._run(net, uncond)  # the pipeline's own unconditional call
+        pending.update(batches=batches, outputs=outputs)
+
+    def _step_two_calls(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise RuntimeError(f"{type(self.pipe).__name__} stepped its scheduler without a network call")
+        if "batches" not in pending:  # the pipeline made no unconditional call this step
+            self._evaluate_two_calls(pending)
+        guided = self._combine(pending["batches"], pending["outputs"], None).to(model_output.dtype)
+        self._end_step()
+        return self._orig_step(guided, timestep, sample, *args, **kwargs)
 
     def _prepare(self, module: torch.nn.Module) -> None:
         """``guider.prepare_models(module)``, counted. ``BaseGuidance.prepare_models`` counts its calls and the

@@ -1,7 +1,8 @@
 """diffusers' own guiders (diffusers.guiders.BaseGuidance) through guidance.apply on classic pipelines.
 
 Oracles: native CFG (bit-identical), diffusers' classic PAG pipelines, SD3's native skip_guidance_layers
-(bit-identical), diffguide's APG applied to epsilon (APG's documented conversion) and CFGZeroStar. Rows are counted
+(bit-identical), diffguide's APG applied to epsilon (APG's documented conversion) and CFGZeroStar; batched and two-call
+pipelines alike. Rows are counted
 inside the network, at its first layer.
 """
 
@@ -236,9 +237,59 @@ def test_mixed_and_nested_use_is_refused():
     assert type(pipe).__name__ == "StableDiffusionPipeline" and "forward" not in pipe.unet.__dict__
 
 
-def test_pipelines_without_a_batched_cfg_call_are_refused_up_front():
+def run_transformer(pipe, name, steps=2, **extra):
+    return pipe(**embeds(name, 2), num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **extra)[0]
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "cogview4"])
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_two_call_pipelines(name):
+    make, first, native_kw = PIPELINES[name]
+    pipe = make()
+    native = run_transformer(pipe, name, **native_kw(4.0))
+    rows, handle = count_rows(pipe.transformer, first)
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)) as stats:
+        hooked = run_transformer(pipe, name)
+    handle.remove()
+    assert torch.equal(native, hooked)
+    assert rows == [2, 2, 2, 2] and stats.rows_per_step == [4, 4] and stats.calls == 4
+
+
+def test_qwen_cfg_guider_is_plain_cfg_without_the_native_norm_rescale():
+    pipe = PIPELINES["qwen"][0]()
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+        hooked = run_transformer(pipe, "qwen")
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        assert torch.equal(hooked, run_transformer(pipe, "qwen"))
+
+
+def test_skip_layer_guider_on_flux_adds_a_skipped_conditional_call():
+    pipe = PIPELINES["flux"][0]()
+    guider = SkipLayerGuidance(guidance_scale=4.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
+                               skip_layer_guidance_stop=1.0,
+                               skip_layer_config=LayerSkipConfig(indices=[0], fqn="transformer_blocks"))
+    with guidance.apply(pipe, guider) as stats:
+        hooked = run_transformer(pipe, "flux", steps=3)
+    assert stats.rows_per_step == [4, 6, 6] and stats.calls == 8  # its window is start < i (strict)
+    assert (hooked - run_transformer(pipe, "flux", steps=3, true_cfg_scale=4.0)).abs().max() > 1e-3
+    assert not has_hooks(pipe.transformer)
+
+
+def test_two_call_pipeline_without_unconditional_inputs_is_refused_naming_them():
+    pipe = PIPELINES["flux"][0]()
+    kw = {k: v for k, v in embeds("flux", 2).items() if not k.startswith("negative")}
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+            pipe(**kw, num_inference_steps=2, output_type="latent")
+
+
+def test_pipelines_the_guiders_cannot_serve_are_refused_up_front():
     pipe = tiny_zimage()
     with pytest.raises(TypeError, match="list_cu"):
         with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
             pass
     assert "forward" not in pipe.transformer.__dict__
+    pipe = PIPELINES["lumina2"][0]()
+    with pytest.raises(TypeError, match="negated network output"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+            pass
