@@ -9,9 +9,10 @@ inside the network, at its first layer.
 import pytest
 import torch
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
-from diffusers.guiders import (AdaptiveProjectedGuidance, AutoGuidance, ClassifierFreeGuidance,
-                               ClassifierFreeZeroStarGuidance, LTX2Guidance, PerturbedAttentionGuidance,
-                               SkipLayerGuidance, SmoothedEnergyGuidance)
+from diffusers.guiders import (AdaptiveProjectedGuidance, AdaptiveProjectedMixGuidance, AutoGuidance,
+                               ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance, LTX2Guidance,
+                               MagnitudeAwareGuidance, PerturbedAttentionGuidance, SkipLayerGuidance,
+                               SmoothedEnergyGuidance, TangentialClassifierFreeGuidance)
 from diffusers.hooks import LayerSkipConfig, SmoothedEnergyGuidanceConfig
 from diffusers.utils import logging as diffusers_logging
 
@@ -196,9 +197,29 @@ def test_auto_guidance_runs_its_unconditional_pass_on_the_skipped_network():
         hooked = latents(pipe)
     handle.remove()
     assert rows == [2, 2] * 3 and stats.rows_per_step == [4, 4, 4]  # cond and skipped-uncond: separate calls
-    # not CFG: the guider's "uncond" is the weakened network on the conditional inputs
+    # not CFG: the guider's "uncond" is the unconditional inputs through the layer-skipped network
     assert (hooked - latents(pipe, guidance_scale=3.0)).abs().max() > 1e-3
     assert not has_hooks(pipe.unet)
+
+
+@pytest.mark.parametrize("name, make, kw", [
+    ("sd", TangentialClassifierFreeGuidance, {}),
+    ("sd", AdaptiveProjectedMixGuidance, {"adaptive_projected_guidance_start_step": 0}),  # APG from step 1
+    ("flux", MagnitudeAwareGuidance, {})])  # MAG's norm is over (seq, C) outputs: 4-D UNet outputs fail in diffusers
+def test_other_two_pass_guiders_run_their_own_combination(name, make, kw):
+    guider = make(guidance_scale=4.0, **kw)
+    if name == "sd":
+        pipe = tiny_sd()
+        with guidance.apply(pipe, guider) as stats:
+            hooked = latents(pipe)
+        cfg = latents(pipe, guidance_scale=4.0)
+    else:
+        pipe = PIPELINES[name][0]()
+        with guidance.apply(pipe, guider) as stats:
+            hooked = run_transformer(pipe, name, steps=3)
+        cfg = run_transformer(pipe, name, steps=3, true_cfg_scale=4.0)
+    assert torch.isfinite(hooked).all() and stats.rows_per_step == [4, 4, 4]
+    assert (hooked - cfg).abs().max() > 1e-4  # the guider's combination, not the pipeline's CFG
 
 
 def test_guider_needing_inputs_the_pipeline_does_not_compute_is_refused():
