@@ -337,6 +337,9 @@ def tiny_flux_with_text_encoders(seed: int = 0):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)).eval()
     pipe = FluxPipeline(**dict(parts, text_encoder=clip, text_encoder_2=t5, tokenizer=tok, tokenizer_2=tok))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_modular_sdxl(classic, guider=None):
     """A Modular SDXL pipeline (``StableDiffusionXLAutoBlocks``) on the components of a classic SDXL pipeline."""
     from diffusers import StableDiffusionXLAutoBlocks
