@@ -8,8 +8,14 @@ is what the pipeline steps with. Batches for which ``prepare_models`` leaves the
 and uncond passes) are evaluated together in one call, in the pipeline's own row order: CFG-type guiders then
 run the pipeline's own network batch, bit for bit.
 
-The guider receives the network's outputs as the pipeline would combine them (epsilon, v or flow velocity),
-which is what a Modular pipeline feeds it too.
+On two-call pipelines (Flux, Wan, ...) the conditional call is the plain conditional pass and the guider's
+other passes run at the unconditional call; its combination replaces the prediction handed to
+``scheduler.step``. The guider receives the network's outputs as the pipeline would combine them (epsilon, v or
+flow velocity), which is what a Modular pipeline feeds it too.
+
+Two diffusers 0.42.1 defects are corrected so that guiders do what they are written for:
+``SmoothedEnergyGuidance.prepare_models`` does not count its calls (:meth:`GuiderSession._prepare`) and the
+block-skip hook returns the two streams of SD3's blocks swapped (:func:`_fix_block_skip_order`).
 """
 
 from __future__ import annotations
