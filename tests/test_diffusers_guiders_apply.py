@@ -18,7 +18,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from diffguide import guidance
 from diffguide.guidance.base import Guidance, Guided
-from tiny_pipes import PIPELINES, embeds, tiny_sd, tiny_sd3, tiny_sdxl, tiny_zimage
+from tiny_pipes import PIPELINES, embeds, tiny_class_pipe, tiny_dit, tiny_sd, tiny_sd3, tiny_sdxl, tiny_zimage
 
 diffusers_logging.set_verbosity_error()  # every guider warns that guiders are experimental
 
@@ -52,6 +52,16 @@ def test_cfg_guider_is_bit_identical_to_native_cfg_on_unet_pipelines(name):
     assert torch.equal(native, hooked)
     assert rows == native_rows == stats.rows_per_step == [4, 4, 4]
     assert torch.equal(native, latents(pipe, guidance_scale=5.0))  # restored
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_class_pipe])  # [cond; uncond] with learned sigma, [uncond; cond]
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_class_conditional_pipelines(make):
+    pipe = make()
+    kw = dict(class_labels=[0, 1], num_inference_steps=3, output_type="np")
+    native = pipe(guidance_scale=5.0, generator=torch.Generator().manual_seed(3), **kw).images
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0)) as stats:
+        hooked = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    assert abs(native - hooked).max() == 0.0 and stats.rows_per_step == [4, 4, 4]
 
 
 @pytest.mark.parametrize("name", ["sd3", "sana", "pixart", "hunyuan"])
