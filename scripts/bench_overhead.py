@@ -2,7 +2,7 @@
 
 For a StableDiffusionPipeline (batched ``[uncond; cond]`` UNet), a StableDiffusion3Pipeline (batched transformer,
 flow matching) and a FluxPipeline (true CFG: two transformer calls per step), runs native CFG and the hooked
-guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports median time
+guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports paired time
 ratios and the rows the network really evaluates (counted at its first layer). Writes the ``overhead`` section of
 BENCHMARKS.md.
 """
@@ -113,10 +113,14 @@ def measure(make, layer: str, kw: dict, native_kw: dict, guides: dict, steps: in
     for r in range(repeats):  # rotate the order each round so no run always follows another
         for name in names[r % len(names):] + names[: r % len(names)]:
             run(name)
-    base, base_cpu = statistics.median(times["native"]), statistics.median(cpu["native"])
     native_name = "native CFG (" + ", ".join(f"{k}={v:g}" for k, v in native_kw.items()) + ")"
-    return [(native_name if name == "native" else name, statistics.median(times[name]) / base,
-             statistics.median(cpu[name]) / base_cpu, rows[name], rows[name] / rows["native"]) for name in times]
+
+    def paired(series: dict[str, list[float]], name: str) -> float:
+        """Median over rounds of the run's time / the native time of the same round (drift cancels)."""
+        return statistics.median(a / b for a, b in zip(series[name], series["native"]))
+
+    return [(native_name if name == "native" else name, paired(times, name), paired(cpu, name), rows[name],
+             rows[name] / rows["native"]) for name in times]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["Written by `scripts/bench_overhead.py`: offline pipelines with random weights, batch "
-             f"{args.batch}, {args.steps} steps, one torch thread, median of {args.repeats} interleaved runs (native "
-             "and hooked side by side in one process, order rotated each round). Rows are counted at the "
+             f"{args.batch}, {args.steps} steps, one torch thread, {args.repeats} interleaved rounds (native and "
+             "hooked side by side in one process, order rotated each round); a ratio is the median over rounds "
+             "of the run's time over the native time of the same round. Rows are counted at the "
              "network's first layer, so skipped rows and calls show. The machine is shared: the process CPU-time "
              "ratio is the less noisy of the two.", "",
              "| pipeline | run | wall-time ratio vs native CFG | CPU-time ratio | network rows | rows ratio |",
