@@ -401,16 +401,24 @@ class _Session:
 def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
     """Context manager: inside it, ``pipe(...)`` runs ``guide`` instead of its own CFG.
 
+    ``guide`` is a diffguide guide or any ``diffusers.guiders.BaseGuidance`` (:mod:`.diffusers_guiders`).
+
     Whatever CFG scale the caller passes (or none), the pipeline runs CFG and the guide's own parameters rule.
     Yields :class:`HookStats` (network calls and rows). Restores the pipeline on exit. Supported pipelines and
     how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`.
     """
-    if not isinstance(guide, Guidance):
-        raise TypeError(f"guide must be a guidance.Guidance, got {type(guide).__name__}")
-    if getattr(pipe, "_diffguide_session", None) is not None:
+    from .diffusers_guiders import GuiderSession, is_diffusers_guider
+
+    if is_diffusers_guider(guide):  # a diffusers.guiders.BaseGuidance: its own passes and combination
+        session = GuiderSession(pipe, guide)
+    elif not isinstance(guide, Guidance):
+        raise TypeError(f"guide must be a guidance.Guidance or a diffusers.guiders.BaseGuidance, got "
+                        f"{type(guide).__name__}")
+    elif getattr(pipe, "_diffguide_session", None) is not None:
         raise ValueError("this pipeline is already inside guidance.apply; nested apply is not supported")
-    session = _Session(pipe, guide)
-    if guide.changes_renoise:
+    else:
+        session = _Session(pipe, guide)
+    if guide is session.guide and guide.changes_renoise:
         if session.family.layout == "cu":
             raise TypeError(f"{type(guide).__name__} changes the renoise term; {type(pipe).__name__} steps its "
                             "scheduler on the doubled CFG batch, which apply() cannot split")

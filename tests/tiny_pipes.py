@@ -82,23 +82,6 @@ def tiny_dit(seed: int = 0):
     return pipe
 
 
-def tiny_modular_sdxl(classic, guider=None):
-    """A Modular SDXL pipeline (``StableDiffusionXLAutoBlocks``) on the components of a classic SDXL pipeline."""
-    from diffusers import StableDiffusionXLAutoBlocks
-
-    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
-    components = {k: v for k, v in classic.components.items() if k in pipe._component_specs and v is not None}
-    pipe.update_components(**components, **({} if guider is None else {"guider": guider}))
-    pipe.update_components(force_zeros_for_empty_prompt=classic.config.force_zeros_for_empty_prompt)
-    blocks = [pipe._blocks]
-    while blocks:  # the denoising loop sits a few levels down; set_progress_bar_config reaches only the top
-        block = blocks.pop()
-        if hasattr(block, "set_progress_bar_config"):
-            block.set_progress_bar_config(disable=True)
-        blocks += list(getattr(block, "sub_blocks", {}).values())
-    return pipe
-
-
 def tiny_class_pipe():
     from diffusers import UNet2DModel
 
@@ -120,13 +103,13 @@ def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
-def tiny_sd3(seed: int = 0):
+def tiny_sd3(seed: int = 0, num_layers: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
-                                        pooled_projection_dim=16, out_channels=4).eval()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=16, pooled_projection_dim=16, out_channels=4).eval()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=_tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
@@ -354,4 +337,21 @@ def tiny_flux_with_text_encoders(seed: int = 0):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)).eval()
     pipe = FluxPipeline(**dict(parts, text_encoder=clip, text_encoder_2=t5, tokenizer=tok, tokenizer_2=tok))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_modular_sdxl(classic, guider=None):
+    """A Modular SDXL pipeline (``StableDiffusionXLAutoBlocks``) on the components of a classic SDXL pipeline."""
+    from diffusers import StableDiffusionXLAutoBlocks
+
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    components = {k: v for k, v in classic.components.items() if k in pipe._component_specs and v is not None}
+    pipe.update_components(**components, **({} if guider is None else {"guider": guider}))
+    pipe.update_components(force_zeros_for_empty_prompt=classic.config.force_zeros_for_empty_prompt)
+    blocks = [pipe._blocks]
+    while blocks:  # the denoising loop sits a few levels down; set_progress_bar_config reaches only the top
+        block = blocks.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        blocks += list(getattr(block, "sub_blocks", {}).values())
     return pipe

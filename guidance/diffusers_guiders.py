@@ -1,0 +1,297 @@
+"""Any ``diffusers.guiders.BaseGuidance`` through :func:`diffguide.guidance.apply`, on classic pipelines.
+
+Every step, the hooked network call hands the guider the pipeline's own inputs as ``(cond, uncond)`` pairs
+(``set_state``, ``prepare_inputs``), as a Modular denoise block does. The network then runs once per guider
+batch with ``prepare_models`` / ``cleanup_models`` around it, so the perturbed passes of PAG, SEG, SLG and
+AutoGuidance see the network modified exactly as diffusers modifies it; the guider's combination (``forward``)
+is what the pipeline steps with. Batches for which ``prepare_models`` leaves the network unchanged (plain cond
+and uncond passes) are evaluated together in one call, in the pipeline's own row order: CFG-type guiders then
+run the pipeline's own network batch, bit for bit.
+
+On two-call pipelines (Flux, Wan, ...) the conditional call is the plain conditional pass and the guider's
+other passes run at the unconditional call; its combination replaces the prediction handed to
+``scheduler.step``. The guider receives the network's outputs as the pipeline would combine them (epsilon, v or
+flow velocity), which is what a Modular pipeline feeds it too.
+
+Two diffusers 0.42.1 defects are corrected so that guiders do what they are written for:
+``SmoothedEnergyGuidance.prepare_models`` does not count its calls (:meth:`GuiderSession._prepare`) and the
+block-skip hook returns the two streams of SD3's blocks swapped (:func:`_fix_block_skip_order`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Guidance, Guided, Step
+from .hook import _Network, _Session, _rows, _tensor, _with_tensor
+
+LAYOUTS = ("uc", "cu", "two_calls")  # the CFG layouts a guider's passes are built from
+_SLOT = "_diffguide_slot"  # marks which side of the (cond, uncond) pairs a guider batch took
+
+
+def is_diffusers_guider(obj: Any) -> bool:
+    """True for an instance of ``diffusers.guiders.BaseGuidance``."""
+    from diffusers.guiders.guider_utils import BaseGuidance
+
+    return isinstance(obj, BaseGuidance)
+
+
+class _GuiderSlot(Guidance):
+    """The session's guide slot while a diffusers guider runs: it renoises like the scheduler and never combines
+    (the guider does)."""
+
+    def __init__(self, guider) -> None:
+        self.guider = guider
+
+    def combine(self, step: Step) -> Guided:
+        raise RuntimeError(f"{type(self.guider).__name__} combines through its own forward")
+
+    def __repr__(self) -> str:
+        return repr(self.guider)
+
+
+def check_guider(pipe, guider) -> None:
+    """Refuse what a diffusers guider under ``apply`` cannot be: mixed with a diffguide guide."""
+    wrapped = getattr(guider, "guide", None)
+    if isinstance(wrapped, Guidance):
+        raise TypeError(f"{type(guider).__name__} wraps the diffguide guide {type(wrapped).__name__} for Modular "
+                        f"pipelines; pass the guide itself: guidance.apply(pipe, {type(wrapped).__name__}(...))")
+    session = getattr(pipe, "_diffguide_session", None)
+    if session is not None:
+        raise ValueError(f"this pipeline already runs {session.guide!r} under guidance.apply; a diffusers guider and "
+                         "a diffguide guide cannot be combined: use one apply() at a time")
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}", out)
+    else:
+        out[prefix] = value
+
+
+def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, Any], full: int,
+           unbatched: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+    """The ``(cond, uncond)`` pair of every per-row network input (nested dicts flattened to dotted names)."""
+    flat_c, flat_u, flat_full = {}, {}, {}
+    for name in cond:
+        if name in unbatched:
+            continue
+        _flatten(cond[name], name, flat_c)
+        _flatten(uncond[name], name, flat_u)
+        _flatten(full_args[name], name, flat_full)
+    return {name: (flat_c[name], flat_u[name]) for name, value in flat_full.items()
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == full}
+
+
+def _assemble(template: dict[str, Any], values: dict[str, Tensor]) -> dict[str, Any]:
+    """``template`` (the network's bound arguments) with the per-row inputs replaced by ``values``."""
+    arguments = dict(template)
+    for path, value in values.items():
+        keys = path.split(".")
+        if len(keys) == 1:
+            arguments[path] = value
+            continue
+        node = arguments[keys[0]] = dict(arguments[keys[0]])
+        for key in keys[1:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[keys[-1]] = value
+    return arguments
+
+
+def _fix_block_skip_order(module: torch.nn.Module) -> None:
+    """diffusers 0.42.1's ``TransformerBlockSkipHook`` returns ``(hidden_states, encoder_hidden_states)`` whatever
+    the block's own output order; blocks registered with the encoder stream first (SD3's
+    ``JointTransformerBlock``) then receive the streams swapped and fail. Where such a hook is the outermost one
+    on a block, its output is put back in the block's order (``cleanup_models`` removes the wrapper with it)."""
+    from diffusers.hooks.layer_skip import TransformerBlockSkipHook
+
+    for block in module.modules():
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is None or not registry._hook_order:
+            continue
+        hook = registry.hooks[registry._hook_order[-1]]
+        if (isinstance(hook, TransformerBlockSkipHook) and hook.dropout == 1.0
+                and hook._metadata.return_encoder_hidden_states_index == 0):
+            forward = block.forward
+            block.forward = functools.wraps(forward)(lambda *args, _f=forward, **kwargs: _f(*args, **kwargs)[::-1])
+
+
+def _network_state(module: torch.nn.Module) -> list[tuple[int, int]]:
+    """What ``prepare_models`` may change: every submodule's instance ``forward`` (diffusers' hook registry
+    rewrites it) and attention processor."""
+    return [(id(m.__dict__.get("forward")), id(getattr(m, "processor", None))) for m in module.modules()]
+
+
+class GuiderSession(_Session):
+    """An ``apply`` session whose guide is a diffusers guider."""
+
+    def __init__(self, pipe, guider) -> None:
+        check_guider(pipe, guider)
+        super().__init__(pipe, _GuiderSlot(guider))
+        self.guider = guider
+        self._guider_counts: bool | None = None  # whether the guider's prepare_models counts its own calls
+        name = type(pipe).__name__
+        if self.family.layout not in LAYOUTS:
+            raise TypeError(f"diffusers guiders run under apply() on pipelines that batch CFG in one network call "
+                            f"({', '.join(LAYOUTS)}); {name} runs it as {self.family.layout!r}")
+        if self.family.output_sign < 0:
+            raise TypeError(f"{name} steps on the negated network output; a diffusers guider would see the "
+                            "opposite velocity of the one it was written for")
+
+    def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
+        family, name = self.family, type(self.pipe).__name__
+        arguments = net.bind(args, kwargs)
+        sample, timestep = arguments[family.latent], arguments.get(family.timestep)
+        full = sample.shape[0]
+        if self.full is None:
+            if full % 2:
+                raise ValueError(f"guidance.apply expects {name}'s CFG batch; got an odd batch")
+            self.full = full
+        if full != self.full:
+            raise ValueError(f"{name} changed its batch from {self.full} to {full} rows mid-run; with a diffusers "
+                             "guider, turn guidance off by the guider's own start / stop instead")
+        batch = full // 2
+        uncond_first = family.layout == "uc"
+        cond_rows = torch.arange(batch, full) if uncond_first else torch.arange(batch)
+        uncond_rows = torch.arange(batch) if uncond_first else torch.arange(batch, full)
+        device = sample.device
+        cond = {k: v if k in family.unbatched else _rows(v, cond_rows.to(device), full) for k, v in arguments.items()}
+        uncond = {k: v if k in family.unbatched else _rows(v, uncond_rows.to(device), full)
+                  for k, v in arguments.items()}
+        pairs = _pairs(cond, uncond, arguments, full, family.unbatched)
+        batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, timestep)
+        if plain:  # one call on the plain batches, in the pipeline's own row order
+            plain.sort(key=lambda i: self._slot(batches[i]) != (1 if uncond_first else 0))
+            values = {key: torch.cat([getattr(batches[i], key) for i in plain]) for key in pairs}
+            merged = self._run(net, _assemble(cond, values))
+            for j, i in enumerate(plain):
+                outputs[i] = merged[j * batch:(j + 1) * batch]
+        channels = sample.shape[1]
+        guided = self._combine(batches, outputs, channels)
+        base = next(t for state, t in zip(batches, outputs) if self._slot(state) == 0)
+        extra = base[:, channels:]
+        half = torch.cat([guided, extra], dim=1) if extra.shape[1] else guided
+        self._end_step()
+        return _with_tensor(self._last_out, torch.cat([half, half]))
+
+    @staticmethod
+    def _slot(state) -> int:
+        """0 if the guider's batch took the conditional inputs, 1 for the unconditional ones."""
+        return int(getattr(state, _SLOT))
+
+    def _run_batches(self, net: _Network, templates: tuple[dict, dict], pairs: dict[str, tuple[Tensor, Tensor]],
+                     timestep: Any) -> tuple[list, list[Tensor | None], list[int]]:
+        """The guider's batches for this step; the modified passes evaluated, each inside its
+        ``prepare_models`` / ``cleanup_models``; the indices of the plain ones (unmodified network), left to the
+        caller to evaluate."""
+        guider, module = self.guider, net.module
+        t = timestep.flatten()[0] if isinstance(timestep, Tensor) else timestep
+        guider.set_state(step=self.index, num_inference_steps=len(self.scheduler.timesteps), timestep=t)
+        try:
+            batches = guider.prepare_inputs(dict(pairs, **{_SLOT: (torch.tensor(0), torch.tensor(1))}))
+        except IndexError:
+            extra = [p for p in guider._input_predictions if p not in ("pred_cond", "pred_uncond")]
+            raise ValueError(f"{type(guider).__name__} asks for inputs {type(self.pipe).__name__} does not compute: "
+                             f"its passes {extra} read input slots beyond (cond, uncond), and the pipeline provides "
+                             f"only the cond and uncond values of {', '.join(pairs)}") from None
+        outputs: list[Tensor | None] = [None] * len(batches)
+        plain = []
+        for i, state in enumerate(batches):
+            if templates[self._slot(state)] is None:
+                raise ValueError(self._missing_uncond())
+            before = _network_state(module)
+            self._prepare(module)
+            if _network_state(module) == before:
+                plain.append(i)  # the unmodified network
+            else:
+                _fix_block_skip_order(module)
+                values = {key: getattr(state, key) for key in pairs}
+                outputs[i] = self._run(net, _assemble(templates[self._slot(state)], values))
+            guider.cleanup_models(module)
+        return batches, outputs, plain
+
+    def _missing_uncond(self) -> str:
+        negative = ", ".join(self.family.negative) or "negative_prompt_embeds"
+        return (f"{type(self.guider).__name__} needs the unconditional inputs, which {type(self.pipe).__name__} "
+                f"did not compute at step {self.index}: pass a negative prompt ({negative})")
+
+    def _combine(self, batches: list, outputs: list[Tensor], channels: int | None) -> Tensor:
+        for state, tensor in zip(batches, outputs):
+            state.noise_pred = tensor if channels is None else tensor[:, :channels]
+        guided = self.guider(batches).pred
+        if not bool(torch.isfinite(guided).all()):
+            raise FloatingPointError(f"{type(self.guider).__name__} produced a non-finite prediction at step "
+                                     f"{self.index}; check the model's outputs and the guider's scales")
+        return guided
+
+    # -- two calls per step (cond, then uncond): the guider's passes run at the unconditional call --------------
+    def _forward_two_calls(self, net: _Network, args: tuple, kwargs: dict):
+        arguments = net.bind(args, kwargs)
+        pending = self.pending
+        if pending is None:  # the conditional call opens the step: the plain conditional pass, as the pipeline asks
+            out = net.run(arguments, arguments[self.family.latent].shape[0])
+            self.pending = dict(net=net, cond=arguments, cond_out=out)
+            return out
+        if "uncond" in pending:
+            raise RuntimeError(f"{type(self.pipe).__name__} called its network a third time in one step; apply() "
+                               "knows two calls per step (cond, uncond)")
+        pending["uncond"] = arguments
+        self._evaluate_two_calls(pending)
+        return pending["cond_out"]  # superseded at scheduler.step by the guider's combination
+
+    def _evaluate_two_calls(self, pending: dict) -> None:
+        net, cond, uncond = pending["net"], pending["cond"], pending.get("uncond")
+        flat_c: dict[str, Any] = {}
+        flat_u: dict[str, Any] = {}
+        for name in cond:
+            _flatten(cond[name], name, flat_c)
+            if uncond is not None:
+                _flatten(uncond[name], name, flat_u)
+        pairs = {k: (v, flat_u.get(k)) for k, v in flat_c.items() if isinstance(v, Tensor)}
+        batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, cond.get(self.family.timestep))
+        for i in plain:
+            if self._slot(batches[i]) == 0:  # the conditional call already made, on the same inputs
+                tensor = _tensor(pending["cond_out"])
+                outputs[i] = tensor.float() if self.family.float32 else tensor
+            elif uncond is None:
+                raise ValueError(self._missing_uncond())
+            else:
+                outputs[i] = self._run(net, uncond)  # the pipeline's own unconditional call
+        pending.update(batches=batches, outputs=outputs)
+
+    def _step_two_calls(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise RuntimeError(f"{type(self.pipe).__name__} stepped its scheduler without a network call")
+        if "batches" not in pending:  # the pipeline made no unconditional call this step
+            self._evaluate_two_calls(pending)
+        guided = self._combine(pending["batches"], pending["outputs"], None).to(model_output.dtype)
+        self._end_step()
+        return self._orig_step(guided, timestep, sample, *args, **kwargs)
+
+    def _prepare(self, module: torch.nn.Module) -> None:
+        """``guider.prepare_models(module)``, counted. ``BaseGuidance.prepare_models`` counts its calls and the
+        guiders' ``is_conditional`` reads that count; diffusers 0.42.1's ``SmoothedEnergyGuidance`` overrides it
+        without counting, so its perturbed pass would never be perturbed. A guider seen not to count (at its
+        first call of the run, where no guider modifies the network) is counted here, before each call."""
+        guider = self.guider
+        count = guider._count_prepared
+        if self._guider_counts is False:
+            guider._count_prepared += 1
+        guider.prepare_models(module)
+        if self._guider_counts is None:
+            self._guider_counts = guider._count_prepared != count
+            if not self._guider_counts:
+                guider._count_prepared += 1
+
+    def _run(self, net: _Network, arguments: dict[str, Any]) -> Tensor:
+        rows = arguments[self.family.latent].shape[0]
+        self._last_out = out = net.run(arguments, rows)
+        tensor = _tensor(out)
+        return tensor.float() if self.family.float32 else tensor

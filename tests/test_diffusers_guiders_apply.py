@@ -1,0 +1,326 @@
+"""diffusers' own guiders (diffusers.guiders.BaseGuidance) through guidance.apply on classic pipelines.
+
+Oracles: native CFG (bit-identical), diffusers' classic PAG pipelines, SD3's native skip_guidance_layers
+(bit-identical), diffguide's APG applied to epsilon (APG's documented conversion) and CFGZeroStar; batched and two-call
+pipelines alike. Rows are counted
+inside the network, at its first layer.
+"""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from diffusers.guiders import (AdaptiveProjectedGuidance, AdaptiveProjectedMixGuidance, AutoGuidance,
+                               ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance, LTX2Guidance,
+                               MagnitudeAwareGuidance, PerturbedAttentionGuidance, SkipLayerGuidance,
+                               SmoothedEnergyGuidance, TangentialClassifierFreeGuidance)
+from diffusers.hooks import LayerSkipConfig, SmoothedEnergyGuidanceConfig
+from diffusers.utils import logging as diffusers_logging
+
+from diffguide import guidance
+from diffguide.guidance.base import Guidance, Guided
+from tiny_pipes import PIPELINES, embeds, tiny_class_pipe, tiny_dit, tiny_sd, tiny_sd3, tiny_sdxl, tiny_zimage
+
+diffusers_logging.set_verbosity_error()  # every guider warns that guiders are experimental
+
+SD_KW = dict(prompt=["a cat", "dog"], height=16, width=16, num_inference_steps=3, output_type="latent")
+MID = "mid_block.attentions.0.transformer_blocks"  # the tiny UNets' one mid-block transformer: classic PAG's "mid"
+
+
+def latents(pipe, seed=3, **extra):
+    return pipe(generator=torch.Generator().manual_seed(seed), **SD_KW, **extra).images
+
+
+def count_rows(net, first):
+    rows = []
+    return rows, getattr(net, first).register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+
+
+def has_hooks(net) -> bool:
+    """Whether any diffusers hook (layer skip, SEG blur, ...) is still registered on a submodule."""
+    return any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_unet_pipelines(name):
+    pipe = {"sd": tiny_sd, "sdxl": tiny_sdxl}[name]()
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    native = latents(pipe, guidance_scale=5.0)
+    native_rows, _ = list(rows), rows.clear()
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0)) as stats:
+        hooked = latents(pipe)  # no guidance_scale passed: the guider's rules
+    handle.remove()
+    assert torch.equal(native, hooked)
+    assert rows == native_rows == stats.rows_per_step == [4, 4, 4]
+    assert torch.equal(native, latents(pipe, guidance_scale=5.0))  # restored
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_class_pipe])  # [cond; uncond] with learned sigma, [uncond; cond]
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_class_conditional_pipelines(make):
+    pipe = make()
+    kw = dict(class_labels=[0, 1], num_inference_steps=3, output_type="np")
+    native = pipe(guidance_scale=5.0, generator=torch.Generator().manual_seed(3), **kw).images
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0)) as stats:
+        hooked = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    assert abs(native - hooked).max() == 0.0 and stats.rows_per_step == [4, 4, 4]
+
+
+@pytest.mark.parametrize("name", ["sd3", "sana", "pixart", "hunyuan"])
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_transformer_pipelines(name):
+    make, first, native_kw = PIPELINES[name]
+    pipe = make()
+
+    def run(**extra):
+        return pipe(**embeds(name, 2), num_inference_steps=2, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **extra)[0]
+
+    native = run(**native_kw(4.0))
+    rows, handle = count_rows(pipe.transformer, first)
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)) as stats:
+        hooked = run()
+    handle.remove()
+    assert torch.equal(native, hooked)
+    assert rows == stats.rows_per_step == [4, 4]
+
+
+def test_cfg_guider_outside_its_window_runs_conditional_rows_only():
+    pipe = tiny_sd()
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0, start=0.4)) as stats:
+        hooked = latents(pipe)
+    handle.remove()
+    assert rows == stats.rows_per_step == [2, 4, 4]  # int(0.4 * 3) = 1: step 0 is conditional only
+    assert not torch.equal(hooked, latents(pipe, guidance_scale=5.0))
+
+
+def pag(scale=5.0, pag_scale=3.0):
+    # diffusers' PAG guider perturbs steps int(start N) < i (strict): start -1 includes step 0, as the classic
+    # pipeline does
+    return PerturbedAttentionGuidance(
+        guidance_scale=scale, perturbed_guidance_scale=pag_scale, perturbed_guidance_start=-1.0,
+        perturbed_guidance_stop=1.0,
+        perturbed_guidance_config=LayerSkipConfig(indices=[0], fqn=MID, skip_attention=False,
+                                                  skip_attention_scores=True, skip_ff=False))
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_pag_guider_equals_diffusers_classic_pag_pipeline(name):
+    pipe = {"sd": tiny_sd, "sdxl": tiny_sdxl}[name]()
+    extra = {"force_zeros_for_empty_prompt": False} if name == "sdxl" else {}
+    classic_cls = {"sd": StableDiffusionPAGPipeline, "sdxl": StableDiffusionXLPAGPipeline}[name]
+    classic = classic_cls(**pipe.components, pag_applied_layers=["mid"], **extra)
+    classic.set_progress_bar_config(disable=True)
+    reference = latents(classic, guidance_scale=5.0, pag_scale=3.0)
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with guidance.apply(pipe, pag()) as stats:
+        hooked = latents(pipe)
+    handle.remove()
+    # classic PAG evaluates one [u; c; c_perturbed] batch, apply a [u; c] batch and a perturbed [c] one: the
+    # same arithmetic on other batch shapes, float32 rounding (measured 3.8e-6 on both) against a PAG effect > 0.5
+    assert (reference - hooked).abs().max() <= 1e-5
+    assert (reference - latents(pipe, guidance_scale=5.0)).abs().max() > 0.1
+    assert rows == [2, 4] * 3 and stats.rows_per_step == [6, 6, 6] and stats.calls == 6
+    assert not has_hooks(pipe.unet)  # cleanup_models removed the perturbation
+
+
+@pytest.mark.parametrize("start, stop", [(0.0, 1.0), (0.2, 0.8), (0.01, 0.2)])
+def test_skip_layer_guider_equals_native_sd3_skip_guidance_layers(start, stop):
+    pipe = tiny_sd3(num_layers=3)
+
+    def run(**extra):
+        return pipe(**embeds("sd3", 2), num_inference_steps=5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **extra)[0]
+
+    native = run(guidance_scale=4.0, skip_guidance_layers=[1], skip_layer_guidance_scale=2.5,
+                 skip_layer_guidance_start=start, skip_layer_guidance_stop=stop)
+    guider = SkipLayerGuidance(guidance_scale=4.0, skip_layer_guidance_scale=2.5,
+                               skip_layer_config=LayerSkipConfig(indices=[1]), skip_layer_guidance_start=start,
+                               skip_layer_guidance_stop=stop)
+    with guidance.apply(pipe, guider) as stats:
+        hooked = run()
+    assert torch.equal(native, hooked)
+    skipped = [i for i in range(5) if 5 * start < i < 5 * stop]  # the native pipeline's window
+    assert stats.rows_per_step == [6 if i in skipped else 4 for i in range(5)]
+    assert not has_hooks(pipe.transformer)
+
+
+class EpsAPG(Guidance):
+    """diffguide's APG update (Alg. 1) applied to the epsilon predictions instead of x0."""
+
+    def __init__(self, apg: guidance.APG) -> None:
+        self.apg = apg
+
+    def reset(self) -> None:
+        self.apg.reset()
+
+    def combine(self, step):
+        pred = self.apg.update(step.pred_cond, step.pred_uncond)
+        return Guided(pred, pred)
+
+
+@pytest.mark.parametrize("scale, eta, threshold, momentum", [(5.0, 0.0, 15.0, -0.5), (5.0, 0.3, 0.5, 0.0)])
+def test_apg_guider_equals_diffguide_apg_in_its_documented_conversion(scale, eta, threshold, momentum):
+    pipe = tiny_sd()
+    guider = AdaptiveProjectedGuidance(guidance_scale=scale - 1, adaptive_projected_guidance_momentum=momentum,
+                                       adaptive_projected_guidance_rescale=threshold, eta=eta,
+                                       use_original_formulation=True)
+    with guidance.apply(pipe, guider):
+        hooked = latents(pipe)
+    with guidance.apply(pipe, EpsAPG(guidance.APG(scale, eta=eta, norm_threshold=threshold, momentum=momentum))):
+        ours = latents(pipe)
+    # diffusers casts the parallel and orthogonal parts from float64 separately, diffguide only the parallel one:
+    # float32 rounding (measured <= 2.2e-6) against an APG effect of 0.2 over CFG
+    assert (hooked - ours).abs().max() <= 1e-5
+    with guidance.apply(pipe, guidance.CFG(scale)):
+        assert (hooked - latents(pipe)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("zero_init_steps", [0, 1])
+def test_cfg_zero_star_guider_equals_diffguide_cfg_zero_star(zero_init_steps):
+    pipe = tiny_sd()
+    with guidance.apply(pipe, ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=zero_init_steps)):
+        hooked = latents(pipe)
+    with guidance.apply(pipe, guidance.CFGZeroStar(4.0, zero_init_steps=zero_init_steps)):
+        assert torch.equal(hooked, latents(pipe))
+
+
+def test_smoothed_energy_guider_perturbs_its_third_pass():
+    pipe = tiny_sd()
+    guider = SmoothedEnergyGuidance(guidance_scale=4.0, seg_guidance_scale=3.0, seg_guidance_start=0.0,
+                                    seg_guidance_stop=1.0,
+                                    seg_guidance_config=SmoothedEnergyGuidanceConfig(indices=[0], fqn=MID))
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with guidance.apply(pipe, guider) as stats:
+        hooked = latents(pipe)
+    handle.remove()
+    assert rows == [4, 2, 4, 2, 4] and stats.rows_per_step == [4, 6, 6]  # SEG's window is start < i (strict)
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        assert (hooked - latents(pipe)).abs().max() > 1e-3  # the blurred-attention pass differs from pred_cond
+    assert not has_hooks(pipe.unet)
+
+
+def test_auto_guidance_runs_its_unconditional_pass_on_the_skipped_network():
+    pipe = tiny_sd()
+    guider = AutoGuidance(guidance_scale=3.0, auto_guidance_config=LayerSkipConfig(indices=[0], fqn=MID,
+                                                                                   skip_attention=True))
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with guidance.apply(pipe, guider) as stats:
+        hooked = latents(pipe)
+    handle.remove()
+    assert rows == [2, 2] * 3 and stats.rows_per_step == [4, 4, 4]  # cond and skipped-uncond: separate calls
+    # not CFG: the guider's "uncond" is the unconditional inputs through the layer-skipped network
+    assert (hooked - latents(pipe, guidance_scale=3.0)).abs().max() > 1e-3
+    assert not has_hooks(pipe.unet)
+
+
+@pytest.mark.parametrize("name, make, kw", [
+    ("sd", TangentialClassifierFreeGuidance, {}),
+    ("sd", AdaptiveProjectedMixGuidance, {"adaptive_projected_guidance_start_step": 0}),  # APG from step 1
+    ("flux", MagnitudeAwareGuidance, {})])  # MAG's norm is over (seq, C) outputs: 4-D UNet outputs fail in diffusers
+def test_other_two_pass_guiders_run_their_own_combination(name, make, kw):
+    guider = make(guidance_scale=4.0, **kw)
+    if name == "sd":
+        pipe = tiny_sd()
+        with guidance.apply(pipe, guider) as stats:
+            hooked = latents(pipe)
+        cfg = latents(pipe, guidance_scale=4.0)
+    else:
+        pipe = PIPELINES[name][0]()
+        with guidance.apply(pipe, guider) as stats:
+            hooked = run_transformer(pipe, name, steps=3)
+        cfg = run_transformer(pipe, name, steps=3, true_cfg_scale=4.0)
+    assert torch.isfinite(hooked).all() and stats.rows_per_step == [4, 4, 4]
+    assert (hooked - cfg).abs().max() > 1e-4  # the guider's combination, not the pipeline's CFG
+
+
+def test_guider_needing_inputs_the_pipeline_does_not_compute_is_refused():
+    pipe = tiny_sd()
+    with guidance.apply(pipe, LTX2Guidance(guidance_scale=4.0)):  # its CFG term alone: (cond, uncond)
+        ltx2 = latents(pipe)
+    # c + (s - 1)(c - u) is CFG's u + s (c - u) to float32 rounding (measured 1.5e-6)
+    assert (ltx2 - latents(pipe, guidance_scale=4.0)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"pred_cond_stg.*does not compute|does not compute.*pred_cond_stg"):
+        with guidance.apply(pipe, LTX2Guidance(guidance_scale=4.0, stg_scale=1.0)):
+            latents(pipe)
+    assert not has_hooks(pipe.unet) and type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+def test_mixed_and_nested_use_is_refused():
+    pipe = tiny_sd()
+    cfg = ClassifierFreeGuidance(guidance_scale=4.0)
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        with pytest.raises(ValueError, match="cannot be combined"):
+            with guidance.apply(pipe, cfg):
+                pass
+    with guidance.apply(pipe, cfg):
+        with pytest.raises(ValueError, match="already inside guidance.apply"):
+            with guidance.apply(pipe, guidance.CFG(4.0)):
+                pass
+    with pytest.raises(TypeError, match="guidance.Guidance"):
+        guidance.GuidanceInterval(cfg, sigma_lo=0.1, sigma_hi=1.0)  # a diffguide guide around a diffusers guider
+    adapter = guidance.as_diffusers_guider(guidance.CFG(4.0), pipe.scheduler)
+    with pytest.raises(TypeError, match=r"pass the guide itself: guidance.apply\(pipe, CFG"):
+        with guidance.apply(pipe, adapter):
+            pass
+    with pytest.raises(ValueError, match="guidance_rescale must be 0.0"):
+        with guidance.apply(pipe, cfg):
+            latents(pipe, guidance_rescale=0.5)
+    assert torch.equal(latents(pipe, guidance_scale=4.0), latents(pipe, guidance_scale=4.0))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and "forward" not in pipe.unet.__dict__
+
+
+def run_transformer(pipe, name, steps=2, **extra):
+    return pipe(**embeds(name, 2), num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **extra)[0]
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "cogview4"])
+def test_cfg_guider_is_bit_identical_to_native_cfg_on_two_call_pipelines(name):
+    make, first, native_kw = PIPELINES[name]
+    pipe = make()
+    native = run_transformer(pipe, name, **native_kw(4.0))
+    rows, handle = count_rows(pipe.transformer, first)
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)) as stats:
+        hooked = run_transformer(pipe, name)
+    handle.remove()
+    assert torch.equal(native, hooked)
+    assert rows == [2, 2, 2, 2] and stats.rows_per_step == [4, 4] and stats.calls == 4
+
+
+def test_qwen_cfg_guider_is_plain_cfg_without_the_native_norm_rescale():
+    pipe = PIPELINES["qwen"][0]()
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+        hooked = run_transformer(pipe, "qwen")
+    with guidance.apply(pipe, guidance.CFG(4.0)):
+        assert torch.equal(hooked, run_transformer(pipe, "qwen"))
+
+
+def test_skip_layer_guider_on_flux_adds_a_skipped_conditional_call():
+    pipe = PIPELINES["flux"][0]()
+    guider = SkipLayerGuidance(guidance_scale=4.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
+                               skip_layer_guidance_stop=1.0,
+                               skip_layer_config=LayerSkipConfig(indices=[0], fqn="transformer_blocks"))
+    with guidance.apply(pipe, guider) as stats:
+        hooked = run_transformer(pipe, "flux", steps=3)
+    assert stats.rows_per_step == [4, 6, 6] and stats.calls == 8  # its window is start < i (strict)
+    assert (hooked - run_transformer(pipe, "flux", steps=3, true_cfg_scale=4.0)).abs().max() > 1e-3
+    assert not has_hooks(pipe.transformer)
+
+
+def test_two_call_pipeline_without_unconditional_inputs_is_refused_naming_them():
+    pipe = PIPELINES["flux"][0]()
+    kw = {k: v for k, v in embeds("flux", 2).items() if not k.startswith("negative")}
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+            pipe(**kw, num_inference_steps=2, output_type="latent")
+
+
+def test_pipelines_the_guiders_cannot_serve_are_refused_up_front():
+    pipe = tiny_zimage()
+    with pytest.raises(TypeError, match="list_cu"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+            pass
+    assert "forward" not in pipe.transformer.__dict__
+    pipe = PIPELINES["lumina2"][0]()
+    with pytest.raises(TypeError, match="negated network output"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=4.0)):
+            pass
