@@ -45,6 +45,7 @@ REQUIRED = {
     "DynamicCFG": lambda: {"evaluators": [identity]},
     "GFCG": lambda: {"classifier": identity},
     "GuidanceInterval": lambda: {"guide": guidance.CFG(2.0)},
+    "NormRescale": lambda: {"guide": guidance.CFG(2.0)},
     "DPS": lambda: {"operator": operator(), "y": torch.zeros(1, 2)},
     "MCG": lambda: {"operator": operator(), "y": torch.zeros(1, 2)},
     "EnKG": lambda: {"operator": operator(), "y": torch.zeros(1, 2)},
