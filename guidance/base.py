@@ -27,7 +27,8 @@ class Step:
     ``cond`` / ``uncond`` are the network conditions of the two branches (when the caller has them) and
     ``evaluate(x, cond, level=None)`` one more network pass at VP state ``x`` (the step's shape) with condition
     ``cond``, at this step's level or at another ``samplers.Level`` (guides that take a sub-step, e.g.
-    Rectified-CFG++); ``None`` where the caller cannot run extra passes.
+    Rectified-CFG++); ``None`` where the caller cannot run extra passes. ``next_level`` is the level the run moves
+    to after this step, where the caller knows it (``guidance.apply`` reads it from the scheduler).
     """
 
     x: Tensor
@@ -43,6 +44,7 @@ class Step:
     cond: Any = None
     evaluate: Callable[..., Tensor] | None = field(default=None, repr=False)
     uncond: Any = None
+    next_level: Level | None = None
 
     def __post_init__(self) -> None:
         self.prediction_type = check_prediction_type(self.prediction_type)
@@ -76,10 +78,12 @@ class Guidance:
     """Base class of every guide.
 
     Subclasses implement :meth:`combine`. ``changes_renoise`` is True for guides whose ``renoise``
-    differs from ``denoise`` (CFG++): the sampler or scheduler hook then uses both.
+    differs from ``denoise`` (CFG++): the sampler or scheduler hook then uses both. ``evaluates_other_levels`` is
+    True for guides that call ``step.evaluate`` at another noise level than the step's (Rectified-CFG++).
     """
 
     changes_renoise: bool = False
+    evaluates_other_levels: bool = False
 
     def needs_uncond(self, level: Level, batch_size: int) -> Tensor:
         """Which rows need the unconditional branch at this level (bool, shape ``(batch_size,)``)."""

@@ -44,6 +44,10 @@ def _refusal(guide: Guidance) -> str | None:
                 "only from the pipeline's own (cond, uncond) inputs, so a pass with another condition cannot be "
                 "scheduled. Pass reference_model= (a separate model callable), or run it with guidance.apply on a "
                 "classic pipeline")
+    if type(guide).evaluates_other_levels:
+        return ("it evaluates the network at another noise level within the step (Rectified-CFG++'s corrector at "
+                "the predicted point); a guider's batches all run at the step's own latent and timestep. Run it "
+                "with guidance.apply on a classic pipeline")
     for inner in (getattr(guide, "guide", None), getattr(guide, "base", None), getattr(guide, "adaptive", None)):
         if isinstance(inner, Guidance):
             reason = _refusal(inner)

@@ -34,6 +34,10 @@ class Family:
     ``float32``: the pipeline combines ``.float()`` copies of the network outputs (Sana, Z-Image).
     ``unbatched``: network arguments that are not per-row even if their first dimension matches the batch.
     ``scheduler``: "flow" (rectified flow, velocity output) or "diffusion" (epsilon / v / x0 schedules).
+    ``condition``: the network argument holding the text embeddings (``step.cond`` under apply).
+    ``flow_time``: how a flow network's time argument follows the flow level ``s``, for extra passes at another
+    level (Rectified-CFG++): "proportional" (``1000 s``, ``s``, ``1000 s * timestep_scale``), "one_minus" (``1 - s``:
+    Lumina 2, Z-Image), or None where it is no function of ``s`` apply knows (CogView4 feeds unshifted timesteps).
     ``native``: the guide expression that reproduces the pipeline's own CFG at scale ``s`` (docs and tests);
     ``native_exact`` False where it does so only to rounding: Z-Image computes ``c + s (c - u)``, which is
     ``CFG(s + 1)`` but not CFG's floating-point expression ``u + w (c - u)``.
@@ -52,6 +56,8 @@ class Family:
     output_sign: int = 1
     float32: bool = False
     unbatched: tuple[str, ...] = ()
+    condition: str = "encoder_hidden_states"
+    flow_time: str | None = "proportional"
     native: str = "CFG(s)"
     native_exact: bool = True
 
@@ -60,6 +66,8 @@ class Family:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.scheduler not in ("flow", "diffusion"):
             raise ValueError(f"scheduler must be 'flow' or 'diffusion', got {self.scheduler!r}")
+        if self.flow_time not in ("proportional", "one_minus", None):
+            raise ValueError(f"flow_time must be 'proportional', 'one_minus' or None, got {self.flow_time!r}")
 
 
 _RESCALE = {"guidance_rescale": (0.0, "use guidance.CFGRescale")}
@@ -80,13 +88,14 @@ FAMILIES: tuple[Family, ...] = (
     Family(("QwenImagePipeline",), "two_calls", "flow", scale_arg="true_cfg_scale",
            negative=("negative_prompt", "negative_prompt_embeds"), native="NormRescale(CFG(s))"),
     Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2")),
-    Family(("CogView4Pipeline",), "two_calls", "flow"),
+    Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None),
     Family(("ZImagePipeline",), "list_cu", "flow", latent="x", timestep="t", scale_arg="guidance_scale",
-           cfg_threshold=0.0, output_sign=-1, float32=True, native="CFG(s + 1)", native_exact=False,
+           cfg_threshold=0.0, output_sign=-1, float32=True, condition="cap_feats", flow_time="one_minus",
+           native="CFG(s + 1)", native_exact=False,
            neutral={"cfg_normalization": (False, "its norm clamp is not a guide yet"),
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")}),
-    Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
+    Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus", native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                              "guidance.GuidanceInterval")}),
 )

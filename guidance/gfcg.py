@@ -114,6 +114,7 @@ class GFCG(Guidance):
         self.labels, self.class_conds = labels, class_conds
         self.reference_model, self.decode = reference_model, decode
         self.changes_renoise = base.changes_renoise if base is not None else False
+        self.evaluates_other_levels = base.evaluates_other_levels if base is not None else False
         self.classifier_calls = 0
         self.reference_rows = 0
         self.reset()

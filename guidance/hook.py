@@ -12,7 +12,9 @@ The pipeline's family (:mod:`.families`) says how it runs CFG; the control flow 
   code runs unchanged, and whatever it does between the calls and the step is superseded by the guide.
 
 ``Step.x`` is the pipeline's own latent (flow scale for flow pipelines; the converters hold for any scale) and
-``step.evaluate(x, cond)`` takes ``x`` in that same scale, at the step's own level. Everything is restored on exit.
+``step.evaluate(x, cond)`` takes ``x`` in that same scale, at the step's own level; on flow pipelines also at
+another ``Level`` (``step.next_level`` is the scheduler's next one), as Rectified-CFG++ needs. Everything is
+restored on exit.
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
-from .families import Family, family_of
+from .families import FAMILIES, Family, family_of
 from .scheduler_step import check_scheduler, renoise_step
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The network arguments of one CFG branch's rows (``step.uncond`` under apply): ``step.evaluate(x, branch)``
+    runs the network on all of them (the latent and, at another level, the time replaced)."""
+
+    arguments: dict = field(repr=False)
 
 
 @dataclass
@@ -283,10 +293,13 @@ class _Session:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
         x = sample[cond_rows.to(sample.device)]
-        cond, evaluate = (None, None) if as_list else self._cond_branch(net, arguments, cond_rows.to(sample.device),
-                                                                        full)
+        uncond_arguments = {k: v if k in family.unbatched else _rows(v, uncond_rows.to(sample.device), full, as_list)
+                            for k, v in arguments.items()}
+        cond, uncond, evaluate = self._branches(net, arguments, cond_rows.to(sample.device), full, level,
+                                                uncond_arguments)
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
+                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
+                    uncond=uncond, next_level=self._next_level(level))
         guided = guided_checked(self.guide, step)
         self.last_step, self.renoise = step, guided.renoise
         denoise = -guided.denoise if family.output_sign < 0 else guided.denoise
@@ -310,6 +323,7 @@ class _Session:
             raise RuntimeError(f"{type(self.pipe).__name__} called its network a third time in one step; apply() "
                                "knows two calls per step (cond, uncond)")
         mask, full = pending["mask"], sample.shape[0]
+        pending["uncond_arguments"] = arguments  # extra passes may need them even when the call is skipped
         if not bool(mask.any()):  # the guide does not need it: the call is skipped, not evaluated
             pending["uncond"] = None
             return pending["cond"]
@@ -324,30 +338,69 @@ class _Session:
         pending["uncond"] = out = _with_tensor(pending["cond"], merged)
         return out
 
-    def _cond_branch(self, net: _Network, arguments: dict, rows: Tensor, full: int | None):
+    def _branches(self, net: _Network, arguments: dict, rows: Tensor, full: int | None, level: Level,
+                  uncond_arguments: dict | None):
         """``step.cond`` (the conditional rows' class labels or text embeddings, as ``diffusers_model_fn`` takes
-        them) and ``step.evaluate(x, cond)``: one more counted network pass on the conditional rows' inputs,
-        with ``x`` and the condition replaced (e.g. GFCG's reference class)."""
-        select = (lambda v: v) if full is None else (lambda v: _rows(v, rows, full))
-        latent = self.family.latent
-        key = "class_labels" if arguments.get("class_labels") is not None else "encoder_hidden_states"
+        them), ``step.uncond`` (a :class:`Branch`: the unconditional rows' arguments) and
+        ``step.evaluate(x, cond, level=None)``: one more counted network pass on the conditional rows' inputs, with
+        ``x`` and the condition replaced (e.g. GFCG's reference class; a ``Branch`` replaces every argument), at
+        the step's level or, on flow pipelines, at another ``Level`` (``x = alpha x0 + sigma eps`` in that level's
+        scale; the time argument moved as the family's ``flow_time`` says)."""
+        family = self.family
+        as_list = family.layout == "list_cu"
+        select = (lambda v: v) if full is None else (lambda v: _rows(v, rows, full, as_list))
+        latent, time_arg = family.latent, family.timestep
+        key = "class_labels" if arguments.get("class_labels") is not None else family.condition
         cond = select(arguments.get(key))
         if arguments.get("added_cond_kwargs") is not None:
             cond = {key: cond, "added_cond_kwargs": select(arguments["added_cond_kwargs"])}
-        shape = (len(rows), *arguments[latent].shape[1:])
+        base = {name: select(value) for name, value in arguments.items()}
+        sample = arguments[latent]
+        shape = (len(rows), *(sample[0].shape if as_list else sample.shape[1:]))
+        dtype = sample[0].dtype if as_list else sample.dtype
+        uncond = None if uncond_arguments is None else Branch(uncond_arguments)
 
-        def evaluate(x: Tensor, new_cond: Any) -> Tensor:
+        def evaluate(x: Tensor, new_cond: Any, new_level: Level | None = None) -> Tensor:
             if tuple(x.shape) != shape:
                 raise ValueError(f"step.evaluate takes x of the step's shape {shape}, got {tuple(x.shape)}")
-            replace = new_cond if isinstance(new_cond, dict) else {key: new_cond}
-            unknown = set(replace) - set(net.signature.parameters)
-            if unknown:
-                raise ValueError(f"{type(net.module).__name__}.forward takes no {sorted(unknown)}")
-            selected = {name: select(value) for name, value in arguments.items()}
-            out = net.run(dict(selected, **replace, **{latent: x}), x.shape[0])
-            return _tensor(out)[:, : x.shape[1]]
+            if isinstance(new_cond, Branch):
+                call = dict(new_cond.arguments)
+            else:
+                replace = new_cond if isinstance(new_cond, dict) else {key: new_cond}
+                unknown = set(replace) - set(net.signature.parameters)
+                if unknown:
+                    raise ValueError(f"{type(net.module).__name__}.forward takes no {sorted(unknown)}")
+                call = dict(base, **replace)
+            if new_level is not None:
+                if family.scheduler != "flow" or family.flow_time is None:
+                    raise ValueError(f"step.evaluate at another level is not available on {type(self.pipe).__name__}")
+                x = x / (new_level.alpha + new_level.sigma).to(x)  # to the pipeline's flow scale (1 - s) x0 + s eps
+                step_t = level.t.to(torch.float64)
+                new_t = torch.as_tensor(new_level.t).to(torch.float64)
+                t_in = call[time_arg]
+                call[time_arg] = (t_in * (new_t / step_t) if family.flow_time == "proportional"
+                                  else t_in + (new_t - step_t)).to(t_in.dtype)
+            x = x.to(dtype)
+            out = net.run(dict(call, **{latent: list(x.unbind(0)) if as_list else x}), x.shape[0])
+            pred = torch.stack(list(_tensor(out))) if as_list else _tensor(out)
+            pred = pred[:, : x.shape[1]]
+            pred = pred.float() if family.float32 else pred
+            return -pred if family.output_sign < 0 else pred
 
-        return cond, evaluate
+        return cond, uncond, evaluate
+
+    def _next_level(self, level: Level) -> Level | None:
+        """The level the scheduler steps to (flow pipelines whose network time apply knows), else None."""
+        family, sigmas = self.family, getattr(self.scheduler, "sigmas", None)
+        if not self.flow or family.flow_time is None or sigmas is None or level.index + 1 >= len(sigmas):
+            return None
+        s, s_next = float(level.sigma), float(sigmas[level.index + 1])
+        t = level.t.to(torch.float64)
+        t_next = t * (s_next / s) if family.flow_time == "proportional" else t + (s - s_next)
+        like = level.alpha
+        return Level(t=t_next, alpha=torch.as_tensor(1 - s_next, dtype=like.dtype, device=like.device),
+                     sigma=torch.as_tensor(s_next, dtype=like.dtype, device=like.device), index=level.index + 1,
+                     num_steps=level.num_steps)
 
     # -- the scheduler side: the prediction the pipeline steps with ---------------------------------------
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
@@ -385,9 +438,11 @@ class _Session:
             pred_uncond = -pred_uncond if sign < 0 else pred_uncond
         level = pending["level"]
         rows = torch.arange(pred_cond.shape[0], device=sample.device)
-        cond, evaluate = self._cond_branch(pending["net"], pending["arguments"], rows, None)
+        cond, uncond, evaluate = self._branches(pending["net"], pending["arguments"], rows, None, level,
+                                                pending.get("uncond_arguments"))
         step = Step(sample, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate)
+                    self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
+                    uncond=uncond, next_level=self._next_level(level))
         guided = guided_checked(self.guide, step)
         self.last_step = step
         self._end_step()
@@ -423,6 +478,14 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
             raise TypeError(f"{type(guide).__name__} changes the renoise term; {type(pipe).__name__} steps its "
                             "scheduler on the doubled CFG batch, which apply() cannot split")
         check_scheduler(session.scheduler)
+    if guide is session.guide and guide.evaluates_other_levels:
+        family = session.family
+        if family.scheduler != "flow" or family.flow_time is None:
+            served = [name for f in FAMILIES if f.scheduler == "flow" and f.flow_time is not None for name in f.pipelines]
+            why = ("runs no flow network" if family.scheduler != "flow" else
+                   "feeds its network a time that is no function of the flow level apply knows")
+            raise TypeError(f"{type(guide).__name__} evaluates the network at other noise levels; "
+                            f"{type(pipe).__name__} {why}. Supported: {', '.join(served)}")
     session.install()
     pipe._diffguide_session = session
     try:

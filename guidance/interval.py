@@ -29,6 +29,7 @@ class GuidanceInterval(Guidance):
             raise ValueError(f"sigma_hi must be a number > sigma_lo={self.sigma_lo}, got {sigma_hi}")
         self.sigma_hi = float(sigma_hi)
         self.changes_renoise = guide.changes_renoise
+        self.evaluates_other_levels = guide.evaluates_other_levels
 
     def active(self, ve_sigma: float) -> bool:
         return self.sigma_lo < ve_sigma <= self.sigma_hi

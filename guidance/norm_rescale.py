@@ -27,6 +27,7 @@ class NormRescale(Guidance):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
         self.guide, self.dim = guide, dim
         self.changes_renoise = guide.changes_renoise
+        self.evaluates_other_levels = guide.evaluates_other_levels
 
     def needs_uncond(self, level: Level, batch_size: int) -> Tensor:
         return self.guide.needs_uncond(level, batch_size)

@@ -38,12 +38,16 @@ class RectifiedCFGPlusPlus(Guidance):
         scale: the corrector's weight ``lambda`` (0 = the conditional flow, no extra passes); comparable to CFG's
             ``w - 1`` (the small-step limit is CFG at ``w = 1 + scale``).
         plan: the ``samplers.Plan`` the sampler runs (the guide needs the level each step moves to); may be set
-            later as ``guide.plan``.
+            later as ``guide.plan``. Not needed under ``guidance.apply``, which hands each step its next level.
         predictor_fraction: ``f``, the fraction of the step the conditional predictor takes (1/2 in the paper).
 
-    Needs ``step.evaluate(x, cond, level)`` and ``step.uncond`` (``GuidedDenoiser`` provides both); assumes
-    diffusers' flow timesteps ``t = s * num_train_timesteps`` (the predicted level's time is ``t * s_hat / s``).
+    Needs ``step.evaluate(x, cond, level)`` and ``step.uncond`` (``GuidedDenoiser`` and ``guidance.apply`` provide
+    both). With ``step.next_level`` (apply) the predicted level's network time is interpolated like its level,
+    ``t + f (t_next - t)`` (exact for network times affine in ``s``: ``1000 s``, ``s``, ``1 - s``); from a ``plan`` it
+    assumes diffusers' flow timesteps ``t = s * num_train_timesteps`` (``t * s_hat / s``).
     """
+
+    evaluates_other_levels = True
 
     def __init__(self, scale: float = 2.0, plan: Plan | None = None, predictor_fraction: float = 0.5) -> None:
         self.scale = check_scale("scale", scale)
@@ -57,39 +61,48 @@ class RectifiedCFGPlusPlus(Guidance):
     def needs_uncond(self, level: Level, batch_size: int) -> Tensor:
         return torch.zeros(batch_size, dtype=torch.bool, device=level.alpha.device)
 
-    def _check(self, step: Step) -> Plan:
+    def _check(self, step: Step) -> Plan | None:
         if step.prediction_type != "flow_prediction":
             raise ValueError(f"RectifiedCFGPlusPlus guides flow-matching velocities (prediction_type="
                              f"'flow_prediction'); got {step.prediction_type!r}")
+        if step.evaluate is None or step.uncond is None or not _takes_level(step.evaluate):
+            raise ValueError("RectifiedCFGPlusPlus needs extra network passes at another level: run it through "
+                             "GuidedDenoiser or guidance.apply (step.evaluate(x, cond, level) and step.uncond)")
+        if step.next_level is not None:
+            return None
         if not isinstance(self.plan, Plan):
             raise ValueError("RectifiedCFGPlusPlus needs the run's noise levels: pass plan= (the samplers.Plan the "
                              "sampler runs)")
         if self.plan.num_steps != step.num_steps:
             raise ValueError(f"RectifiedCFGPlusPlus: the plan has {self.plan.num_steps} steps, the run "
                              f"{step.num_steps}")
-        if step.evaluate is None or step.uncond is None or not _takes_level(step.evaluate):
-            raise ValueError("RectifiedCFGPlusPlus needs extra network passes at another level: run it through "
-                             "GuidedDenoiser (step.evaluate(x, cond, level) and step.uncond)")
         return self.plan
 
     def predicted_point(self, step: Step, v_cond: Tensor) -> tuple[Tensor, Level]:
         """``x_hat = x + f dt v_c`` as a VP state, and its level (``alpha, sigma`` VP, ``t * s_hat / s``)."""
         plan = self._check(step)
         s = float(step.sigma / (step.alpha + step.sigma))  # flow level of the step (1 at pure noise)
-        ve_next = float(plan.sigmas[step.index + 1])
-        s_next = ve_next / (1 + ve_next)
-        ve_here = float(plan.sigmas[step.index])
-        s_plan = 1.0 if ve_here == float("inf") else ve_here / (1 + ve_here)
-        if abs(s_plan - s) > 1e-6:
-            raise ValueError(f"RectifiedCFGPlusPlus: step {step.index} is at flow level {s:.6g}, the plan's level "
-                             f"is {s_plan:.6g}; pass the plan the sampler runs")
-        s_hat = s + self.predictor_fraction * (s_next - s)
+        f = self.predictor_fraction
+        if plan is None:  # the caller's next level (apply): its time interpolated like its level
+            nxt = step.next_level
+            s_next = float(nxt.sigma / (nxt.alpha + nxt.sigma))
+            t_hat = step.t + f * (torch.as_tensor(nxt.t).to(step.t) - step.t)
+        else:
+            ve_next = float(plan.sigmas[step.index + 1])
+            s_next = ve_next / (1 + ve_next)
+            ve_here = float(plan.sigmas[step.index])
+            s_plan = 1.0 if ve_here == float("inf") else ve_here / (1 + ve_here)
+            if abs(s_plan - s) > 1e-6:
+                raise ValueError(f"RectifiedCFGPlusPlus: step {step.index} is at flow level {s:.6g}, the plan's "
+                                 f"level is {s_plan:.6g}; pass the plan the sampler runs")
+            t_hat = step.t * ((s + f * (s_next - s)) / s)
+        s_hat = s + f * (s_next - s)
         x_flow = step.x / (step.alpha + step.sigma)
         x_hat_flow = x_flow + (s_hat - s) * v_cond
         norm = (s_hat**2 + (1 - s_hat) ** 2) ** 0.5  # flow (1 - s, s) -> VP (alpha, sigma) of the same level
         alpha_hat, sigma_hat = (1 - s_hat) / norm, s_hat / norm
         like = step.alpha
-        level = Level(t=step.t * (s_hat / s), alpha=torch.as_tensor(alpha_hat, dtype=like.dtype, device=like.device),
+        level = Level(t=t_hat, alpha=torch.as_tensor(alpha_hat, dtype=like.dtype, device=like.device),
                       sigma=torch.as_tensor(sigma_hat, dtype=like.dtype, device=like.device), index=step.index,
                       num_steps=step.num_steps)
         return x_hat_flow / norm, level

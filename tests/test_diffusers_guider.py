@@ -187,6 +187,9 @@ def test_refused_guides_and_schedulers():
     for guide in (gfcg, dg.GuidanceInterval(gfcg, sigma_lo=1.0)):
         with pytest.raises(ValueError, match="GFCG evaluates the main network once more.*guidance.apply"):
             dg.as_diffusers_guider(guide, scheduler)
+    for guide in (dg.guidance.RectifiedCFGPlusPlus(1.0), dg.guidance.NormRescale(dg.guidance.RectifiedCFGPlusPlus(1.0))):
+        with pytest.raises(ValueError, match="at another noise level within the step.*guidance.apply"):
+            dg.as_diffusers_guider(guide, FlowMatchEulerDiscreteScheduler())
     with pytest.raises(TypeError, match="already a diffusers guider"):
         dg.as_diffusers_guider(ClassifierFreeGuidance(), scheduler)
     with pytest.raises(TypeError, match="already a diffusers guider"):

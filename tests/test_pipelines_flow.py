@@ -4,6 +4,8 @@ Bars: CFG through apply is bit-identical to the native call and evaluates as man
 the network, at its first layer); guides that skip the unconditional branch skip those rows or calls.
 """
 
+import inspect
+
 import diffusers
 import pytest
 import torch
@@ -354,3 +356,79 @@ def test_subclasses_are_served_only_with_their_parents_call():
     with pytest.raises(TypeError, match="got OverridesCall, which overrides the __call__ of FluxPipeline"):
         with guidance.apply(OverridesCall(**parts), guidance.CFG(4.0)):
             pass
+
+
+# name -> (network time at flow level s, sign of the velocity in the output, one batched [u; c] call)
+RCFGPP_PIPES = {"sd3": (lambda s: 1000 * s, 1, True), "flux": (lambda s: s, 1, False),
+                "lumina2": (lambda s: 1 - s, -1, False), "zimage": (lambda s: 1 - s, -1, True)}
+
+
+@pytest.mark.parametrize("name", list(RCFGPP_PIPES))
+def test_rectified_cfgpp_through_apply_equals_the_papers_loop(name):
+    """Rectified-CFG++ (Saini et al. 2025, Alg. 1) through apply vs the algorithm written out on the scheduler's
+    sigmas: v_c at x; predictor x_hat = x + f (s' - s) v_c; v = v_c + lam (v(x_hat, s_hat | c) - v(x_hat, s_hat | u))
+    with the network's time at s_hat (1000 s, s, 1 - s: each pipeline's convention); Euler x' = x + (s' - s) v.
+    Three passes per step, counted inside the network."""
+    time_of, sign, batched = RCFGPP_PIPES[name]
+    make = PIPELINES[name][0]
+    pipe = make()
+    net = pipe.transformer
+    signature = inspect.signature(net.forward)
+    calls = []
+    hook = net.register_forward_pre_hook(
+        lambda m, a, k: calls.append(dict(signature.bind(*a, **k).arguments)), with_kwargs=True)
+    run(pipe, name, steps=3, **PIPELINES[name][2](4.0))
+    hook.remove()
+    sigmas = pipe.scheduler.sigmas.clone()
+    start = torch.randn(run(pipe, name, steps=1).shape, generator=torch.Generator().manual_seed(7))
+    rows, handles = count_rows(pipe, name)
+    with guidance.apply(pipe, guidance.RectifiedCFGPlusPlus(1.5, predictor_fraction=0.5)) as stats:
+        hooked = run(pipe, name, steps=3, latents=start.clone())
+    for h in handles:
+        h.remove()
+    latent, time_arg = ("x", "t") if name == "zimage" else ("hidden_states", "timestep")
+
+    def branch(call, half):  # the cond (half=1) or uncond (half=0) rows of a batched call ([u; c], Z-Image [c; u])
+        if not batched:
+            return call
+        out = {}
+        for key, value in call.items():
+            if isinstance(value, (torch.Tensor, list)) and len(value) == 4:
+                first = half if name != "zimage" else 1 - half
+                value = value[2 * first:2 * first + 2] if isinstance(value, list) else value.chunk(2)[first]
+            out[key] = value
+        return out
+
+    def velocity(call, x, s):
+        t = call[time_arg]
+        kw = dict(call, **{time_arg: torch.full_like(t, time_of(s)),
+                           latent: list(x.unsqueeze(2).unbind(0)) if name == "zimage" else x})
+        out = net(**kw)[0]
+        out = torch.stack(list(out)).squeeze(2).float() if name == "zimage" else out
+        return sign * out
+
+    lam, f, x = 1.5, 0.5, start.clone()
+    with torch.no_grad():
+        for i in range(3):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            cond_call, uncond_call = ((branch(calls[i], 1), branch(calls[i], 0)) if batched
+                                      else (calls[2 * i], calls[2 * i + 1]))
+            v_c = velocity(cond_call, x, s)
+            s_hat = s + f * (s_next - s)
+            x_hat = x + (s_hat - s) * v_c
+            v = v_c + lam * (velocity(cond_call, x_hat, s_hat) - velocity(uncond_call, x_hat, s_hat))
+            x = x + (s_next - s) * v
+    torch.testing.assert_close(hooked, x, atol=1e-5, rtol=1e-5)  # float32 rounding over 3 steps
+    assert stats.rows == sum(rows) == 3 * 2 * 3  # v_c, then both branches at x_hat: 3 rows per sample and step
+
+
+@pytest.mark.parametrize("name,why", [("cogview4", "no function of the flow level"), ("sd", "runs no flow network")])
+def test_rectified_cfgpp_refused_up_front_where_the_level_cannot_be_moved(name, why):
+    from tiny_pipes import tiny_sd
+
+    pipe = tiny_sd() if name == "sd" else PIPELINES[name][0]()
+    for guide in (guidance.RectifiedCFGPlusPlus(1.0), guidance.NormRescale(guidance.RectifiedCFGPlusPlus(1.0))):
+        with pytest.raises(TypeError, match=f"{type(guide).__name__} evaluates the network at other noise levels; "
+                                            f".*{why}.*Supported: StableDiffusion3Pipeline"):
+            with guidance.apply(pipe, guide):
+                pass
