@@ -158,13 +158,15 @@ def sample(pipe, make: MakeGuide, indices: list[int], steps: int, seed: int):
     return images.float(), stats.rows + guide_model_rows(guide), guide
 
 
-def calibrated_linear_ag(pipe, scale: float, threshold: float, space: str, args) -> guidance.LinearAG:
-    """LinearAG fitted on full-CFG runs from a seed no benchmark run uses."""
+def calibrated_linear_ag(pipe, scale: float, threshold: float, space: str, args, sample_fn=None) -> guidance.LinearAG:
+    """LinearAG fitted on full-CFG runs from a seed no benchmark run uses (``sample_fn``: this module's
+    ``sample`` or another benchmark's, same signature)."""
+    sample_fn = sample if sample_fn is None else sample_fn
     guide = guidance.LinearAG(scale, threshold=threshold, space=space)
     with guide.calibration():
         for start in range(0, args.calibration_images, args.batch_size):
             chunk = list(range(start, min(start + args.batch_size, args.calibration_images)))
-            sample(pipe, lambda labels, prompts: guide, chunk, args.steps, seed=10_000)
+            sample_fn(pipe, lambda labels, prompts: guide, chunk, args.steps, seed=10_000)
     guide.fit()
     return guide
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from diffguide import guidance
 from diffguide.scripts._bench_md import write_section
-from diffguide.scripts.bench_adaptive import FeatureFidelity, Method, MakeGuide, Objective, guide_classifier
+from diffguide.scripts.bench_adaptive import (FeatureFidelity, MakeGuide, Method, Objective, calibrated_linear_ag,
+                                              guide_classifier)
 from diffguide.tasks import zoo
 from diffguide.tasks.digits import NUM_CLASSES, caption
 from diffguide.tasks.evaluation import image_labels, image_prompts, prepare_real
@@ -78,17 +79,6 @@ def sample(pipe, make: MakeGuide, indices: list[int], steps: int, seed: int):
     return images.float(), stats.rows, guide
 
 
-def calibrated_linear_ag(pipe, args) -> guidance.LinearAG:
-    """LinearAG at the reference scale, fitted on full-CFG runs from a seed no benchmark run uses."""
-    guide = guidance.LinearAG(REFERENCE_SCALE, threshold=0.998, space="x0")
-    with guide.calibration():
-        for start in range(0, args.calibration_images, args.batch_size):
-            chunk = list(range(start, min(start + args.batch_size, args.calibration_images)))
-            sample(pipe, lambda labels, prompts: guide, chunk, args.steps, seed=10_000)
-    guide.fit()
-    return guide
-
-
 def methods_for(pipe, names: list[str], clf, objective: Objective, args) -> list[Method]:
     """The grid: (label, group, scale, guide factory); ``scale`` is the x of the scale plot."""
     G = guidance  # noqa: N806
@@ -115,7 +105,7 @@ def methods_for(pipe, names: list[str], clf, objective: Objective, args) -> list
     for t in THRESHOLDS if "AG" in names else ():
         add("AG", w, f"AG w={w:g} γ̄={t:g}", lambda l, p, t=t: G.AdaptiveGuidance(w, t))
     if "LinearAG" in names:
-        lag = calibrated_linear_ag(pipe, args)
+        lag = calibrated_linear_ag(pipe, REFERENCE_SCALE, 0.998, "x0", args, sample)
         add("LinearAG", w, f"LinearAG w={w:g} γ̄=0.998", lambda l, p: lag)
     if "dynamic CFG" in names:
         add("dynamic CFG", w, "dynamic CFG, S = CFG grid", objective.dynamic(CFG_SCALES, G.vae_decoder(pipe.vae)))
