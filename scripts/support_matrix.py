@@ -34,6 +34,7 @@ GUIDES: dict[str, Callable[[], guidance.Guidance]] = {
     "AG": lambda: guidance.AdaptiveGuidance(SCALE, threshold=0.5),
     "Interval(CFG)": lambda: guidance.GuidanceInterval(guidance.CFG(SCALE), sigma_lo=0.5),
     "CFG++": lambda: guidance.CFGPlusPlus(0.6),
+    "Rectified-CFG++": lambda: guidance.RectifiedCFGPlusPlus(1.5),
 }
 
 
@@ -102,7 +103,8 @@ def render(table: list[list[str]]) -> str:
     lines = [f"Written by `scripts/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps, scale "
              f"{SCALE:g}; `exact`: bit-identical to the native call; `runs`: finite latents of the native shape). "
              "Any other pipeline class is refused up front with the supported list. CFG++ needs a scheduler whose "
-             "step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`).", "",
+             "step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`); Rectified-CFG++ a flow pipeline "
+             "whose network time apply can move to the predicted level (`Family.flow_time`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     return "\n".join(lines)
