@@ -24,7 +24,8 @@ Three diffusers 0.42.1 defects are corrected so that guiders do what they are wr
 block-skip hook returns the two streams of SD3's blocks swapped (:func:`_fix_block_skip_order`), and
 ``MagnitudeAwareGuidance`` fails on predictions of more than three dimensions (:data:`_FLATTENED`).
 ``FrequencyDecoupledGuidance`` builds Laplacian pyramids of images: it is refused, at the first network call, on
-pipelines whose predictions are not ``(batch, channels, height, width)`` (:data:`_IMAGE_ONLY`).
+pipelines whose predictions are not ``(batch, channels, height, width)`` (:data:`_IMAGE_ONLY`), and where some of
+its levels would guide at a step and others not, which its forward mishandles (:meth:`GuiderSession._check_fdg_levels`).
 """
 
 from __future__ import annotations
@@ -163,13 +164,38 @@ class GuiderSession(_Session):
         self._guider_counts: bool | None = None  # whether the guider's prepare_models counts its own calls
         self._flattened = type(guider).__name__ in _FLATTENED
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
-        """Refuse, before the network runs, a guider whose combination is undefined on predictions of ``shape``."""
-        reason = _IMAGE_ONLY.get(type(self.guider).__name__)
+    def _check_run(self, shape: tuple[int, ...]) -> None:
+        """At the first network call of a run, before the network runs: refuse a guider whose combination is
+        undefined on predictions of ``shape``, or would fail at some step of the run."""
+        if self.index:
+            return
+        name = type(self.guider).__name__
+        reason = _IMAGE_ONLY.get(name)
         if reason is not None and len(shape) != 4:
             what = {3: "a packed token sequence", 5: "video latents (batch, channels, frames, height, width)"}
-            raise ValueError(f"{type(self.guider).__name__} {reason}; {type(self.pipe).__name__} predicts "
+            raise ValueError(f"{name} {reason}; {type(self.pipe).__name__} predicts "
                              f"{what.get(len(shape), f'{len(shape)}-D tensors')} of shape {tuple(shape)}")
+        if name == "FrequencyDecoupledGuidance":
+            self._check_fdg_levels()
+
+    def _check_fdg_levels(self) -> None:
+        """diffusers 0.42.1's FDG forward puts, in place of a pyramid level that does not guide (scale 1, or 0 with
+        ``use_original_formulation``, or a step outside the level's own start / stop), the conditional band of the
+        level before it (a shape error), or fails with UnboundLocalError where it is the first: refused for
+        every step of the run where some levels guide and others do not."""
+        guider, num_steps = self.guider, len(self.scheduler.timesteps)
+        try:
+            for step in range(num_steps):
+                guider.set_state(step=step, num_inference_steps=num_steps, timestep=None)
+                off = [level for level in range(guider.levels) if not guider._is_fdg_enabled_for_level(level)]
+                if guider._is_fdg_enabled() and off:
+                    raise ValueError(
+                        f"FrequencyDecoupledGuidance's levels {off} do not guide at step {step} while the others "
+                        "do (scale 1, or 0 with use_original_formulation, or outside their start / stop): diffusers "
+                        "0.42.1's forward then uses another level's band in their place (or fails); give every "
+                        "level a guiding scale and the same start / stop")
+        finally:
+            guider.set_state(step=0, num_inference_steps=num_steps, timestep=None)
 
     def _count_uncond(self, batch: int, batches: list) -> None:
         """``stats.uncond_rows_per_sample``: one row per sample for each guider batch on the unconditional inputs."""
@@ -191,7 +217,7 @@ class GuiderSession(_Session):
         if full != self.full:
             raise ValueError(f"{name} changed its batch from {self.full} to {full} rows mid-run; with a diffusers "
                              "guider, turn guidance off by the guider's own start / stop instead")
-        self._check_shape(sample.squeeze(2).shape if as_list else sample.shape)
+        self._check_run(sample.squeeze(2).shape if as_list else sample.shape)
         batch = full // 2
         uncond_first = family.layout == "uc"
         cond_rows = torch.arange(batch, full) if uncond_first else torch.arange(batch)
@@ -288,7 +314,7 @@ class GuiderSession(_Session):
         arguments = net.bind(args, kwargs)
         pending = self.pending
         if pending is None:  # the conditional call opens the step: the plain conditional pass, as the pipeline asks
-            self._check_shape(arguments[self.family.latent].shape)
+            self._check_run(arguments[self.family.latent].shape)
             out = net.run(arguments, arguments[self.family.latent].shape[0])
             self.pending = dict(net=net, cond=arguments, cond_out=out)
             return out

@@ -342,6 +342,22 @@ def test_frequency_decoupled_guider_is_refused_on_non_image_predictions(name, wh
     assert rows == [] and "forward" not in pipe.transformer.__dict__  # refused before the network ran
 
 
+@pytest.mark.parametrize("kw, off", [({"guidance_scales": [7.0, 1.0]}, 1),  # level 1 at scale 1
+                                     ({"guidance_scales": [7.0, 2.0], "start": [0.5, 0.0]}, 0)])  # level 0 from 1
+def test_frequency_decoupled_guider_with_levels_off_at_some_step_is_refused(kw, off):
+    guider = FrequencyDecoupledGuidance(**kw)
+    guider.set_state(step=0, num_inference_steps=3, timestep=None)
+    with pytest.raises((RuntimeError, UnboundLocalError)):  # diffusers' own forward on such a step
+        guider.forward(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8))
+    pipe = tiny_sd()
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with pytest.raises(ValueError, match=rf"levels \[{off}\] do not guide at step 0"):
+        with guidance.apply(pipe, guider):
+            latents(pipe)
+    handle.remove()
+    assert rows == []
+
+
 def test_guider_needing_inputs_the_pipeline_does_not_compute_is_refused():
     pipe = tiny_sd()
     with guidance.apply(pipe, LTX2Guidance(guidance_scale=4.0)):  # its CFG term alone: (cond, uncond)
