@@ -85,25 +85,31 @@ def check_guider(pipe, guider) -> None:
                          "a diffguide guide cannot be combined: use one apply() at a time")
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+def _flatten(value: Any, prefix: str, out: dict[str, Any], whole: int | None = None) -> None:
+    """``value`` into ``out`` by dotted path: nested dicts by key, lists and tuples by index (IP-adapter embeddings
+    are a list inside ``added_cond_kwargs``), except the per-sample lists of ``whole`` items (Z-Image's batches)."""
     if isinstance(value, dict):
         for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}", out)
+            _flatten(item, f"{prefix}.{key}", out, whole)
+    elif isinstance(value, (list, tuple)) and len(value) != whole:
+        for i, item in enumerate(value):
+            _flatten(item, f"{prefix}.{i}", out, whole)
     else:
         out[prefix] = value
 
 
 def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, Any], full: int,
            unbatched: tuple[str, ...], lists: bool = False) -> dict[str, tuple[Any, Any]]:
-    """The ``(cond, uncond)`` pair of every per-row network input (nested dicts flattened to dotted names); with
+    """The ``(cond, uncond)`` pair of every per-row network input, wherever it is nested (by dotted path); with
     ``lists``, also of every list of ``full`` per-sample tensors (Z-Image's list batches)."""
     flat_c, flat_u, flat_full = {}, {}, {}
+    whole = (full, full // 2) if lists else (None, None)
     for name in cond:
         if name in unbatched:
             continue
-        _flatten(cond[name], name, flat_c)
-        _flatten(uncond[name], name, flat_u)
-        _flatten(full_args[name], name, flat_full)
+        _flatten(cond[name], name, flat_c, whole[1])
+        _flatten(uncond[name], name, flat_u, whole[1])
+        _flatten(full_args[name], name, flat_full, whole[0])
     return {name: (flat_c[name], flat_u[name]) for name, value in flat_full.items()
             if (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == full)
             or (lists and isinstance(value, list) and len(value) == full)}
@@ -114,19 +120,24 @@ def _cat(parts: list) -> Any:
     return [item for part in parts for item in part] if isinstance(parts[0], list) else torch.cat(parts)
 
 
-def _assemble(template: dict[str, Any], values: dict[str, Tensor]) -> dict[str, Any]:
-    """``template`` (the network's bound arguments) with the per-row inputs replaced by ``values``."""
+def _replace(node: Any, keys: list[str], value: Any) -> Any:
+    """A copy of ``node`` with the item at the dotted path ``keys`` replaced by ``value``."""
+    if not keys:
+        return value
+    if isinstance(node, dict):
+        return {**node, keys[0]: _replace(node[keys[0]], keys[1:], value)}
+    items = list(node)
+    items[int(keys[0])] = _replace(items[int(keys[0])], keys[1:], value)
+    return type(node)(items)
+
+
+def _assemble(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``template`` (the network's bound arguments) with the per-row inputs at the dotted paths of ``values``
+    replaced."""
     arguments = dict(template)
     for path, value in values.items():
-        keys = path.split(".")
-        if len(keys) == 1:
-            arguments[path] = value
-            continue
-        node = arguments[keys[0]] = dict(arguments[keys[0]])
-        for key in keys[1:-1]:
-            node[key] = dict(node[key])
-            node = node[key]
-        node[keys[-1]] = value
+        name, *keys = path.split(".")
+        arguments[name] = _replace(arguments[name], keys, value)
     return arguments
 
 
@@ -333,7 +344,9 @@ class GuiderSession(_Session):
             _flatten(cond[name], name, flat_c)
             if uncond is not None:
                 _flatten(uncond[name], name, flat_u)
-        pairs = {k: (v, flat_u.get(k)) for k, v in flat_c.items() if isinstance(v, Tensor)}
+        # each pass runs on its own call's arguments; an input the unconditional call lacks stays out of it
+        pairs = {k: (v, flat_u.get(k)) for k, v in flat_c.items()
+                 if isinstance(v, Tensor) and (uncond is None or k in flat_u)}
         batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, cond.get(self.family.timestep),
                                                     cond[self.family.latent].shape[0])
         for i in plain:

@@ -358,6 +358,38 @@ def test_frequency_decoupled_guider_with_levels_off_at_some_step_is_refused(kw, 
     assert rows == []
 
 
+def with_ip_adapter(pipe, embed_dim=8):
+    """An IP-adapter (4 image tokens per image embedding, random weights) loaded into the tiny UNet."""
+    unet, g = pipe.unet, torch.Generator().manual_seed(5)
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": 0.1 * torch.randn(4 * cross, embed_dim, generator=g),
+                  "proj.bias": torch.zeros(4 * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    cross_attentions = [name[:-len(".processor")] for name in unet.attn_processors if "attn2" in name]
+    weights = {f"{2 * i + 1}.{proj}.weight": 0.3 * torch.randn(unet.get_submodule(name).to_k.weight.shape, generator=g)
+               for i, name in enumerate(cross_attentions) for proj in ("to_k_ip", "to_v_ip")}
+    unet._load_ip_adapter_weights({"image_proj": image_proj, "ip_adapter": weights})
+    return pipe
+
+
+def test_ip_adapter_embeddings_reach_every_guider_pass_with_their_own_rows():
+    """IP-adapter embeddings sit in a list inside ``added_cond_kwargs``: each guider batch gets its rows of them."""
+    pipe = with_ip_adapter(tiny_sd())
+    embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(7))]  # (negative; positive) image embed
+    native = latents(pipe, guidance_scale=5.0, ip_adapter_image_embeds=embeds)
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0)) as stats:
+        hooked = latents(pipe, ip_adapter_image_embeds=embeds)
+    assert torch.equal(native, hooked) and stats.rows_per_step == [4, 4, 4]
+    pipe.set_ip_adapter_scale(0.0)
+    assert (native - latents(pipe, guidance_scale=5.0, ip_adapter_image_embeds=embeds)).abs().max() > 0.1
+    pipe.set_ip_adapter_scale(1.0)
+    classic = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    classic.set_progress_bar_config(disable=True)
+    reference = latents(classic, guidance_scale=5.0, pag_scale=3.0, ip_adapter_image_embeds=embeds)
+    with guidance.apply(pipe, pag()):
+        hooked = latents(pipe, ip_adapter_image_embeds=embeds)  # the perturbed pass takes the positive embeds
+    assert (reference - hooked).abs().max() <= 1e-5  # as the PAG test above: other batch shapes (measured 5.5e-6)
+
+
 def test_guider_needing_inputs_the_pipeline_does_not_compute_is_refused():
     pipe = tiny_sd()
     with guidance.apply(pipe, LTX2Guidance(guidance_scale=4.0)):  # its CFG term alone: (cond, uncond)
