@@ -213,6 +213,7 @@ def test_smoothed_energy_guider_perturbs_its_third_pass():
         hooked = latents(pipe)
     handle.remove()
     assert rows == [4, 2, 4, 2, 4] and stats.rows_per_step == [4, 6, 6]  # SEG's window is start < i (strict)
+    assert stats.uncond_rows_per_sample.tolist() == [3, 3]  # the blurred pass is on the conditional inputs
     with guidance.apply(pipe, guidance.CFG(4.0)):
         assert (hooked - latents(pipe)).abs().max() > 1e-3  # the blurred-attention pass differs from pred_cond
     assert not has_hooks(pipe.unet)
