@@ -1,7 +1,7 @@
 """Every CFG-family guide on the rectified-flow ``digits-flow`` (``StableDiffusion3Pipeline``) model.
 
     python scripts/bench_flow.py                                   # 300 images x 2 seeds, 20 steps
-    python scripts/bench_flow.py --num-images 60 --steps 16 --batch-size 60 --calibration-images 60   # committed
+    python scripts/bench_flow.py --num-images 200 --batch-size 100 --calibration-images 100          # committed
     python scripts/bench_flow.py --num-images 100 --seeds 0 --no-write --guides CFG APG
 
 Per guide, a grid of scales at the same steps and noises (flow-matching Euler, the model's own scheduler):
