@@ -20,7 +20,7 @@ from pathlib import Path
 ZOO_DIR = Path(__file__).resolve().parents[1] / "tasks" / "zoo"
 MODELS = ("digits-classifier", "digits-class", "digits-class-weak", "digits-t2i", "digits-clip", "digits-flow")
 STEPS = {"digits-classifier": 800, "digits-class": 2500, "digits-class-weak": 300,
-         "digits-t2i": 3500, "digits-clip": 2000, "digits-flow": 1000}
+         "digits-t2i": 3500, "digits-clip": 2000, "digits-flow": 6000}
 VAE_STEPS = 800
 QUICK_STEPS = {**dict.fromkeys(MODELS, 3), "digits-class-weak": 2}
 QUICK_BATCH = 8

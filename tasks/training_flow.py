@@ -111,7 +111,7 @@ def latent_normalisation(vae: AutoencoderKL, images: torch.Tensor, gen: torch.Ge
     return shift, 1.0 / (z - shift).std().item()
 
 
-def train_flow(out_dir: str | Path, base_dir: str | Path, steps: int = 1000, batch_size: int = 48, seed: int = 0,
+def train_flow(out_dir: str | Path, base_dir: str | Path, steps: int = 6000, batch_size: int = 48, seed: int = 0,
                caption_dropout: float = 0.1, lr: float = 8e-4, progress: bool = True) -> dict[str, float]:
     """Train ``digits-flow`` on the latents of ``base_dir``'s (digits-t2i's) frozen VAE and save it to ``out_dir``.
 
