@@ -375,3 +375,20 @@ def test_batch_sizes_that_only_repeat_images_are_refused():
     with pytest.raises(ValueError, match="batch_size 7 is larger than the 6 distinct"):
         TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=7, flip_prob=0.0))
     TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=12))   # mirrors double it
+
+
+def test_benchmark_keeps_the_quality_table_when_rewriting_its_section():
+    """``bench_personalize --keep-quality`` keeps the quality description and table, and only them, however often
+    the section is rewritten (an earlier version dropped the table on the second rewrite)."""
+    from diffguide.scripts.bench_personalize import QUALITY_HEADING, kept_quality_section
+
+    table = "| embedding | classifier accuracy | training s |\n|---|---|---|\n| zo (400 steps) | 0.943 | 41 |"
+    first = (f"<!-- personalize:start -->\n## P\n\n{QUALITY_HEADING}\n\nDigits [2]: 5 training images.\n\n{table}\n\n"
+             "Reading: an old conclusion.\n<!-- personalize:end -->\n<!-- zoo:start -->\n| other | table |")
+    kept = kept_quality_section(first)
+    assert kept.startswith(QUALITY_HEADING) and kept.endswith(table) and "Digits [2]" in kept
+    assert "Reading" not in kept and "other" not in kept and kept.count("Kept from") == 1
+    again = f"<!-- personalize:start -->\n## P\n\n{kept}\n\nReading: new.\n<!-- personalize:end -->"
+    assert kept_quality_section(again) == kept
+    with pytest.raises(SystemExit, match="lacks its description or its table"):
+        kept_quality_section(first.replace(table, ""))
