@@ -470,9 +470,11 @@ def reading(results, cli_results, paired, floor, loads: tuple[float, float]) -> 
     if paired:
         parts.append(f"time per step with batched directions is {paired['median_ratio']:.2f}x backprop's measured "
                      f"side by side (goal <= 2)")
-    conditions = (f"The run was made on the shared machine under load (1-minute load average {loads[0]:.1f} at the "
-                  f"start, {loads[1]:.1f} at the end, on 2 cores): absolute times are indicative, the side-by-side "
-                  "ratio is the one to read.")
+    during = (f", {min(paired['load_average']):.1f}..{max(paired['load_average']):.1f} during the paired steps"
+              if paired else "")
+    conditions = (f"The run was made on the shared 2-core machine beside other work (1-minute load average "
+                  f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end{during}; the run itself keeps one core "
+                  "busy): absolute times are indicative, the side-by-side ratio is the one to read.")
     text = "; ".join(parts)
     return ("Reading: " + text[:1].upper() + text[1:] + ". " if parts else "Reading: ") + conditions
 

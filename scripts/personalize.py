@@ -227,6 +227,12 @@ def run(args: argparse.Namespace) -> Path:
         print(f"wrote the int8 pipeline to {args.save_quantized} (train from it with --quantized)", file=sys.stderr)
     images = load_image_folder(args.images, *expected_image_format(pipe), resize=args.resize)
     trainer = TextualInversion(pipe, images, args.token, args.initializer_token, config)
+    import gc
+
+    from diffguide.tasks.quantize import release_freed_memory
+
+    gc.collect()                     # the loading's and the token's freed buffers go back to the OS before training
+    release_freed_memory()
     path = trainer.train(args.out, resume=args.resume, progress=not args.no_progress)
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "
           f"{len(images)} images)", file=sys.stderr)
