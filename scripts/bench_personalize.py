@@ -122,6 +122,13 @@ def run_child(spec: dict) -> dict:
     if spec["model"] == "save-sd15-shaped":           # write the float checkpoint folder the sd15 rows load
         sd15_shaped_pipeline().save_pretrained(spec["folder"])
         return {}
+    if spec["model"] == "save-int8":                  # the saved int8 folder the "saved" rows load
+        from diffguide.tasks.quantize import load_int8_pipeline, save_int8_pipeline
+
+        save_int8_pipeline(load_int8_pipeline(spec["source"]), spec["folder"])
+        return {}
+    if spec.get("paired"):
+        return run_paired(spec)
     from diffguide.tasks import zoo
 
     if spec.get("sd15"):
@@ -131,12 +138,15 @@ def run_child(spec: dict) -> dict:
         images = target_images(spec["digit"], spec["num_images"], spec["seed"])
         templates, initializer = digit_templates(CAPTION_TEMPLATES), INITIALIZER
     # "layers": TextualInversion loads the checkpoint itself (int8 layer by layer, or float);
+    # "saved": the int8 folder written by save_int8_pipeline, loaded straight into int8;
     # "whole": a float pipeline loaded in full, which TextualInversion then quantizes whole
-    pipe = spec["model"] if spec.get("load") == "layers" else zoo.load(spec["model"])
-    config = PersonalizeConfig(method=spec["method"], quantize=spec["quantize"], steps=spec["steps"],
-                               templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"],
-                               batch_directions=spec.get("batched", False))
-    trainer = TextualInversion(pipe, images, TOKEN, initializer, config)
+    if spec.get("load") == "saved":
+        from diffguide.tasks.quantize import load_saved_int8_pipeline
+
+        pipe = load_saved_int8_pipeline(spec["saved"])
+    else:
+        pipe = spec["model"] if spec.get("load") == "layers" else zoo.load(spec["model"])
+    trainer = TextualInversion(pipe, images, TOKEN, initializer, child_config(spec, templates))
     import gc
 
     gc.collect()
@@ -159,8 +169,55 @@ def run_child(spec: dict) -> dict:
     weights = sum(weight_report(getattr(trainer.pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
     return {"peak_process_mib": peak_process / 1024,
             "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": peak_training / 1024,
-            "seconds_per_step": sorted(times)[len(times) // 2], "load_seconds": load_seconds,
+            "seconds_per_step": median(times), "load_seconds": load_seconds,
             "weights_mib": weights / 2 ** 20, "tensor_peak_mib": tensor_peak / 2 ** 20}
+
+
+def child_config(spec: dict, templates: tuple[str, ...]):
+    from diffguide.tasks.personalize import PersonalizeConfig
+
+    return PersonalizeConfig(method=spec["method"], quantize=spec["quantize"], steps=spec["steps"],
+                             templates=templates, flip_prob=0.0, seed=spec["seed"], tau=spec["tau"],
+                             batch_directions=spec.get("batched", False))
+
+
+def load_average() -> float:
+    """The 1-minute load average (2 cores here: above 2 the steps wait for a core)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run_paired(spec: dict) -> dict:
+    """Time per step of ZO (int8 layer by layer, batched directions) and backprop (float) side by side: both
+    trainers in this one process, one untimed step each, then ``spec['steps']`` pairs of steps in alternating
+    order, so that both methods see the same machine load; the ratio is the median of the per-pair ratios."""
+    import torch
+
+    from diffguide.tasks.personalize import TextualInversion
+
+    torch.set_num_threads(1)
+    images = sd15_images(spec["num_images"])
+    trainers = {}
+    for method in ("zo", "backprop"):
+        method_spec = {**spec, "method": method, "quantize": method == "zo", "batched": method == "zo"}
+        trainers[method] = TextualInversion(spec["model"], images, TOKEN, SD15_INITIALIZER,
+                                            child_config(method_spec, SD15_TEMPLATES))
+        trainers[method].step()
+    times, loads = {"zo": [], "backprop": []}, []
+    for pair in range(spec["steps"]):
+        loads.append(load_average())
+        for method in (("backprop", "zo") if pair % 2 == 0 else ("zo", "backprop")):
+            tick = time.perf_counter()
+            trainers[method].step()
+            times[method].append(time.perf_counter() - tick)
+    ratios = [zo / bp for zo, bp in zip(times["zo"], times["backprop"])]
+    return {"zo_seconds": times["zo"], "backprop_seconds": times["backprop"], "ratios": ratios,
+            "median_ratio": median(ratios), "load_average": loads}
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
 
 
 def _tensor_peak_bytes(step) -> int:
@@ -193,10 +250,12 @@ def measure(spec: dict) -> dict:
 
 
 def measure_cli(model: str, method: str, steps: int, images: Path, out: Path, sd15: bool,
-                batched: bool = False) -> dict:
+                batched: bool = False, quantized: Path | None = None) -> dict:
     """Run ``diffguide-personalize`` as a user does, in its own process with one thread; its own peak RSS
-    (``os.wait4`` rusage of that child, loading included) and wall time."""
-    command = [sys.executable, "-m", "diffguide.scripts.personalize", str(images), "--model", model, "--token", TOKEN,
+    (``os.wait4`` rusage of that child, loading included) and wall time. ``quantized``: train from that saved
+    int8 folder (``--quantized``) instead of the float checkpoint ``model``."""
+    source = ["--quantized", str(quantized)] if quantized else ["--model", model]
+    command = [sys.executable, "-m", "diffguide.scripts.personalize", str(images), *source, "--token", TOKEN,
                "--initializer-token", SD15_INITIALIZER if sd15 else INITIALIZER, "--out", str(out),
                "--method", method, "--steps", str(steps), "--threads", "1", "--no-progress"]
     command += ["--template", SD15_TEMPLATES[0], "--flip-prob", "0"] if sd15 else []
@@ -313,7 +372,8 @@ def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]
     for model in dict.fromkeys(m for m, _, _ in results):
         by = {label: r for m, label, r in results if m == model}
         bp = by.get("backprop, float")
-        for label in ("ZO, int8 layer by layer", "ZO, int8 layer by layer, batched directions"):
+        for label in ("ZO, int8 layer by layer", "ZO, int8 layer by layer, batched directions",
+                      "ZO, int8 saved folder, batched directions"):
             if label in by and bp:
                 out.append(f"- `{Path(model).name}`, {label} / backprop float: whole-process peak RSS "
                            f"{by[label]['peak_process_mib'] / bp['peak_process_mib']:.2f}, training peak above the "
@@ -333,20 +393,28 @@ def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]
     return out
 
 
-def kept_quality_section() -> str:
-    """The quality heading, its paragraph and table as BENCHMARKS.md holds them, marked as kept."""
+QUALITY_HEADING = "### Quality: a held-out digit class as the new concept"
+KEPT_NOTE = ("Kept from the previous run of this script (not recomputed): the int8 pipeline loaded layer by layer, "
+             "and the one loaded from a saved int8 folder, train the bit-identical embedding of the one quantized "
+             "whole (same seed; `tests/test_int8_loading.py`), so these numbers hold for them.")
+
+
+def kept_quality_section(text: str | None = None) -> str:
+    """The quality heading, its description and its table as BENCHMARKS.md (or ``text``) holds them, with the
+    note that they are kept; earlier notes and the reading paragraph are left out (the script writes them)."""
     from diffguide.scripts._bench_md import BENCHMARKS
 
-    text = BENCHMARKS.read_text()
-    heading = "### Quality: a held-out digit class as the new concept"
-    if heading not in text:
+    text = BENCHMARKS.read_text() if text is None else text
+    if QUALITY_HEADING not in text:
         raise SystemExit("--keep-quality: BENCHMARKS.md has no quality subsection to keep")
-    body = text[text.index(heading):].split("\n\n")
-    kept = body[:3] if body[1].startswith("Kept from") else [body[0], body[1], body[2]]
-    note = ("Kept from the previous run of this script (not recomputed): the int8 pipeline loaded layer by layer "
-            "trains the bit-identical embedding of the one quantized whole (same seed; "
-            "`tests/test_int8_loading.py`), so these numbers hold for it.")
-    return "\n\n".join([kept[0], note, *[b for b in kept[1:] if not b.startswith("Kept from")]][:4])
+    body = text[text.index(QUALITY_HEADING) + len(QUALITY_HEADING):].split("<!-- personalize:end -->")[0]
+    body = body.split("\n### ")[0]                                   # up to the next subsection
+    paragraphs = [b.strip() for b in body.split("\n\n") if b.strip()]
+    description = [b for b in paragraphs if b.startswith("Digits ")]
+    tables = [b for b in paragraphs if b.startswith("| embedding ")]
+    if len(description) != 1 or len(tables) != 1:
+        raise SystemExit("--keep-quality: the quality subsection lacks its description or its table")
+    return "\n\n".join([QUALITY_HEADING, KEPT_NOTE, description[0], tables[0]])
 
 
 def cli_table(results: list[tuple[str, str, dict]]) -> str:
@@ -360,11 +428,55 @@ def cli_ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
     out = []
     for model in dict.fromkeys(m for m, _, _ in results):
         by = {label: r for m, label, r in results if m == model}
-        zo, bp = by.get("ZO, int8 layer by layer"), by.get("backprop, float")
-        if zo and bp:
-            out.append(f"- `{Path(model).name}` command line, whole-process peak RSS ZO int8 (layer by layer) / "
-                       f"backprop float: **{zo['peak_process_mib'] / bp['peak_process_mib']:.2f}** (goal <= 0.45)")
+        bp = by.get("backprop, float")
+        for label, how in (("ZO, int8 layer by layer", "int8 (layer by layer from the float folder, `--model`)"),
+                           ("ZO, int8 saved folder", "int8 (from the saved int8 folder, `--quantized`)")):
+            if by.get(label) and bp:
+                out.append(f"- `{Path(model).name}` command line, whole-process peak RSS ZO {how} / backprop float: "
+                           f"**{by[label]['peak_process_mib'] / bp['peak_process_mib']:.2f}** (goal <= 0.45)")
     return out
+
+
+def paired_lines(paired: dict, name: str) -> list[str]:
+    loads = paired["load_average"]
+    return [f"- `{name}`, side by side in one process ({len(paired['ratios'])} pairs of timed steps, alternating "
+            f"order): time per step ZO int8 batched directions / backprop float, median of the per-pair ratios "
+            f"**{paired['median_ratio']:.2f}** (goal <= 2; pairs "
+            f"{', '.join(f'{r:.2f}' for r in paired['ratios'])}); ZO {median(paired['zo_seconds']):.1f} s, "
+            f"backprop {median(paired['backprop_seconds']):.1f} s per step (medians); 1-minute load average "
+            f"{min(loads):.1f}..{max(loads):.1f} on 2 cores"]
+
+
+def reading(results, cli_results, paired, floor, loads: tuple[float, float]) -> str:
+    """The section's conclusion, from the numbers above."""
+    parts = []
+    for model in dict.fromkeys(m for m, _, _ in cli_results):
+        by = {label: r for m, label, r in cli_results if m == model}
+        bp = by.get("backprop, float")
+        ratios = {label: by[label]["peak_process_mib"] / bp["peak_process_mib"]
+                  for label in ("ZO, int8 layer by layer", "ZO, int8 saved folder") if bp and label in by}
+        if ratios:
+            parts.append(f"run as a user runs it on `{Path(model).name}`, ZO's whole process peaks at "
+                         + " and ".join(f"{ratio:.2f} ({'from the float' if 'layer' in label else 'from the saved int8'} "
+                                        "folder)" for label, ratio in ratios.items())
+                         + " of backprop's (goal <= 0.45)")
+    for model in dict.fromkeys(m for m, _, _ in results):
+        by = {label: r for m, label, r in results if m == model}
+        bp, zo = by.get("backprop, float"), by.get("ZO, int8 layer by layer, batched directions")
+        if bp and zo and floor is not None:
+            parts.append(f"the training peak above the libraries is "
+                         f"{(zo['peak_training_mib'] - floor) / (bp['peak_training_mib'] - floor):.2f} of backprop's "
+                         f"on `{Path(model).name}` (goal <= 1/3)")
+    if paired:
+        parts.append(f"time per step with batched directions is {paired['median_ratio']:.2f}x backprop's measured "
+                     f"side by side (goal <= 2)")
+    during = (f", {min(paired['load_average']):.1f}..{max(paired['load_average']):.1f} during the paired steps"
+              if paired else "")
+    conditions = (f"The run was made on the shared 2-core machine beside other work (1-minute load average "
+                  f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end{during}; the run itself keeps one core "
+                  "busy): absolute times are indicative, the side-by-side ratio is the one to read.")
+    text = "; ".join(parts)
+    return ("Reading: " + text[:1].upper() + text[1:] + ". " if parts else "Reading: ") + conditions
 
 
 def quality_table(rows: list[dict]) -> str:
@@ -394,7 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip", default="digits-clip")
     p.add_argument("--memory-steps", type=int, default=20, help="steps per memory/time child")
     p.add_argument("--sd15-shaped", action="store_true", help="also measure a random SD-1.5-shaped pipeline")
-    p.add_argument("--sd15-steps", type=int, default=2)
+    p.add_argument("--sd15-steps", type=int, default=4, help="timed steps per sd15-shaped row and command line")
+    p.add_argument("--paired-steps", type=int, default=5,
+                   help="sd15-shaped: pairs of ZO / backprop steps timed side by side in one process (0: none)")
     p.add_argument("--sd15-only", action="store_true", help="no memory rows for --model (only sd15-shaped)")
     p.add_argument("--sd15-rows", nargs="+", default=None, metavar="LABEL",
                    help="in-process sd15-shaped rows to run (default: ZO int8 quantized whole and layer by layer, "
@@ -436,8 +550,12 @@ def main(argv: list[str] | None = None) -> None:
                ("ZO, int8, batched directions", "zo", True, True, "whole"), ("ZO, float", "zo", False, False, "whole"),
                ("backprop, int8", "backprop", True, False, "whole"),
                ("ZO, int8 layer by layer", "zo", True, False, "layers"),
-               ("ZO, int8 layer by layer, batched directions", "zo", True, True, "layers")]
-    sd15_configs = [c for c in (configs[i] for i in (0, 1, 5, 6)) if args.sd15_rows is None or c[0] in args.sd15_rows]
+               ("ZO, int8 layer by layer, batched directions", "zo", True, True, "layers"),
+               ("ZO, int8 saved folder, batched directions", "zo", True, True, "saved")]
+    sd15_configs = [c for c in (configs[i] for i in (0, 1, 5, 6, 7))
+                    if args.sd15_rows is None or c[0] in args.sd15_rows]
+    loads = [load_average()]
+    paired = None
     floor = None
     work = Path(tempfile.mkdtemp(prefix="bench-personalize-"))
     if not args.skip_memory:
@@ -448,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
             measure({"model": "save-sd15-shaped", "folder": str(sd15_folder)})
             models.append((str(sd15_folder), args.sd15_steps, sd15_configs, True))
         for model, steps, model_configs, sd15 in models:
+            saved = work / f"int8-{Path(model).name}"
+            measure({"model": "save-int8", "source": model, "folder": str(saved)})
             images = work / f"images-{Path(model).name}"
             if sd15:
                 save_rgb_pngs(sd15_images(args.num_images), images)
@@ -458,12 +578,21 @@ def main(argv: list[str] | None = None) -> None:
                 out = work / f"cli-{Path(model).name}-{method}"
                 cli_results.append((model, label, measure_cli(model, method, steps, images, out, sd15, batched)))
                 print(model, "cli", label, json.dumps(cli_results[-1][2]), file=sys.stderr, flush=True)
+            out = work / f"cli-{Path(model).name}-saved"
+            cli_results.append((model, "ZO, int8 saved folder", measure_cli(model, "zo", steps, images, out, sd15,
+                                                                             args.cli_batch_directions, saved)))
+            print(model, "cli saved", json.dumps(cli_results[-1][2]), file=sys.stderr, flush=True)
             for label, method, quantized, batched, load in model_configs:
                 spec = {"model": model, "method": method, "quantize": quantized, "steps": steps, "batched": batched,
-                        "load": load, "sd15": sd15, "profiled_steps": 1 if sd15 else 2, "digit": args.digits[0], "num_images": args.num_images,
-                        "seed": args.seed, "tau": args.tau}
+                        "load": load, "saved": str(saved), "sd15": sd15, "profiled_steps": 1 if sd15 else 2,
+                        "digit": args.digits[0], "num_images": args.num_images, "seed": args.seed, "tau": args.tau}
                 results.append((model, label, measure(spec)))
                 print(model, label, json.dumps(results[-1][2]), file=sys.stderr, flush=True)
+            if sd15 and args.paired_steps:
+                paired = measure({"paired": True, "model": model, "steps": args.paired_steps, "seed": args.seed,
+                                  "tau": args.tau, "num_images": args.num_images})
+                print(model, "paired", json.dumps(paired), file=sys.stderr, flush=True)
+            shutil.rmtree(saved)
         if args.sd15_shaped:
             shutil.rmtree(sd15_folder)
     if args.quality_from:                     # rows printed (one JSON per line) by an earlier run
@@ -492,15 +621,19 @@ def main(argv: list[str] | None = None) -> None:
                "tensors allocated during one step (torch profiler memory events; activations, gradients, optimizer "
                "updates, transient dequantized weights), max over 2 steps. s / step is the median. Rows marked "
                "*layer by layer* load the float checkpoint with `tasks.quantize.load_int8_pipeline` (each Linear/Conv2d "
-               "quantized as soon as its tensors are read); the others load the float pipeline in full and quantize "
-               "it whole.", "", memory_table(results, floor), "", *ratio_lines(results, floor)]
+               "quantized as soon as its tensors are read); *saved folder* rows load the int8 folder written once by "
+               "`tasks.quantize.save_int8_pipeline` with `load_saved_int8_pipeline` (no float weights); the others "
+               "load the float pipeline in full and quantize it whole.", "", memory_table(results, floor), "",
+               *ratio_lines(results, floor), *(paired_lines(paired, "sd15-shaped") if paired else [])]
     if cli_results:
         md += ["", "### The command line, as a user runs it", "",
                f"`diffguide-personalize IMAGES --model FOLDER --method zo|backprop --steps N --threads 1"
                f"{' (--batch-directions for zo)' if args.cli_batch_directions else ''}` from the "
                f"float checkpoint folder, each in its own process ({args.num_images} images, {args.memory_steps} steps "
-               f"on `{Path(args.model).name}`, {args.sd15_steps} on `sd15-shaped`, saved by `save_pretrained`): peak "
-               "RSS of that process (`os.wait4` rusage, loading, training and saving included) and wall time.", "",
+               f"on `{Path(args.model).name}`, {args.sd15_steps} on `sd15-shaped`, saved by `save_pretrained`), and "
+               "the ZO row *saved folder* with `--quantized INT8_FOLDER` instead of `--model` (the folder written once "
+               "by `--save-quantized`): peak RSS of that process (`os.wait4` rusage, loading, training and saving "
+               "included) and wall time.", "",
                cli_table(cli_results), "", *cli_ratio_lines(cli_results)]
     if args.keep_quality:
         md += ["", kept_quality_section()]
@@ -512,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
                "training images (classifier features" + (", digits-clip image features) and to the class caption "
                "(digits-clip text)." if args.clip != "none" else ").") + " *training s* is the wall time to reach "
                "that step.", "", quality_table(rows)]
+    loads.append(load_average())
+    if results or cli_results:
+        md += ["", reading(results, cli_results, paired, floor, (loads[0], loads[-1]))]
     text = "\n".join(md)
     if args.no_write:
         print(text)

@@ -8,6 +8,11 @@ Writes ``OUT/learned_embeds.safetensors`` (``{token: [1, d]}``), which any diffu
 history and generator state as safetensors + json) every ``--save-every`` steps; ``--resume`` continues from
 it. ``--method zo`` (default) trains with forward passes only on int8 weights (ZOODiP); ``--method backprop``
 is diffusers' textual inversion on float weights. ``--sample`` writes a grid of images of the learned token.
+``--save-quantized DIR`` also writes the int8 pipeline (before the token is added) to DIR; later runs train
+from it with ``--quantized DIR`` instead of ``--model``, with no float weights loaded at all.
+
+    diffguide-personalize my_sevens/ --model sd15/ --save-quantized sd15-int8/ --token "<s1>" ... --out runs/s1
+    diffguide-personalize my_sevens/ --quantized sd15-int8/ --token "<s2>" ... --out runs/s2
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token", required=True, help="the new placeholder token, e.g. '<s1>'")
     p.add_argument("--initializer-token", required=True, help="an existing single-token word to start from")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", default="digits-t2i",
-                   help="shipped model name, local float checkpoint folder or hub id (int8 runs load it layer by layer)")
+    p.add_argument("--model", default=None,
+                   help="shipped model name, local float checkpoint folder or hub id (int8 runs load it layer by "
+                        "layer); default digits-t2i, or with --quantized the model it must have been made from")
+    p.add_argument("--quantized", type=Path, default=None, metavar="DIR",
+                   help="zo: train from an int8 pipeline folder written by --save-quantized (no float weights)")
+    p.add_argument("--save-quantized", type=Path, default=None, metavar="DIR",
+                   help="zo: also write the int8 pipeline loaded from --model to the new folder DIR")
     p.add_argument("--method", choices=("zo", "backprop"), default="zo")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 zo, 5e-4 backprop)")
@@ -105,21 +115,23 @@ def check_args(args: argparse.Namespace) -> None:
         if not 0 <= low < high:
             raise ValueError(f"--timesteps must satisfy 0 <= LOW < HIGH, got {args.timesteps!r}")
         args.timesteps = (low, high)
+    source = _check_quantized_options(args)
     try:
-        args.model_folder = _resolve(args.model)
+        args.model_folder = _resolve(args.quantized or args.model or "digits-t2i")
     except Exception as err:                       # unknown name, missing folder, hub error
         raise ValueError(f"--model: {err}") from None
+    option = f"--quantized {args.quantized}" if args.quantized else f"--model {args.model or 'digits-t2i'}"
     index = args.model_folder / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+        raise ValueError(f"{option}: not a diffusers pipeline folder (no model_index.json)")
     components = json.loads(index.read_text())
     if not (components.get("tokenizer") or [None])[0] or not (components.get("text_encoder") or [None])[0]:
-        raise ValueError(f"--model {args.model}: not a text-to-image pipeline (no tokenizer/text encoder)")
+        raise ValueError(f"{option}: not a text-to-image pipeline (no tokenizer/text encoder)")
     num_train = json.loads((args.model_folder / "scheduler" / "scheduler_config.json").read_text()).get(
         "num_train_timesteps", 1000) if (args.model_folder / "scheduler" / "scheduler_config.json").is_file() else 1000
     if args.timesteps is not None and args.timesteps[1] > num_train:
         raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
-    digits = Path(str(args.model)).name == "digits-t2i"          # the shipped model or a copy of its folder
+    digits = Path(source).name == "digits-t2i"          # the shipped model or a copy of its folder
     args.config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         num_directions=args.directions, mu=args.mu, scaling=args.scaling, tau=args.tau, nu=args.nu,
@@ -151,6 +163,37 @@ def check_args(args: argparse.Namespace) -> None:
                          "choose another output folder")
 
 
+def _check_quantized_options(args: argparse.Namespace) -> str:
+    """``--quantized`` / ``--save-quantized`` against the method and each other; returns the source model's name."""
+    from diffguide.tasks.quantize import read_int8_manifest
+
+    float_weights = args.method == "backprop" or args.quantize == "none"
+    float_option = "--method backprop" if args.method == "backprop" else "--quantize none"
+    for option, value in (("--quantized", args.quantized), ("--save-quantized", args.save_quantized)):
+        if value is not None and float_weights:
+            raise ValueError(f"{option} is for int8 weights, and {float_option} trains on float weights: pass the "
+                             "float checkpoint with --model")
+    if args.quantized is not None and args.save_quantized is not None:
+        raise ValueError("--save-quantized writes the int8 pipeline loaded from --model; --quantized already is one")
+    if args.save_quantized is not None and args.save_quantized.exists() and (
+            not args.save_quantized.is_dir() or any(args.save_quantized.iterdir())):
+        raise ValueError(f"--save-quantized {str(args.save_quantized)!r} exists and is not an empty folder")
+    if args.quantized is None:
+        return str(args.model or "digits-t2i")
+    try:
+        manifest = read_int8_manifest(args.quantized)
+    except ValueError as err:
+        raise ValueError(f"--quantized: {err}") from None
+    if args.model is not None:                      # checked against the folder's manifest when loading
+        from diffguide.tasks.zoo import _resolve
+
+        try:
+            _resolve(args.model)
+        except Exception as err:
+            raise ValueError(f"--model: {err}") from None
+    return str(args.model or manifest.get("source") or args.quantized)
+
+
 def _option_names(message: str) -> str:
     options = {"learning_rate": "--lr", "num_directions": "--directions", "timestep_range": "--timesteps",
                "flip_prob": "--flip-prob", "templates": "--template", "mu": "--mu", "nu": "--nu"}
@@ -171,9 +214,25 @@ def run(args: argparse.Namespace) -> Path:
     elif args.resume:
         meta = read_checkpoint_meta(args.out)                 # a damaged checkpoint is named before loading
         print(f"--resume: continuing {args.out} from step {meta['step']}", file=sys.stderr)
-    pipe = load_pipeline(args.model_folder, config.resolved().quantize, device=args.device)
+    if args.quantized is not None:                           # no float weights at all
+        from diffguide.tasks.quantize import load_saved_int8_pipeline
+
+        pipe = load_saved_int8_pipeline(args.quantized, model=args.model, device=args.device)
+    else:
+        pipe = load_pipeline(args.model_folder, config.resolved().quantize, device=args.device)
+    if args.save_quantized is not None:
+        from diffguide.tasks.quantize import save_int8_pipeline
+
+        save_int8_pipeline(pipe, args.save_quantized)
+        print(f"wrote the int8 pipeline to {args.save_quantized} (train from it with --quantized)", file=sys.stderr)
     images = load_image_folder(args.images, *expected_image_format(pipe), resize=args.resize)
     trainer = TextualInversion(pipe, images, args.token, args.initializer_token, config)
+    import gc
+
+    from diffguide.tasks.quantize import release_freed_memory
+
+    gc.collect()                     # the loading's and the token's freed buffers go back to the OS before training
+    release_freed_memory()
     path = trainer.train(args.out, resume=args.resume, progress=not args.no_progress)
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "
           f"{len(images)} images)", file=sys.stderr)

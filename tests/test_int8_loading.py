@@ -1,6 +1,7 @@
-"""Int8 pipelines loaded layer by layer from a float checkpoint: equal to whole-pipeline quantization bit for
-bit (weights, fingerprint, trained embedding), a load peak of about one layer's float weights above the int8
-total, and damaged or foreign folders refused with the file named."""
+"""Int8 pipelines loaded layer by layer from a float checkpoint, and saved int8 pipelines loaded straight into
+int8: equal to whole-pipeline quantization bit for bit (weights, fingerprint, trained embedding), a load peak
+of about one layer's float weights above the int8 total, and damaged or foreign folders refused with the file
+named."""
 
 import json
 import os
@@ -14,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from diffguide.tasks import zoo
 from diffguide.tasks.metrics.features import weights_fingerprint
 from diffguide.tasks.personalize import PersonalizeConfig, TextualInversion
-from diffguide.tasks.quantize import (COMPONENTS, float_weights_fingerprint, load_int8_component, load_int8_pipeline,
-                                      quantize_pipeline, weight_report)
+from diffguide.tasks.quantize import (COMPONENTS, MANIFEST, QMAP, float_weights_fingerprint, load_int8_component,
+                                      load_int8_pipeline, load_saved_int8_pipeline, quantize_pipeline,
+                                      save_int8_pipeline, weight_report)
 from tiny_pipes import tiny_sd
 
 pytest.importorskip("optimum.quanto")
@@ -74,6 +76,97 @@ def test_layer_by_layer_load_trains_the_same_embedding_bit_for_bit(case, batched
         assert layered.step() == reference.step()
     assert torch.equal(layered.embedding, reference.embedding)
     assert not torch.equal(layered.embedding, start)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_saved_int8_folder_trains_the_same_embedding_bit_for_bit(case, tiny_folder, tmp_path):
+    model = str(tiny_folder) if case == "tiny" else "digits-t2i"
+    make_images, token, initializer, templates = CASES[case]
+    config = PersonalizeConfig(method="zo", steps=3, tau=2, learning_rate=0.05, templates=templates, flip_prob=0.0,
+                               seed=3, batch_directions=case == "tiny")
+    # written from the float pipeline (quantized in place) for tiny, from the layer-by-layer load for digits
+    source = zoo.load(model) if case == "tiny" else load_int8_pipeline(model)
+    save_int8_pipeline(source, tmp_path / "int8")
+    assert json.loads((tmp_path / "int8" / "unet" / QMAP).read_text())        # quanto's map, one entry per layer
+    saved = TextualInversion(load_saved_int8_pipeline(tmp_path / "int8", model=model), make_images(), token,
+                             initializer, config)
+    reference = TextualInversion(zoo.load(model), make_images(), token, initializer, config)    # quantized whole
+    assert_same_int8_weights(saved.pipe, reference.pipe)
+    assert saved.model_fingerprint == reference.model_fingerprint        # a checkpoint resumes across paths
+    for _ in range(config.steps):
+        assert saved.step() == reference.step()
+    assert torch.equal(saved.embedding, reference.embedding)
+
+
+def test_saved_int8_folders_that_are_damaged_or_foreign_are_refused_naming_the_file(tiny_folder, tmp_path):
+    from optimum import quanto
+
+    saved = save_int8_pipeline(load_int8_pipeline(tiny_folder), tmp_path / "int8")
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        save_int8_pipeline(load_int8_pipeline(tiny_folder), saved)
+    with pytest.raises(ValueError, match="already int8 without a record of its float weights"):
+        save_int8_pipeline(quantize_pipeline(zoo.load(tiny_folder)), tmp_path / "whole")
+    with pytest.raises(ValueError, match=f"holds a saved int8 pipeline .*{MANIFEST}.*load_saved_int8_pipeline"):
+        load_int8_pipeline(saved)                                               # not a float checkpoint
+    with pytest.raises(ValueError, match=f"no {MANIFEST} in .*model"):
+        load_saved_int8_pipeline(tiny_folder)                                   # a float checkpoint
+    other_seed = tmp_path / "seed1"
+    tiny_sd(seed=1).save_pretrained(other_seed)
+    with pytest.raises(ValueError, match=f"{MANIFEST}.* records a unet with float weights .*another model"):
+        load_saved_int8_pipeline(saved, model=other_seed)
+    load_saved_int8_pipeline(saved, model=tiny_folder)                          # the right model passes
+
+    def damaged(name, edit):
+        folder = copy_model(saved, tmp_path / name)
+        edit(folder)
+        return folder
+
+    manifest = json.loads((saved / MANIFEST).read_text())
+    old = damaged("old", lambda f: (f / MANIFEST).write_text(json.dumps({**manifest, "optimum_quanto": "0.0.1"})))
+    with pytest.raises(ValueError, match=rf"{MANIFEST}.* written with optimum-quanto 0.0.1, this is {quanto.__version__}"):
+        load_saved_int8_pipeline(old)
+    with pytest.raises(ValueError, match=rf"cannot read .*{MANIFEST}.*damaged"):
+        load_saved_int8_pipeline(damaged("badjson", lambda f: (f / MANIFEST).write_text("{")))
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError, match=rf"{unet_file}' is missing"):
+        load_saved_int8_pipeline(damaged("nofile", lambda f: (f / unet_file).unlink()))
+    truncate = lambda f: (f / unet_file).write_bytes((f / unet_file).read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"cannot read weights file .*{unet_file}.*truncated"):
+        load_saved_int8_pipeline(damaged("truncated", truncate))
+
+    def flip_last_byte(folder):
+        data = bytearray((folder / unet_file).read_bytes())
+        data[-1] ^= 1                                                           # same size, other weights
+        (folder / unet_file).write_bytes(bytes(data))
+
+    with pytest.raises(ValueError, match=rf"{unet_file}' holds other int8 weights than .*{MANIFEST}"):
+        load_saved_int8_pipeline(damaged("flipped", flip_last_byte))
+    with pytest.raises(ValueError, match=rf"quantization map .*unet/{QMAP}"):
+        load_saved_int8_pipeline(damaged("noqmap", lambda f: (f / "unet" / QMAP).unlink()))
+    qmap = json.loads((saved / "unet" / QMAP).read_text())
+    layer = sorted(qmap)[0]
+    for name, edited in (("qint4", {**qmap, layer: {"weights": "qint4", "activations": "none"}}),
+                         ("fewer", {k: v for k, v in qmap.items() if k != layer})):
+        folder = damaged(name, lambda f: (f / "unet" / QMAP).write_text(json.dumps(edited)))
+        with pytest.raises(ValueError, match=rf"unet/{QMAP}' does not match UNet2DConditionModel.*{layer}"):
+            load_saved_int8_pipeline(folder)
+
+    def float_weight_for_one_layer(folder):                   # the map says int8, the file holds a float weight
+        state = load_file(folder / unet_file)
+        data, scale = state.pop(f"{layer}.weight._data"), state.pop(f"{layer}.weight._scale")
+        state[f"{layer}.weight"] = data.float() * scale
+        save_file(state, folder / unet_file)
+
+    with pytest.raises(ValueError, match=rf"{unet_file}' does not hold the tensors {QMAP}.*lacks {layer}.weight._data"):
+        load_saved_int8_pipeline(damaged("floatlayer", float_weight_for_one_layer))
+
+    def scale_as_float16(folder):
+        state = load_file(folder / unet_file)
+        state[f"{layer}.weight._scale"] = state[f"{layer}.weight._scale"].half()
+        save_file(state, folder / unet_file)
+
+    with pytest.raises(ValueError, match=rf"'{layer}.weight._scale' is torch.float16 .* expects torch.float32"):
+        load_saved_int8_pipeline(damaged("half", scale_as_float16))
 
 
 def tensor_peak_bytes(fn):

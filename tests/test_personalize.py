@@ -294,6 +294,14 @@ BAD_COMMAND_LINES = [   # extra arguments -> words the one error line must conta
     (["--prompt", "a <s1>"], "--prompt needs --sample N > 0"),
     (["--model", "nope"], "--model: 'nope' is neither a known model"),
     (["--token", " "], "--token must be one word without spaces"),
+    (["--quantized", "{tmp}/q", "--method", "backprop"],
+     "--quantized is for int8 weights, and --method backprop trains on float weights: pass the float checkpoint"),
+    (["--save-quantized", "{tmp}/q", "--quantize", "none"],
+     "--save-quantized is for int8 weights, and --quantize none"),
+    (["--quantized", "{tmp}/model"], "--quantized: no diffguide_int8.json in"),
+    (["--quantized", "{tmp}/nowhere"], "nowhere' is not a folder"),
+    (["--save-quantized", "{tmp}/imgs"], "imgs' exists and is not an empty folder"),
+    (["--quantized", "{tmp}/model", "--save-quantized", "{tmp}/q"], "--quantized already is one"),
 ]
 
 
@@ -307,12 +315,35 @@ def test_command_line_usage_errors_exit_2_before_loading(extra, message, cli_set
     monkeypatch.setattr(personalize, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     tmp_path, common = cli_setup
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(common + ["--steps", "1"] + extra)
+        cli.main(common + ["--steps", "1"] + [arg.format(tmp=tmp_path) for arg in extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("diffguide-personalize: error: ")
     assert message in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_saves_and_trains_from_a_saved_int8_folder(cli_setup, capsys):
+    """``--save-quantized`` writes the int8 pipeline; ``--quantized`` resumes the same run from it, and the
+    result equals an uninterrupted run from the float checkpoint bit for bit."""
+    from diffguide.scripts.personalize import main
+    from diffguide.tasks.personalize import load_learned_embedding
+
+    tmp_path, common = cli_setup
+    model = common[2]
+    from_saved = common[:1] + common[3:]                                      # without --model
+    main(common + ["--steps", "2", "--save-quantized", str(tmp_path / "q")])
+    assert "wrote the int8 pipeline" in capsys.readouterr().err
+    main(from_saved + ["--steps", "4", "--resume", "--quantized", str(tmp_path / "q"), "--model", model])
+    assert "from step 2" in capsys.readouterr().err
+    straight = [a if a != str(tmp_path / "out") else str(tmp_path / "straight") for a in common]
+    main(straight + ["--steps", "4"])
+    assert torch.equal(load_learned_embedding(tmp_path / "out" / "learned_embeds.safetensors")[1],
+                       load_learned_embedding(tmp_path / "straight" / "learned_embeds.safetensors")[1])
+    tiny_sd(seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match=r"^error: .*diffguide_int8.json.* made from another model$"):
+        main(from_saved[:6] + [str(tmp_path / "o2")] + from_saved[7:]                 # a runtime failure: exit 1
+             + ["--steps", "1", "--quantized", str(tmp_path / "q"), "--model", str(tmp_path / "other")])
 
 
 def test_command_line_checkpoint_problems_are_named_before_loading(cli_setup, capsys, monkeypatch):
@@ -344,3 +375,20 @@ def test_batch_sizes_that_only_repeat_images_are_refused():
     with pytest.raises(ValueError, match="batch_size 7 is larger than the 6 distinct"):
         TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=7, flip_prob=0.0))
     TextualInversion(tiny_sd(), images(2), "<s1>", "a", config(batch_size=12))   # mirrors double it
+
+
+def test_benchmark_keeps_the_quality_table_when_rewriting_its_section():
+    """``bench_personalize --keep-quality`` keeps the quality description and table, and only them, however often
+    the section is rewritten (an earlier version dropped the table on the second rewrite)."""
+    from diffguide.scripts.bench_personalize import QUALITY_HEADING, kept_quality_section
+
+    table = "| embedding | classifier accuracy | training s |\n|---|---|---|\n| zo (400 steps) | 0.943 | 41 |"
+    first = (f"<!-- personalize:start -->\n## P\n\n{QUALITY_HEADING}\n\nDigits [2]: 5 training images.\n\n{table}\n\n"
+             "Reading: an old conclusion.\n<!-- personalize:end -->\n<!-- zoo:start -->\n| other | table |")
+    kept = kept_quality_section(first)
+    assert kept.startswith(QUALITY_HEADING) and kept.endswith(table) and "Digits [2]" in kept
+    assert "Reading" not in kept and "other" not in kept and kept.count("Kept from") == 1
+    again = f"<!-- personalize:start -->\n## P\n\n{kept}\n\nReading: new.\n<!-- personalize:end -->"
+    assert kept_quality_section(again) == kept
+    with pytest.raises(SystemExit, match="lacks its description or its table"):
+        kept_quality_section(first.replace(table, ""))
