@@ -109,6 +109,12 @@ def supported_pipelines() -> list[str]:
     return [name for family in FAMILIES for name in family.pipelines]
 
 
+def other_level_pipelines() -> list[str]:
+    """Pipelines on which apply runs extra passes at another noise level (flow, with a known ``flow_time``)."""
+    return [name for family in FAMILIES if family.scheduler == "flow" and family.flow_time is not None
+            for name in family.pipelines]
+
+
 def family_of(pipe: Any) -> Family:
     """The family of the class whose ``__call__`` ``pipe`` runs (listed by name); TypeError otherwise."""
     name = type(pipe).__name__

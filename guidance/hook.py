@@ -33,7 +33,7 @@ from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
-from .families import FAMILIES, Family, family_of
+from .families import Family, family_of, other_level_pipelines
 from .scheduler_step import check_scheduler, renoise_step
 
 
@@ -481,7 +481,7 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
     if guide is session.guide and guide.evaluates_other_levels:
         family = session.family
         if family.scheduler != "flow" or family.flow_time is None:
-            served = [name for f in FAMILIES if f.scheduler == "flow" and f.flow_time is not None for name in f.pipelines]
+            served = other_level_pipelines()
             why = ("runs no flow network" if family.scheduler != "flow" else
                    "feeds its network a time that is no function of the flow level apply knows")
             raise TypeError(f"{type(guide).__name__} evaluates the network at other noise levels; "

@@ -122,6 +122,7 @@ class PipelineInfo:
     num_classes: int | None            # real classes of a class-conditional UNet (null label excluded)
     image_shape: tuple[int, int, int]  # (C, H, W) of the images it makes
     scheduler: dict[str, Any] | None   # its scheduler config
+    pipeline_class: str | None = None  # model_index's _class_name
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def check_pipeline(parser: argparse.ArgumentParser, option: str, name: str) -> P
     scheduler = next(iter(sorted((folder / "scheduler").glob("*.json"))), None)
     return PipelineInfo(kind=kind, latent=has("vae"), num_classes=classes - 1 if classes else None,
                         image_shape=(source.get("in_channels", 0), height, width),
-                        scheduler=_json(scheduler) if scheduler else None)
+                        scheduler=_json(scheduler) if scheduler else None, pipeline_class=index.get("_class_name"))
 
 
 def load_model(option: str, name: str, device: str | None = None):
@@ -234,6 +235,24 @@ def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default
         parser.error(f"argument {option}: {message}" if repr(spec) in message
                      else f"argument {option}: {spec!r}: {message}")
     return name, scales, params
+
+
+def check_guide_fits(parser: argparse.ArgumentParser, option: str, spec: str, info: PipelineInfo | None,
+                     model: str) -> None:
+    """A usage error when the guide of ``spec`` cannot run on the model's pipeline at all (guides that evaluate
+    the network at other noise levels need a rectified-flow pipeline whose network time apply can move)."""
+    from diffguide import guidance
+    from diffguide.guidance.families import other_level_pipelines
+
+    if info is None:  # a hub id: only loading tells its class
+        return
+    name, scales, params = guidance.parse_guide_spec(spec)
+    guide = guidance.build_guide(name, (scales or [None])[0], **params)
+    served = other_level_pipelines()
+    if guide.evaluates_other_levels and info.pipeline_class not in served:
+        parser.error(f"argument {option}: {spec!r}: {type(guide).__name__} evaluates the network at other noise "
+                     f"levels, which runs on the rectified-flow pipelines {', '.join(served)}; {model} is a "
+                     f"{info.pipeline_class}")
 
 
 def guides_epilog() -> str:

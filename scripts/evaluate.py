@@ -89,16 +89,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every ``--model`` is a class-conditional or text-to-image pipeline; every guide builds at its scales."""
-    from diffguide.scripts._cli import check_guide, check_pipeline, check_start
+    from diffguide.scripts._cli import check_guide, check_guide_fits, check_pipeline, check_start
 
+    infos = {}
     for name in args.model:
-        info = check_pipeline(p, "--model", name)
+        info = infos[name] = check_pipeline(p, "--model", name)
         if info is not None and info.kind == "other":
             p.error(f"argument --model: {name} is neither class-conditional nor text-to-image")
         if info is not None:
             check_start(p, info.scheduler, args.steps, name)
     for spec in args.guide or ["cfg"]:
         check_guide(p, "--guide", spec, lambda name: DEFAULT_SCALES.get(name, args.scales))
+        for name, info in infos.items():
+            check_guide_fits(p, "--guide", spec, info, name)
 
 
 def check_image_folder(p: argparse.ArgumentParser, folder: str) -> None:

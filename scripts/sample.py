@@ -20,8 +20,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_pipeline, check_writable, font,
-                                    fewest_steps, guides_epilog, number, set_threads, start_problem, wrap)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_pipeline,
+                                    check_writable, fewest_steps, font, guides_epilog, number, set_threads,
+                                    start_problem, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name, scales, params = check_guide(p, "--guidance", args.guidance, [args.scale])
         if scales:
             p.error(f"argument --guidance: give one scale with --scale, not NAME@scales ({args.guidance!r})")
+        check_guide_fits(p, "--guidance", args.guidance, info, args.model)
         scale = args.scale
         if scale is None and not {"scale", "lam"} & set(params):
             scale = DEFAULT_SCALES.get(name, 2.0)

@@ -45,6 +45,8 @@ USAGE_ERRORS = [
     ("sample", ["--guidance", "cfg:scale=3", "--scale", "2"], ["--guidance", "'cfg:scale=3'", "scale once"]),
     ("sample", ["--guidance", "apg:momentum=x"], ["--guidance", "'apg:momentum=x'"]),
     ("sample", ["--scheduler", "heun"], ["--scheduler", "'heun'", "ddim"]),
+    ("sample", ["--guidance", "rcfgpp"], ["--guidance", "'rcfgpp'", "other noise levels", "StableDiffusion3Pipeline",
+                                          "digits-class is a ClassConditionalPipeline"]),
     ("sample", ["--model", "digits-flow", "--scheduler", "ddim"], ["--scheduler", "rectified-flow", "flow_euler"]),
     ("sample", ["--scheduler", "flow_euler"], ["--scheduler", "diffusion (VP)", "ddim"]),
     ("sample", ["--model", "digits-flow", "--timestep-spacing", "trailing"], ["--timestep-spacing", "use auto"]),
@@ -77,6 +79,8 @@ USAGE_ERRORS = [
     ("solve", ["--threads", "-2"], ["--threads", "'-2'", ">= 1"]),
     ("solve", ["--out", "{a_file}/x.png"], ["--out", "not a folder"]),
     # diffguide-evaluate
+    ("evaluate", ["--model", "digits-flow", "digits-t2i", "--guide", "cfg@2", "--guide", "rcfgpp@1", "--out", "{out}"],
+     ["--guide", "'rcfgpp@1'", "other noise levels", "digits-t2i is a StableDiffusionPipeline"]),
     ("evaluate", ["--images", "{corrupt_folder}", "--out", "{out}"], ["--images", "bad.png", "not a readable image"]),
     ("evaluate", ["--images", "{mixed_folder}", "--out", "{out}"], ["--images", "20x20", "16x16", "one size"]),
     ("evaluate", ["--images", "{a_folder}", "--out", "{out}"], ["--images", "no .png"]),
