@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .base import Guidance, Guided, Step
-from .hook import _Network, _Session, _rows, _tensor, _with_tensor
+from .hook import _Network, _Session, _tensor, _with_tensor
 
 _SLOT = "_diffguide_slot"  # marks which side of the (cond, uncond) pairs a guider batch took
 
@@ -217,27 +217,17 @@ class GuiderSession(_Session):
     def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
         family, name = self.family, type(self.pipe).__name__
         as_list = family.layout == "list_cu"  # per-sample tensors in a list (Z-Image): the list is the batch
-        arguments = net.bind(args, kwargs)
-        sample, timestep = arguments[family.latent], arguments.get(family.timestep)
-        full = len(sample) if as_list else sample.shape[0]
-        sample = torch.stack(list(sample)) if as_list else sample
-        if self.full is None:
-            if full % 2:
-                raise ValueError(f"guidance.apply expects {name}'s CFG batch; got an odd batch")
-            self.full = full
+        arguments, sample, timestep, full = self._bind_batched(net, args, kwargs)
         if full != self.full:
             raise ValueError(f"{name} changed its batch from {self.full} to {full} rows mid-run; with a diffusers "
                              "guider, turn guidance off by the guider's own start / stop instead")
         self._check_run(sample.squeeze(2).shape if as_list else sample.shape)
         batch = full // 2
         uncond_first = family.layout == "uc"
-        cond_rows = torch.arange(batch, full) if uncond_first else torch.arange(batch)
-        uncond_rows = torch.arange(batch) if uncond_first else torch.arange(batch, full)
+        cond_rows, uncond_rows = self._cfg_rows(full)
         device = sample.device
-        cond = {k: v if k in family.unbatched else _rows(v, cond_rows.to(device), full, as_list)
-                for k, v in arguments.items()}
-        uncond = {k: v if k in family.unbatched else _rows(v, uncond_rows.to(device), full, as_list)
-                  for k, v in arguments.items()}
+        cond = self._select(arguments, cond_rows.to(device), full)
+        uncond = self._select(arguments, uncond_rows.to(device), full)
         pairs = _pairs(cond, uncond, arguments, full, family.unbatched, as_list)
         batches, outputs, plain = self._run_batches(net, (cond, uncond), pairs, timestep, batch)
         if plain:  # one call on the plain batches, in the pipeline's own row order

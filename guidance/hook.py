@@ -244,17 +244,35 @@ class _Session:
             return self._forward_two_calls(net, args, kwargs)
         return self._forward_batched(net, args, kwargs)
 
-    def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
-        family = self.family
-        as_list = family.layout == "list_cu"  # per-sample tensors in a list (Z-Image): the list is the batch
+    def _bind_batched(self, net: _Network, args: tuple, kwargs: dict) -> tuple[dict, Tensor, Any, int]:
+        """A batched call's arguments, its latent as one tensor (Z-Image's list stacked), its time and its batch;
+        the first call of a run fixes the CFG batch (an odd one is refused)."""
         arguments = net.bind(args, kwargs)
-        sample, timestep = arguments[family.latent], arguments.get(family.timestep)
-        full = len(sample) if as_list else sample.shape[0]
-        sample = torch.stack(list(sample)) if as_list else sample
+        sample = arguments[self.family.latent]
+        full = len(sample) if self.family.layout == "list_cu" else sample.shape[0]
+        sample = torch.stack(list(sample)) if self.family.layout == "list_cu" else sample
         if self.full is None:
             if full % 2:
                 raise ValueError(f"guidance.apply expects {type(self.pipe).__name__}'s CFG batch; got an odd batch")
             self.full = full
+        return arguments, sample, arguments.get(self.family.timestep), full
+
+    def _cfg_rows(self, full: int) -> tuple[Tensor, Tensor]:
+        """``(cond_rows, uncond_rows)`` of a CFG batch of ``full`` rows in the family's layout."""
+        batch = full // 2
+        if self.family.layout == "uc":
+            return torch.arange(batch, full), torch.arange(batch)
+        return torch.arange(batch), torch.arange(batch, full)
+
+    def _select(self, arguments: dict, rows: Tensor, full: int) -> dict:
+        """The arguments of the CFG batch's ``rows`` (per-row tensors and, for list batches, list items)."""
+        as_list = self.family.layout == "list_cu"
+        return {k: v if k in self.family.unbatched else _rows(v, rows, full, as_list) for k, v in arguments.items()}
+
+    def _forward_batched(self, net: _Network, args: tuple, kwargs: dict):
+        family = self.family
+        as_list = family.layout == "list_cu"  # per-sample tensors in a list (Z-Image): the list is the batch
+        arguments, sample, timestep, full = self._bind_batched(net, args, kwargs)
         if full != self.full:  # the pipeline stopped batching CFG (a callback such as SDCFGCutoffCallback)
             if 2 * full != self.full:
                 raise ValueError(f"{type(self.pipe).__name__} changed its batch from {self.full} to {full} rows "
@@ -266,8 +284,7 @@ class _Session:
             return out
         batch = full // 2
         uncond_first = family.layout == "uc"
-        cond_rows = torch.arange(batch, full) if uncond_first else torch.arange(batch)
-        uncond_rows = torch.arange(batch) if uncond_first else torch.arange(batch, full)
+        cond_rows, uncond_rows = self._cfg_rows(full)
         level = self._level(timestep, sample.device, sample.dtype)
         mask = self._mask(level, batch)
         picked = uncond_rows[mask]
@@ -277,9 +294,7 @@ class _Session:
             out = net.run(arguments, full)
         else:
             rows = torch.cat([picked, cond_rows]).to(sample.device)
-            selected = {k: v if k in family.unbatched else _rows(v, rows, full, as_list)
-                        for k, v in arguments.items()}
-            out = net.run(selected, len(rows))
+            out = net.run(self._select(arguments, rows, full), len(rows))
         tensor = torch.stack(list(_tensor(out))) if as_list else _tensor(out)
         if family.float32:
             tensor = tensor.float()
@@ -293,10 +308,8 @@ class _Session:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
         x = sample[cond_rows.to(sample.device)]
-        uncond_arguments = {k: v if k in family.unbatched else _rows(v, uncond_rows.to(sample.device), full, as_list)
-                            for k, v in arguments.items()}
         cond, uncond, evaluate = self._branches(net, arguments, cond_rows.to(sample.device), full, level,
-                                                uncond_arguments)
+                                                self._select(arguments, uncond_rows.to(sample.device), full))
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
                     uncond=uncond, next_level=self._next_level(level))
