@@ -24,7 +24,7 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -37,12 +37,22 @@ from .families import Family, family_of, other_level_pipelines
 from .scheduler_step import check_scheduler, renoise_step
 
 
-@dataclass(frozen=True)
 class Branch:
     """The network arguments of one CFG branch's rows (``step.uncond`` under apply): ``step.evaluate(x, branch)``
-    runs the network on all of them (the latent and, at another level, the time replaced)."""
+    runs the network on all of them (the latent and, at another level, the time replaced). Selected from the
+    call's batch only when first read, so steps whose guide takes no extra pass copy nothing."""
 
-    arguments: dict = field(repr=False)
+    def __init__(self, select: Callable[[], dict]) -> None:
+        self._select, self._arguments = select, None
+
+    @property
+    def arguments(self) -> dict:
+        if self._arguments is None:
+            self._arguments = self._select()
+        return self._arguments
+
+    def __repr__(self) -> str:
+        return "Branch(...)"
 
 
 @dataclass
@@ -308,8 +318,9 @@ class _Session:
             pred_uncond = pred_cond.clone()
             pred_uncond[mask.to(sample.device)] = pred_all[:n_u]
         x = sample[cond_rows.to(sample.device)]
-        cond, uncond, evaluate = self._branches(net, arguments, cond_rows.to(sample.device), full, level,
-                                                self._select(arguments, uncond_rows.to(sample.device), full))
+        cond, uncond, evaluate = self._branches(
+            net, arguments, cond_rows.to(sample.device), full, level,
+            lambda: self._select(arguments, uncond_rows.to(sample.device), full))
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
                     uncond=uncond, next_level=self._next_level(level))
@@ -352,7 +363,7 @@ class _Session:
         return out
 
     def _branches(self, net: _Network, arguments: dict, rows: Tensor, full: int | None, level: Level,
-                  uncond_arguments: dict | None):
+                  uncond_arguments: Callable[[], dict] | None):
         """``step.cond`` (the conditional rows' class labels or text embeddings, as ``diffusers_model_fn`` takes
         them), ``step.uncond`` (a :class:`Branch`: the unconditional rows' arguments) and
         ``step.evaluate(x, cond, level=None)``: one more counted network pass on the conditional rows' inputs, with
@@ -367,11 +378,11 @@ class _Session:
         cond = select(arguments.get(key))
         if arguments.get("added_cond_kwargs") is not None:
             cond = {key: cond, "added_cond_kwargs": select(arguments["added_cond_kwargs"])}
-        base = {name: select(value) for name, value in arguments.items()}
+        base = Branch(lambda: {name: select(value) for name, value in arguments.items()})  # the cond rows' own
         sample = arguments[latent]
         shape = (len(rows), *(sample[0].shape if as_list else sample.shape[1:]))
         dtype = sample[0].dtype if as_list else sample.dtype
-        uncond = None if uncond_arguments is None else Branch(uncond_arguments)
+        uncond = None if uncond_arguments is None else Branch(uncond_arguments)  # () -> the uncond rows' arguments
 
         def evaluate(x: Tensor, new_cond: Any, new_level: Level | None = None) -> Tensor:
             if tuple(x.shape) != shape:
@@ -383,7 +394,7 @@ class _Session:
                 unknown = set(replace) - set(net.signature.parameters)
                 if unknown:
                     raise ValueError(f"{type(net.module).__name__}.forward takes no {sorted(unknown)}")
-                call = dict(base, **replace)
+                call = dict(base.arguments, **replace)
             if new_level is not None:
                 if family.scheduler != "flow" or family.flow_time is None:
                     raise ValueError(f"step.evaluate at another level is not available on {type(self.pipe).__name__}")
@@ -451,8 +462,9 @@ class _Session:
             pred_uncond = -pred_uncond if sign < 0 else pred_uncond
         level = pending["level"]
         rows = torch.arange(pred_cond.shape[0], device=sample.device)
+        uncond_arguments = pending.get("uncond_arguments")
         cond, uncond, evaluate = self._branches(pending["net"], pending["arguments"], rows, None, level,
-                                                pending.get("uncond_arguments"))
+                                                None if uncond_arguments is None else lambda: uncond_arguments)
         step = Step(sample, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
                     uncond=uncond, next_level=self._next_level(level))
