@@ -95,7 +95,8 @@ FAMILIES: tuple[Family, ...] = (
            neutral={"cfg_normalization": (False, "its norm clamp is not a guide yet"),
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")}),
-    Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus", native="NormRescale(CFG(s))",
+    Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
+           native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                              "guidance.GuidanceInterval")}),
 )

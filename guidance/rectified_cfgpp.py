@@ -79,7 +79,8 @@ class RectifiedCFGPlusPlus(Guidance):
         return self.plan
 
     def predicted_point(self, step: Step, v_cond: Tensor) -> tuple[Tensor, Level]:
-        """``x_hat = x + f dt v_c`` as a VP state, and its level (``alpha, sigma`` VP, ``t * s_hat / s``)."""
+        """``x_hat = x + f dt v_c`` as a VP state, and its level (``alpha, sigma`` VP; its network time as the class
+        docstring says)."""
         plan = self._check(step)
         s = float(step.sigma / (step.alpha + step.sigma))  # flow level of the step (1 at pure noise)
         f = self.predictor_fraction
