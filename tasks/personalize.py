@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from diffguide.tasks.int8_forward import SharedDequantBuffer
 from diffguide.tasks.quantize import COMPONENTS, float_weights_fingerprint, is_quantized, quantize_module
 from diffguide.tasks.metrics.features import tensors_fingerprint
 
@@ -360,6 +361,7 @@ class TextualInversion:
             self.theta = self.embedding_weight[self.token_id].detach().float().clone()     # fp32 master copy
             self.optimizer = ZOAdam(self.config.learning_rate)
             self.subspace = SubspaceGradient(self.theta.numel(), self.config.tau, self.config.nu)
+            self.int8_forward = SharedDequantBuffer(pipe.unet, pipe.text_encoder)     # no-op for float layers
         else:
             self.embedding_weight.requires_grad_(True)
             self.original_embeddings = self.embedding_weight.detach().clone()
@@ -440,10 +442,11 @@ class TextualInversion:
             return self._loss(batch)
 
         cfg = self.config
-        estimate = random_gradient_estimate(
-            (lambda points: self._batched_losses(batch, points)) if cfg.batch_directions else loss_at,
-            self.theta, cfg.num_directions, cfg.mu, self.generator, cfg.scaling,
-            effective_dim=self.subspace.effective_dim, batched=cfg.batch_directions)
+        with self.int8_forward:
+            estimate = random_gradient_estimate(
+                (lambda points: self._batched_losses(batch, points)) if cfg.batch_directions else loss_at,
+                self.theta, cfg.num_directions, cfg.mu, self.generator, cfg.scaling,
+                effective_dim=self.subspace.effective_dim, batched=cfg.batch_directions)
         self.optimizer.step(self.theta, self.subspace.project(estimate.grad))
         self.subspace.push(self.theta)
         self.embedding_weight[self.token_id] = self.theta.to(self.dtype)
