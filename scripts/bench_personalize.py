@@ -167,7 +167,9 @@ def run_child(spec: dict) -> dict:
     from diffguide.tasks.quantize import weight_report
 
     weights = sum(weight_report(getattr(trainer.pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
-    return {"peak_process_mib": peak_process / 1024,
+    scratch = getattr(trainer, "int8_forward", None)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in scratch._buffers.values()) if scratch else 0
+    return {"dequant_buffer_mib": buffer_bytes / 2 ** 20, "peak_process_mib": peak_process / 1024,
             "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": peak_training / 1024,
             "seconds_per_step": median(times), "load_seconds": load_seconds,
             "weights_mib": weights / 2 ** 20, "tensor_peak_mib": tensor_peak / 2 ** 20}
@@ -187,31 +189,43 @@ def load_average() -> float:
 
 
 def run_paired(spec: dict) -> dict:
-    """Time per step of ZO (int8 layer by layer, batched directions) and backprop (float) side by side: both
-    trainers in this one process, one untimed step each, then ``spec['steps']`` pairs of steps in alternating
-    order, so that both methods see the same machine load; the ratio is the median of the per-pair ratios."""
+    """Time per step of ZO (int8 layer by layer, batched directions), the same ZO run through quanto's own
+    dequantization (:class:`tasks.int8_forward.SharedDequantBuffer` off: two fresh float copies of every weight per
+    pass) and backprop (float) side by side: the trainers in this one process, one untimed step each, then
+    ``spec['steps']`` rounds of one step each in rotating order, so that all see the same machine load; ratios are
+    medians of the per-round ratios."""
     import torch
 
+    from diffguide.tasks.int8_forward import SharedDequantBuffer
     from diffguide.tasks.personalize import TextualInversion
 
     torch.set_num_threads(1)
     images = sd15_images(spec["num_images"])
     trainers = {}
-    for method in ("zo", "backprop"):
+    for name, method in (("zo", "zo"), ("zo_quanto", "zo"), ("backprop", "backprop")):
         method_spec = {**spec, "method": method, "quantize": method == "zo", "batched": method == "zo"}
-        trainers[method] = TextualInversion(spec["model"], images, TOKEN, SD15_INITIALIZER,
-                                            child_config(method_spec, SD15_TEMPLATES))
-        trainers[method].step()
-    times, loads = {"zo": [], "backprop": []}, []
-    for pair in range(spec["steps"]):
+        trainers[name] = TextualInversion(spec["model"], images, TOKEN, SD15_INITIALIZER,
+                                          child_config(method_spec, SD15_TEMPLATES))
+        if name == "zo_quanto":
+            trainers[name].int8_forward = SharedDequantBuffer()          # no layers: quanto's own forward
+        trainers[name].step()
+    names = list(trainers)
+    times, loads = {name: [] for name in names}, []
+    for round_ in range(spec["steps"]):
         loads.append(load_average())
-        for method in (("backprop", "zo") if pair % 2 == 0 else ("zo", "backprop")):
+        for name in names[round_ % 3:] + names[:round_ % 3]:
             tick = time.perf_counter()
-            trainers[method].step()
-            times[method].append(time.perf_counter() - tick)
+            trainers[name].step()
+            times[name].append(time.perf_counter() - tick)
+    if not torch.equal(trainers["zo"].embedding, trainers["zo_quanto"].embedding):
+        raise RuntimeError("the shared dequantization buffer changed the trained embedding")
     ratios = [zo / bp for zo, bp in zip(times["zo"], times["backprop"])]
-    return {"zo_seconds": times["zo"], "backprop_seconds": times["backprop"], "ratios": ratios,
-            "median_ratio": median(ratios), "load_average": loads}
+    quanto_ratios = [zo / bp for zo, bp in zip(times["zo_quanto"], times["backprop"])]
+    speedups = [q / zo for q, zo in zip(times["zo_quanto"], times["zo"])]
+    return {"zo_seconds": times["zo"], "zo_quanto_seconds": times["zo_quanto"],
+            "backprop_seconds": times["backprop"], "ratios": ratios, "median_ratio": median(ratios),
+            "quanto_ratios": quanto_ratios, "median_quanto_ratio": median(quanto_ratios),
+            "median_speedup": median(speedups), "load_average": loads}
 
 
 def median(values: list[float]) -> float:
@@ -367,6 +381,14 @@ def memory_table(results: list[tuple[str, str, dict]], floor: float) -> str:
     return "\n".join(lines)
 
 
+def buffer_sizes(results: list[tuple[str, str, dict]]) -> str:
+    """The size of the shared dequantization buffer of each model's int8 ZO rows, e.g. "118.1 MiB on `x`"."""
+    sizes = {}
+    for model, _, r in results:
+        sizes[Path(model).name] = max(sizes.get(Path(model).name, 0.0), r.get("dequant_buffer_mib", 0.0))
+    return ", ".join(f"{mib:.1f} MiB on `{name}`" for name, mib in sizes.items())
+
+
 def ratio_lines(results: list[tuple[str, str, dict]], floor: float) -> list[str]:
     out = []
     for model in dict.fromkeys(m for m, _, _ in results):
@@ -439,12 +461,16 @@ def cli_ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
 
 def paired_lines(paired: dict, name: str) -> list[str]:
     loads = paired["load_average"]
-    return [f"- `{name}`, side by side in one process ({len(paired['ratios'])} pairs of timed steps, alternating "
-            f"order): time per step ZO int8 batched directions / backprop float, median of the per-pair ratios "
-            f"**{paired['median_ratio']:.2f}** (goal <= 2; pairs "
-            f"{', '.join(f'{r:.2f}' for r in paired['ratios'])}); ZO {median(paired['zo_seconds']):.1f} s, "
-            f"backprop {median(paired['backprop_seconds']):.1f} s per step (medians); 1-minute load average "
-            f"{min(loads):.1f}..{max(loads):.1f} on 2 cores"]
+    pairs = lambda key: ", ".join(f"{r:.2f}" for r in paired[key])
+    return [f"- `{name}`, side by side in one process ({len(paired['ratios'])} rounds of one timed step each, "
+            f"rotating order): time per step ZO int8 batched directions / backprop float, median of the per-round "
+            f"ratios **{paired['median_ratio']:.2f}** (goal <= 2; rounds {pairs('ratios')}); ZO "
+            f"{median(paired['zo_seconds']):.1f} s, backprop {median(paired['backprop_seconds']):.1f} s per step "
+            f"(medians); 1-minute load average {min(loads):.1f}..{max(loads):.1f} on 2 cores",
+            f"- the same ZO run with quanto's own dequantization instead of the shared buffer "
+            f"(`SharedDequantBuffer` off; bit-identical embedding, checked in the run): "
+            f"{median(paired['zo_quanto_seconds']):.1f} s per step, {paired['median_quanto_ratio']:.2f}x backprop's "
+            f"(rounds {pairs('quanto_ratios')}); the buffer makes a ZO step {paired['median_speedup']:.2f}x faster"]
 
 
 def reading(results, cli_results, paired, floor, loads: tuple[float, float]) -> str:
@@ -508,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sd15-shaped", action="store_true", help="also measure a random SD-1.5-shaped pipeline")
     p.add_argument("--sd15-steps", type=int, default=4, help="timed steps per sd15-shaped row and command line")
     p.add_argument("--paired-steps", type=int, default=5,
-                   help="sd15-shaped: pairs of ZO / backprop steps timed side by side in one process (0: none)")
+                   help="sd15-shaped: rounds of ZO / ZO without the shared buffer / backprop steps timed side by "
+                        "side in one process (0: none)")
     p.add_argument("--sd15-only", action="store_true", help="no memory rows for --model (only sd15-shaped)")
     p.add_argument("--sd15-rows", nargs="+", default=None, metavar="LABEL",
                    help="in-process sd15-shaped rows to run (default: ZO int8 quantized whole and layer by layer, "
@@ -619,7 +646,11 @@ def main(argv: list[str] | None = None) -> None:
                f"torch, diffusers (StableDiffusionPipeline), transformers (CLIPTextModel), optimum-quanto and this package's "
                f"personalization module ({floor or 0:.0f} MiB). *Tensor peak per step* is exact and free of allocator noise: the largest net bytes of "
                "tensors allocated during one step (torch profiler memory events; activations, gradients, optimizer "
-               "updates, transient dequantized weights), max over 2 steps. s / step is the median. Rows marked "
+               "updates, transient dequantized weights), max over 2 steps. Int8 ZO rows dequantize every weight into "
+               "one float buffer of the largest weight (`tasks.int8_forward.SharedDequantBuffer`, "
+               f"{buffer_sizes(results)}), "
+               "made in the first step and kept: it is in the RSS columns, not in the tensor peak of the later steps. "
+               "s / step is the median. Rows marked "
                "*layer by layer* load the float checkpoint with `tasks.quantize.load_int8_pipeline` (each Linear/Conv2d "
                "quantized as soon as its tensors are read); *saved folder* rows load the int8 folder written once by "
                "`tasks.quantize.save_int8_pipeline` with `load_saved_int8_pipeline` (no float weights); the others "
