@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = Path(args.quality_from).read_text().splitlines()
         rows = [json.loads(line) for line in lines if line.startswith('{"digit"')]
     else:
-        rows = [] if args.skip_quality else quality(args)
+        rows = [] if args.skip_quality or args.keep_quality else quality(args)      # kept: not recomputed
 
     md = ["## Personalization without backpropagation (`scripts/bench_personalize.py`)\n\n"
           "Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "

@@ -13,7 +13,8 @@ Both methods minimise the latent-diffusion loss of ZOODiP Eq. 1 / Textual Invers
 - ``method="zo"`` (ZOODiP, Seo et al. CVPR 2025): int8 weights, ``n + 1`` forward passes per step sharing
   image, noise and timestep (or one pass of batch ``n + 1`` with ``batch_directions=True``: faster, more
   activation memory), :func:`guidance.zo_personalize.random_gradient_estimate`, Subspace Gradient,
-  ZO-Adam, PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever built.
+  ZO-Adam, PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever built, and the int8 layers dequantize
+  into one shared buffer (:class:`tasks.int8_forward.SharedDequantBuffer`, quanto's results bit for bit).
 - ``method="backprop"`` (diffusers ``examples/textual_inversion``): float weights, AdamW (weight decay 1e-2)
   over the whole token-embedding matrix with every row but the new one restored after each step,
   ``t ~ U{0..999}``.

@@ -3,8 +3,8 @@
 Every ``nn.Linear`` and ``nn.Conv2d`` of the UNet, the VAE and the text encoder is replaced by quanto's
 ``QLinear``/``QConv2d`` holding int8 weights with one float scale per output channel (symmetric absmax),
 ``W_hat = s * round(W / s)``, ``s = max|W_row| / 127``. Activations stay float. A layer's float weight exists
-only inside its own forward call (``s * W_int8`` then a float matmul/convolution on CPU), never as stored
-state: the modules' ``state_dict`` holds int8 tensors. Token embeddings, norms and biases stay float, so a
+only inside its own forward call (``s * W_int8`` then a float matmul/convolution on CPU; under
+:class:`tasks.int8_forward.SharedDequantBuffer` in one buffer the layers share), never as stored state: the modules' ``state_dict`` holds int8 tensors. Token embeddings, norms and biases stay float, so a
 textual-inversion row can still be written into the embedding matrix.
 
 :func:`load_int8_pipeline` builds the same int8 pipeline from a float checkpoint folder without ever holding
