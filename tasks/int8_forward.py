@@ -16,7 +16,8 @@ modules use it; outside, they are quanto's again::
         noise_pred = pipe.unet(latents, t, states).sample
 
 Each layer overwrites the buffer, so a weight must not outlive its call: with autograd on (a graph would keep
-the weight for the backward pass) the layers fall back to quanto's own forward.
+the weight for the backward pass) the layers fall back to quanto's own forward, as Linear layers do on bfloat16
+inputs (quanto then runs a fused int8 kernel and makes no float copy).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class SharedDequantBuffer:
         return buffer[:data.numel()].view(data.shape).copy_(data).mul_(scale)
 
     def _linear(self, layer: nn.Module, input: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        # bfloat16 inputs: quanto multiplies by the int8 weight directly (torch._weight_int8pack_mm), nothing to save
+        if torch.is_grad_enabled() or input.dtype == torch.bfloat16:
             return type(layer).forward(layer, input)
         weight = self._weight(layer.weight)
         flat = input.reshape(-1, input.shape[-1]).to(weight.dtype)          # as quanto's qbytes_mm

@@ -64,6 +64,19 @@ def test_outputs_equal_quantos_bit_for_bit_and_the_layers_are_restored(model, ho
     assert all(torch.equal(a, b) for a, b in zip(unet_and_text_outputs(pipe), reference))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision_outputs_equal_quantos_bit_for_bit(dtype):
+    pipe = quantize_pipeline(tiny_sd().to(dtype=dtype))
+    gen = torch.Generator().manual_seed(0)
+    latents, states = torch.randn(2, 4, 8, 8, generator=gen).to(dtype), torch.randn(2, 16, 16, generator=gen).to(dtype)
+    reference = pipe.unet(latents, torch.tensor([500, 20]), states).sample
+    with SharedDequantBuffer(pipe.unet) as scratch:
+        out = pipe.unet(latents, torch.tensor([500, 20]), states).sample
+    assert out.dtype == dtype and torch.equal(out, reference)
+    assert [b.dtype for b in scratch._buffers.values()] == [dtype]           # the convolutions used it
+
+
 def test_the_buffer_is_used_and_overwritten_by_each_layer():
     pipe = quantize_pipeline(tiny_sd())
     scratch = SharedDequantBuffer(pipe.unet)
