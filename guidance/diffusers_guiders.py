@@ -25,7 +25,8 @@ block-skip hook returns the two streams of SD3's blocks swapped (:func:`_fix_blo
 ``MagnitudeAwareGuidance`` fails on predictions of more than three dimensions (:data:`_FLATTENED`).
 ``FrequencyDecoupledGuidance`` builds Laplacian pyramids of images: it is refused, at the first network call, on
 pipelines whose predictions are not ``(batch, channels, height, width)`` (:data:`_IMAGE_ONLY`), and where some of
-its levels would guide at a step and others not, which its forward mishandles (:meth:`GuiderSession._check_fdg_levels`).
+its levels would guide at a step and others not, which its forward mishandles (:meth:`GuiderSession._check_fdg_levels`),
+and on latents its pyramid cannot decompose and rebuild at their size (:meth:`GuiderSession._check_fdg_size`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,27 @@ class GuiderSession(_Session):
             raise ValueError(f"{name} {reason}; {type(self.pipe).__name__} predicts "
                              f"{what.get(len(shape), f'{len(shape)}-D tensors')} of shape {tuple(shape)}")
         if name == "FrequencyDecoupledGuidance":
+            self._check_fdg_size(tuple(shape[-2:]))
             self._check_fdg_levels()
+
+    def _check_fdg_size(self, size: tuple[int, int]) -> None:
+        """FDG's pyramid (kornia) fails on sides too small for its levels and, on sides that are not a power of two
+        or not divisible by ``2 ** (levels - 1)``, pads them, so that the guided prediction comes back larger: refused
+        when the pyramid of a zero image of ``size`` fails or does not come back at ``size``."""
+        from diffusers.guiders import frequency_decoupled_guidance as fdg
+
+        levels = self.guider.levels
+        probe = torch.zeros(1, 1, *size)
+        try:
+            rebuilt = tuple(fdg.build_image_from_pyramid(fdg.build_laplacian_pyramid_func(probe, levels)).shape[-2:])
+            problem = None if rebuilt == size else f"comes back at {rebuilt[0]}x{rebuilt[1]} (kornia pads the sides)"
+        except RuntimeError as err:
+            problem = f"fails in kornia ({str(err).splitlines()[0]})"
+        if problem is not None:
+            raise ValueError(f"FrequencyDecoupledGuidance's {levels}-level Laplacian pyramid of the {size[0]}x{size[1]} "
+                             f"{type(self.pipe).__name__} latents {problem}; use fewer levels (guidance_scales) or "
+                             f"latents whose sides are multiples of 2^(levels - 1) = {2 ** (levels - 1)}, at least "
+                             f"{2 ** levels}, one of them a power of two")
 
     def _check_fdg_levels(self) -> None:
         """diffusers 0.42.1's FDG forward puts, in place of a pyramid level that does not guide (scale 1, or 0 with

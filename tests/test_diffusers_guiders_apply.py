@@ -6,6 +6,7 @@ CFGZeroStar, and few-line formulas of FDG and MAG run as diffguide guides on the
 two-call pipelines alike. Rows are counted inside the network, at its first layer.
 """
 
+import contextlib
 import functools
 
 import pytest
@@ -341,6 +342,29 @@ def test_frequency_decoupled_guider_is_refused_on_non_image_predictions(name, wh
             run_transformer(pipe, name)
     handle.remove()
     assert rows == [] and "forward" not in pipe.transformer.__dict__  # refused before the network ran
+
+
+@pytest.mark.parametrize("height, width, levels, what, fits", [   # tiny_sd: latents are half the image's size
+    (24, 40, 2, "comes back at 16x32", (24, 16)),   # 12x20: kornia pads sides of which none is a power of two
+    (8, 8, 3, "fails in kornia", (16, 16)),         # 4x4: the 2x2 second level is too small to blur
+    (24, 16, 4, "fails in kornia", (32, 32))])      # 12x8: not divisible by 2^3
+def test_frequency_decoupled_guider_on_latents_its_pyramid_cannot_rebuild_is_refused(height, width, levels, what, fits):
+    from diffusers.guiders import frequency_decoupled_guidance as fdg
+
+    probe = torch.zeros(1, 4, height // 2, width // 2)   # what diffusers' FDG itself does on these latents
+    with pytest.raises(RuntimeError) if "fails" in what else contextlib.nullcontext():
+        assert fdg.build_image_from_pyramid(fdg.build_laplacian_pyramid_func(probe, levels)).shape != probe.shape
+    pipe = tiny_sd()
+    rows, handle = count_rows(pipe.unet, "conv_in")
+    with pytest.raises(ValueError, match=rf"{levels}-level Laplacian pyramid of the {height // 2}x{width // 2} "
+                                         rf"StableDiffusionPipeline latents {what}.*multiples of .* = {2 ** (levels - 1)}, at least {2 ** levels}"):
+        with guidance.apply(pipe, FrequencyDecoupledGuidance(guidance_scales=[3.0] * levels)):
+            pipe(prompt=["a cat"], height=height, width=width, num_inference_steps=2, output_type="latent")
+    handle.remove()
+    assert rows == []                                     # refused before the network ran
+    with guidance.apply(pipe, FrequencyDecoupledGuidance(guidance_scales=[3.0] * levels)):   # a size that fits
+        out = pipe(prompt=["a cat"], height=fits[0], width=fits[1], num_inference_steps=2, output_type="latent")
+    assert out.images.shape == (1, 4, fits[0] // 2, fits[1] // 2)
 
 
 @pytest.mark.parametrize("kw, off", [({"guidance_scales": [7.0, 1.0]}, 1),  # level 1 at scale 1
