@@ -83,7 +83,7 @@ def tensors_fingerprint(named: Iterable[tuple[str, Tensor]], length: int = 12) -
     digest = hashlib.sha256()
     for key, value in named:
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
     return digest.hexdigest()[:length]
 
 
