@@ -48,7 +48,12 @@ class SharedDequantBuffer:
         for module in modules:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"modules must be torch.nn.Module, got {type(module).__name__}")
-        self.layers = [layer for module in modules for layer in module.modules() if _is_frozen_int8(layer)]
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError:                                   # without optimum-quanto no layer is int8
+            self.layers = []
+        else:
+            self.layers = [layer for module in modules for layer in module.modules() if _is_frozen_int8(layer)]
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._active = False
 
@@ -92,7 +97,3 @@ class SharedDequantBuffer:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
         self._active = False
-
-    def release(self) -> None:
-        """Free the buffers (they are made again on the next use)."""
-        self._buffers.clear()

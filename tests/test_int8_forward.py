@@ -118,6 +118,15 @@ def test_float_layers_and_replaced_forwards_are_left_alone():
     assert layer.forward is own
 
 
+def test_without_optimum_quanto_a_float_pipeline_has_no_int8_layers(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)             # import optimum.quanto: ImportError
+    pipe = tiny_sd()
+    with SharedDequantBuffer(pipe.unet, pipe.text_encoder) as scratch:
+        assert scratch.layers == []
+
+
 def test_bad_arguments_and_reentry_are_refused():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         SharedDequantBuffer("unet")
