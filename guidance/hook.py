@@ -418,7 +418,7 @@ class _Session:
         family, sigmas = self.family, getattr(self.scheduler, "sigmas", None)
         if not self.flow or family.flow_time is None or sigmas is None or level.index + 1 >= len(sigmas):
             return None
-        s, s_next = float(level.sigma), float(sigmas[level.index + 1])
+        s, s_next = float(sigmas[level.index]), float(sigmas[level.index + 1])   # float64, not the latents' dtype
         t = level.t.to(torch.float64)
         t_next = t * (s_next / s) if family.flow_time == "proportional" else t + (s - s_next)
         like = level.alpha

@@ -432,3 +432,26 @@ def test_rectified_cfgpp_refused_up_front_where_the_level_cannot_be_moved(name, 
                                             f".*{why}.*Supported: StableDiffusion3Pipeline"):
             with guidance.apply(pipe, guide):
                 pass
+
+
+@pytest.mark.parametrize("name", ["sd3", "lumina2"])   # network time 1000 s / 1 - s
+def test_next_level_is_the_schedulers_next_time_in_low_precision_pipelines(name):
+    """``step.next_level`` comes from the scheduler's float64 sigmas, not from the latents' dtype: its time is the
+    time the pipeline feeds its network at the next step, also in bfloat16 (where the level's own sigma is rounded
+    to 3 digits)."""
+    pipe = PIPELINES[name][0]().to(dtype=torch.bfloat16)
+    seen = []
+
+    class Recording(guidance.CFG):
+        def combine(self, step):
+            seen.append((float(step.t), step.next_level))
+            return super().combine(step)
+
+    kw = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+          for k, v in embeds(name, 1).items()}
+    with guidance.apply(pipe, Recording(2.0)):
+        pipe(**kw, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0))
+    times = [t for t, _ in seen]
+    assert [level.index for _, level in seen] == [1, 2, 3, 4] and float(seen[-1][1].sigma) == 0   # the last: s = 0
+    for (_, level), t_next in zip(seen, times[1:]):
+        assert float(level.t) == pytest.approx(t_next, rel=1e-6, abs=1e-6)
