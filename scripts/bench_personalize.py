@@ -168,8 +168,7 @@ def run_child(spec: dict) -> dict:
 
     weights = sum(weight_report(getattr(trainer.pipe, n)).bytes for n in ("unet", "vae", "text_encoder"))
     scratch = getattr(trainer, "int8_forward", None)
-    buffer_bytes = sum(b.numel() * b.element_size() for b in scratch._buffers.values()) if scratch else 0
-    return {"dequant_buffer_mib": buffer_bytes / 2 ** 20, "peak_process_mib": peak_process / 1024,
+    return {"dequant_buffer_mib": (scratch.nbytes if scratch else 0) / 2 ** 20, "peak_process_mib": peak_process / 1024,
             "rss_loaded_mib": rss_loaded / 1024, "peak_training_mib": peak_training / 1024,
             "seconds_per_step": median(times), "load_seconds": load_seconds,
             "weights_mib": weights / 2 ** 20, "tensor_peak_mib": tensor_peak / 2 ** 20}
@@ -193,7 +192,9 @@ def run_paired(spec: dict) -> dict:
     dequantization (:class:`tasks.int8_forward.SharedDequantBuffer` off: two fresh float copies of every weight per
     pass) and backprop (float) side by side: the trainers in this one process, one untimed step each, then
     ``spec['steps']`` rounds of one step each in rotating order, so that all see the same machine load; ratios are
-    medians of the per-round ratios."""
+    medians of the per-round ratios. Also each step's minor page faults (new pages the kernel zeroes and maps)."""
+    import resource
+
     import torch
 
     from diffguide.tasks.int8_forward import SharedDequantBuffer
@@ -210,13 +211,15 @@ def run_paired(spec: dict) -> dict:
             trainers[name].int8_forward = SharedDequantBuffer()          # no layers: quanto's own forward
         trainers[name].step()
     names = list(trainers)
-    times, loads = {name: [] for name in names}, []
+    times, faults, loads = {name: [] for name in names}, {name: [] for name in names}, []
+    minor_faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt    # pages the kernel handed out
     for round_ in range(spec["steps"]):
         loads.append(load_average())
         for name in names[round_ % 3:] + names[:round_ % 3]:
-            tick = time.perf_counter()
+            tick, faulted = time.perf_counter(), minor_faults()
             trainers[name].step()
             times[name].append(time.perf_counter() - tick)
+            faults[name].append(minor_faults() - faulted)
     if not torch.equal(trainers["zo"].embedding, trainers["zo_quanto"].embedding):
         raise RuntimeError("the shared dequantization buffer changed the trained embedding")
     ratios = [zo / bp for zo, bp in zip(times["zo"], times["backprop"])]
@@ -225,7 +228,8 @@ def run_paired(spec: dict) -> dict:
     return {"zo_seconds": times["zo"], "zo_quanto_seconds": times["zo_quanto"],
             "backprop_seconds": times["backprop"], "ratios": ratios, "median_ratio": median(ratios),
             "quanto_ratios": quanto_ratios, "median_quanto_ratio": median(quanto_ratios),
-            "median_speedup": median(speedups), "load_average": loads}
+            "median_speedup": median(speedups), "load_average": loads,
+            "minor_faults_per_step": {name: median(counts) for name, counts in faults.items()}}
 
 
 def median(values: list[float]) -> float:
@@ -372,12 +376,12 @@ def save_pngs(images, folder: Path) -> None:
 def memory_table(results: list[tuple[str, str, dict]], floor: float) -> str:
     lines = ["| pipeline | method | weights MiB | peak RSS, whole process MiB | RSS loaded MiB | peak RSS training MiB "
              "| training peak above libraries MiB | training peak above loaded MiB | tensor peak per step MiB "
-             "| s / step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| s / step | load s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, label, r in results:
         lines.append(f"| {Path(model).name} | {label} | {r['weights_mib']:.1f} | {r['peak_process_mib']:.0f} | "
                      f"{r['rss_loaded_mib']:.0f} | {r['peak_training_mib']:.0f} | "
                      f"{r['peak_training_mib'] - floor:.0f} | {r['peak_training_mib'] - r['rss_loaded_mib']:.1f} | "
-                     f"{r['tensor_peak_mib']:.2f} | {r['seconds_per_step']:.3f} |")
+                     f"{r['tensor_peak_mib']:.2f} | {r['seconds_per_step']:.3f} | {r['load_seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -462,6 +466,7 @@ def cli_ratio_lines(results: list[tuple[str, str, dict]]) -> list[str]:
 def paired_lines(paired: dict, name: str) -> list[str]:
     loads = paired["load_average"]
     pairs = lambda key: ", ".join(f"{r:.2f}" for r in paired[key])
+    faults = paired["minor_faults_per_step"]
     return [f"- `{name}`, side by side in one process ({len(paired['ratios'])} rounds of one timed step each, "
             f"rotating order): time per step ZO int8 batched directions / backprop float, median of the per-round "
             f"ratios **{paired['median_ratio']:.2f}** (goal <= 2; rounds {pairs('ratios')}); ZO "
@@ -470,7 +475,10 @@ def paired_lines(paired: dict, name: str) -> list[str]:
             f"- the same ZO run with quanto's own dequantization instead of the shared buffer "
             f"(`SharedDequantBuffer` off; bit-identical embedding, checked in the run): "
             f"{median(paired['zo_quanto_seconds']):.1f} s per step, {paired['median_quanto_ratio']:.2f}x backprop's "
-            f"(rounds {pairs('quanto_ratios')}); the buffer makes a ZO step {paired['median_speedup']:.2f}x faster"]
+            f"(rounds {pairs('quanto_ratios')}); the buffer makes a ZO step {paired['median_speedup']:.2f}x faster. "
+            f"Minor page faults per step (new pages the kernel zeroes and maps, `getrusage`; medians): ZO "
+            f"{faults['zo'] / 1e3:.0f} k with the buffer, {faults['zo_quanto'] / 1e3:.0f} k without, backprop "
+            f"{faults['backprop'] / 1e3:.0f} k"]
 
 
 def reading(results, cli_results, paired, floor, loads: tuple[float, float]) -> str:
@@ -650,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
                "one float buffer of the largest weight (`tasks.int8_forward.SharedDequantBuffer`, "
                f"{buffer_sizes(results)}), "
                "made in the first step and kept: it is in the RSS columns, not in the tensor peak of the later steps. "
-               "s / step is the median. Rows marked "
+               "s / step is the median; *load s* the time to load, add the token and encode the images. Rows marked "
                "*layer by layer* load the float checkpoint with `tasks.quantize.load_int8_pipeline` (each Linear/Conv2d "
                "quantized as soon as its tensors are read); *saved folder* rows load the int8 folder written once by "
                "`tasks.quantize.save_int8_pipeline` with `load_saved_int8_pipeline` (no float weights); the others "

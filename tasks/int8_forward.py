@@ -57,6 +57,11 @@ class SharedDequantBuffer:
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._active = False
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (made at the first int8 call, kept until the object is dropped)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
     def _weight(self, weight) -> Tensor:
         """``s * W_int8`` of a quanto weight, written into the buffer of its device and scale dtype."""
         data, scale = weight._data, weight._scale

@@ -60,6 +60,7 @@ def test_outputs_equal_quantos_bit_for_bit_and_the_layers_are_restored(model, ho
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
     (buffer,) = scratch._buffers.values()
     assert buffer.numel() == max(layer.weight.numel() for layer in layers)
+    assert scratch.nbytes == buffer.numel() * buffer.element_size()
     assert not any("forward" in layer.__dict__ for layer in layers)       # quanto's forward again
     assert all(torch.equal(a, b) for a, b in zip(unet_and_text_outputs(pipe), reference))
 
