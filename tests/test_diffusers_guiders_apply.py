@@ -371,6 +371,28 @@ def test_frequency_decoupled_guider_on_latents_its_pyramid_cannot_rebuild_is_ref
     assert out.images.shape == (1, 4, fits[0] // 2, fits[1] // 2)
 
 
+def test_the_sizes_the_fdg_refusal_names_are_those_kornia_rebuilds():
+    """The refusal says what fits: sides that are multiples of 2^(levels - 1), at least 2^levels, one of them a power
+    of two. That rule, against kornia's pyramid rebuilt by diffusers (the refusal's own test), on every size up to
+    32 x 32 for 2 to 4 levels."""
+    from diffusers.guiders import frequency_decoupled_guidance as fdg
+
+    def rebuilds(h, w, levels):
+        try:
+            probe = torch.zeros(1, 1, h, w)
+            return fdg.build_image_from_pyramid(fdg.build_laplacian_pyramid_func(probe, levels)).shape == probe.shape
+        except RuntimeError:
+            return False
+
+    power_of_two = lambda n: n & (n - 1) == 0
+    for levels in range(2, 5):
+        k = 2 ** (levels - 1)
+        for h in range(1, 33):
+            for w in range(1, 33):
+                stated = h % k == 0 and w % k == 0 and min(h, w) >= 2 * k and (power_of_two(h) or power_of_two(w))
+                assert rebuilds(h, w, levels) == stated, (h, w, levels)
+
+
 @pytest.mark.parametrize("kw, off", [({"guidance_scales": [7.0, 1.0]}, 1),  # level 1 at scale 1
                                      ({"guidance_scales": [7.0, 2.0], "start": [0.5, 0.0]}, 0)])  # level 0 from 1
 def test_frequency_decoupled_guider_with_levels_off_at_some_step_is_refused(kw, off):
