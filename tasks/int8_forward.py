@@ -2,8 +2,8 @@
 
 optimum-quanto runs a frozen int8 ``QLinear`` / ``QConv2d`` by dequantizing its weight on every call,
 ``W = s * W_int8``: the int8 data is first cast to a fresh float copy, then multiplied into another fresh
-tensor. On CPU most of that time is the kernel handing out and zeroing new pages (two float copies of every
-weight per forward pass), not arithmetic; on an SD-1.5-sized UNet it is about half of a ZOODiP step.
+tensor, so every forward pass has the kernel hand out and zero new pages for two float copies of every weight
+(on CPU a ZOODiP step of an SD-1.5-shaped pipeline runs 1.9x faster without them: BENCHMARKS.md, personalize).
 
 :class:`SharedDequantBuffer` computes the same ``W`` into one buffer sized for the largest weight
 (``buffer.copy_(W_int8).mul_(s)``: the cast is exact and the product is the same float32 rounding, so every
