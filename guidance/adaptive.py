@@ -43,7 +43,7 @@ class AdaptiveGuidance(Guidance):
         scale: CFG weight ``w`` (diffusers convention, ``u + w (c - u)``).
         threshold: the paper's ``gamma_bar`` in (0, 1]; 1 never truncates. The paper tunes it near 0.99 (the
             ComfyUI port defaults to 0.99); on the digits models with 20 DDIM steps, 0.99-0.999 in x0 space skip
-            20-35% of the network rows (``scripts/bench_adaptive.py``).
+            20-35% of the network rows (``benchmarks/bench_adaptive.py``).
         space: ``"x0"`` compares the x0 estimates (as the ComfyUI port does), ``"eps"`` the epsilon predictions
             (the paper's notation). On epsilon models ``eps_hat ~ x_t`` at high noise, so the epsilon cosine
             starts near 1 and has no trend (measured on ``digits-class``: ``1 - cos ~ 1e-3`` at every step of

@@ -4,7 +4,7 @@ Statistical tests run ``G`` independent particle systems in one batch (``num_gro
 standard error from the spread of the ``G`` group estimates (honest for SMC, whose genealogy makes the final
 ESS optimistic). A check passes when ``|estimate - truth| <= 4 SE + bias``, ``bias`` being the stated
 time-discretisation tolerance: 2% of the target's standard deviation for means, 5% of the variance scale for
-(co)variances, 0.01 for mode masses (``scripts/bench_fkc.py`` measures the bias of these configurations with
+(co)variances, 0.01 for mode masses (``benchmarks/bench_fkc.py`` measures the bias of these configurations with
 10^5 particles: every statistic inside its tolerance). Each test also runs the unweighted sampler (same drift
 and noise, no weights) and requires it to fail the same check.
 """

@@ -171,7 +171,7 @@ def test_saved_int8_folders_that_are_damaged_or_foreign_are_refused_naming_the_f
 
 def tensor_peak_bytes(fn):
     """Peak net bytes of tensors allocated during ``fn()`` (the benchmark's profiler measure) and its result."""
-    from diffguide.scripts.bench_personalize import _tensor_peak_bytes
+    from bench_personalize import _tensor_peak_bytes
 
     result = []
     peak = _tensor_peak_bytes(lambda: result.append(fn()))

@@ -35,6 +35,7 @@ def test_wheel_installs_one_name_and_the_zoo(wheel):
     modules = [n for n in names if n.endswith(".py")]
     assert "diffguide/__init__.py" in modules and "diffguide/guidance/hook.py" in modules
     assert "diffguide/tests/conftest.py" not in names
+    assert not [n for n in names if "/bench" in n or n.endswith("support_matrix.py")], "benchmarks are not installed"
     for model in ("digits-class", "digits-class-weak", "digits-t2i", "digits-classifier", "digits-clip"):
         assert any(n.startswith(f"diffguide/tasks/zoo/{model}/") and n.endswith(".safetensors") for n in names), model
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))

@@ -380,7 +380,7 @@ def test_batch_sizes_that_only_repeat_images_are_refused():
 def test_benchmark_keeps_the_quality_table_when_rewriting_its_section():
     """``bench_personalize --keep-quality`` keeps the quality description and table, and only them, however often
     the section is rewritten (an earlier version dropped the table on the second rewrite)."""
-    from diffguide.scripts.bench_personalize import QUALITY_HEADING, kept_quality_section
+    from bench_personalize import QUALITY_HEADING, kept_quality_section
 
     table = "| embedding | classifier accuracy | training s |\n|---|---|---|\n| zo (400 steps) | 0.943 | 41 |"
     first = (f"<!-- personalize:start -->\n## P\n\n{QUALITY_HEADING}\n\nDigits [2]: 5 training images.\n\n{table}\n\n"

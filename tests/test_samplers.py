@@ -127,7 +127,7 @@ def test_euler_initial_noise_conventions_differ():
 # ------------------------------------------------------------------------------------------------------------
 # unconditional sampling recovers the mixture
 # ------------------------------------------------------------------------------------------------------------
-# Bias allowed on top of 4 Monte-Carlo standard errors, measured by scripts/bench_samplers.py --particles-1d
+# Bias allowed on top of 4 Monte-Carlo standard errors, measured by benchmarks/bench_samplers.py --particles-1d
 # 200000 --particles 20000 --steps 10 25 50 100 200 --repeats 3 (VP plan): at 200 steps (100 for DPM-Solver++) the
 # largest errors
 # there are 0.017 (mean), 0.064 (variance, Euler-ancestral in 1-D) and 0.004 (mode mass), discretisation and the

@@ -1,6 +1,6 @@
-"""README's support matrix is what scripts/support_matrix.py measures now (it cannot go stale)."""
+"""README's support matrix is what benchmarks/support_matrix.py measures now (it cannot go stale)."""
 
-from diffguide.scripts import support_matrix
+import support_matrix
 
 
 def test_readme_support_matrix_is_fresh():
@@ -9,4 +9,4 @@ def test_readme_support_matrix_is_fresh():
                                          "WanPipeline", "ZImagePipeline", "StableDiffusionPipeline"}
     assert all(row[3] in ("exact", "~exact (1e-06)") for row in table)  # every native CFG reproduced
     text = support_matrix.render(table)
-    assert text in support_matrix.README.read_text(), "run python -m diffguide.scripts.support_matrix"
+    assert text in support_matrix.README.read_text(), "run python benchmarks/support_matrix.py"

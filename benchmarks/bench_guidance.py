@@ -1,7 +1,7 @@
 """CFG vs APG vs CFG++ on the shipped digits models: FID-digits, classifier accuracy, CLIP score, NFE.
 
-    python scripts/bench_guidance.py                        # the committed numbers (resumable)
-    python scripts/bench_guidance.py --num-images 100 --out /tmp/bench   # a quick look
+    python benchmarks/bench_guidance.py                        # the committed numbers (resumable)
+    python benchmarks/bench_guidance.py --num-images 100 --out /tmp/bench   # a quick look
 
 Runs ``diffguide-evaluate`` on ``digits-class``, ``digits-class-weak`` (an early checkpoint of it) and
 ``digits-t2i`` over a grid of scales per method,
@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 from diffguide.scripts import evaluate
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks.run_folder import write_json
 
 GUIDES = {
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"FID-digits {floor['fid']:.3f}, accuracy {floor['accuracy']:.3f}, "
                   f"CLIP score {fmt(floor.get('clip_score'), 2)}.")
     guidance_md = "\n\n".join([
-        "## Guidance methods on the digits models (`scripts/bench_guidance.py`)",
+        "## Guidance methods on the digits models (`benchmarks/bench_guidance.py`)",
         protocol, floor_line, guidance_table(rows), f"![FID-digits and accuracy vs scale]({PLOT})",
     ])
     zoo_lines = ["| model | guidance | NFE | FID-digits ↓ | accuracy ↑ | CLIP score ↑ |",
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in zoo_rows:
         zoo_lines.append(f"| {r['model']} | CFG {r['scale']:g} | {r['nfe']:g} | {fmt(r['fid'], 3)} | "
                          f"{fmt(r['accuracy'])} | {fmt(r.get('clip_score'), 2)} |")
-    zoo_md = "\n\n".join(["## FID-digits of the shipped generators (`scripts/bench_guidance.py`)",
+    zoo_md = "\n\n".join(["## FID-digits of the shipped generators (`benchmarks/bench_guidance.py`)",
                           protocol.split(" APG:")[0], "\n".join(zoo_lines)])
     print(guidance_md + "\n\n" + zoo_md)
     if not args.no_write:

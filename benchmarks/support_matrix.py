@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from diffguide import guidance  # noqa: E402
 from diffguide.guidance.families import family_of, native_guide  # noqa: E402
-from diffguide.scripts._bench_md import write_section  # noqa: E402
+from common import write_section  # noqa: E402
 import tiny_pipes  # noqa: E402
 
 README = ROOT / "README.md"
@@ -100,7 +100,7 @@ def _runs(pipe, kw: dict, guide: guidance.Guidance, native: torch.Tensor) -> str
 
 def render(table: list[list[str]]) -> str:
     head = ["pipeline", "CFG layout", "native CFG as a guide", "native CFG", *GUIDES]
-    lines = [f"Written by `scripts/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps, scale "
+    lines = [f"Written by `benchmarks/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps, scale "
              f"{SCALE:g}; `exact`: bit-identical to the native call; `runs`: finite latents of the native shape). "
              "Any other pipeline class is refused up front with the supported list. CFG++ needs a scheduler whose "
              "step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`); Rectified-CFG++ a flow pipeline "
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = README.read_text()
         if text not in current:
-            print("README.md's support matrix is stale: run python -m diffguide.scripts.support_matrix")
+            print("README.md's support matrix is stale: run python benchmarks/support_matrix.py")
             return 1
         return 0
     print(text)

@@ -1,14 +1,14 @@
 """Every CFG-family guide on the rectified-flow ``digits-flow`` (``StableDiffusion3Pipeline``) model.
 
-    python scripts/bench_flow.py                                   # 300 images x 2 seeds, 20 steps
-    python scripts/bench_flow.py --num-images 200 --batch-size 100 --calibration-images 100          # committed
-    python scripts/bench_flow.py --num-images 100 --seeds 0 --no-write --guides CFG APG
+    python benchmarks/bench_flow.py                                   # 300 images x 2 seeds, 20 steps
+    python benchmarks/bench_flow.py --num-images 200 --batch-size 100 --calibration-images 100          # committed
+    python benchmarks/bench_flow.py --num-images 100 --seeds 0 --no-write --guides CFG APG
 
 Per guide, a grid of scales at the same steps and noises (flow-matching Euler, the model's own scheduler):
 accuracy of the shipped ``digits-classifier`` on the samples, FID-digits against the 360 held-out test
 digits, CLIP score under ``digits-clip`` and transformer rows per image (counted by ``guidance.apply``).
 Cells are mean ± standard error over ``--seeds`` (each seed: other noises for the same prompts). AG, LinearAG,
-dynamic CFG and GFCG follow ``scripts/bench_adaptive.py`` (its dynamic-CFG objective and guide classifier).
+dynamic CFG and GFCG follow ``benchmarks/bench_adaptive.py`` (its dynamic-CFG objective and guide classifier).
 The pipeline's 256 zero T5 tokens are counted in one (``counted_t5_zeros``, exact to float rounding).
 Writes the ``flow`` section of BENCHMARKS.md and ``docs/bench_flow.png``.
 """
@@ -25,8 +25,8 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from diffguide import guidance
-from diffguide.scripts._bench_md import write_section
-from diffguide.scripts.bench_adaptive import (FeatureFidelity, MakeGuide, Method, Objective, calibrated_linear_ag,
+from common import write_section
+from bench_adaptive import (FeatureFidelity, MakeGuide, Method, Objective, calibrated_linear_ag,
                                               guide_classifier)
 from diffguide.tasks import zoo
 from diffguide.tasks.digits import NUM_CLASSES, caption
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
               f"CLIP {cell(method, 'clip_score', 2)}, rows {value(method, 'rows_per_image'):.1f}", flush=True)
     minutes = (time.perf_counter() - start) / 60
     section = "\n\n".join([
-        "## Guides on a rectified-flow model (`scripts/bench_flow.py`)",
+        "## Guides on a rectified-flow model (`benchmarks/bench_flow.py`)",
         f"`{MODEL}` (`StableDiffusion3Pipeline`, flow-matching Euler {args.steps} steps), {args.num_images} images "
         f"per configuration and seed, seeds {args.seeds} (the same noises for every guide; cells: mean ± standard "
         f"error over seeds). Prompts cycle through the caption templates, digit i mod 10. Accuracy: "

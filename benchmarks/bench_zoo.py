@@ -1,7 +1,7 @@
 """Measure the shipped model zoo and write the ``zoo`` section of BENCHMARKS.md.
 
-    python scripts/bench_zoo.py                        # 50 samples per digit and scale, 25 DDIM steps
-    python scripts/bench_zoo.py --per-class 10 --no-write --grid-dir /tmp/grids
+    python benchmarks/bench_zoo.py                        # 50 samples per digit and scale, 25 DDIM steps
+    python benchmarks/bench_zoo.py --per-class 10 --no-write --grid-dir /tmp/grids
 
 Per sampling model and CFG scale: accuracy of the digits classifier on the samples, FID-digits
 (classifier features) against the train split, and for digits-t2i and digits-flow the CLIP score under
@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from tqdm.auto import tqdm
 
-from diffguide.scripts._bench_md import BENCHMARKS, write_section
+from common import BENCHMARKS, write_section
 from diffguide.tasks import zoo
 from diffguide.tasks.digits import CAPTION_TEMPLATES, NUM_CLASSES, load_digits_tensors, to_unit
 from diffguide.tasks.evaluation import image_labels, image_prompts
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                        f"FID-digits at any scale (goal: accuracy >= 0.95 and FID within 2x of digits-t2i's best)")
     carried_note = (f" Rows of {', '.join(carried)} are carried over from this script's previous run (same "
                     "protocol; their model files are unchanged)." if carried else "")
-    section = f"""## Model zoo (`scripts/bench_zoo.py`)
+    section = f"""## Model zoo (`benchmarks/bench_zoo.py`)
 
 Samples: {n} per row ({args.per_class} per digit; for digits-t2i and digits-flow the prompts cycle
 through the {len(CAPTION_TEMPLATES)} caption templates), {args.steps} steps (DDIM; flow-matching Euler for

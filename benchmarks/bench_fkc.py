@@ -6,8 +6,8 @@ The Gaussian-mixture parts use the exact noise prediction of ``tasks.gmm`` as th
 DDPM linear schedule (VP, beta 0.1..20), as ``tests/test_fkc.py`` does. Monte-Carlo errors come from
 independent particle systems run side by side (``num_groups``). Writes the ``fkc`` section of BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 python scripts/bench_fkc.py                  # about half an hour on 2 shared cores
-    OMP_NUM_THREADS=1 python scripts/bench_fkc.py --quick --no-write
+    OMP_NUM_THREADS=1 python benchmarks/bench_fkc.py                  # about half an hour on 2 shared cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_fkc.py --quick --no-write
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 
 from diffguide.guidance import FKCAnneal, FKCCFG, FKCDenoiser, FKCGuidance, FKCProduct
 from diffguide.samplers import SMCResult, diffusers_model_fn, plan_from_scheduler, sample_smc
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks.gmm import ClassConditionalGMM, GaussianMixture, GridDensity, annealed_grid, geometric_grid
 
 F64 = torch.float64
@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     q = 10 if args.quick else 1
-    sections = ["## Feynman-Kac correctors (`scripts/bench_fkc.py`)\n\n"
-                "Written by `scripts/bench_fkc.py`. Exact Gaussian-mixture networks (`tasks.gmm`), DDIM plans of "
+    sections = ["## Feynman-Kac correctors (`benchmarks/bench_fkc.py`)\n\n"
+                "Written by `benchmarks/bench_fkc.py`. Exact Gaussian-mixture networks (`tasks.gmm`), DDIM plans of "
                 "the DDPM linear schedule; \"unweighted\" is the same sampler (drift, noise, network calls) without "
                 "weights, so every comparison is at equal NFE. ± is the Monte-Carlo standard error over "
                 "independent particle systems (digits: over images). 1-D mixtures as (weights; means; variances): "

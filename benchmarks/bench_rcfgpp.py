@@ -1,7 +1,7 @@
 """Rectified-CFG++ against CFG on an exact flow-matching Gaussian mixture: distance to the conditional target.
 
-    python scripts/bench_rcfgpp.py               # the committed numbers
-    python scripts/bench_rcfgpp.py --no-write    # print only
+    python benchmarks/bench_rcfgpp.py               # the committed numbers
+    python benchmarks/bench_rcfgpp.py --no-write    # print only
 
 The model is ``tasks.gmm.FlowMatchingGMM`` (exact velocities) with two 2-D classes; samples of class 0 are drawn
 with flow-Euler on FlowMatchEuler levels (shift 3, from pure noise) and compared with the class-0 mixture by
@@ -21,7 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffguide import guidance
 from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_euler
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks.gmm import FlowMatchingGMM, GaussianMixture, sliced_wasserstein
 
 F64 = torch.float64
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, rect = means[f"CFG w={w:g}"], means[f"Rectified-CFG++ lam={w - 1:g}"]
             gaps.append(f"{steps} steps, w={w:g}: {rect - cfg:+.3f}")
     table = "\n".join([
-        "## Rectified-CFG++ on an exact flow-matching mixture (`scripts/bench_rcfgpp.py`)", "",
+        "## Rectified-CFG++ on an exact flow-matching mixture (`benchmarks/bench_rcfgpp.py`)", "",
         f"Sliced W2 to the class-0 mixture (lower is closer to the conditional target), {n} samples, mean ± spread "
         f"over seeds {args.seeds}, flow-Euler on FlowMatchEuler levels (shift 3). Exact draws: "
         f"{statistics.mean(floor):.3f}. Network passes are per sample over the whole run.", "",

@@ -1,7 +1,7 @@
 """Adaptive and feedback-driven guidance on the shipped digits models: quality against UNet rows.
 
-    python scripts/bench_adaptive.py                                          # the committed numbers
-    python scripts/bench_adaptive.py --num-images 100 --seeds 0 --no-write    # a quick look
+    python benchmarks/bench_adaptive.py                                          # the committed numbers
+    python benchmarks/bench_adaptive.py --num-images 100 --seeds 0 --no-write    # a quick look
 
 For ``digits-class`` and ``digits-t2i``: CFG over a grid of scales, Adaptive Guidance (AG), LinearAG (+AG),
 dynamic CFG, GFCG alone, with CFG and (class model) with autoguidance from ``digits-class-weak``. Every
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from diffguide import guidance
 from diffguide.samplers import diffusers_model_fn
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks import zoo
 from diffguide.tasks.classifier import DigitClassifier
 from diffguide.tasks.digits import NUM_CLASSES, caption, load_digits_tensors
@@ -434,7 +434,7 @@ def report(args, work: Path) -> None:
         f"maximising J = alignment + {args.fidelity_weight:g}·fidelity (alignment = log p_guide(y∣x0) for "
         f"digits-class, {args.clip_weight:g}·CLIP cos for digits-t2i; fidelity = Gaussian feature score of the guide "
         f"classifier, ≈ -1 on real digits); the J column is that objective on the final images of every method.")
-    parts = ["## Adaptive and feedback-driven guidance (`scripts/bench_adaptive.py`)", protocol]
+    parts = ["## Adaptive and feedback-driven guidance (`benchmarks/bench_adaptive.py`)", protocol]
     for model, methods in results.items():
         parts += [f"### {model}", table(methods, REFERENCE[model], model == "digits-t2i"),
                   findings(methods, REFERENCE[model]), dynamic_vs_fixed(methods)]

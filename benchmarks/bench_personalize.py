@@ -1,8 +1,8 @@
 """Benchmark zeroth-order (ZOODiP) vs backprop textual inversion -> the ``personalize`` section of BENCHMARKS.md.
 
-    python scripts/bench_personalize.py                       # memory + time + quality on digits-t2i
-    python scripts/bench_personalize.py --sd15-shaped         # + memory/time on a random SD-1.5-shaped pipeline
-    python scripts/bench_personalize.py --no-write --quality-steps 50 --samples 16
+    python benchmarks/bench_personalize.py                       # memory + time + quality on digits-t2i
+    python benchmarks/bench_personalize.py --sd15-shaped         # + memory/time on a random SD-1.5-shaped pipeline
+    python benchmarks/bench_personalize.py --no-write --quality-steps 50 --samples 16
 
 Memory: every configuration runs in its own subprocess (one thread). Reported per child: the whole-process
 peak RSS (``getrusage`` max RSS, loading included), the RSS once the pipeline is loaded (quantized, token
@@ -428,7 +428,7 @@ KEPT_NOTE = ("Kept from the previous run of this script (not recomputed): the in
 def kept_quality_section(text: str | None = None) -> str:
     """The quality heading, its description and its table as BENCHMARKS.md (or ``text``) holds them, with the
     note that they are kept; earlier notes and the reading paragraph are left out (the script writes them)."""
-    from diffguide.scripts._bench_md import BENCHMARKS
+    from common import BENCHMARKS
 
     text = BENCHMARKS.read_text() if text is None else text
     if QUALITY_HEADING not in text:
@@ -636,8 +636,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows = [] if args.skip_quality or args.keep_quality else quality(args)      # kept: not recomputed
 
-    md = ["## Personalization without backpropagation (`scripts/bench_personalize.py`)\n\n"
-          "Written by `scripts/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
+    md = ["## Personalization without backpropagation (`benchmarks/bench_personalize.py`)\n\n"
+          "Written by `benchmarks/bench_personalize.py`: textual inversion of one new token, zeroth-order (ZOODiP: "
           "int8 weights, RGE n=2, mu=1e-3, Subspace Gradient, PUTS 500..899, ZO-Adam) vs diffusers' backprop recipe "
           "(float weights, AdamW, uniform timesteps); batch 1, one CPU thread per run, on a shared 2-core machine "
           f"(times are indicative). Model `{args.model}`, classifier `{args.classifier}`, CLIP `{args.clip}`."
@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(text)
     else:
-        from diffguide.scripts._bench_md import write_section
+        from common import write_section
 
         write_section("personalize", text)
         print("wrote the personalize section of BENCHMARKS.md", file=sys.stderr)

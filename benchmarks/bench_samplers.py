@@ -9,8 +9,8 @@ mean error, largest variance error, covariance error (Frobenius), and mode-mass 
 ``E[r_k(x)]`` and the weights); the first row gives the same numbers for exact draws of the same size (the
 Monte-Carlo floor). Writes the ``samplers`` section of BENCHMARKS.md.
 
-    python scripts/bench_samplers.py                      # 2e4 (1-D) / 4e3 (2-D) particles, 10 to 100 steps (< 5 min)
-    python scripts/bench_samplers.py --particles 2000 --no-write
+    python benchmarks/bench_samplers.py                      # 2e4 (1-D) / 4e3 (2-D) particles, 10 to 100 steps (< 5 min)
+    python benchmarks/bench_samplers.py --particles 2000 --no-write
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffguide.guidance import GuidedDenoiser
 from diffguide.samplers import SAMPLERS, plan_from_scheduler
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks.gmm import ClassConditionalGMM, FlowMatchingGMM, GaussianMixture, SlicedWasserstein
 
 F64 = torch.float64
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     intro = (
-        "Written by `scripts/bench_samplers.py`: each sampler driven by the exact denoiser of a Gaussian mixture "
+        "Written by `benchmarks/bench_samplers.py`: each sampler driven by the exact denoiser of a Gaussian mixture "
         "(`tasks.gmm`), particles from `torch.randn`, float64, one torch thread, every row the mean over "
         f"{args.repeats} seeds ({cpu:.0f} s of CPU time, {elapsed:.0f} s wall on a shared machine). Plans: "
         "**VP** = DDPM linear betas (1e-4 to 0.02, T = 1000), `EulerDiscreteScheduler` linspace sigmas ending at 0; "

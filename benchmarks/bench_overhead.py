@@ -23,7 +23,7 @@ from diffusers import (DDIMScheduler, FluxTransformer2DModel, SD3Transformer2DMo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from diffguide import guidance  # noqa: E402
-from diffguide.scripts._bench_md import write_section  # noqa: E402
+from common import write_section  # noqa: E402
 from tiny_pipes import embeds, tiny_flux, tiny_sd, tiny_sd3  # noqa: E402
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lines = ["Written by `scripts/bench_overhead.py`: offline pipelines with random weights, batch "
+    lines = ["Written by `benchmarks/bench_overhead.py`: offline pipelines with random weights, batch "
              f"{args.batch}, {args.steps} steps, one torch thread, {args.repeats} interleaved rounds (native and "
              "hooked side by side in one process, order rotated each round); a ratio is the median over rounds "
              "of the run's time over the native time of the same round. Rows are counted at the "

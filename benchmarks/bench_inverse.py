@@ -12,8 +12,8 @@ Parts (``--parts``):
 
 Writes the ``inverse`` section of BENCHMARKS.md (every part present in the cache file is reported).
 
-    python scripts/bench_inverse.py                       # all parts
-    python scripts/bench_inverse.py --parts gmm --quick   # fewer particles and measurements
+    python benchmarks/bench_inverse.py                       # all parts
+    python benchmarks/bench_inverse.py --parts gmm --quick   # fewer particles and measurements
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from diffguide.guidance import DPS, MCG, EnKG
 from diffguide.samplers import plan_from_scheduler, sample_inverse
 from diffguide.samplers.inverse import NoCorrection, Transition
-from diffguide.scripts._bench_md import write_section
+from common import write_section
 from diffguide.tasks.gmm import GaussianMixture, SlicedWasserstein
 from diffguide.tasks.operators import MatrixOperator, random_matrix
 
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.quick:
             CACHE.parent.mkdir(exist_ok=True)
             CACHE.write_text(json.dumps(cache, indent=1, default=str))
-    sections = ["## Inverse problems (`scripts/bench_inverse.py`)"]
+    sections = ["## Inverse problems (`benchmarks/bench_inverse.py`)"]
     for part, render in (("gmm", gmm_markdown), ("digits", digits_markdown), ("p2l", p2l_markdown)):
         if part in cache:
             sections.append(render(cache[part]) + f"\n\n({cache[part]['seconds'] / 60:.0f} min on 2 CPU cores.)")
