@@ -1,7 +1,7 @@
 """The README's code blocks run as pasted, and what it states about the code is what the code does.
 
 Every fenced block of ``README.md`` and ``tasks/zoo/README.md`` is run offline on one thread in its own empty working
-folder, in a process of its own forked from one that has imported torch and diffusers, from fresh globals (so a
+folder, in a process of its own forked from one that has imported torch, diffusers and diffguide, from fresh globals (so a
 block that uses a name it does not define or import fails as in a fresh interpreter). A block whose first line is ``# needs: WHAT`` cannot run offline: ``hub`` blocks
 are run with the hub model replaced by a tiny random-weight pipeline of the same class; blocks needing anything
 else (an install, the user's own images, a long training run) are compiled (``bash -n`` for shell blocks).
@@ -76,7 +76,8 @@ diffusers.ModularPipeline.load_components = lambda self, *args, **kwargs: None  
 # one block (seeds, patches, threads) never reaches the next.
 RUNNER = """
 import json, os, signal, sys, time, traceback
-import torch, diffusers
+import torch, diffusers, transformers
+import diffguide.guidance, diffguide.samplers, diffguide.tasks.zoo
 blocks, results = json.load(open(sys.argv[1])), {}
 for block_id, code, prelude, cwd in blocks:
     read, write = os.pipe()
@@ -97,9 +98,10 @@ for block_id, code, prelude, cwd in blocks:
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
         message = pipe.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    _, status, usage = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
     results[block_id] = {"exit": code, "message": message or f"exit code {code}",
-                         "seconds": time.perf_counter() - start}
+                         "seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 json.dump(results, open(sys.argv[2], "w"))
 """
 
@@ -140,7 +142,7 @@ def test_python_block_runs_as_pasted(block_id, code, block_results):
         compile(code, block_id, "exec")
         return
     result = block_results[block_id]
-    print(f"{block_id}: {result['seconds']:.1f} s")
+    print(f"{block_id}: {result['seconds']:.1f} s, CPU {result['cpu_seconds']:.1f} s")
     assert result["exit"] == 0, f"{block_id} failed:\n{code}\n{result['message']}"
 
 
