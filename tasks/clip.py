@@ -67,9 +67,15 @@ def save(model: torch.nn.Module, folder: str | Path, used_token_ids: Sequence[in
 
 
 def load_state(model: torch.nn.Module, weights: str | Path) -> None:
-    """Load a file written by :func:`save` into ``model`` (strict: every other key must match)."""
+    """Load a file written by :func:`save` into ``model`` (strict: every other key must match, else
+    ``zoo.DamagedModelError`` names the tensors)."""
+    from diffguide.tasks.zoo import check_loaded_weights
+
     state = load_file(str(weights))
     current = model.state_dict()
+    sparse = {f"{_SPARSE}.ids", f"{_SPARSE}.rows"}
+    check_loaded_weights(weights, missing=set(current) - {f"{_SPARSE}.weight"} - set(state) | sparse - set(state),
+                         unexpected=set(state) - set(current) - sparse)
     ids, rows = state.pop(f"{_SPARSE}.ids"), state.pop(f"{_SPARSE}.rows")
     embedding = torch.zeros_like(current[f"{_SPARSE}.weight"])
     embedding[ids] = rows.to(embedding.dtype)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -67,7 +68,8 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 
 class DamagedModelError(ValueError):
-    """A model folder with a missing, unreadable or truncated file (the message names it)."""
+    """A model folder with a missing, unreadable or truncated file, or weights that do not fit the model (the
+    message names the file or the tensors)."""
 
 
 def _read_json(path: Path) -> dict:
@@ -119,6 +121,44 @@ def check_pipeline_folder(folder: Path) -> dict:
     return index
 
 
+def check_loaded_weights(where: Path | str, missing: Any = (), unexpected: Any = (), mismatched: Any = ()) -> None:
+    """Raise ``DamagedModelError`` naming the tensors when loading left any parameter of the model unset
+    (``missing``: it would keep its random initialisation), found tensors the model has no place for
+    (``unexpected``: e.g. renamed by another library version) or of the wrong shape (``mismatched``)."""
+    problems = []
+    for what, keys in (("missing (would stay randomly initialised)", missing),
+                       ("unexpected (the model has no such tensor)", unexpected),
+                       ("of the wrong shape", [k[0] if isinstance(k, tuple) else k for k in mismatched])):
+        names = sorted(str(k) for k in keys)
+        if names:
+            problems.append(f"{what}: {', '.join(names[:8])}" + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    if problems:
+        raise DamagedModelError(f"{where}: the weights do not fit the model; tensors {'; '.join(problems)}")
+
+
+def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dtype | None) -> Any:
+    """One diffusers or transformers model of a pipeline folder, refused unless every tensor loaded."""
+    cls = getattr(importlib.import_module(library), class_name)
+    dtype_arg = {"dtype" if library == "transformers" else "torch_dtype": dtype} if dtype is not None else {}
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **dtype_arg)
+    check_loaded_weights(folder, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                         info.get("mismatched_keys", ()))
+    return model
+
+
+def _pipeline_models(folder: Path, index: dict, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The diffusers / transformers models a pipeline folder lists, each loaded and checked (schedulers,
+    tokenizers and components of other libraries are left to ``from_pretrained``)."""
+    models = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            models[name] = _load_component(folder / name, spec[0], spec[1], dtype)
+    return models
+
+
 def _kind(folder: Path) -> str:
     if (folder / "model_index.json").exists():
         return "pipeline"
@@ -137,7 +177,9 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
     Returns a ``ClassConditionalPipeline``, ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (via
     ``from_pretrained``; components ``model_index.json`` records as null, such as SD3's T5, are passed as
     None), a ``DigitClassifier``, or a ``DigitClip`` (unpacks to ``model, preprocess, tokenizer``). A pipeline
-    folder with a missing or bad file raises ``DamagedModelError`` (a ``ValueError``) naming it.
+    folder with a missing or bad file raises ``DamagedModelError`` (a ``ValueError``) naming it, and so does a
+    model whose weights leave a tensor unset or hold tensors it has no place for (naming the tensors): a model is
+    never returned with randomly initialised parts.
     """
     folder = _resolve(name_or_path)
     kind = _kind(folder)
@@ -150,12 +192,24 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
         cls = ClassConditionalPipeline if index.get("_class_name") == ClassConditionalPipeline.__name__ \
             else DiffusionPipeline
         absent = {name: None for name, spec in index.items() if isinstance(spec, list) and spec[-1] is None}
-        pipe = cls.from_pretrained(folder, torch_dtype=dtype, **absent)
+        pipe = cls.from_pretrained(folder, torch_dtype=dtype, **absent, **_pipeline_models(folder, index, dtype))
         return pipe.to(device) if device is not None else pipe
     if kind == "classifier":
         from diffguide.tasks.classifier import DigitClassifier
 
-        return DigitClassifier.from_pretrained(folder).to(device=device, dtype=dtype).eval()
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise DamagedModelError(f"{weights} is missing")
+        _check_safetensors(weights)
+        from safetensors.torch import load_model
+
+        classifier = DigitClassifier(**_read_json(folder / "config.json"))
+        try:
+            missing, unexpected = load_model(classifier, str(weights), strict=False)
+        except RuntimeError as err:  # a tensor of the wrong shape (torch's message names it)
+            raise DamagedModelError(f"{weights}: the weights do not fit the model: {err}") from None
+        check_loaded_weights(weights, missing, unexpected)
+        return classifier.to(device=device, dtype=dtype).eval()
     from diffguide.tasks import clip
 
     return clip.load_pretrained(folder, device=device, dtype=dtype)
