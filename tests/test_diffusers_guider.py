@@ -125,21 +125,53 @@ def test_adapter_equals_apply_on_classic_pipeline(name, scheduler):
     assert torch.equal(adapted, again)  # state (APG momentum, AG trigger) is reset at step 0
 
 
+class CosineRecorder(dg.CFG):
+    """CFG that records, per step, the cosine of the epsilon predictions AG thresholds on (few-line formula)."""
+
+    def __init__(self, scale):
+        super().__init__(scale)
+        self.cosines = []
+
+    def combine(self, step):
+        eps_c, eps_u = step.eps(step.pred_cond).flatten(1).double(), step.eps(step.pred_uncond).flatten(1).double()
+        self.cosines.append((eps_c * eps_u).sum(1) / (eps_c.norm(dim=1) * eps_u.norm(dim=1)))
+        return super().combine(step)
+
+
+def first_crossings(cosines: torch.Tensor, threshold: float) -> list[int]:
+    """Each sample's first conditional-only step: one after the first step whose cosine passes ``threshold``."""
+    steps = len(cosines)
+    return [next((k + 1 for k in range(steps) if cosines[k, i] > threshold), steps) for i in range(cosines.shape[1])]
+
+
 def test_adaptive_guidance_skips_unconditional_passes():
     classic, pipe = pipes()
-    guide = dg.AdaptiveGuidance(5.0, threshold=0.996, space="eps")
+    # AG runs CFG on a sample until its cosine passes the threshold, so up to that step its trajectory and cosines
+    # are plain CFG's: record them, and pick a threshold (with a margin to every cosine) at which the two samples
+    # stop CFG at different steps before the last, so that a step needs the unconditional rows of one sample only.
+    recorder = CosineRecorder(5.0)
+    classic_apply(classic, recorder, steps=4)
+    cosines = torch.stack(recorder.cosines)  # (steps, samples)
+    values = cosines[:-1].flatten().sort().values
+    candidates = [float(lo + hi) / 2 for lo, hi in zip(values[:-1], values[1:]) if hi - lo > 2e-5]
+    threshold = next(t for t in candidates if len(set(first_crossings(cosines, t))) == 2
+                     and max(first_crossings(cosines, t)) < 4)
+    truncated_at = first_crossings(cosines, threshold)
+    guide = dg.AdaptiveGuidance(5.0, threshold=threshold, space="eps")
     expected, stats = classic_apply(classic, guide, steps=4)
-    truncated_at = guide.truncated_at.tolist()
+    assert guide.truncated_at.tolist() == truncated_at
     rows, handle = count_rows(pipe)
     guider = dg.as_diffusers_guider(guide, pipe.scheduler)
     adapted = modular(pipe, guider, steps=4)
     handle.remove()
-    assert guide.truncated_at.tolist() == truncated_at == [1, 2]  # sample 0 stops CFG before sample 1
+    assert guide.truncated_at.tolist() == truncated_at
     assert (adapted - expected).abs().max() < ATOL
-    # step 1: only sample 1 needs the uncond rows, the protocol runs them for both (all or none); then none
-    assert rows == [2, 2, 2, 2, 2, 2]
-    assert guider.stats.rows_per_step == [4, 4, 2, 2]
-    assert stats.rows_per_step == [4, 3, 2, 2]
+    # apply evaluates each sample's unconditional row while it needs it; the protocol runs the unconditional batch
+    # for both samples (all or none) while either needs it, then none
+    needs_uncond = [sum(k < stop for stop in truncated_at) for k in range(4)]
+    assert stats.rows_per_step == [2 + n for n in needs_uncond]
+    assert guider.stats.rows_per_step == [4 if n else 2 for n in needs_uncond]
+    assert rows == [2] * sum(2 if n else 1 for n in needs_uncond)  # one UNet call per batch of 2 rows
     assert guider.num_conditions == 1  # after the last step
 
 
