@@ -21,7 +21,6 @@ import functools
 from typing import Any
 
 import torch
-from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from torch import Tensor
 
 from diffguide.samplers.base import Level
@@ -31,6 +30,17 @@ from .base import Guidance, Step, guided_checked
 from .gfcg import GFCG
 from .hook import HookStats
 from .scheduler_step import check_scheduler, renoise_step
+
+try:
+    from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+    UNAVAILABLE: str | None = None
+except ImportError:  # an older diffusers: everything but this adapter works
+    from diffusers import __version__ as _diffusers_version
+
+    UNAVAILABLE = (f"as_diffusers_guider needs diffusers' guiders (BaseGuidance, GuiderOutput: diffusers >= 0.36); "
+                   f"diffusers {_diffusers_version} is installed: pip install -U 'diffusers>=0.41'")
+    BaseGuidance = type("BaseGuidance", (), {})  # a stand-in base class so that this module imports
+    GuiderOutput = None
 
 LATENT_NAMES = ("sample", "hidden_states", "x", "latents")  # the latent argument of diffusers denoisers
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # state x_s = (1 - s) x0 + s eps, no scale_model_input
@@ -67,6 +77,8 @@ class DiffguideGuider(BaseGuidance):
     _input_predictions = ["pred_cond", "pred_uncond"]
 
     def __init__(self, guide: Guidance, scheduler) -> None:
+        if UNAVAILABLE is not None:
+            raise ImportError(UNAVAILABLE)
         if isinstance(guide, BaseGuidance):
             raise TypeError(f"as_diffusers_guider takes a diffguide guide; {type(guide).__name__} is already a "
                             "diffusers guider: give it to the pipeline directly (pipe.update_components(guider=...))")

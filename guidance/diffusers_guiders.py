@@ -54,9 +54,11 @@ _IMAGE_ONLY = {"FrequencyDecoupledGuidance": "builds Laplacian pyramids (kornia)
 
 
 def is_diffusers_guider(obj: Any) -> bool:
-    """True for an instance of ``diffusers.guiders.BaseGuidance``."""
-    from diffusers.guiders.guider_utils import BaseGuidance
-
+    """True for an instance of ``diffusers.guiders.BaseGuidance`` (never, with a diffusers that has none)."""
+    try:
+        from diffusers.guiders.guider_utils import BaseGuidance
+    except ImportError:
+        return False
     return isinstance(obj, BaseGuidance)
 
 
