@@ -126,9 +126,9 @@ def unet_folder_info(name: str) -> PipelineInfo | None:
     size = unet.get("sample_size", 0)
     height, width = (size, size) if isinstance(size, int) else size
     classes = unet.get("num_class_embeds")
-    return PipelineInfo(kind="unet", latent=False, num_classes=classes - 1 if classes else None, image_shape=(unet.get("in_channels", 0),
-                        height, width), pipeline_class=None,
-                        scheduler=json.loads((where / "scheduler_config.json").read_text()) if where else None)
+    scheduler = json.loads((where / "scheduler_config.json").read_text()) if where else None
+    return PipelineInfo(kind="unet", latent=False, num_classes=classes - 1 if classes else None,
+                        image_shape=(unet.get("in_channels", 0), height, width), scheduler=scheduler)
 
 
 def prior_problem(args: argparse.Namespace, info: PipelineInfo, latent: bool) -> str | None:
@@ -296,7 +296,8 @@ def solve(args: argparse.Namespace, latent: bool) -> dict:
         prior = inverse.latent_prior(pipe, args.prompt or "", args.label) if latent else \
             inverse.pixel_prior(pipe, args.label)
         if latent and not prior.text and args.solver == "p2l":
-            raise ValueError(f"p2l tunes a text embedding and {args.model} is class-conditional; use latent_dps or psld")
+            raise ValueError(f"p2l tunes a text embedding and {args.model} is class-conditional; "
+                             "use latent_dps or psld")
         shape = prior.image_shape
         check_problem(args, shape)
     except (ValueError, TypeError) as err:

@@ -129,7 +129,7 @@ def latent_prior(prior: Any, prompt: str = "", label: int | None = None) -> Late
     a prior, a latent pipeline (SD, SDXL, SD3, Flux, DiT), a zoo name, a folder or a hub id."""
     if isinstance(prior, LatentPrior):
         if prompt or label is not None:
-            raise ValueError("prompt or label given for a LatentPrior, which is already conditioned; build it with them")
+            raise ValueError("prompt or label given for a LatentPrior, which is conditioned; build it with them")
         return prior
     prior = load_prior(prior, prompt=prompt, label=label)
     if isinstance(prior, PixelPrior):

@@ -328,7 +328,8 @@ class LatentPrior:
         return cls(pipe, net, model_fn, {k: v.to(net.device, net.dtype) for k, v in cond.items()},
                    ((h // 2) * (w // 2), 4 * channels), (pipe.vae.config.in_channels, height, width), text=True,
                    pack=pack, unpack=unpack,
-                   plan_kwargs=lambda steps: {"sigmas": np.linspace(1.0, 1 / steps, steps), **cls._shift(pipe, (h // 2) * (w // 2))})
+                   plan_kwargs=lambda steps: {"sigmas": np.linspace(1.0, 1 / steps, steps),   # FluxPipeline's
+                                              **cls._shift(pipe, (h // 2) * (w // 2))})
 
     @classmethod
     def _dit(cls, pipe, label, size) -> "LatentPrior":
