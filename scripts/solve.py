@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# tasks.priors.LATENT_PIPELINES, repeated so that checking a command line imports no torch (a test keeps them equal)
+LATENT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                    "DiTPipeline")
 PIXEL_HINT = "a pixel prior (a UNet2DModel pipeline such as DDPMPipeline, or class-conditional such as digits-class)"
 LATENT_HINT = "a latent prior (a latent text-to-image pipeline: SD, SDXL, SD3, Flux, e.g. digits-t2i; or DiT)"
 
@@ -133,8 +136,6 @@ def unet_folder_info(name: str) -> PipelineInfo | None:
 
 def prior_problem(args: argparse.Namespace, info: PipelineInfo, latent: bool) -> str | None:
     """Why ``--model`` (its configs, ``info``) cannot serve ``--solver`` / ``--prompt`` / ``--label``, or ``None``."""
-    from diffguide.tasks.priors import LATENT_PIPELINES
-
     model = f"--model {args.model} is " + (f"a {'latent' if info.latent else 'pixel'} {info.pipeline_class}"
                                            if info.pipeline_class else "a UNet2DModel folder")
     solvers = (f"pixel solvers: {', '.join(inverse.PIXEL_SOLVERS)}; latent solvers: "

@@ -113,6 +113,7 @@ def test_ddpm_pipeline_folder_runs_every_pixel_solver_through_the_cli(ddpm_folde
 
 
 def test_bare_unet_folder_and_cli_refusals(tmp_path, rgb_png, capsys):
+    assert solve.LATENT_PIPELINES == priors.LATENT_PIPELINES
     folder = tmp_path / "unet"
     tiny_unet(channels=1, size=16, classes=4).save_pretrained(folder)
     out = str(tmp_path / "x.png")
