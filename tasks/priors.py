@@ -197,6 +197,10 @@ class LatentPrior:
         """Image ``(H, W)``: ``size`` or ``default_latent`` latents times the VAE factor; both multiples of
         ``multiple`` pixels."""
         factor = cls._vae_factor(pipe)
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) or isinstance(
+                size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and not isinstance(s, bool)
+                                                              for s in size)):
+            raise TypeError(f"size must be an int or a pair of ints (height, width), got {size!r}")
         height, width = _pair(size) if size is not None else tuple(s * factor for s in _pair(default_latent))
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"{type(pipe).__name__} makes images whose sides are positive multiples of {multiple} "

@@ -71,6 +71,23 @@ def test_pixel_denoiser_equals_the_formula_of_each_prediction_type(prediction_ty
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pixel_prior_without_correction_is_the_ddim_pipeline_itself(prediction_type):
+    """DDIM(eta = 0) on a ``DDIMPipeline``'s prior from its own noise equals the pipeline's output."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    pipe = DDIMPipeline(unet=tiny_unet(channels=1, size=(8, 12)),
+                        scheduler=DDIMScheduler(prediction_type=prediction_type, clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    prior = priors.load_prior(pipe)
+    noise = torch.randn(2, 1, 8, 12, generator=_gen(9))
+    ours = sample_inverse(prior.denoiser(), noise, prior.plan(4), NoCorrection(), eta=0.0, disable=True)
+    with torch.no_grad():
+        theirs = pipe(batch_size=2, generator=_gen(9), eta=0.0, num_inference_steps=4, output_type="np").images
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(theirs),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_pixel_prior_refusals():
     with pytest.raises(ValueError, match="no known null class: pass label"):
         priors.PixelPrior(tiny_unet(classes=5), DDPMScheduler())
@@ -265,6 +282,8 @@ def test_latent_prior_refusals():
         priors.LatentPrior.from_pipeline(tiny_sd3(), prompt_embeds=torch.zeros(1, 5, 16))
     with pytest.raises(ValueError, match="multiples of 2"):
         priors.LatentPrior.from_pipeline(tiny_flux(), size=15, **_text_embeds(tiny_flux()))
+    with pytest.raises(TypeError, match="size must be an int or a pair"):
+        priors.LatentPrior.from_pipeline(tiny_flux(), size=16.0, **_text_embeds(tiny_flux()))
     with pytest.raises(ValueError, match="DiT is class-conditional"):
         priors.LatentPrior.from_pipeline(tiny_dit(), prompt="a cat")
 
