@@ -151,6 +151,9 @@ def prior_problem(args: argparse.Namespace, info: PipelineInfo, latent: bool) ->
     if latent and not text and args.solver == "p2l":
         return (f"argument --solver: p2l tunes a text embedding and {args.model} is class-conditional DiT; "
                 "use latent_dps or psld")
+    if latent and text and info.kind != "text":
+        return (f"argument --model: {model} without a tokenizer and text encoder to encode the prompt; give one "
+                "with them, or pass prompt_embeds to tasks.priors.LatentPrior.from_pipeline in Python")
     if latent and not text and args.prompt is not None:
         return f"argument --prompt: {args.model} is class-conditional DiT; give --label instead"
     if args.label is not None:

@@ -147,6 +147,10 @@ def test_bare_unet_folder_and_cli_refusals(tmp_path, rgb_png, capsys):
     assert "not a class" in usage_error(["--model", str(folder), "--label", "4", "--steps", "3"])
     assert "--prompt" in usage_error(["--model", str(folder), "--label", "1", "--prompt", "a seven"])
     assert "needs a latent prior" in usage_error(["--model", str(folder), "--solver", "psld"])
+    sd3 = tmp_path / "sd3"
+    tiny_sd3().save_pretrained(sd3)                                       # no text encoders
+    assert "without a tokenizer" in usage_error(["--model", str(sd3), "--solver", "latent_dps", "--image",
+                                                 str(rgb_png)])
     solve.main(["--model", str(folder), "--label", "1", "--steps", "3", "--image", str(rgb_png), "--out", out,
                 "--no-progress"])
     report = json.loads((tmp_path / "x.json").read_text())
