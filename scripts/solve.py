@@ -3,9 +3,9 @@
 Takes a held-out test digit (``--index I``, one of the 360 of the scikit-learn digits' test split, or
 ``--digit-class D``, the first held-out digit of class D) or an image file (``--image PATH``, any size and mode,
 resized to the prior's image size and converted to its channels), measures it with a task operator (``--task``,
-noise ``--sigma-y`` on [-1, 1]),
-reconstructs it with a solver, and writes a captioned PNG ``measurement | reconstruction (PSNR) | truth`` plus
-a JSON file with PSNR / SSIM, the solver's call counts, the settings and the digit's index and class.
+noise ``--sigma-y`` on [-1, 1]), reconstructs it with a solver, and writes a captioned PNG
+``measurement | reconstruction (PSNR) | truth`` plus a JSON file with PSNR / SSIM, the solver's call counts, the
+settings, the prior and the digit's index and class.
 
     diffguide-solve --task inpaint_box --index 3 --solver mcg
     diffguide-solve --task sr4 --digit-class 7 --solver enkg --particles 16 --steps 50
