@@ -159,6 +159,26 @@ def test_bare_unet_folder_and_cli_refusals(tmp_path, rgb_png, capsys):
     assert isinstance(prior, priors.PixelPrior) and prior.label == 2 and prior.prediction_type == "v_prediction"
 
 
+def test_hub_id_of_a_bare_unet_repo_resolves_from_the_offline_cache(tmp_path, rgb_png, monkeypatch):
+    """A hub repo holding only a ``UNet2DModel`` and its scheduler config, served from a hub cache laid out as
+    ``huggingface_hub`` keeps it (``models--owner--name/snapshots/<commit>``), offline."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "models--someone--tiny-unet" / "snapshots" / ("a" * 40)
+    tiny_unet(channels=1, size=8).save_pretrained(snapshot)
+    DDPMScheduler(prediction_type="sample").save_pretrained(snapshot)
+    (tmp_path / "models--someone--tiny-unet" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-unet" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    prior = priors.load_prior("someone/tiny-unet")
+    assert prior.image_shape == (1, 8, 8) and prior.prediction_type == "sample"
+    out = tmp_path / "hub.png"
+    solve.main(["--model", "someone/tiny-unet", "--image", str(rgb_png), "--task", "sr4", "--solver", "dps",
+                "--steps", "3", "--out", str(out), "--no-progress"])
+    assert json.loads(out.with_suffix(".json").read_text())["model"] == "someone/tiny-unet"
+
+
 # -- images of any size and mode -----------------------------------------------------------------------------------
 
 def test_images_of_any_size_and_mode_are_converted_to_the_prior(tmp_path):
