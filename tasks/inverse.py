@@ -29,7 +29,7 @@ from diffguide.samplers.inverse import SolverStats
 from diffguide.samplers.schedule import to_x0
 from diffguide.tasks.digits import load_digits_tensors, to_unit
 from diffguide.tasks.operators import Operator, make_operator
-from diffguide.tasks.priors import LatentPrior, PixelPrior, frozen, load_prior
+from diffguide.tasks.priors import LatentPrior, PixelPrior, frozen, load_prior, text_states
 
 DIGIT_SHAPE = (1, 16, 16)
 
@@ -81,10 +81,7 @@ def class_denoiser(pipe: Any, label: int | None = None) -> DenoiseFn:
 
 def text_embedding(pipe: Any, prompt: str = "") -> Tensor:
     """The text-encoder states ``(1, L, D)`` of ``prompt`` (``""``: the null prompt P2L starts from)."""
-    tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    with torch.no_grad():
-        return pipe.text_encoder(tokens)[0]
+    return text_states(pipe, prompt)
 
 
 def scores(reconstruction: Tensor, truth: Tensor) -> dict[str, Tensor]:

@@ -51,6 +51,14 @@ def _pair(size: Any) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def text_states(pipe: Any, prompt: str = "") -> Tensor:
+    """The last hidden states ``(1, L, D)`` of a Stable Diffusion pipeline's text encoder for ``prompt``."""
+    tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    with torch.no_grad():
+        return pipe.text_encoder(tokens)[0]
+
+
 class PixelPrior:
     """A pixel-space prior: a diffusers ``UNet2DModel`` and the scheduler it was trained with.
 
@@ -237,10 +245,7 @@ class LatentPrior:
     def _sd(cls, pipe, prompt, prompt_embeds, pooled, size) -> "LatentPrior":
         unet = pipe.unet
         if cls._text(pipe, prompt_embeds, pooled, needs_pooled=False):
-            tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-            with torch.no_grad():
-                prompt_embeds = pipe.text_encoder(tokens)[0]
+            prompt_embeds = text_states(pipe, prompt)
         factor = cls._vae_factor(pipe)
         height, width = cls._size(pipe, size, unet.config.sample_size, factor)
         unet_fn = diffusers_model_fn(unet)
@@ -457,4 +462,4 @@ def load_prior(source: Any, device: str | torch.device | None = None, dtype: tor
     return PixelPrior.from_pipeline(pipe, label=label)
 
 
-__all__ = ["LatentPrior", "PixelPrior", "Prior", "frozen", "load_pipeline", "load_prior"]
+__all__ = ["LatentPrior", "PixelPrior", "Prior", "frozen", "load_pipeline", "load_prior", "text_states"]

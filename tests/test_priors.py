@@ -354,3 +354,18 @@ def test_shipped_digits_t2i_latent_dps_through_the_generic_prior_equals_the_text
                          generator=g, disable=True)
     with torch.no_grad():
         assert torch.equal(ours, decode(out).clamp(-1, 1))
+
+
+def test_shipped_rectified_flow_sd3_prior_restores_inpainted_digits():
+    """``digits-flow`` (an SD3 pipeline: flow matching, two CLIP encoders, no T5) through the generic latent prior:
+    latent DPS (10 steps, scale 2) fills an 8x8 box 2 dB better than the pseudo-inverse on four held-out digits
+    (measured: +5.0, +0.1, +2.3, +3.6 dB), and no digit worse."""
+    truth = inverse.held_out_digits([0, 1, 2, 3])
+    op = inverse.make_task("inpaint_box", sigma_y=0.05, seed=0)
+    y = op.measure(truth, _gen(0))
+    prior = priors.load_prior("digits-flow")
+    assert prior.prediction_type == "flow_prediction" and prior.image_shape == (1, 16, 16)
+    recon, stats = inverse.solve_latent(prior, op, y, "latent_dps", steps=10, seed=0, scale=2.0)
+    gain = inverse.scores(recon, truth)["psnr"] - inverse.scores(op.pinv(y).clamp(-1, 1), truth)["psnr"]
+    assert gain.mean() > 2 and (gain > -0.5).all(), gain
+    assert stats.denoiser_calls == stats.gradient_calls == 4 * 10
