@@ -344,7 +344,8 @@ def solve(args: argparse.Namespace, latent: bool) -> dict:
                                                     f"SSIM {float(first['ssim'][0]):.2f}"],
                 ["truth", source]]
     title = (f"{args.solver} on {args.task}, {args.model}"
-             + (f", {args.steps} steps, scale {scale:g}" if args.solver != "pinv" else "")
+             + (f", {args.steps} steps" if args.solver != "pinv" else "")
+             + (f", scale {scale:g}" if args.solver != "pinv" and scale is not None else "")
              + (f", particle 1 of {particles} (mean PSNR {report['psnr']:.1f} dB)" if particles > 1 else ""))
     to_png([measurement_preview(op, y, shape)[0], recon[0], truth[0]], captions, args.zoom, args.out, title)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
