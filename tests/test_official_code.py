@@ -102,7 +102,7 @@ def test_rcfgpp_official_preset_through_apply_equals_the_official_sd3_loop():
 
 
 def test_rcfgpp_official_corrector_time_is_rounded_like_the_code():
-    """The corrector's time is ``(t + dt)`` in float32, then in the latents' dtype (bfloat16 keeps 3 digits)."""
+    """The corrector's time is ``(t + dt)`` in float32, then in the latents' dtype (bfloat16: 800, not 799.9)."""
     s, s_next, seen = 0.8, 0.7, []
 
     def evaluate(x, cond, level=None):
