@@ -71,6 +71,9 @@ class Family:
             raise ValueError(f"scheduler must be 'flow' or 'diffusion', got {self.scheduler!r}")
         if self.flow_time not in ("proportional", "one_minus", None):
             raise ValueError(f"flow_time must be 'proportional', 'one_minus' or None, got {self.flow_time!r}")
+        steps = self.zero_init_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
 
 
 _RESCALE = {"guidance_rescale": (0.0, "use guidance.CFGRescale")}
