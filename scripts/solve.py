@@ -23,25 +23,25 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, check_pipeline, check_start,
-                                    check_writable, load_model, number, set_threads)
-from diffguide.tasks import inverse
-from diffguide.tasks.digits import load_digits_tensors
+                                    check_writable, device_name, load_model, number, one_line_warnings,
+                                    set_threads)
+from diffguide.tasks import problems   # names only: tasks.inverse (torch) is imported where it solves
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 1.0, "latent_dps": 1.0, "psld": 1.0,
                   "p2l": 1.0}
-SOLVERS = (*inverse.PIXEL_SOLVERS, *inverse.LATENT_SOLVERS)
+SOLVERS = (*problems.PIXEL_SOLVERS, *problems.LATENT_SOLVERS)
 NUM_HELD_OUT = 360
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffguide-solve", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--task", default="inpaint_box", choices=sorted(inverse.TASKS), help="measurement operator")
+    p.add_argument("--task", default="inpaint_box", choices=sorted(problems.TASKS), help="measurement operator")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--index", type=number(int, 0, NUM_HELD_OUT - 1), default=None,
                         help=f"index of a held-out test digit, 0..{NUM_HELD_OUT - 1} (default: 0)")
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--image", type=Path, help="an image file to measure instead of a digit")
     p.add_argument("--sigma-y", type=number(float, 0), default=0.05, help="measurement noise std on the [-1, 1] scale")
     p.add_argument("--solver", default="dps", choices=SOLVERS,
-                   help="pixel solvers: " + ", ".join(inverse.PIXEL_SOLVERS) + "; latent solvers: "
-                        + ", ".join(inverse.LATENT_SOLVERS))
+                   help="pixel solvers: " + ", ".join(problems.PIXEL_SOLVERS) + "; latent solvers: "
+                        + ", ".join(problems.LATENT_SOLVERS))
     p.add_argument("--model", default=None, help="zoo name or folder (default digits-class for pixel solvers, "
                                                  "digits-t2i for latent ones)")
     p.add_argument("--steps", type=number(int, 1), default=100, help="sampling steps")
@@ -63,8 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the operator, the noise and the sampler")
     p.add_argument("--zoom", type=number(int, 1, 64), default=8, help="nearest-neighbour magnification of the PNG")
     p.add_argument("--out", type=Path, default=Path("solve.png"), help="output PNG; metrics go next to it (.json)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads (default: 1 for the shipped models, fastest for them; torch's otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if "--digit" in (argv if argv is not None else sys.argv[1:]):
@@ -74,8 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.index = 0
     check_writable(p, "--out", args.out)
     check_writable(p, "--out", args.out.with_suffix(".json"))
-    args.device = check_device(p, args.device)
-    latent = args.solver in inverse.LATENT_SOLVERS
+    latent = args.solver in problems.LATENT_SOLVERS
     args.model = args.model or ("digits-t2i" if latent else "digits-class")
     if args.particles is not None and args.solver == "enkg" and args.particles < 2:
         p.error(f"argument --particles: EnKG needs an ensemble, got {args.particles}; give 2 or more")
@@ -89,28 +90,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     if info.kind == "class" else "an unsupported")
             p.error(f"argument --solver: {args.solver} needs a {'latent text-to-image (e.g. digits-t2i)' if latent else 'class-conditional pixel (e.g. digits-class)'} "
                     f"model; --model {args.model} is {kind} model; pixel solvers: "
-                    f"{', '.join(inverse.PIXEL_SOLVERS)}; latent solvers: {', '.join(inverse.LATENT_SOLVERS)}")
+                    f"{', '.join(problems.PIXEL_SOLVERS)}; latent solvers: {', '.join(problems.LATENT_SOLVERS)}")
         try:
             check_problem(args, info.image_shape)
         except ValueError as err:
             p.error(str(err))
         if args.solver != "pinv":
             check_start(p, info.scheduler, args.steps, args.model)
+    args.device = check_device(p, args.device)
     return args
 
 
 def check_problem(args: argparse.Namespace, shape: tuple[int, int, int]) -> None:
-    """What depends on the model's image ``shape``: a held-out digit needs 1x16x16, pinv a linear operator."""
-    if args.image is None and tuple(shape) != inverse.DIGIT_SHAPE:
+    """What depends on the model's image ``shape``: a held-out digit needs 1x16x16; the solver, an operator it can
+    use (gradient solvers no black box, mcg and pinv a linear one). Builds the operator, loads no weights."""
+    from diffguide.tasks.inverse import make_task
+
+    if args.image is None and tuple(shape) != problems.DIGIT_SHAPE:
         raise ValueError(f"argument --index/--digit-class: held-out digits are 1x16x16 and --model {args.model} "
                          f"works on {'x'.join(map(str, shape))} images; pass --image")
-    if args.solver == "pinv" and not getattr(inverse.make_task(args.task, args.sigma_y, shape=shape),
-                                             "is_linear", False):
-        raise ValueError(f"argument --solver: pinv needs a linear operator and --task {args.task} is not linear")
+    operator = make_task(args.task, args.sigma_y, shape=shape)
+    if args.solver not in problems.DERIVATIVE_FREE_SOLVERS and getattr(operator, "is_blackbox", False):
+        raise ValueError(f"argument --solver: {args.solver} differentiates through the forward model and --task "
+                         f"{args.task} is a black box without gradients; use --solver enkg (derivative-free)")
+    if args.solver in problems.LINEAR_SOLVERS and not getattr(operator, "is_linear", False):
+        raise ValueError(f"argument --solver: {args.solver} needs a linear operator and --task {args.task} is not "
+                         f"linear; use --solver dps or enkg")
 
 
 def held_out(args: argparse.Namespace) -> tuple[torch.Tensor, int, int]:
     """``(image (1, 1, 16, 16), index, digit class)`` of the held-out digit asked for."""
+    from diffguide.tasks.digits import load_digits_tensors
+
     images, labels = load_digits_tensors("test", size=16)
     index = args.index if args.digit_class is None else int((labels == args.digit_class).nonzero()[0])
     return images[index:index + 1], index, int(labels[index])
@@ -118,6 +129,10 @@ def held_out(args: argparse.Namespace) -> tuple[torch.Tensor, int, int]:
 
 def load_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """An image file as ``(1, C, H, W)`` in [-1, 1], resized (bilinear, anti-aliased) to ``shape``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     channels, height, width = shape
@@ -131,6 +146,8 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 def measurement_preview(op, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A picture of the measurement at image size: ``y`` itself, ``A^+ y`` for linear resizing operators, or
     ``y`` min-max scaled and resized (nearest) otherwise."""
+    import torch.nn.functional as F
+
     if tuple(y.shape[1:]) == tuple(shape):
         return y.clamp(-1, 1)
     if getattr(op, "is_linear", False) and y.shape[1] == shape[0]:
@@ -144,7 +161,8 @@ def measurement_preview(op, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
 def to_png(panels: list[torch.Tensor], captions: list[list[str]], zoom: int, path: Path, title: str = "") -> None:
     """``(C, H, W)`` panels in [-1, 1] side by side, magnified ``zoom`` times, each captioned underneath (lines
     of ``captions``), under a ``title``; saved as PNG."""
-    from PIL import ImageDraw
+    import torch
+    from PIL import Image, ImageDraw
 
     from diffguide.scripts._cli import font, wrap
 
@@ -175,10 +193,11 @@ def to_png(panels: list[torch.Tensor], captions: list[list[str]], zoom: int, pat
     image.save(path)
 
 
+@one_line_warnings("diffguide-solve")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    latent = args.solver in inverse.LATENT_SOLVERS
+    set_threads(args.threads, [args.model])
+    latent = args.solver in problems.LATENT_SOLVERS
     try:
         report = solve(args, latent)
     except (ValueError, TypeError, FloatingPointError, OSError) as err:
@@ -190,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def solve(args: argparse.Namespace, latent: bool) -> dict:
     """Load the model, measure, reconstruct, write the PNG and the JSON; returns the JSON's content."""
+    import torch
+
+    from diffguide.tasks import inverse
     pipe = load_model("--model", args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     if latent:
