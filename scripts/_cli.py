@@ -67,8 +67,8 @@ def is_shipped(name: str | Path) -> bool:
 
 def set_threads(threads: int | None, models: list[str | Path] | tuple = ()) -> None:
     """``torch.set_num_threads(threads)`` when given; else ``TINY_THREADS`` when the run uses only shipped tiny
-    models (``models`` non-empty, each ``is_shipped``): torch's default of one thread per core ran them 10-20x
-    slower on a busy 2-core machine, for no gain on an idle one. Otherwise torch's default."""
+    models (``models`` non-empty, each ``is_shipped``): torch's default of one thread per core ran them 12-15x
+    slower on a busy 2-core machine (BENCHMARKS.md, startup). Otherwise torch's default."""
     if threads is None and models and all(is_shipped(m) for m in models):
         threads = TINY_THREADS
     if threads:
