@@ -288,6 +288,14 @@ def check_start(parser: argparse.ArgumentParser, config: dict[str, Any] | None, 
                      + (f"; use --steps {fewest} or more" if fewest else ""))
 
 
+def check_guide_name(parser: argparse.ArgumentParser, option: str, spec: str) -> None:
+    """A usage error, before torch is imported, when the guide spec's name is not a known guide (the rest of the
+    spec is checked by ``check_guide``)."""
+    name = spec.partition(":")[0].partition("@")[0].strip()
+    if name not in GUIDE_KEYS:
+        parser.error(f"argument {option}: unknown guide {name!r} in {spec!r}; known: {', '.join(GUIDE_KEYS)}")
+
+
 def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default_scales=(None,)):
     """``(name, scales, params)`` of a guide spec whose guide can be built at each of its ``@`` scales, or at
     each of ``default_scales`` (a list, or a callable of the guide name giving one) if it has none."""

@@ -93,8 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every ``--model`` is a class-conditional or text-to-image pipeline; every guide builds at its scales."""
-    from diffguide.scripts._cli import check_guide, check_guide_fits, check_pipeline, check_start
+    from diffguide.scripts._cli import check_guide, check_guide_fits, check_guide_name, check_pipeline, check_start
 
+    for spec in args.guide or []:
+        check_guide_name(p, "--guide", spec)
     infos = {}
     for name in args.model:
         info = infos[name] = check_pipeline(p, "--model", name)

@@ -20,9 +20,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_pipeline,
-                                    check_writable, device_name, fewest_steps, font, guides_epilog, number,
-                                    one_line_warnings, set_threads, start_problem, wrap)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_guide_name,
+                                    check_pipeline, check_writable, device_name, fewest_steps, font, guides_epilog,
+                                    number, one_line_warnings, set_threads, start_problem, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.prompt is not None and any(not s.strip() for s in args.prompt):
         p.error("argument --prompt: every prompt must be non-empty")
     check_writable(p, "--out", args.out)
+    if args.guidance != "none":
+        check_guide_name(p, "--guidance", args.guidance)
     info = check_pipeline(p, "--model", args.model)
     if info is not None:
         if info.kind == "text" and args.class_labels:

@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, check_pipeline, check_start,
