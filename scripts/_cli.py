@@ -331,15 +331,17 @@ def check_guide_fits(parser: argparse.ArgumentParser, option: str, spec: str, in
 
 
 # The keyword hyper-parameters of each guide of ``guidance.registry.GUIDES`` (its ``guide_keys``), written out so
-# that ``--help`` needs no torch; a test checks this table against the registry.
+# that ``--help`` needs no torch; tests/test_startup.py checks this table against the registry (and prints the
+# table to paste here when a guide or a key is added).
 GUIDE_KEYS: dict[str, tuple[str, ...]] = {
     "cfg": ("scale", "sigma_lo", "sigma_hi"),
     "cfgpp": ("lam", "sigma_lo", "sigma_hi"),
     "apg": ("scale", "eta", "norm_threshold", "momentum", "sigma_lo", "sigma_hi"),
     "cfg-rescale": ("scale", "phi", "sigma_lo", "sigma_hi"),
-    "cfg-zero-star": ("scale", "zero_init_steps", "sigma_lo", "sigma_hi"),
+    "cfg-zero-star": ("scale", "zero_init_steps", "arithmetic", "sigma_lo", "sigma_hi"),
     "ag": ("scale", "threshold", "space", "sigma_lo", "sigma_hi"),
-    "rcfgpp": ("scale", "plan", "predictor_fraction", "sigma_lo", "sigma_hi"),
+    "rcfgpp": ("scale", "plan", "predictor_fraction", "gamma", "corrector_time", "predictor_noise", "generator",
+               "sigma_lo", "sigma_hi"),
 }
 
 

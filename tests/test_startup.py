@@ -99,7 +99,8 @@ print(json.dumps({{"results": results, "heavy": sorted(m for m in {HEAVY!r} if m
 def test_guide_keys_for_help_match_the_registry():
     from diffguide.guidance.registry import GUIDES, guide_keys
 
-    assert _cli.GUIDE_KEYS == {name: guide_keys(name) for name in GUIDES}
+    registry = {name: guide_keys(name) for name in GUIDES}
+    assert _cli.GUIDE_KEYS == registry, f"write scripts/_cli.GUIDE_KEYS = {registry!r}"
 
 
 # ------------------------------------------------------------------------------------------- warnings
