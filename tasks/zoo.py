@@ -150,6 +150,8 @@ def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dt
 def _pipeline_models(folder: Path, index: dict, dtype: torch.dtype | None) -> dict[str, Any]:
     """The diffusers / transformers models a pipeline folder lists, each loaded and checked (schedulers,
     tokenizers and components of other libraries are left to ``from_pretrained``)."""
+    import torch
+
     models = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] not in ("diffusers", "transformers"):

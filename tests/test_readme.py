@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = (ROOT / "README.md", ROOT / "tasks" / "zoo" / "README.md")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 NEEDS = re.compile(r"^# needs: (\w+)")
-KNOWN_NEEDS = {"hub", "install", "data", "training"}
+KNOWN_NEEDS = {"hub", "install", "data", "training"}  # hub: run on stand-ins (python) or parsed (bash)
 BLOCK_TIMEOUT = 120  # seconds per block; each takes a few seconds here besides the imports
 
 
