@@ -80,7 +80,7 @@ class BrownianTreeNoise:
 
     def __call__(self, s: float, s_next: float) -> Tensor:
         a, b = (torch.as_tensor(self.transform(torch.as_tensor(v, dtype=torch.float64)),
-                                dtype=self.t0.dtype, device=self.t0.device) for v in (s, s_next))
+                                dtype=self.t0.dtype, device=self.t0.device).clamp(self.t0, self.t1) for v in (s, s_next))
         lo, hi = (a, b) if a < b else (b, a)
         sign = 1.0 if a < b else -1.0
         w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
