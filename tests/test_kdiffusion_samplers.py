@@ -304,3 +304,24 @@ def test_bad_sampler_arguments_raise():
         BrownianTreeNoise(x, 0.1, 1.0, seed=[1, 2])
     with pytest.raises(ValueError, match="generators"):
         GaussianNoise(x, [torch.Generator()])
+
+
+def test_default_sde_noise_is_one_brownian_tree_per_image_for_a_list_of_generators():
+    """Image 1 sampled alone or in a batch of 3 (one generator per image): the same result."""
+    mix = mixture()
+    plan = karras_plan(6, sigma_min=0.05, sigma_max=10.0)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = SAMPLERS["dpmpp_sde"](our_model(mix), x, plan, generator=gens([5, 6, 7]), disable=True)
+    alone = SAMPLERS["dpmpp_sde"](our_model(mix), x[1:2], plan, generator=gens([6]), disable=True)
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-12)
+    assert float((batch[0] - batch[1]).abs().max()) > 0
+
+
+def test_flow_kind_plans_and_starting_at_keep_the_timestep_map():
+    plan = karras_plan(5, sigma_min=0.02, sigma_max=1.0, kind="flow")  # Karras spacing of flow levels, from u = 1
+    assert math.isinf(plan.sigmas[0]) and float(plan.timesteps[0]) == 1000.0
+    later = plan.starting_at(2)
+    assert later.timestep_fn is plan.timestep_fn and torch.equal(later.timesteps, plan.timesteps[2:])
+    u = float(plan.sigmas[2] / (1 + plan.sigmas[2]))
+    assert abs(float(later.timesteps[0]) - 1000 * u) < 1e-3
