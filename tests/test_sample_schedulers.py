@@ -19,12 +19,16 @@ def images(pipe, *extra, batch_size=64):
     return np.stack([np.asarray(im) for im in pils]).astype(float)
 
 
+@pytest.fixture(scope="module")
+def euler_images(class_pipe):
+    return images(class_pipe, "--scheduler", "euler")
+
+
 @pytest.mark.parametrize("scheduler, schedule", [("heun", "karras"), ("dpm_2_ancestral", "default"),
                                                  ("lms", "exponential"), ("dpm_2", "default"),
                                                  ("dpmpp_sde", "karras")])
-def test_new_schedulers_sample_digits(class_pipe, scheduler, schedule):
-    out = images(class_pipe, "--scheduler", scheduler, "--schedule", schedule)
-    plain = images(class_pipe, "--scheduler", "euler")
+def test_new_schedulers_sample_digits(class_pipe, euler_images, scheduler, schedule):
+    out, plain = images(class_pipe, "--scheduler", scheduler, "--schedule", schedule), euler_images
     assert out.shape == plain.shape and np.isfinite(out).all()
     assert 0 < np.abs(out - plain).mean() < 64  # another sampler of the same images: close, not equal
 
