@@ -3,6 +3,10 @@
 One state for every model: the loops keep the VP state ``alpha x0 + sigma eps`` (finite at a flow schedule's
 pure-noise first level) and the denoiser adapts it to the network's own input (``call_network``: a flow network
 reads ``x / (alpha + sigma)``), as k-diffusion's ``c_in`` wrappers do; see ``samplers.sampling``.
+
+k-diffusion's samplers: ``second_order`` (Heun, DPM-2, DPM-2 ancestral), ``dpmpp`` (DPM++ 2S-a, SDE, 2M SDE, 3M SDE,
+with CFG++), ``multistep`` (LMS, UniPC); their plans (``sigmas``: Karras, exponential, any list) and noise
+(``noise``: Gaussian or Brownian tree).
 """
 
 from .base import Denoised, DenoiseFn, Level

@@ -157,6 +157,3 @@ def polyexponential_plan(n: int, sigma_min: float, sigma_max: float, rho: float 
     ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
     sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
     return plan_from_sigmas(torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]), kind=kind, **plan_kwargs)
-
-
-SCHEDULES = {"karras": karras_plan, "exponential": exponential_plan, "polyexponential": polyexponential_plan}
