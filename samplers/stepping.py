@@ -4,7 +4,9 @@ The loops keep the VP state ``x = alpha x0 + sigma eps`` (``samplers.sampling``)
 VE form ``x / alpha = D + s e`` through an :class:`Estimate`: the data estimate ``D`` (guided x0), the renoise
 estimate ``D_r`` and the noise direction ``e = (x - alpha D_r) / sigma``. A step's VE result ``y`` (finite wherever
 the step is defined) becomes the VP state ``alpha(s') y``; nothing divides by ``alpha``, so a flow plan's pure-noise
-first level (``s = inf``) is an ordinary state.
+first level (``s = inf``) is an ordinary state. A second evaluation within step ``i`` (Heun, DPM-2, DPM++ 2S / SDE)
+is handed ``Level.index = i`` too, so a guide that keeps state across steps sees two calls per step (and
+``GuidedDenoiser`` resets its guide at both calls of step 0).
 """
 
 from __future__ import annotations
