@@ -217,7 +217,7 @@ def test_plan_timesteps_follow_the_training_table():
     ``DiscreteSchedule.sigma_to_t``); flow: 1000 u; VE: the sigma itself."""
     abar = DDPM.alphas_cumprod.to(F64)
     table = ((1 - abar) / abar).sqrt()
-    plan = plan_from_sigmas(torch.cat([table[[900, 500, 20]].flip(0).flip(0), t64([0.0])]), scheduler=DDPM)
+    plan = plan_from_sigmas(torch.cat([table[[900, 500, 20]], t64([0.0])]), scheduler=DDPM)
     torch.testing.assert_close(plan.timesteps.to(F64), t64([900.0, 500.0, 20.0]), rtol=0, atol=1e-3)
     mid = math.exp(0.5 * (math.log(table[500]) + math.log(table[501])))
     assert abs(float(plan.timestep_fn(t64(mid))) - 500.5) < 1e-9
