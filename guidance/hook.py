@@ -323,7 +323,7 @@ class _Session:
             lambda: self._select(arguments, uncond_rows.to(sample.device), full))
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
-                    uncond=uncond, next_level=self._next_level(level))
+                    uncond=uncond, next_level=self._next_level(level), family=self.family)
         guided = guided_checked(self.guide, step)
         self.last_step, self.renoise = step, guided.renoise
         denoise = -guided.denoise if family.output_sign < 0 else guided.denoise
@@ -467,7 +467,7 @@ class _Session:
                                                 None if uncond_arguments is None else lambda: uncond_arguments)
         step = Step(sample, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
-                    uncond=uncond, next_level=self._next_level(level))
+                    uncond=uncond, next_level=self._next_level(level), family=self.family)
         guided = guided_checked(self.guide, step)
         self.last_step = step
         self._end_step()
