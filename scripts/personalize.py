@@ -134,6 +134,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{option}: not a text-to-image pipeline (no tokenizer/text encoder)")
     num_train = json.loads((args.model_folder / "scheduler" / "scheduler_config.json").read_text()).get(
         "num_train_timesteps", 1000) if (args.model_folder / "scheduler" / "scheduler_config.json").is_file() else 1000
+    args.num_train_timesteps = num_train
     if args.timesteps is not None and args.timesteps[1] > num_train:
         raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
     digits = Path(source).name == "digits-t2i"          # the shipped model or a copy of its folder
@@ -224,8 +225,9 @@ def _option_names(message: str) -> str:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from diffguide.tasks.personalize import (TextualInversion, checkpoint_exists, expected_image_format,
-                                             load_image_folder, load_pipeline, read_checkpoint_meta)
+    from diffguide.tasks.personalize import (TextualInversion, check_checkpoint_fits, checkpoint_exists,
+                                             expected_image_format, load_image_folder, load_pipeline,
+                                             read_checkpoint_meta)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -234,6 +236,8 @@ def run(args: argparse.Namespace) -> Path:
         print(f"--resume: no checkpoint in {args.out}, starting afresh from step 0", file=sys.stderr)
     elif args.resume:
         meta = read_checkpoint_meta(args.out)                 # a damaged checkpoint is named before loading
+        check_checkpoint_fits(meta, config.resolved(args.num_train_timesteps), token=args.token,
+                              initializer_token=args.initializer_token)       # before any weight is read
         if meta["step"] > config.steps:
             raise ValueError(f"the checkpoint in {args.out} is at step {meta['step']}, past --steps {config.steps}; "
                              f"pass --steps {meta['step']} or more")

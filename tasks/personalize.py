@@ -296,6 +296,17 @@ class PersonalizeConfig:
         return cls(**values)
 
 
+def check_checkpoint_fits(meta: dict, config: PersonalizeConfig, **expected) -> None:
+    """``ValueError`` naming every difference between a checkpoint's ``state.json`` and this run: the resolved
+    ``config`` except ``steps`` and ``save_every``, and each of ``expected`` (``token=...``, ...)."""
+    saved, ours = PersonalizeConfig.from_json(meta["config"]).to_json(), config.to_json()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {ours[k]!r}" for k in ours
+             if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
+    diffs += [f"{k}: checkpoint {meta.get(k)!r} vs now {now!r}" for k, now in expected.items() if meta.get(k) != now]
+    if diffs:
+        raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
+
+
 def load_pipeline(name_or_path: str | Path, int8: bool, device: str | torch.device | None = None):
     """The pipeline to personalize from a float checkpoint: int8 loaded layer by layer
     (:func:`tasks.quantize.load_int8_pipeline`) or float (``zoo.load``)."""
@@ -600,17 +611,9 @@ class TextualInversion:
         folder = Path(out_dir) / CHECKPOINT_DIR
         meta = read_checkpoint_meta(out_dir)
         state_path = folder / "state.safetensors"
-        saved = PersonalizeConfig.from_json(meta["config"]).to_json()
-        ours = self.config.to_json()
-        diffs = [f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in ours
-                 if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
-        for key, now in (("token", self.token), ("initializer_token", self.initializer_token),
-                         ("num_images", len(self.images)), ("images_sha256", self.images_sha256),
-                         ("model_fingerprint", self.model_fingerprint)):
-            if meta.get(key) != now:
-                diffs.append(f"{key}: checkpoint {meta.get(key)!r} vs now {now!r}")
-        if diffs:
-            raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
+        check_checkpoint_fits(meta, self.config, token=self.token, initializer_token=self.initializer_token,
+                              num_images=len(self.images), images_sha256=self.images_sha256,
+                              model_fingerprint=self.model_fingerprint)
         try:
             state = load_file(str(state_path))
             self.load_state_dict(state)

@@ -500,6 +500,9 @@ def test_command_line_checkpoint_problems_are_named_before_loading(cli_setup, ca
     with pytest.raises(SystemExit) as exit_info:                               # no --resume
         cli.main(common + ["--steps", "4"])
     assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: cannot resume, the run differs from the checkpoint: learning_rate: "
+                                         r"checkpoint 0.005 vs now 0.5; tau: checkpoint 2 vs now 3$"):
+        cli.main(common + ["--steps", "4", "--resume", "--lr", "0.5", "--tau", "3"])
     (tmp_path / "out2").write_text("a file")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(common[:8] + [str(tmp_path / "out2")] + common[9:] + ["--steps", "4"])
