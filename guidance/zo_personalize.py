@@ -190,7 +190,8 @@ class SubspaceGradient:
         num_pushed = int(state["num_pushed"])
         history, basis = state.get("history"), state.get("basis")
         problems = [f"num_pushed {num_pushed} < 0"] if num_pushed < 0 else []
-        if (history is None) != (num_pushed == 0) or (history is not None and tuple(history.shape) != (self.tau, self.dim)):
+        if (history is None) != (num_pushed == 0) or (
+                history is not None and tuple(history.shape) != (self.tau, self.dim)):
             problems.append(f"history {None if history is None else tuple(history.shape)} after {num_pushed} pushes "
                             f"(expected {(self.tau, self.dim) if num_pushed else None})")
         if (basis is None) != (num_pushed < self.tau) or (basis is not None and (

@@ -13,7 +13,8 @@ Both methods minimise the latent-diffusion loss of ZOODiP Eq. 1 / Textual Invers
 - ``method="zo"`` (ZOODiP, Seo et al. CVPR 2025): int8 weights, ``n + 1`` forward passes per step sharing
   image, noise and timestep (or one pass of batch ``n + 1`` with ``batch_directions=True``: faster, more
   activation memory), :func:`guidance.zo_personalize.random_gradient_estimate`, Subspace Gradient,
-  ZO-Adam (``torch.optim.Adam``, eps 1e-3), PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever built, and the int8 layers dequantize
+  ZO-Adam (``torch.optim.Adam``, eps 1e-3), PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever
+  built, and the int8 layers dequantize
   into one shared buffer (:class:`tasks.int8_forward.SharedDequantBuffer`, quanto's results bit for bit).
 - ``method="backprop"`` (diffusers ``examples/textual_inversion``): float weights, AdamW (weight decay 1e-2)
   over the whole token-embedding matrix with every row but the new one restored after each step,
@@ -40,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate, zo_adam
+from diffguide.guidance.zo_personalize import (PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate,
+                                               zo_adam)
 from diffguide.tasks.int8_forward import SharedDequantBuffer
 from diffguide.tasks.quantize import COMPONENTS, float_weights_fingerprint, is_quantized, quantize_module
 from diffguide.tasks.metrics.features import tensors_fingerprint
@@ -546,12 +548,13 @@ class TextualInversion:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`state_dict` (also the format before ``CHECKPOINT_FORMAT`` 2, whose ZO optimizer state
-        was ``optimizer.step_count``: it continues with ``torch.optim.Adam``, equal up to float rounding).
+        was ``optimizer.step_count``: it continues with ``torch.optim.Adam``, which rounds differently).
         ``ValueError`` when a tensor is missing or does not fit this run."""
         state = {k: v.clone() for k, v in state.items()}             # own, aligned memory (not the file's)
         if "optimizer.step_count" in state:
             warnings.warn("checkpoint of an earlier diffguide (its own ZO-Adam): continuing with torch.optim.Adam, "
-                          "equal to an uninterrupted run up to float rounding, not bit for bit", stacklevel=2)
+                          "whose rounding differs, so the result is not bit-identical to an uninterrupted run of "
+                          "that version", stacklevel=2)
             state["optimizer.step"] = state.pop("optimizer.step_count").float()
         vector = state["embedding"].to(self.device, torch.float32)
         dim = self.embedding_weight.shape[1]
@@ -559,10 +562,10 @@ class TextualInversion:
             raise ValueError(f"checkpoint embedding has shape {tuple(vector.shape)}, the text encoder's is ({dim},)")
         step_count = int(state["step_count"])
         adam = {k: state[f"optimizer.{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"optimizer.{k}" in state}
-        if (len(adam) != 3 if step_count else adam) or (adam and (
-                int(adam["step"]) != step_count or adam["exp_avg"].shape != (dim,) or adam["exp_avg_sq"].shape != (dim,))):
-            raise ValueError(f"the optimizer state ({', '.join(f'{k} {tuple(v.shape)}' for k, v in adam.items()) or 'none'}) "
-                             f"does not fit {step_count} steps of a ({dim},) vector")
+        if (len(adam) != 3 if step_count else adam) or (adam and (int(adam["step"]) != step_count or any(
+                adam[k].shape != (dim,) for k in ("exp_avg", "exp_avg_sq")))):
+            found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in adam.items()) or "none"
+            raise ValueError(f"the optimizer state ({found}) does not fit {step_count} steps of a ({dim},) vector")
         if self.config.method == "zo":
             subspace = SubspaceGradient(dim, self.config.tau, self.config.nu)
             subspace.load_state_dict({k[len("subspace."):]: v.to(self.device) for k, v in state.items()
@@ -640,8 +643,8 @@ class TextualInversion:
         if has_checkpoint and self.step_count == 0:
             self.load_checkpoint(out_dir)
             if self.step_count > self.config.steps:
-                raise ValueError(f"the checkpoint in {out_dir} is at step {self.step_count}, past the {self.config.steps} "
-                                 f"steps asked for; ask for {self.step_count} or more")
+                raise ValueError(f"the checkpoint in {out_dir} is at step {self.step_count}, past the "
+                                 f"{self.config.steps} steps asked for; ask for {self.step_count} or more")
         bar = tqdm(total=self.config.steps, initial=min(self.step_count, self.config.steps), disable=not progress,
                    desc=f"textual inversion ({self.config.method})", unit="step")
         saved_at = self.step_count

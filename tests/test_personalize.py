@@ -164,7 +164,8 @@ def test_resume_after_subspace_refreshes_is_bit_identical(method, tmp_path):
     the embedding equals an uninterrupted run's bit for bit at every stop."""
     make = resumable(method)
     straight, path = make(10), {}
-    straight.train(tmp_path / "straight", progress=False, callback=lambda step, loss: path.update({step: straight.embedding}))
+    straight.train(tmp_path / "straight", progress=False,
+                   callback=lambda step, loss: path.update({step: straight.embedding}))
     if method == "zo":
         assert straight.subspace.num_pushed == 10 and straight.subspace.basis.shape[0] >= 1
     for stop in (4, 7, 10):
@@ -174,7 +175,8 @@ def test_resume_after_subspace_refreshes_is_bit_identical(method, tmp_path):
         assert torch.equal(run.embedding, path[stop]), (stop, (run.embedding - path[stop]).abs().max())
     if method == "zo":
         assert torch.equal(run.subspace.basis, straight.subspace.basis)
-        assert torch.equal(run.optimizer.state[run.theta]["exp_avg_sq"], straight.optimizer.state[straight.theta]["exp_avg_sq"])
+        assert torch.equal(run.optimizer.state[run.theta]["exp_avg_sq"],
+                           straight.optimizer.state[straight.theta]["exp_avg_sq"])
 
 
 def test_damaged_or_mismatched_checkpoints_are_refused(tmp_path):
@@ -357,7 +359,8 @@ def test_command_line_trains_resumes_and_rejects_bad_input(cli_setup, capsys):
         main(common + ["--steps", "3", "--resume"])
     with pytest.raises(SystemExit) as exit_info:
         main(common[:4] + ["a"] + common[5:] + ["--steps", "1", "--resume"])
-    assert exit_info.value.code == 2 and "--token: token 'a' is already in the tokenizer's vocabulary" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--token: token 'a' is already in the tokenizer's vocabulary" in err
     (tmp_path / "none").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "none")] + common[1:])
