@@ -23,15 +23,16 @@ import os
 import sys
 from pathlib import Path
 
+from diffguide.scripts._cli import HelpFormatter, one_line_warnings, pipeline_image_format, wrong_images
+
 SAMPLE_STEPS, SAMPLE_SCALE = 25, 2.0           # how --sample draws its images
 DIGIT_TEMPLATES = ("a handwritten digit {}", "a drawing of the digit {}", "a handwritten {}", "the digit {}",
                    "the number {}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from diffguide.scripts._cli import HelpFormatter          # keeps the example lines, one default per option
-
-    p = argparse.ArgumentParser(prog="diffguide-personalize", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="diffguide-personalize", description=__doc__,
+                                formatter_class=HelpFormatter)       # keeps the example lines, one default each
     p.add_argument("images", type=Path, help="folder of training images (png, jpg, ...)")
     p.add_argument("--token", required=True, help="the new placeholder token, e.g. '<s1>'")
     p.add_argument("--initializer-token", required=True, help="an existing single-token word to start from")
@@ -72,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seed of every draw: images, flips, templates, noise, timesteps, directions, --sample")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="after training, write N samples to OUT/samples.png")
     p.add_argument("--prompt", default=None, help="prompt for --sample (default: the first template with the token)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the shipped model, the fastest for it; torch's otherwise)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -84,11 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option)."""
-    import torch
-
-    from diffguide.tasks.personalize import (IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size,
-                                             checkpoint_exists)
+    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option). The
+    checks of arguments and configs run before torch is imported."""
     from diffguide.tasks.zoo import _resolve
 
     for name in ("steps", "batch_size", "directions", "tau", "save_every"):
@@ -104,14 +103,6 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value.strip() or any(c.isspace() for c in value):
             raise ValueError(f"--{name.replace('_', '-')} must be one word without spaces, got {value!r}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
     if args.timesteps is not None:
         try:
             low, high = (int(v) for v in str(args.timesteps).split(":"))
@@ -137,6 +128,11 @@ def check_args(args: argparse.Namespace) -> None:
     args.num_train_timesteps = num_train
     if args.timesteps is not None and args.timesteps[1] > num_train:
         raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
+    import torch
+
+    from diffguide.tasks.personalize import (IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size,
+                                             checkpoint_exists)
+
     digits = Path(source).name == "digits-t2i"          # the shipped model or a copy of its folder
     args.config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
@@ -154,6 +150,14 @@ def check_args(args: argparse.Namespace) -> None:
     num_images = sum(1 for f in args.images.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if num_images == 0:
         raise ValueError(f"no images in {str(args.images)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    image_format = None if args.resize else pipeline_image_format(args.model_folder)
+    if image_format is not None:
+        size, mode = image_format
+        wrong = wrong_images(args.images, size, mode, IMAGE_EXTENSIONS)
+        if wrong:
+            raise ValueError(f"images must be {size}x{size} in mode {mode!r} for {option.split()[-1]}; got "
+                             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; pass --resize to resize "
+                             "and convert them")
     try:
         check_batch_size(resolved, num_images)
     except ValueError as err:
@@ -167,6 +171,14 @@ def check_args(args: argparse.Namespace) -> None:
     if checkpoint_exists(args.out) and not args.resume:
         raise ValueError(f"--out {str(args.out)!r} already holds a checkpoint; pass --resume to continue it or "
                          "choose another output folder")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
 
 
 def _check_tokens(args: argparse.Namespace, option: str) -> None:
@@ -187,8 +199,6 @@ def _check_tokens(args: argparse.Namespace, option: str) -> None:
 
 def _check_quantized_options(args: argparse.Namespace) -> str:
     """``--quantized`` / ``--save-quantized`` against the method and each other; returns the source model's name."""
-    from diffguide.tasks.quantize import read_int8_manifest
-
     float_weights = args.method == "backprop" or args.quantize == "none"
     float_option = "--method backprop" if args.method == "backprop" else "--quantize none"
     for option, value in (("--quantized", args.quantized), ("--save-quantized", args.save_quantized)):
@@ -202,6 +212,8 @@ def _check_quantized_options(args: argparse.Namespace) -> str:
         raise ValueError(f"--save-quantized {str(args.save_quantized)!r} exists and is not an empty folder")
     if args.quantized is None:
         return str(args.model or "digits-t2i")
+    from diffguide.tasks.quantize import read_int8_manifest
+
     try:
         manifest = read_int8_manifest(args.quantized)
     except ValueError as err:
@@ -229,8 +241,9 @@ def run(args: argparse.Namespace) -> Path:
                                              expected_image_format, load_image_folder, load_pipeline,
                                              read_checkpoint_meta)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffguide.scripts._cli import set_threads
+
+    set_threads(args.threads, [] if args.quantized else [args.model or "digits-t2i"])
     config = args.config
     if args.resume and not checkpoint_exists(args.out):
         print(f"--resume: no checkpoint in {args.out}, starting afresh from step 0", file=sys.stderr)
@@ -285,6 +298,7 @@ def sample_title(args: argparse.Namespace, step: int) -> str:
             f"{SAMPLE_STEPS} steps, guidance {SAMPLE_SCALE:g}, seed {args.seed}")
 
 
+@one_line_warnings("diffguide-personalize")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:

@@ -27,26 +27,25 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from diffguide.scripts._cli import (HelpFormatter, PipelineInfo, check_device, check_image, check_pipeline,
-                                    check_start, check_writable, number, set_threads)
-from diffguide.tasks import inverse
-from diffguide.tasks.digits import load_digits_tensors
+                                    check_start, check_writable, device_name, number, one_line_warnings, set_threads)
+from diffguide.tasks import problems   # names only: tasks.inverse (torch) is imported where it solves
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 1.0, "latent_dps": 1.0, "psld": 1.0,
                   "p2l": 1.0}
-SOLVERS = (*inverse.PIXEL_SOLVERS, *inverse.LATENT_SOLVERS)
+SOLVERS = (*problems.PIXEL_SOLVERS, *problems.LATENT_SOLVERS)
 NUM_HELD_OUT = 360
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffguide-solve", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--task", default="inpaint_box", choices=sorted(inverse.TASKS), help="measurement operator")
+    p.add_argument("--task", default="inpaint_box", choices=sorted(problems.TASKS), help="measurement operator")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--index", type=number(int, 0, NUM_HELD_OUT - 1), default=None,
                         help=f"index of a held-out test digit, 0..{NUM_HELD_OUT - 1} (default: 0)")
@@ -57,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--image", type=Path, help="an image file to measure instead of a digit")
     p.add_argument("--sigma-y", type=number(float, 0), default=0.05, help="measurement noise std on the [-1, 1] scale")
     p.add_argument("--solver", default="dps", choices=SOLVERS,
-                   help="pixel solvers: " + ", ".join(inverse.PIXEL_SOLVERS) + "; latent solvers: "
-                        + ", ".join(inverse.LATENT_SOLVERS))
+                   help="pixel solvers: " + ", ".join(problems.PIXEL_SOLVERS) + "; latent solvers: "
+                        + ", ".join(problems.LATENT_SOLVERS))
     p.add_argument("--model", default=None, help="prior: shipped name, pipeline or UNet2DModel folder, or hub id "
                                                  "(default digits-class for pixel solvers, digits-t2i for latent ones)")
     p.add_argument("--prompt", default=None, help="prompt of a latent text-to-image prior (default: the null prompt)")
@@ -71,8 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the operator, the noise and the sampler")
     p.add_argument("--zoom", type=number(int, 1, 64), default=8, help="nearest-neighbour magnification of the PNG")
     p.add_argument("--out", type=Path, default=Path("solve.png"), help="output PNG; metrics go next to it (.json)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads (default: 1 for the shipped models, fastest for them; torch's otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if "--digit" in (argv if argv is not None else sys.argv[1:]):
@@ -82,8 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.index = 0
     check_writable(p, "--out", args.out)
     check_writable(p, "--out", args.out.with_suffix(".json"))
-    args.device = check_device(p, args.device)
-    latent = args.solver in inverse.LATENT_SOLVERS
+    latent = args.solver in problems.LATENT_SOLVERS
     args.model = args.model or ("digits-t2i" if latent else "digits-class")
     if args.particles is not None and args.solver == "enkg" and args.particles < 2:
         p.error(f"argument --particles: EnKG needs an ensemble, got {args.particles}; give 2 or more")
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         check_image(p, "--image", args.image)
     if args.prompt is not None and not latent:
         p.error(f"argument --prompt: a prompt conditions latent text-to-image priors; {args.solver} is a pixel "
-                f"solver (latent solvers: {', '.join(inverse.LATENT_SOLVERS)})")
+                f"solver (latent solvers: {', '.join(problems.LATENT_SOLVERS)})")
     info = unet_folder_info(args.model) or check_pipeline(p, "--model", args.model)
     if info is not None:
         problem = prior_problem(args, info, latent)
@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(str(err))
         if args.solver != "pinv":
             check_start(p, info.scheduler, args.steps, args.model)
+    args.device = check_device(p, args.device)
     return args
 
 
@@ -138,8 +139,8 @@ def prior_problem(args: argparse.Namespace, info: PipelineInfo, latent: bool) ->
     """Why ``--model`` (its configs, ``info``) cannot serve ``--solver`` / ``--prompt`` / ``--label``, or ``None``."""
     model = f"--model {args.model} is " + (f"a {'latent' if info.latent else 'pixel'} {info.pipeline_class}"
                                            if info.pipeline_class else "a UNet2DModel folder")
-    solvers = (f"pixel solvers: {', '.join(inverse.PIXEL_SOLVERS)}; latent solvers: "
-               f"{', '.join(inverse.LATENT_SOLVERS)}")
+    solvers = (f"pixel solvers: {', '.join(problems.PIXEL_SOLVERS)}; latent solvers: "
+               f"{', '.join(problems.LATENT_SOLVERS)}")
     if latent and not (info.latent and info.pipeline_class in LATENT_PIPELINES):
         return f"argument --solver: {args.solver} needs {LATENT_HINT}; {model}; {solvers}"
     if not latent and info.latent:
@@ -175,20 +176,29 @@ class UsageError(ValueError):
 
 def check_problem(args: argparse.Namespace, shape: tuple[int, int, int]) -> None:
     """What depends on the model's image ``shape``: a held-out digit needs 1x16x16, an image file 1, 3 or 4
-    channels, pinv a linear operator."""
+    channels; the solver, an operator it can use (gradient solvers no black box, mcg and pinv a linear one). Builds
+    the operator, loads no weights."""
+    from diffguide.tasks.inverse import make_task
+
     if args.image is not None and shape[0] not in IMAGE_MODES:
         raise ValueError(f"argument --image: --model {args.model} works on {shape[0]}-channel images; image files "
                          "convert to 1, 3 or 4 channels")
-    if args.image is None and tuple(shape) != inverse.DIGIT_SHAPE:
+    if args.image is None and tuple(shape) != problems.DIGIT_SHAPE:
         raise ValueError(f"argument --index/--digit-class: held-out digits are 1x16x16 and --model {args.model} "
                          f"works on {'x'.join(map(str, shape))} images; pass --image")
-    if args.solver == "pinv" and not getattr(inverse.make_task(args.task, args.sigma_y, shape=shape),
-                                             "is_linear", False):
-        raise ValueError(f"argument --solver: pinv needs a linear operator and --task {args.task} is not linear")
+    operator = make_task(args.task, args.sigma_y, shape=shape)
+    if args.solver not in problems.DERIVATIVE_FREE_SOLVERS and getattr(operator, "is_blackbox", False):
+        raise ValueError(f"argument --solver: {args.solver} differentiates through the forward model and --task "
+                         f"{args.task} is a black box without gradients; use --solver enkg (derivative-free)")
+    if args.solver in problems.LINEAR_SOLVERS and not getattr(operator, "is_linear", False):
+        raise ValueError(f"argument --solver: {args.solver} needs a linear operator and --task {args.task} is not "
+                         f"linear; use --solver dps or enkg")
 
 
 def held_out(args: argparse.Namespace) -> tuple[torch.Tensor, int, int]:
     """``(image (1, 1, 16, 16), index, digit class)`` of the held-out digit asked for."""
+    from diffguide.tasks.digits import load_digits_tensors
+
     images, labels = load_digits_tensors("test", size=16)
     index = args.index if args.digit_class is None else int((labels == args.digit_class).nonzero()[0])
     return images[index:index + 1], index, int(labels[index])
@@ -202,6 +212,10 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """An image file of any size and mode as ``(1, C, H, W)`` in [-1, 1]: converted to ``C`` channels by PIL
     (``L``: ITU-R 601 luma; ``RGB`` from gray repeats it; 16-bit and float images are scaled to 8 bits first), and
     resized (bilinear, anti-aliased) to ``H x W`` without keeping the aspect ratio."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     channels, height, width = shape
@@ -219,6 +233,9 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 def eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit or 32-bit integer image (full range 0..65535) or a float one (range 0..1) as 8-bit gray ``L``;
     PIL's own ``convert("L")`` clips such images at 255 instead of scaling them."""
+    import numpy as np
+    from PIL import Image
+
     array = np.asarray(image, dtype=np.float64)
     full = 1.0 if image.mode == "F" else 65535.0
     return Image.fromarray((np.clip(array / full, 0, 1) * 255).round().astype(np.uint8), "L")
@@ -227,6 +244,8 @@ def eight_bit(image: Image.Image) -> Image.Image:
 def measurement_preview(op, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A picture of the measurement at image size: ``y`` itself, ``A^+ y`` for linear resizing operators, or
     ``y`` min-max scaled and resized (nearest) otherwise."""
+    import torch.nn.functional as F
+
     if tuple(y.shape[1:]) == tuple(shape):
         return y.clamp(-1, 1)
     if getattr(op, "is_linear", False) and y.shape[1] == shape[0]:
@@ -240,7 +259,8 @@ def measurement_preview(op, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
 def to_png(panels: list[torch.Tensor], captions: list[list[str]], zoom: int, path: Path, title: str = "") -> None:
     """``(C, H, W)`` panels in [-1, 1] side by side, magnified ``zoom`` times, each captioned underneath (lines
     of ``captions``), under a ``title``; saved as PNG."""
-    from PIL import ImageDraw
+    import torch
+    from PIL import Image, ImageDraw
 
     from diffguide.scripts._cli import font, wrap
 
@@ -271,10 +291,11 @@ def to_png(panels: list[torch.Tensor], captions: list[list[str]], zoom: int, pat
     image.save(path)
 
 
+@one_line_warnings("diffguide-solve")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
-    latent = args.solver in inverse.LATENT_SOLVERS
+    set_threads(args.threads, [args.model])
+    latent = args.solver in problems.LATENT_SOLVERS
     try:
         report = solve(args, latent)
     except UsageError as err:
@@ -289,7 +310,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def solve(args: argparse.Namespace, latent: bool) -> dict:
     """Load the model, measure, reconstruct, write the PNG and the JSON; returns the JSON's content."""
-    from diffguide.tasks import priors
+    import torch
+
+    from diffguide.tasks import inverse, priors
 
     try:
         pipe = priors.load_pipeline(args.model, device=args.device)

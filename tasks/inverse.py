@@ -30,23 +30,7 @@ from diffguide.samplers.schedule import to_x0
 from diffguide.tasks.digits import load_digits_tensors, to_unit
 from diffguide.tasks.operators import Operator, make_operator
 from diffguide.tasks.priors import LatentPrior, PixelPrior, frozen, load_prior, text_states
-
-DIGIT_SHAPE = (1, 16, 16)
-
-# name -> (operator name, options): the digit benchmark tasks (16x16 images)
-TASKS: dict[str, tuple[str, dict[str, Any]]] = {
-    "inpaint_box": ("inpaint_box", {"box_size": (8, 8), "margin": 2}),
-    "inpaint_random": ("inpaint_random", {"missing_fraction": 0.7}),
-    "sr4": ("sr_avg", {"factor": 4}),
-    "sr4_bicubic": ("sr_bicubic", {"factor": 4}),
-    "deblur_gauss": ("blur_gauss", {"kernel_size": 9, "std": 2.0}),
-    "deblur_motion": ("blur_motion", {"kernel_size": 9, "intensity": 0.5}),
-    "phase_retrieval": ("phase_retrieval", {"oversample": 2.0}),
-    "heat": ("heat", {"num_steps": 5, "stride": 2}),
-}
-
-PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "pinv")
-LATENT_SOLVERS = ("latent_dps", "psld", "p2l")
+from diffguide.tasks.problems import DIGIT_SHAPE, LATENT_SOLVERS, PIXEL_SOLVERS, TASKS  # noqa: F401
 
 
 def make_task(name: str, sigma_y: float = 0.05, seed: int = 0, shape: Sequence[int] = DIGIT_SHAPE) -> Operator:
