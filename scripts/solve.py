@@ -11,7 +11,8 @@ a JSON file with PSNR / SSIM, the solver's call counts, the settings and the dig
     diffguide-solve --task inpaint_box --index 3 --solver p2l --model digits-t2i
     diffguide-solve --task heat --image my_digit.png --solver enkg --out heat.png
 
-Pixel solvers (``dps``, ``dps_likelihood``, ``mcg``, ``enkg``, ``pinv``) use a class-conditional pipeline run
+Pixel solvers (``dps``, ``dps_likelihood``, ``mcg``, ``enkg``, ``ddrm``, ``ddnm``, ``diffpir``, ``pigdm``, ``daps``,
+``reddiff``, ``pinv``) use a class-conditional pipeline run
 unconditionally (default ``digits-class``); latent solvers (``latent_dps``, ``psld``, ``p2l``) use a latent
 text-to-image pipeline (default ``digits-t2i``) with the null prompt.
 """
@@ -33,7 +34,7 @@ from diffguide.scripts._cli import (HelpFormatter, check_device, check_image, ch
 from diffguide.tasks import inverse
 from diffguide.tasks.digits import load_digits_tensors
 
-DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 1.0, "latent_dps": 1.0, "psld": 1.0,
+DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 0.5, "latent_dps": 1.0, "psld": 1.0,
                   "p2l": 1.0}
 SOLVERS = (*inverse.PIXEL_SOLVERS, *inverse.LATENT_SOLVERS)
 NUM_HELD_OUT = 360

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from diffguide.guidance import DPS, MCG, P2L, PSLD, EnKG
+from diffguide.guidance import DAPS, DDNM, DDRM, DPS, MCG, P2L, PSLD, DiffPIR, EnKG, PiGDM, REDDiff
 from diffguide.guidance.latent import vae_decoder, vae_encoder
 from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
 from diffguide.samplers.base import DenoiseFn, Level
@@ -42,7 +42,7 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "heat": ("heat", {"num_steps": 5, "stride": 2}),
 }
 
-PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "pinv")
+PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "ddrm", "ddnm", "diffpir", "pigdm", "daps", "reddiff", "pinv")
 LATENT_SOLVERS = ("latent_dps", "psld", "p2l")
 
 
@@ -94,7 +94,8 @@ def scores(reconstruction: Tensor, truth: Tensor) -> dict[str, Tensor]:
 
 def pixel_solver(name: str, operator: Operator, y: Tensor, scale: float | None = None,
                  ensemble_size: int | None = None, **options: Any):
-    """Solver ``name`` in ``PIXEL_SOLVERS`` with its step ``scale`` (``None``: the default below)."""
+    """Solver ``name`` in ``PIXEL_SOLVERS`` with ``scale`` its main hyper-parameter (``None``: the solver's default):
+    the step of DPS / MCG / PiGDM / EnKG, DDRM's ``eta``, DiffPIR's ``lam``, DAPS's ``lr``, RED-diff's ``lam``."""
     if name == "dps":
         return DPS(operator, y, 1.0 if scale is None else scale, **options)
     if name == "dps_likelihood":
@@ -102,7 +103,16 @@ def pixel_solver(name: str, operator: Operator, y: Tensor, scale: float | None =
     if name == "mcg":
         return MCG(operator, y, 1.0 if scale is None else scale, **options)
     if name == "enkg":
-        return EnKG(operator, y, 2.0 if scale is None else scale, ensemble_size=ensemble_size, **options)
+        return EnKG(operator, y, 0.5 if scale is None else scale, ensemble_size=ensemble_size, **options)
+    knobs = {"ddrm": (DDRM, "eta"), "ddnm": (DDNM, None), "diffpir": (DiffPIR, "lam"), "pigdm": (PiGDM, "scale"),
+             "daps": (DAPS, "lr"), "reddiff": (REDDiff, "lam")}
+    if name in knobs:
+        cls, knob = knobs[name]
+        if scale is not None:
+            if knob is None:
+                raise ValueError(f"{name} has no scale; pass scale=None")
+            options = {knob: scale, **options}
+        return cls(operator, y, **options)
     raise ValueError(f"unknown pixel solver {name!r}; choose from {PIXEL_SOLVERS}")
 
 
@@ -120,14 +130,19 @@ def solve_pixel(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: in
         return operator.pinv(y).clamp(-1, 1).repeat_interleave(particles, 0), SolverStats()
     if solver == "enkg" and particles < 2:
         raise ValueError("EnKG needs an ensemble: particles >= 2")
-    pipe.unet.requires_grad_(False)          # gradients flow to x_t only
     batch = y.shape[0] * particles
     y_rows = y if solver == "enkg" else y.repeat_interleave(particles, 0)
     method = pixel_solver(solver, operator, y_rows, scale, ensemble_size=particles, **options)
     plan = plan_from_scheduler(pipe.scheduler, steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *operator.in_shape, generator=g).to(pipe.unet.device, pipe.unet.dtype)
-    out = sample_inverse(class_denoiser(pipe, label), x, plan, method, generator=g, disable=not progress)
+    flags = [(p, p.requires_grad) for p in pipe.unet.parameters()]
+    pipe.unet.requires_grad_(False)          # gradients flow to x_t only
+    try:
+        out = sample_inverse(class_denoiser(pipe, label), x, plan, method, generator=g, disable=not progress)
+    finally:
+        for param, flag in flags:            # leave the caller's network as it was
+            param.requires_grad_(flag)
     return out.clamp(-1, 1), method.stats
 
 
