@@ -4,7 +4,8 @@ arXiv 2212.00490): restoration steps that need no gradient through the denoiser.
 DDRM works in the spectral coordinates of ``A = U diag(s) V^T`` (``operator.has_svd``): ``x_bar = V^T x`` in the
 VE state ``x / alpha`` (noise ``sigma = sigma_vp / alpha``), ``y_bar_i = (U^T y)_i / s_i`` with noise
 ``n_i = sigma_y / s_i``. At the first level (paper Eq. 7) the given noise is reshaped into
-``x_bar_T,i ~ N(y_bar_i, sigma_T^2 - n_i^2)`` (``s_i > 0``) or ``N(0, sigma_T^2)``. Then, with
+``x_bar_T,i ~ N(y_bar_i, sigma_T^2 - n_i^2)`` where ``sigma_T > n_i`` or ``N(0, sigma_T^2)`` elsewhere (the official
+code's ``large_singulars_index``: a coordinate noisier than the first level starts from noise, not from ``y_bar``). Then, with
 ``x_bar0 = V^T x0_hat`` and ``sigma'`` the next level (paper Eq. 8):
 
     s_i = 0:           x_bar'_i = x_bar0_i + sqrt(1 - eta^2) sigma' (x_bar_i - x_bar0_i) / sigma + eta sigma' z
@@ -82,7 +83,8 @@ class DDRM(MeasurementSolver):
         sigma = sigma_vp / alpha
         z = self.operator.V_adjoint(x) / sigma_vp                           # the given noise, standardised
         y_bar, n, measured = self.spectral_measurement(x)
-        x_bar = torch.where(measured, y_bar + (sigma**2 - n**2).clamp_min(0).sqrt() * z, sigma * z)   # Eq. 7
+        informative = measured & (n < sigma)
+        x_bar = torch.where(informative, y_bar + (sigma**2 - n**2).clamp_min(0).sqrt() * z, sigma * z)   # Eq. 7
         return alpha * self.operator.V(x_bar)
 
     def correct(self, t: Transition) -> Tensor:

@@ -8,10 +8,14 @@ Sec. 3)
 
 a vector-Jacobian product through the denoiser. ``A^T (r^2 A A^T + s^2 I)^{-1} v = prox_l2(0, v, s^2 / r^2) / r^2``
 (push-through identity), or ``A^+ v / r^2`` when ``sigma_y = 0``; with an SVD view it is applied exactly in the
-spectral coordinates. The score enters the sampler with its Bayes (Tweedie) weight, as ``DPS(normalize=
-"likelihood")``: ``x_{t-1} = x'_{t-1} + scale * (d x_{t-1} / d x0_hat) (sigma_t^2 / alpha_t) * score``. For a
-Gaussian prior of unit variance this is exact Bayes; the paper's Algorithm 1 adds ``sqrt(alpha_bar_t) g`` instead,
-a hand-set weight.
+spectral coordinates. After the DDIM move ``x'_{t-1}``, the score ``g`` enters with one of two weights:
+
+* ``weighting="code"`` (default): the authors' implementation (NVlabs/RED-diff ``algos/pgdm.py``),
+  ``x_{t-1} = x'_{t-1} + scale * alpha_{t-1} alpha_t r_t^2 g`` (``r_t^2 g`` is their ``J^T A^+ (y - A x0_hat)`` when
+  ``sigma_y = 0``): strong at low noise, vanishing at high noise;
+* ``weighting="bayes"``: the Tweedie weight of ``DPS(normalize="likelihood")``,
+  ``x_{t-1} = x'_{t-1} + scale * (d x_{t-1} / d x0_hat) (sigma_t^2 / alpha_t) g``: exact Bayes for a unit-variance
+  Gaussian prior, but on a trained network its large high-noise steps diverge (as DPS's likelihood step does).
 """
 
 from __future__ import annotations
@@ -32,17 +36,22 @@ class PiGDM(MeasurementSolver):
     Args:
         operator: linear operator (``adjoint``, ``pinv``, ``prox_l2``; an SVD view is used when present).
         y: measurement ``(1 or B, *operator.out_shape)``.
-        scale: factor on the Bayes-weighted score (1: the paper's likelihood with no extra weight).
+        scale: factor on the weighted score.
         sigma_y: measurement noise (default ``operator.sigma_y``).
+        weighting: ``"code"`` (the authors' weight) or ``"bayes"`` (see the module docstring).
     """
 
     needs_grad = True
     default_eta = 0.0
 
-    def __init__(self, operator: Any, y: Tensor, scale: float = 1.0, sigma_y: float | None = None) -> None:
+    def __init__(self, operator: Any, y: Tensor, scale: float = 1.0, sigma_y: float | None = None,
+                 weighting: str = "code") -> None:
         check_operator(operator, "PiGDM", needs_gradient=True, needs_linear=True)
         super().__init__(operator, y)
         self.scale = check_positive("scale", scale)
+        if weighting not in ("code", "bayes"):
+            raise ValueError(f"weighting must be 'code' or 'bayes', got {weighting!r}")
+        self.weighting = weighting
         self.sigma_y = check_positive("sigma_y", operator.sigma_y if sigma_y is None else sigma_y)
 
     def weighted_adjoint(self, residual: Tensor, r2: float) -> Tensor:
@@ -68,9 +77,13 @@ class PiGDM(MeasurementSolver):
     def correct(self, t: Transition) -> Tensor:
         if float(t.level.alpha) == 0.0:             # pure noise: x_t carries nothing of x0 (see guidance.DPS)
             return t.x_next.detach()
-        score = self.likelihood_score(t.x, t.x0_hat, t.level.alpha, t.level.sigma)
-        weight = self.scale * t.x0_weight * float(t.level.sigma**2 / t.level.alpha)
-        return t.x_next.detach() + weight * score
+        alpha, sigma = t.level.alpha, t.level.sigma
+        score = self.likelihood_score(t.x, t.x0_hat, alpha, sigma)
+        if self.weighting == "bayes":
+            weight = t.x0_weight * float(sigma**2 / alpha)
+        else:
+            weight = float(t.alpha_next * alpha * sigma**2 / (alpha**2 + sigma**2))
+        return t.x_next.detach() + self.scale * weight * score
 
     def __repr__(self) -> str:
-        return f"PiGDM(scale={self.scale}, sigma_y={self.sigma_y})"
+        return f"PiGDM(scale={self.scale}, sigma_y={self.sigma_y}, weighting={self.weighting!r})"

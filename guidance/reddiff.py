@@ -10,8 +10,9 @@ at step ``i``
     mu  <- Adam(mu, grad)
 
 ``m`` and ``d`` are the measurement and image sizes (the official code's means); ``w_t = sigma_t / alpha_t`` is the
-official ``"linear"`` weighting (inverse square-root SNR). ``mu`` starts at ``A^+ y`` for linear operators (official
-``initialize``), else at 0. No gradient through the network. Official defaults: ``lam = 0.25``, ``lr = 0.1``,
+official ``"linear"`` weighting (inverse square-root SNR). ``mu`` starts at ``argmin ||A x - y||^2 + sigma_y^2 ||x||^2``
+for linear operators: the official ``A^+ y`` when ``sigma_y = 0``, and not the pseudo-inverse of noisy data, which on
+an ill-conditioned operator (blur) is mostly amplified noise; 0 for nonlinear ones. No gradient through the network. Official defaults: ``lam = 0.25``, ``lr = 0.1``,
 Adam betas ``(0.9, 0.99)``, 1000 steps.
 """
 
@@ -59,10 +60,14 @@ class REDDiff(MeasurementSolver):
         self.mu, self._noise, self._next_noise, self._optimizer = None, None, None, None
 
     def initial_mu(self, like: Tensor) -> Tensor:
-        if getattr(self.operator, "is_linear", False):
-            self.stats.forward_model_calls += like.shape[0]
-            return self.operator.pinv(self.y.to(like).expand(like.shape[0], *self.y.shape[1:]))
-        return torch.zeros_like(like)
+        if not getattr(self.operator, "is_linear", False):
+            return torch.zeros_like(like)
+        self.stats.forward_model_calls += like.shape[0]
+        y = self.y.to(like).expand(like.shape[0], *self.y.shape[1:])
+        sigma_y = getattr(self.operator, "sigma_y", 0.0)
+        if sigma_y == 0 or not callable(getattr(self.operator, "prox_l2", None)):
+            return self.operator.pinv(y)
+        return self.operator.prox_l2(torch.zeros_like(like), y, sigma_y**2)
 
     def prepare(self, model: DenoiseFn, x: Tensor, plan: Plan, index: int) -> Tensor:
         if index == 0 or self.mu is None:

@@ -110,6 +110,23 @@ def test_ddrm_noiseless_keeps_measured_coordinates_and_needs_an_svd():
         DDRM(op, y, eta=1.5)
 
 
+def test_ddrm_starts_noise_dominated_coordinates_from_noise():
+    """Noisy circular blur has singular values far below ``sigma_y / sigma_T``: those coordinates start from noise
+    (official ``large_singulars_index``), so the run stays on the data's scale instead of ``U^T y / s``."""
+    shape = (1, 16, 16)                                                         # the digits' deblurring task
+    gmm = GaussianMixture.isotropic(torch.ones(2, dtype=F64) / 2, 0.5 * torch.randn(2, 256, generator=_gen(26),
+                                                                                    dtype=F64), 0.2)
+    op = Blur(shape, gaussian_kernel(9, 2.0), sigma_y=0.05)
+    plan = _ddpm_plan(20)
+    assert float(op.singular_values.min()) < 0.05 / float(plan.sigmas[0])     # below sigma_y / sigma_T
+    y = op.measure(gmm.sample(2, _gen(27)).reshape(2, *shape), _gen(28))
+    noise = torch.randn(2, *shape, generator=_gen(29), dtype=F64)
+    start = DDRM(op, y).prepare(_vp_denoiser(gmm), noise, plan, 0)
+    assert start.abs().max() < 6                                    # VP noise scale, not sigma_y / s ~ 1e3
+    out = sample_inverse(_vp_denoiser(gmm), noise, plan, DDRM(op, y), generator=_gen(30), disable=True)
+    assert torch.isfinite(out).all()
+
+
 def test_ddrm_posterior_mean_on_a_unit_gaussian_prior():
     """DDRM is not an exact posterior sampler: with the exact denoiser of ``N(mu, I)`` its mean lands on the exact
     posterior mean (G5) within ``4 se + 0.02`` (Monte-Carlo plus 100-step discretisation), while its variance is
@@ -213,18 +230,38 @@ def test_pigdm_score_equals_deepinv_and_is_exact_for_a_unit_gaussian(monkeypatch
 
 
 def test_pigdm_samples_the_exact_posterior_of_a_unit_gaussian():
-    """Exact likelihood score with its Bayes weight, 200 DDPM-ancestral steps: mean within ``4 se + 0.02`` of (G5);
+    """Exact likelihood score with its Bayes weight (``weighting="bayes"``), 200 DDPM-ancestral steps: mean within ``4 se + 0.02`` of (G5);
     the variance of the best-measured direction carries a first-order discretisation bias (measured -22 % at 100
     steps, -11 % at 200: halving with the step count), so variances are held to 15 %."""
     prior, op, y, post = _unit_gaussian_problem()
     n = 2000
-    pigdm = PiGDM(op, y)
+    pigdm = PiGDM(op, y, weighting="bayes")
     out = sample_inverse(_flat(prior), torch.randn(n, 3, generator=_gen(15), dtype=F64), _ddpm_plan(200), pigdm,
                          eta=1.0, generator=_gen(16), disable=True)
     se = post.cov().diagonal().sqrt() / math.sqrt(n)
     assert ((out.mean(0) - post.mean()).abs() < 4 * se + 0.02).all()
     assert ((out.var(0) / post.cov().diagonal() - 1).abs() < 0.15).all()
     assert pigdm.stats.gradient_calls == pigdm.stats.denoiser_calls == 200 * n
+
+
+def test_pigdm_code_weighting_is_the_official_coefficient():
+    """``weighting="code"``: ``x_{t-1} = x'_{t-1} + alpha_{t-1} alpha_t J^T A^+ (y - A x0_hat)`` for ``sigma_y = 0``
+    (NVlabs/RED-diff ``algos/pgdm.py``, ``awd=True``)."""
+    prior, op, y, _ = _unit_gaussian_problem()
+    op = MatrixOperator(op.matrix)
+    x = torch.randn(3, 3, generator=_gen(25), dtype=F64, requires_grad=True)
+    a, s = 0.6, 0.8
+    x0_hat = prior.denoise(x, a, s)
+    x_next = torch.randn(3, 3, generator=_gen(26), dtype=F64)
+    t = Transition(x, x0_hat, x, x_next, Level(torch.tensor(500), torch.tensor(a, dtype=F64),
+                   torch.tensor(s, dtype=F64), 0, 1), torch.tensor(0.7, dtype=F64), torch.tensor(0.71, dtype=F64), 0.4)
+    ours = PiGDM(op, y, scale=0.5).correct(t)
+    x0_again = prior.denoise(x, a, s)
+    mat = (op.pinv(y) - op.pinv(op.forward(x0_again))).detach()
+    (grad,) = torch.autograd.grad((mat * x0_again).sum(), x)
+    assert torch.allclose(ours, x_next + 0.5 * 0.7 * a * grad, atol=1e-10)
+    with pytest.raises(ValueError, match="weighting"):
+        PiGDM(op, y, weighting="paper")
 
 
 # ------------------------------------------------------------------------------------------------- DAPS
@@ -261,7 +298,7 @@ def test_daps_moves_samples_towards_the_mixture_posterior():
 
 # ------------------------------------------------------------------------------------------------- RED-diff
 def test_reddiff_step_is_adam_on_the_official_loss():
-    """One step from ``mu = A^+ y`` equals ``torch.optim.Adam`` on the official loss
+    """One step from ``mu = argmin ||A x - y||^2 + sigma_y^2 ||x||^2`` equals ``torch.optim.Adam`` on the official loss
     ``lam (sigma / alpha) mean(sg[eps_hat - z] * mu) + mean((y - A mu)^2) / 2`` (one image, so the means agree)."""
     gmm, op, y = _inpainting_problem(0.05)
     y = y[:1]
@@ -271,7 +308,7 @@ def test_reddiff_step_is_adam_on_the_official_loss():
     ours = sample_inverse(_vp_denoiser(gmm), start, Plan(plan.timesteps[3:4], plan.sigmas[3:5]), solver,
                           generator=_gen(21), disable=True)
     a, s = plan.alpha(3), plan.sigma_vp(3)
-    mu = op.pinv(y).clone().requires_grad_(True)
+    mu = (y / (op.mask + 0.05**2)).clone().requires_grad_(True)         # the Tikhonov start, closed form
     x_t = a * mu.detach() + s * start
     eps_hat = (x_t - a * _vp_denoiser(gmm)(x_t, Level(plan.timesteps[3], a, s, 0, 1))) / s
     adam = torch.optim.Adam([mu], lr=0.1, betas=(0.9, 0.99))
