@@ -28,7 +28,8 @@ class Step:
     ``evaluate(x, cond, level=None)`` one more network pass at VP state ``x`` (the step's shape) with condition
     ``cond``, at this step's level or at another ``samplers.Level`` (guides that take a sub-step, e.g.
     Rectified-CFG++); ``None`` where the caller cannot run extra passes. ``next_level`` is the level the run moves
-    to after this step, where the caller knows it (``guidance.apply`` reads it from the scheduler).
+    to after this step, where the caller knows it (``guidance.apply`` reads it from the scheduler). ``family`` is the
+    pipeline's :class:`~diffguide.guidance.families.Family` under ``guidance.apply`` (per-family defaults), else None.
     """
 
     x: Tensor
@@ -45,6 +46,7 @@ class Step:
     evaluate: Callable[..., Tensor] | None = field(default=None, repr=False)
     uncond: Any = None
     next_level: Level | None = None
+    family: Any = None
 
     def __post_init__(self) -> None:
         self.prediction_type = check_prediction_type(self.prediction_type)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from diffguide.samplers.base import Level
+from diffguide.samplers.base import BLOWUP_RATIO, Level, norm_ratio
 from diffguide.samplers.schedule import check_prediction_type
 
 from .base import Guidance, Step, guided_checked
@@ -151,6 +152,7 @@ class _Session:
         self.renoise: Tensor | None = None
         self.last_step: Step | None = None
         self.step_state: dict = {}
+        self.blowup_warned = False
 
     # -- installation -------------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, value: Any) -> None:
@@ -323,8 +325,8 @@ class _Session:
             lambda: self._select(arguments, uncond_rows.to(sample.device), full))
         step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
-                    uncond=uncond, next_level=self._next_level(level))
-        guided = guided_checked(self.guide, step)
+                    uncond=uncond, next_level=self._next_level(level), family=self.family)
+        guided = self._guided(step)
         self.last_step, self.renoise = step, guided.renoise
         denoise = -guided.denoise if family.output_sign < 0 else guided.denoise
         extra = tensor[n_u:, channels:]
@@ -413,6 +415,19 @@ class _Session:
 
         return cond, uncond, evaluate
 
+    def _guided(self, step: Step):
+        """The guide's prediction (finite, or ``FloatingPointError``); warns once per run when its norm is more
+        than ``BLOWUP_RATIO`` times the conditional prediction's (a scale far too large: the images are noise)."""
+        guided = guided_checked(self.guide, step)
+        if not self.blowup_warned:
+            ratio = norm_ratio(guided.denoise, step.pred_cond)
+            if ratio > BLOWUP_RATIO:
+                self.blowup_warned = True
+                warnings.warn(f"{self.guide!r}: at step {step.index + 1} of {step.num_steps} the guided prediction's "
+                              f"norm is {ratio:.3g}x the conditional one's (more than {BLOWUP_RATIO:g}x): the images "
+                              "will be noise; lower the scale", stacklevel=2)
+        return guided
+
     def _next_level(self, level: Level) -> Level | None:
         """The level the scheduler steps to (flow pipelines whose network time apply knows), else None."""
         family, sigmas = self.family, getattr(self.scheduler, "sigmas", None)
@@ -467,8 +482,8 @@ class _Session:
                                                 None if uncond_arguments is None else lambda: uncond_arguments)
         step = Step(sample, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
                     self.prediction_type, uncond_mask=mask.to(sample.device), cond=cond, evaluate=evaluate,
-                    uncond=uncond, next_level=self._next_level(level))
-        guided = guided_checked(self.guide, step)
+                    uncond=uncond, next_level=self._next_level(level), family=self.family)
+        guided = self._guided(step)
         self.last_step = step
         self._end_step()
         if self.guide.changes_renoise:
@@ -485,7 +500,8 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
 
     Whatever CFG scale the caller passes (or none), the pipeline runs CFG and the guide's own parameters rule.
     Yields :class:`HookStats` (network calls and rows). Restores the pipeline on exit. Supported pipelines and
-    how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`.
+    how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`. The first step of a call whose guided
+    prediction has more than ``BLOWUP_RATIO`` times the conditional one's norm warns (a scale far too large).
     """
     from .diffusers_guiders import GuiderSession, is_diffusers_guider
 

@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from diffguide.scripts._cli import one_line_warnings, pipeline_image_format, wrong_images
+
 DIGIT_TEMPLATES = ("a handwritten digit {}", "a drawing of the digit {}", "a handwritten {}", "the digit {}",
                    "the number {}")
 
@@ -68,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=0, metavar="N", help="after training, write N samples to OUT/samples.png")
     p.add_argument("--prompt", default=None, help="prompt for --sample (default: the first template with the token)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the shipped model, the fastest for it; torch's otherwise)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -80,10 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option)."""
-    import torch
-
-    from diffguide.tasks.personalize import CHECKPOINT_DIR, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size
+    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option). The
+    checks of arguments and configs run before torch is imported."""
     from diffguide.tasks.zoo import _resolve
 
     for name in ("steps", "batch_size", "directions", "tau", "save_every"):
@@ -99,14 +100,6 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value.strip() or any(c.isspace() for c in value):
             raise ValueError(f"--{name.replace('_', '-')} must be one word without spaces, got {value!r}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
     if args.timesteps is not None:
         try:
             low, high = (int(v) for v in str(args.timesteps).split(":"))
@@ -131,6 +124,11 @@ def check_args(args: argparse.Namespace) -> None:
         "num_train_timesteps", 1000) if (args.model_folder / "scheduler" / "scheduler_config.json").is_file() else 1000
     if args.timesteps is not None and args.timesteps[1] > num_train:
         raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
+    import torch
+
+    from diffguide.tasks.personalize import (CHECKPOINT_DIR, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig,
+                                             check_batch_size)
+
     digits = Path(source).name == "digits-t2i"          # the shipped model or a copy of its folder
     args.config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
@@ -148,6 +146,14 @@ def check_args(args: argparse.Namespace) -> None:
     num_images = sum(1 for f in args.images.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if num_images == 0:
         raise ValueError(f"no images in {str(args.images)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    image_format = None if args.resize else pipeline_image_format(args.model_folder)
+    if image_format is not None:
+        size, mode = image_format
+        wrong = wrong_images(args.images, size, mode, IMAGE_EXTENSIONS)
+        if wrong:
+            raise ValueError(f"images must be {size}x{size} in mode {mode!r} for {option.split()[-1]}; got "
+                             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; pass --resize to resize "
+                             "and convert them")
     try:
         check_batch_size(resolved, num_images)
     except ValueError as err:
@@ -161,12 +167,18 @@ def check_args(args: argparse.Namespace) -> None:
     if has_checkpoint and not args.resume:
         raise ValueError(f"--out {str(args.out)!r} already holds a checkpoint; pass --resume to continue it or "
                          "choose another output folder")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
 
 
 def _check_quantized_options(args: argparse.Namespace) -> str:
     """``--quantized`` / ``--save-quantized`` against the method and each other; returns the source model's name."""
-    from diffguide.tasks.quantize import read_int8_manifest
-
     float_weights = args.method == "backprop" or args.quantize == "none"
     float_option = "--method backprop" if args.method == "backprop" else "--quantize none"
     for option, value in (("--quantized", args.quantized), ("--save-quantized", args.save_quantized)):
@@ -180,6 +192,8 @@ def _check_quantized_options(args: argparse.Namespace) -> str:
         raise ValueError(f"--save-quantized {str(args.save_quantized)!r} exists and is not an empty folder")
     if args.quantized is None:
         return str(args.model or "digits-t2i")
+    from diffguide.tasks.quantize import read_int8_manifest
+
     try:
         manifest = read_int8_manifest(args.quantized)
     except ValueError as err:
@@ -206,8 +220,9 @@ def run(args: argparse.Namespace) -> Path:
     from diffguide.tasks.personalize import (CHECKPOINT_DIR, TextualInversion, expected_image_format, load_image_folder,
                                              load_pipeline, read_checkpoint_meta)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffguide.scripts._cli import set_threads
+
+    set_threads(args.threads, [] if args.quantized else [args.model or "digits-t2i"])
     config = args.config
     if args.resume and not (args.out / CHECKPOINT_DIR / "state.json").is_file():
         print(f"--resume: no checkpoint in {args.out}, starting afresh from step 0", file=sys.stderr)
@@ -250,6 +265,7 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
+@one_line_warnings("diffguide-personalize")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:

@@ -20,9 +20,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_pipeline,
-                                    check_writable, fewest_steps, font, guides_epilog, number, set_threads,
-                                    start_problem, wrap)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_guide_name,
+                                    check_pipeline, check_writable, device_name, fewest_steps, font, guides_epilog,
+                                    number, one_line_warnings, set_threads, start_problem, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -59,15 +59,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=number(int, 1), default=1, help="images per prompt / label")
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images sampled at once (memory); the images do not depend on it")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads (default: 1 for the shipped models, fastest for them; torch's otherwise)")
     p.add_argument("--out", default="samples.png", help="output PNG (a labelled grid)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.prompt is not None and any(not s.strip() for s in args.prompt):
         p.error("argument --prompt: every prompt must be non-empty")
     check_writable(p, "--out", args.out)
-    args.device = check_device(p, args.device)
+    if args.guidance != "none":
+        check_guide_name(p, "--guidance", args.guidance)
     info = check_pipeline(p, "--model", args.model)
     if info is not None:
         if info.kind == "text" and args.class_labels:
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if scale is None and not {"scale", "lam"} & set(params):
             scale = DEFAULT_SCALES.get(name, 2.0)
         args.guide = (name, scale, params)
+    args.device = check_device(p, args.device)
     return args
 
 
@@ -272,9 +276,10 @@ def grid_title(args: argparse.Namespace) -> str:
     return f"{args.model} | {guide} | {args.scheduler} {args.steps} steps{spacing} | seed {args.seed}"
 
 
+@one_line_warnings("diffguide-sample")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, [args.model])
     try:
         images, conds = sample(args)
         labels = [f"class {c}" if isinstance(c, int) else str(c) for c in conds]
