@@ -37,12 +37,12 @@ TASKS = {"inpainting (8x8 box)": "inpaint_box", "4x SR (average pooling)": "sr4"
 STEPS = 50
 OURS: dict[str, tuple] = {
     "DPS": ("dps", STEPS, [0.3, 1.0, 3.0], {}, 1),
-    "MCG": ("mcg", STEPS, [0.3, 1.0, 3.0], {}, 1),
+    "MCG": ("mcg", STEPS, [1.0, 3.0, 10.0], {}, 1),
     "DDRM": ("ddrm", STEPS, [0.5, 0.85, 1.0], {}, 1),
-    "DiffPIR": ("diffpir", STEPS, [1.0, 3.5, 12.0], {}, 1),
+    "DiffPIR": ("diffpir", STEPS, [0.3, 1.0, 3.5], {}, 1),
     "PiGDM": ("pigdm", STEPS, [0.3, 1.0, 3.0], {}, 1),
-    "DAPS": ("daps", STEPS // 5, [3e-5, 1e-4, 3e-4], {"ode_steps": 5, "langevin_steps": 50}, 1),
-    "RED-diff": ("reddiff", STEPS, [0.05, 0.25, 1.0], {}, 1),
+    "DAPS": ("daps", STEPS // 5, [1e-5, 3e-5, 1e-4], {"ode_steps": 5, "langevin_steps": 50}, 1),
+    "RED-diff": ("reddiff", STEPS, [0.01, 0.05, 0.25], {}, 1),
     "EnKG (J = 8, defaults)": ("enkg", STEPS // 2, None, {}, 8),
 }
 
@@ -120,9 +120,9 @@ def run_deepinv(name: str, pipe, op, y: torch.Tensor, scale: float, seed: int) -
 
 
 DEEPINV: dict[str, tuple[list[float], bool]] = {    # name -> (grid of its weight / eta / lambda, linear only)
-    "DPS": ([0.3, 1.0, 3.0], False),
+    "DPS": ([1.0, 3.0, 10.0], False),
     "DDRM": ([0.5, 0.85, 1.0], True),
-    "DiffPIR": ([2.0, 7.0, 25.0], True),
+    "DiffPIR": ([0.6, 2.0, 7.0], True),
     "PiGDM": ([0.01, 0.1, 1.0], True),
 }
 
@@ -251,8 +251,11 @@ def reading(res: dict) -> list[str]:
         theirs = {k: v for k, v in rows.items() if k.startswith("DeepInverse")}
         best_ours = max(ours, key=lambda k: ours[k]["psnr"]["mean"])
         best_theirs = max(theirs, key=lambda k: theirs[k]["psnr"]["mean"])
-        verdict = "at least as good" if rows[best_ours]["psnr"]["mean"] >= rows[best_theirs]["psnr"]["mean"] \
-            else "worse"
+        a, b = torch.tensor(rows[best_ours]["psnr"]["values"]), torch.tensor(rows[best_theirs]["psnr"]["values"])
+        gaps = (a[:len(b)] - b[:len(a)]).double()
+        gap, se = float(gaps.mean()), float(gaps.std() / math.sqrt(len(gaps)))
+        verdict = "at least as good" if gap >= 0 else \
+            "behind by less than 2 standard errors: a tie" if gap > -2 * se else "worse"
         parts = [f"- {task}: our best ({best_ours[6:]}, {rows[best_ours]['calls']:.0f} calls) minus DeepInverse's "
                  f"best ({best_theirs[13:]}, {rows[best_theirs]['calls']:.0f} calls): "
                  f"{_paired(rows[best_ours], rows[best_theirs])} ({verdict})."]
@@ -266,8 +269,8 @@ def reading(res: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=8, help="held-out digits per task")
-    parser.add_argument("--val-images", type=int, default=2, help="train-split digits for tuning")
+    parser.add_argument("--images", type=int, default=20, help="held-out digits per task")
+    parser.add_argument("--val-images", type=int, default=3, help="train-split digits for tuning")
     parser.add_argument("--enkg-images", type=int, default=1, help="held-out digits for EnKG (8 particles each)")
     parser.add_argument("--sigma-y", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
