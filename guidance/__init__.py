@@ -30,7 +30,7 @@ from .rectified_cfgpp import RectifiedCFGPlusPlus
 from .reddiff import REDDiff
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
-from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate, zo_adam
 
 __all__ = [
     "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
@@ -41,6 +41,6 @@ __all__ = [
     "equivalent_cfg_scales", "parse_guide_spec",
     "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
     "DAPS", "DDNM", "DDRM", "DiffPIR", "PiGDM", "REDDiff",
-    "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
+    "PartialUniformTimesteps", "SubspaceGradient", "random_gradient_estimate", "zo_adam",
     "DiffguideGuider", "as_diffusers_guider",
 ]

@@ -376,11 +376,15 @@ def one_line_warnings(prog: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------- captions
+@functools.lru_cache(maxsize=None)
 def font(size: int):
-    """PIL's built-in scalable font at ``size`` px."""
+    """DejaVu Sans at ``size`` px, the font matplotlib ships in its package data: it has Latin, Greek and Cyrillic
+    letters, arrows and check marks (PIL's built-in font draws every non-ASCII character as a box). The file is
+    taken from ``matplotlib.get_data_path()``; ``matplotlib.font_manager`` would scan the system's fonts first."""
+    import matplotlib
     from PIL import ImageFont
 
-    return ImageFont.load_default(size=size)
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), size)
 
 
 def wrap(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:

@@ -31,6 +31,7 @@ SAMPLE_METRICS = ("fid", "kid", "accuracy", "clip_score")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from diffguide.scripts._cli import (HelpFormatter, check_device, check_writable, device_name, guides_epilog,
                                         number)
+    from diffguide.scripts.sample import SCHEDULERS, SCHEDULES
 
     p = argparse.ArgumentParser(prog="diffguide-evaluate", description=__doc__, formatter_class=HelpFormatter,
                                 epilog=guides_epilog())
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=number(int, 1), default=25, help="DDIM sampling steps")
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed hash(seed, i)")
     p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler (diffusers scheduler, as diffguide-sample's); default: the model's own")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="default",
+                   help="noise levels: the scheduler's own, or Karras / exponential / beta spaced sigmas")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="images sampled / scored at once")
     p.add_argument("--metrics", nargs="+", default=None,
                    help=f"metrics to compute (default: fid kid accuracy, + clip_score for text models); "
@@ -94,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every ``--model`` is a class-conditional or text-to-image pipeline; every guide builds at its scales."""
     from diffguide.scripts._cli import check_guide, check_guide_fits, check_guide_name, check_pipeline, check_start
+    from diffguide.scripts.sample import check_schedule
 
     for spec in args.guide or []:
         check_guide_name(p, "--guide", spec)
@@ -109,6 +115,10 @@ def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name, info in infos.items():
         if info is not None:
             check_start(p, info.scheduler, args.steps, name)
+            try:
+                check_schedule(args.scheduler, args.schedule, info.scheduler)
+            except ValueError as err:
+                p.error(str(err))
     for spec in args.guide or ["cfg"]:
         check_guide(p, "--guide", spec, lambda name: DEFAULT_SCALES.get(name, args.scales))
         for name, info in infos.items():
@@ -217,11 +227,15 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     from diffguide.tasks.metrics import DEFAULT_CACHE, weights_fingerprint
     from diffguide.tasks.pipelines import latent_shape
     from diffguide.tasks.run_folder import RunFolder, config_hash
+    from diffguide.scripts.sample import check_schedule, make_scheduler
 
     rows = []
     points = grid_points(args)
     for model_name in args.model:
         pipe = load_model(model_name, device)
+        if args.scheduler is not None or args.schedule != "default":
+            check_schedule(args.scheduler, args.schedule, pipe.scheduler.config)
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, None, args.schedule)
         pipe.set_progress_bar_config(disable=True)
         kind = pipeline_kind(pipe)
         names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))

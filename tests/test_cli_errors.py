@@ -44,7 +44,7 @@ USAGE_ERRORS = [
     ("sample", ["--guidance", "cfg@2"], ["--guidance", "--scale"]),
     ("sample", ["--guidance", "cfg:scale=3", "--scale", "2"], ["--guidance", "'cfg:scale=3'", "scale once"]),
     ("sample", ["--guidance", "apg:momentum=x"], ["--guidance", "'apg:momentum=x'"]),
-    ("sample", ["--scheduler", "heun"], ["--scheduler", "'heun'", "ddim"]),
+    ("sample", ["--scheduler", "heun_pp"], ["--scheduler", "'heun_pp'", "ddim"]),
     ("sample", ["--guidance", "rcfgpp"], ["--guidance", "'rcfgpp'", "other noise levels", "StableDiffusion3Pipeline",
                                           "digits-class is a ClassConditionalPipeline"]),
     ("sample", ["--model", "digits-flow", "--scheduler", "ddim"], ["--scheduler", "rectified-flow", "flow_euler"]),
