@@ -8,7 +8,7 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale, equivalent_cfg_scales
 from .denoiser import GuidedDenoiser
-from .diffusers_guider import DiffguideGuider, as_diffusers_guider
+from .modular import DiffguideGuider, as_diffusers_guider
 from .dps import DPS
 from .dynamic import DynamicCFG
 from .enkg import EnKG

@@ -1,8 +1,8 @@
 """Pipeline families as data: how each diffusers pipeline runs classifier-free guidance.
 
-``apply`` reads one :class:`Family` per pipeline class; its control flow is written once per CFG layout
-(:data:`LAYOUTS`). Adding a pipeline is adding an entry here and a test; the facts come from the pipeline's
-``__call__`` in diffusers 0.42.1 (see ``docs``/README "Supported pipelines").
+``apply`` reads one :class:`Family` per pipeline class; its control flow is written once per CFG layout, one class
+each in :mod:`.layouts` (``Family.layout`` names it). Adding a pipeline is adding an entry here and a test; the
+facts come from the pipeline's ``__call__`` in diffusers 0.42.1 (see ``docs``/README "Supported pipelines").
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-# "uc": one batched call on [uncond; cond]; "cu": batched [cond; uncond] (DiT, which also steps on both halves);
-# "list_cu": one call on a list of per-sample tensors, [cond...; uncond...] (Z-Image);
-# "two_calls": the network is called for cond, then for uncond, once each per step.
-LAYOUTS = ("uc", "cu", "list_cu", "two_calls")
+from torch import Tensor
+
+from .layouts import LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,20 @@ class Family:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {self.layout!r}")
         if self.scheduler not in ("flow", "diffusion"):
             raise ValueError(f"scheduler must be 'flow' or 'diffusion', got {self.scheduler!r}")
         if self.flow_time not in ("proportional", "one_minus", None):
             raise ValueError(f"flow_time must be 'proportional', 'one_minus' or None, got {self.flow_time!r}")
+
+    def time_at(self, t: Tensor, s: float | Tensor, s_new: float | Tensor) -> Tensor:
+        """The network time at flow level ``s_new`` of the network time ``t`` at level ``s`` (``flow_time``:
+        scaled where the time is proportional to ``s``, shifted where it is ``1 - s``)."""
+        return t * (s_new / s) if self.flow_time == "proportional" else t + (s - s_new)
+
+    def level_of_time(self, t: Tensor) -> Tensor:
+        """The flow level of network time ``t``, up to the network's own factor (``flow_time``)."""
+        return t if self.flow_time == "proportional" else 1 - t
 
 
 _RESCALE = {"guidance_rescale": (0.0, "use guidance.CFGRescale")}

@@ -43,7 +43,8 @@ def model_path(name: str) -> Path:
     return ZOO_DIR / name
 
 
-def _resolve(name_or_path: str | Path) -> Path:
+def resolve_model(name_or_path: str | Path) -> Path:
+    """The folder of a shipped model name, a local folder, or a hub repo id (downloaded)."""
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"model must be a name ({', '.join(MODELS)}), a folder or a hub repo id, "
                         f"got {type(name_or_path).__name__}")
@@ -68,6 +69,9 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 class DamagedModelError(ValueError):
     """A model folder with a missing, unreadable or truncated file (the message names it)."""
+
+
+_resolve = resolve_model  # the former private name
 
 
 def _read_json(path: Path) -> dict:
@@ -139,7 +143,7 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
     None), a ``DigitClassifier``, or a ``DigitClip`` (unpacks to ``model, preprocess, tokenizer``). A pipeline
     folder with a missing or bad file raises ``DamagedModelError`` (a ``ValueError``) naming it.
     """
-    folder = _resolve(name_or_path)
+    folder = resolve_model(name_or_path)
     kind = _kind(folder)
     if kind == "pipeline":
         from diffusers import DiffusionPipeline
