@@ -139,7 +139,7 @@ class Plan:
 
 
 def _config(scheduler_or_config) -> tuple[str, dict]:
-    """The class name and config of a scheduler, or of a scheduler's config dict (its ``_class_name``)."""
+    """The class name and config of a scheduler, or of a config dict as saved (with its ``_class_name``)."""
     if isinstance(scheduler_or_config, dict):
         return str(scheduler_or_config.get("_class_name", "")), scheduler_or_config
     return type(scheduler_or_config).__name__, scheduler_or_config.config
@@ -147,14 +147,14 @@ def _config(scheduler_or_config) -> tuple[str, dict]:
 
 def has_flow_sigmas(scheduler) -> bool:
     """Whether the scheduler's ``sigmas`` are rectified-flow levels ``s``: the FlowMatch* schedulers, or
-    DPM-Solver / UniPC with ``use_flow_sigmas``. Takes a scheduler or its config dict."""
+    DPM-Solver / UniPC with ``use_flow_sigmas``. Takes a scheduler or a config dict as saved (``_class_name``)."""
     name, config = _config(scheduler)
     return name.startswith("FlowMatch") or bool(config.get("use_flow_sigmas", False))
 
 
 def is_flow(scheduler) -> bool:
     """Whether the scheduler steps a rectified-flow network: flow sigmas, or ``prediction_type="flow_prediction"``.
-    Takes a scheduler or its config dict."""
+    Takes a scheduler or a config dict as saved (``_class_name``)."""
     return has_flow_sigmas(scheduler) or _config(scheduler)[1].get("prediction_type") == "flow_prediction"
 
 

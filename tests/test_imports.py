@@ -4,8 +4,12 @@ no import circle (imports inside functions included: a lazy import only hides a 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(importlib.util.find_spec("diffguide").origin).resolve().parent  # read, not imported
 SKIP = {"tests", "benchmarks", "notebooks", "docs", ".pkg", "build", "dist"}
@@ -88,3 +92,26 @@ def test_no_import_circle():
         if node not in state:
             cycle = visit(node)
             assert cycle is None, " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("diffguide.guidance.diffusers_guider", "diffguide.guidance.modular", "as_diffusers_guider"),
+    ("diffguide.guidance.diffusers_guiders", "diffguide.guidance.guider_apply", "is_diffusers_guider"),
+])
+def test_renamed_modules_still_import_with_a_deprecation_warning(old, new, name):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_renamed_names_still_import_with_a_deprecation_warning():
+    from diffguide.guidance import hook
+    from diffguide.samplers.schedule import is_flow
+    from diffguide.tasks import gmm
+
+    with pytest.warns(DeprecationWarning, match="Coefficient"):
+        assert gmm.Level is gmm.Coefficient
+    with pytest.warns(DeprecationWarning, match="is_flow"):
+        assert hook.is_flow_scheduler(type("FlowMatchX", (), {"config": {}})()) == is_flow(
+            type("FlowMatchX", (), {"config": {}})()) is True

@@ -20,3 +20,13 @@ __all__ = [
     "grid_density",
     "sliced_wasserstein",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Level":  # the former name of Coefficient, which clashed with samplers.Level
+        import warnings
+
+        warnings.warn("diffguide.tasks.gmm.Level is deprecated; use diffguide.tasks.gmm.Coefficient (a sampler's "
+                      "noise level is diffguide.samplers.Level)", DeprecationWarning, stacklevel=2)
+        return Coefficient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
