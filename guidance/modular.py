@@ -94,6 +94,7 @@ class DiffguideGuider(BaseGuidance):
         super().__init__()
         self.register_to_config(guide=repr(guide), scheduler=type(scheduler).__name__)  # JSON-able description only
         self.guide, self.scheduler, self.prediction_type = guide, scheduler, prediction_type
+        self.reader = ScheduleReader(scheduler)
         self.stats = HookStats()
         self._mask: Tensor | None = None        # this step's per-sample need of the unconditional branch
         self._captured: dict[str, Any] = {}     # x and conditional inputs of this step's conditional batch
@@ -132,8 +133,8 @@ class DiffguideGuider(BaseGuidance):
 
     def _level(self, device, dtype) -> Level:
         """``alpha``/``sigma`` of the current timestep from the scheduler (``samplers.schedule.ScheduleReader``)."""
-        return ScheduleReader(self.scheduler).level(self._timestep, None, device, dtype, step=self._step,
-                                                    num_steps=self._num_inference_steps)
+        return self.reader.level(self._timestep, None, device, dtype, step=self._step,
+                                 num_steps=self._num_inference_steps)
 
     def _need(self, batch: int, like: Tensor) -> Tensor:
         """The guide's per-sample need of the unconditional branch at this step (asked once per step)."""
