@@ -99,9 +99,7 @@ class GuideCombiner:
         step = Step.at(level, x, pred_cond, pred_uncond, session.prediction_type, uncond_mask=mask.to(x.device),
                        cond=passes.cond, evaluate=passes.evaluate, uncond=passes.uncond,
                        next_level=session.next_level(level))
-        guided = guided_checked(self.guide, step)
-        session.last_step = step
-        return guided
+        return guided_checked(self.guide, step)
 
     # -- one batched call per step ------------------------------------------------------------------------------
     def batched(self, session, net: Network, call: CfgBatch) -> Any:
@@ -111,7 +109,7 @@ class GuideCombiner:
                 raise ValueError(f"{session.pipe_name} changed its batch from {session.full} to {full} rows "
                                  "mid-run; apply() follows a callback that turns CFG off, nothing else")
             session.stats.cond_only_steps += 1
-            session.renoise = None
+            session.pending = None
             out = net.run(arguments, full)
             session.end_step()
             return out
@@ -133,7 +131,8 @@ class GuideCombiner:
         passes = StepPasses(session, net, arguments, cond_rows.to(device), full, level,
                             lambda: layout.select(arguments, uncond_rows.to(device), full))
         guided = self._combine(session, sample[cond_rows.to(device)], level, pred_cond, pred_uncond, mask, passes)
-        session.renoise = guided.renoise
+        session.pending = PendingStep(net=net, arguments=arguments, cond_out=out, level=level, mask=mask,
+                                      renoise=guided.renoise)
         output = layout.output(out, guided.denoise, layout.split(tensor[n_u:], sample)[1])
         session.end_step()
         return output

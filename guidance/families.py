@@ -20,6 +20,8 @@ from .layouts import LAYOUTS
 class Family:
     """One family of pipelines that run CFG the same way.
 
+    ``layout``: the name of its CFG layout object in :mod:`.layouts` (``"uc"``, ``"cu"``, ``"list_cu"``,
+    ``"two_calls"``; ``LAYOUTS``).
     ``networks``: pipeline attributes holding the denoising network(s) (Wan 2.2 has two).
     ``latent`` / ``timestep``: names of the network ``forward`` parameters that take the latent and the time
     (positional or keyword alike: calls are bound to the forward's signature).

@@ -146,8 +146,9 @@ class BatchedLayout(Layout):
         return session.combiner.batched(session, net, self.bind(session, arguments))
 
     def step(self, session, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs):
-        renoise = session.renoise
-        if renoise is None or session.last_step is None:
+        pending, session.pending = session.pending, None
+        renoise = None if pending is None else pending.renoise
+        if renoise is None:
             return session.orig_step(model_output, timestep, sample, *args, **kwargs)
         if model_output.shape[0] != renoise.shape[0]:  # DiT steps on the doubled batch
             raise TypeError("guides that change the renoise term need a pipeline that steps on one batch copy")

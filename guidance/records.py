@@ -24,11 +24,12 @@ class HookStats:
 
 @dataclass
 class PendingStep:
-    """One step of a two-call layout, opened by the conditional call and closed by ``scheduler.step``.
+    """One step's state from the network side to the scheduler side (``scheduler.step`` takes it).
 
-    ``net`` / ``arguments`` / ``cond_out``: the conditional call and its output. A guide's combiner adds the
-    step's ``level`` and per-sample need of the unconditional branch (``mask``); a guider's its ``batches`` and
-    their ``outputs``. ``uncond_arguments`` is set by the unconditional call (None: the pipeline made none);
+    ``net`` / ``arguments`` / ``cond_out``: the (conditional) call and its output. A guide's combiner adds the
+    step's ``level`` and per-sample need of the unconditional branch (``mask``), and on batched layouts the
+    ``renoise`` prediction the scheduler steps with (CFG++); a guider's its ``batches`` and their ``outputs``. On
+    two-call layouts ``uncond_arguments`` is set by the unconditional call (None: the pipeline made none) and
     ``uncond_out`` is its output (None where the guide did not need it and the call was skipped).
     """
 
@@ -41,6 +42,7 @@ class PendingStep:
     uncond_out: Any = None
     batches: list | None = None
     outputs: list | None = None
+    renoise: Tensor | None = None
 
     @property
     def uncond_called(self) -> bool:

@@ -12,8 +12,6 @@ import functools
 import inspect
 from typing import Any
 
-from torch import Tensor
-
 from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import ScheduleReader, check_prediction_type
 
@@ -58,9 +56,7 @@ class Session:
     def reset_run(self) -> None:
         self.index = 0                      # steps taken in this call
         self.full: int | None = None        # the CFG batch of the first batched call
-        self.pending: PendingStep | None = None  # two-call layout: the current step
-        self.renoise: Tensor | None = None
-        self.last_step = None
+        self.pending: PendingStep | None = None  # the current step, from the network side to the scheduler side
         self.step_state: dict = {}
 
     # -- installation -----------------------------------------------------------------------------------------
