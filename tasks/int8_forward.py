@@ -16,11 +16,19 @@ modules use it; outside, they are quanto's again::
         noise_pred = pipe.unet(latents, t, states).sample
 
 Each layer overwrites the buffer, so a weight must not outlive its call: with autograd on (a graph would keep
-the weight for the backward pass) the layers fall back to quanto's own forward, as Linear layers do on bfloat16
-inputs (quanto then runs a fused int8 kernel and makes no float copy).
+the weight for the backward pass) the layers fall back to their own forward.
+
+bfloat16 on CPU: for a bfloat16 input whose width is a multiple of 4, quanto hands a Linear layer to torch's fused
+``torch._weight_int8pack_mm``, which crashes the process (segmentation fault) in torch 2.14.1 on AMD EPYC CPUs
+with AVX-512 BF16 for narrow layers (8 input features). Every int8 Linear layer that diffguide makes or loads
+(:func:`avoid_fused_int8_kernel`, called by ``tasks.quantize``) computes those calls as quanto computes all
+others: ``W = s * W_int8`` in the scale's dtype, then ``matmul(x, W.t()) + b``. The results are the same on
+every CPU (the fused kernel's rounding differs from this by a few bfloat16 ulps).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +46,48 @@ def _is_frozen_int8(layer: nn.Module) -> bool:
             and weight._data.dtype == torch.int8 and weight._data.is_contiguous() and weight._scale.is_floating_point()
             and weight._scale.shape == (weight.shape[0],) + (1,) * (weight.ndim - 1)
             and "forward" not in layer.__dict__)               # a forward already replaced (e.g. offloading) stays
+
+
+def _dequantized_linear(weight: Tensor, bias: Tensor | None, input: Tensor) -> Tensor:
+    """quanto's unfused int8 Linear: ``matmul(x, W.t()) + b`` with ``W = s * W_int8`` given dequantized."""
+    flat = input.reshape(-1, input.shape[-1]).to(weight.dtype)            # as quanto's qbytes_mm
+    output = torch.matmul(flat, weight.t()).reshape(*input.shape[:-1], weight.shape[0])
+    return output + bias if bias is not None else output
+
+
+@functools.cache
+def _unfused_qlinear() -> type:
+    """The subclass of quanto's ``QLinear`` that never calls the fused int8 kernel on CPU."""
+    from optimum.quanto.nn import QLinear
+
+    class UnfusedQLinear(QLinear):
+        """quanto ``QLinear`` whose bfloat16 CPU calls dequantize instead of calling ``_weight_int8pack_mm``."""
+
+        def forward(self, input: Tensor) -> Tensor:
+            weight = self.weight
+            if (input.dtype == torch.bfloat16 and input.device.type == "cpu"
+                    and getattr(weight, "_data", None) is not None and weight._data.dtype == torch.int8):
+                return _dequantized_linear(weight.dequantize(), self.bias, input)
+            return super().forward(input)
+
+    return UnfusedQLinear
+
+
+def avoid_fused_int8_kernel(module: nn.Module) -> nn.Module:
+    """Make every quanto int8 ``QLinear`` of ``module`` compute its bfloat16 CPU calls without the fused
+    ``torch._weight_int8pack_mm`` kernel (see the module docstring); other calls are unchanged. In place;
+    returns ``module``. A no-op without optimum-quanto."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    try:
+        from optimum.quanto.nn import QLinear
+    except ImportError:
+        return module
+    unfused = _unfused_qlinear()
+    for layer in module.modules():
+        if type(layer) is QLinear:
+            layer.__class__ = unfused
+    return module
 
 
 class SharedDequantBuffer:
@@ -74,13 +124,9 @@ class SharedDequantBuffer:
         return buffer[:data.numel()].view(data.shape).copy_(data).mul_(scale)
 
     def _linear(self, layer: nn.Module, input: Tensor) -> Tensor:
-        # bfloat16 inputs: quanto multiplies by the int8 weight directly (torch._weight_int8pack_mm), nothing to save
-        if torch.is_grad_enabled() or input.dtype == torch.bfloat16:
+        if torch.is_grad_enabled():
             return type(layer).forward(layer, input)
-        weight = self._weight(layer.weight)
-        flat = input.reshape(-1, input.shape[-1]).to(weight.dtype)          # as quanto's qbytes_mm
-        output = torch.matmul(flat, weight.t()).reshape(*input.shape[:-1], weight.shape[0])
-        return output + layer.bias if layer.bias is not None else output
+        return _dequantized_linear(self._weight(layer.weight), layer.bias, input)
 
     def _conv(self, layer: nn.Module, input: Tensor) -> Tensor:
         if torch.is_grad_enabled():

@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from diffguide.tasks.int8_forward import avoid_fused_int8_kernel
 from diffguide.tasks.metrics.features import tensors_fingerprint, weights_fingerprint
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -57,7 +58,7 @@ def quantize_module(module: nn.Module, weights: str = "int8") -> nn.Module:
     quanto = _quanto()
     quanto.quantize(module, weights=quanto.qint8)
     quanto.freeze(module)
-    return module
+    return avoid_fused_int8_kernel(module)
 
 
 def quantize_pipeline(pipe, weights: str = "int8", components: Iterable[str] = COMPONENTS):
@@ -85,6 +86,7 @@ def _quantize_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     for param_name in [n for n, p in module._parameters.items() if p is not None]:
         setattr(module, param_name, None)               # the float module keeps no weights (as quanto does)
     qmodule.freeze()
+    avoid_fused_int8_kernel(qmodule)
 
 
 def release_freed_memory() -> None:
@@ -489,6 +491,7 @@ def load_saved_int8_component(folder: str | Path, cls: type, int8_fingerprint: s
         qmodule.name = name
         setattr(model.get_submodule(parent), child, qmodule)
     model.load_state_dict(state, strict=True, assign=True)
+    avoid_fused_int8_kernel(model)
     del state
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -58,6 +58,8 @@ def test_outputs_equal_quantos_bit_for_bit_and_the_layers_are_restored(model, ho
         fast = unet_and_text_outputs(pipe)
     for ours, theirs in zip(fast, reference):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    linear = [layer for layer in layers if isinstance(layer, quanto.nn.QLinear)]   # every load path avoids the
+    assert linear and all(type(layer).forward is not quanto.nn.QLinear.forward for layer in linear)  # fused kernel
     (buffer,) = scratch._buffers.values()
     assert buffer.numel() == max(layer.weight.numel() for layer in layers)
     assert scratch.nbytes == buffer.numel() * buffer.element_size()
@@ -155,3 +157,42 @@ def test_zo_trains_the_same_embedding_as_with_quantos_forward(model, batched, ti
         assert fast.step() == plain.step()
     assert fast.int8_forward._buffers and not plain.int8_forward._buffers
     assert torch.equal(fast.embedding, plain.embedding) and not torch.equal(fast.embedding, start)
+
+
+def _fused_kernel_crashes(*args, **kwargs):
+    raise AssertionError("torch._weight_int8pack_mm called (it crashes some CPUs on narrow bfloat16 layers)")
+
+
+@torch.no_grad()
+def test_bfloat16_on_cpu_never_reaches_the_fused_int8_kernel(monkeypatch):
+    pipe = quantize_pipeline(tiny_sd().to(torch.bfloat16))          # narrow layers: 8 input features
+    assert pipe.unet.dtype == torch.bfloat16
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", _fused_kernel_crashes)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=gen).to(torch.bfloat16)
+    states = pipe.text_encoder(torch.randint(2, len(pipe.tokenizer), (2, 5), generator=gen))[0]
+    out = pipe.unet(latents, torch.tensor([500, 20]), states).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with SharedDequantBuffer(pipe.unet, pipe.text_encoder):
+        assert torch.equal(pipe.unet(latents, torch.tensor([500, 20]), states).sample, out)
+
+
+@pytest.mark.parametrize("in_features", [8, 6])
+@torch.no_grad()
+def test_bfloat16_linear_is_quantos_unfused_arithmetic(in_features, monkeypatch):
+    from diffguide.tasks.quantize import quantize_module
+
+    torch.manual_seed(0)
+    ours = quantize_module(nn.Sequential(nn.Linear(in_features, 5)).to(torch.bfloat16))
+    x = torch.randn(3, 2, in_features).to(torch.bfloat16)
+    layer = ours[0]
+    weight = layer.weight._scale * layer.weight._data.to(torch.bfloat16)            # s * W_int8, independently
+    expected = (x.reshape(-1, in_features) @ weight.t()).reshape(3, 2, 5) + layer.bias
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", _fused_kernel_crashes)
+    assert torch.equal(ours(x), expected)
+    quanto_layer = quanto.nn.QLinear.forward                                       # quanto's own class
+    if in_features % 4:                      # quanto computes this width unfused itself: the same bits
+        assert torch.equal(quanto_layer(layer, x), expected)
+    else:                                    # quanto would hand this width to the fused kernel
+        with pytest.raises(AssertionError, match="_weight_int8pack_mm"):
+            quanto_layer(layer, x)
