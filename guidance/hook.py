@@ -77,6 +77,11 @@ def _check_guide(session: Session, guide: Guidance) -> None:
             raise TypeError(f"{type(guide).__name__} changes the renoise term; {name} steps its "
                             "scheduler on the doubled CFG batch, which apply() cannot split")
         check_scheduler(session.scheduler)
+    if guide.evaluates_other_levels and session.family.residuals:
+        raise TypeError(f"{type(guide).__name__} evaluates the network at other noise levels; {name} feeds it "
+                        f"ControlNet residuals ({', '.join(session.family.residuals)}) computed for the step's own "
+                        "latent and level, which such a pass would reuse wrongly. Use a guide that takes no extra "
+                        "pass (CFG, APG, CFG++, CFG-Zero*, AG, interval)")
     if guide.evaluates_other_levels:
         family = session.family
         if family.scheduler != "flow" or family.flow_time is None:

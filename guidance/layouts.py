@@ -41,6 +41,7 @@ class Layout:
     """The base of every CFG layout; ``family`` is the pipeline's :class:`~.families.Family`."""
 
     name: ClassVar[str] = ""
+    branches: ClassVar[int] = 2            # network rows per stepped latent row in one call (runtime guard)
     lists: ClassVar[bool] = False          # the batch is a list of per-sample tensors
     wraps_step: ClassVar[bool] = False     # the guided prediction is handed over at ``scheduler.step``
     steps_on_one_copy: ClassVar[bool] = True  # the scheduler steps on one batch copy (renoise can be split)
@@ -86,17 +87,55 @@ class Layout:
         """A prediction in the shape the pipeline hands ``scheduler.step``."""
         return tensor
 
+    # -- the stepped latent and the conditioning concatenated to it (``Family.conditioning``) ----------------------
+    def width(self, prediction: Tensor, sample: Tensor) -> int:
+        """The stepped latent's size along ``conditioning_dim``, from a network output's ``prediction`` and the
+        network's latent input ``sample``: conditioning channels are in the input only, so the prediction's width."""
+        dim = self.family.conditioning_dim
+        if self.family.conditioning != "channels":
+            return sample.shape[dim]
+        return prediction.shape[dim] // (2 if self.family.variance else 1)
+
+    def latent_part(self, tensor: Tensor, width: int) -> Tensor:
+        """``tensor``'s first ``width`` channels / tokens along ``conditioning_dim``: the latent the scheduler
+        steps, or its prediction (the whole of it where the family concatenates nothing)."""
+        if self.family.conditioning is None:
+            return tensor
+        return tensor.narrow(self.family.conditioning_dim, 0, width)
+
+    def conditioning_part(self, sample: Tensor, width: int) -> Tensor | None:
+        """The conditioning channels / tokens of a network input beyond the stepped latent's ``width``."""
+        if self.family.conditioning is None:
+            return None
+        dim = self.family.conditioning_dim
+        return sample.narrow(dim, width, sample.shape[dim] - width)
+
+    def with_conditioning(self, x: Tensor, conditioning: Tensor | None) -> Tensor:
+        """A network input from the latent ``x`` and the step's conditioning (re-appended for extra passes)."""
+        return x if conditioning is None else torch.cat([x, conditioning.to(x)], dim=self.family.conditioning_dim)
+
     # -- the arguments --------------------------------------------------------------------------------------------
     def latent(self, arguments: dict) -> Tensor:
         sample = arguments[self.family.latent]
         return torch.stack(list(sample)) if self.lists else sample
 
+    def repeats(self, arguments: dict) -> int:
+        """How many times each row of a ``Family.repeated`` argument is repeated (AnimateDiff: the frames)."""
+        if not self.family.repeated:
+            return 1
+        return int(self.latent(arguments).shape[self.family.repeat_dim])
+
     def select(self, arguments: dict, rows: Tensor, full: int) -> dict:
-        """The arguments of the batch's ``rows`` (per-row tensors and, for list batches, list items)."""
-        return {k: v if k in self.family.unbatched else select_rows(v, rows, full, self.lists)
+        """The arguments of the batch's ``rows`` (per-row tensors and, for list batches, list items; arguments
+        repeated per row follow with all their repeats)."""
+        repeats = self.repeats(arguments)
+        return {k: v if k in self.family.unbatched else self.select_value(v, rows, full, k, repeats)
                 for k, v in arguments.items()}
 
-    def select_value(self, value: Any, rows: Tensor, full: int) -> Any:
+    def select_value(self, value: Any, rows: Tensor, full: int, name: str | None = None, repeats: int = 1) -> Any:
+        if name in self.family.repeated and repeats > 1:
+            rows = (rows[:, None] * repeats + torch.arange(repeats, device=rows.device)).flatten()
+            full = full * repeats
         return select_rows(value, rows, full, self.lists)
 
     # -- the pipeline's control flow ----------------------------------------------------------------------------
@@ -169,6 +208,7 @@ class CondUncond(BatchedLayout):
     name = "cu"
     cond_first = True
     steps_on_one_copy = False
+    branches = 1
 
 
 class ListCondUncond(BatchedLayout):
@@ -190,6 +230,7 @@ class TwoCalls(Layout):
 
     name = "two_calls"
     wraps_step = True
+    branches = 1
 
     def forward(self, session, net: Network, arguments: dict) -> Any:
         pending = session.pending
