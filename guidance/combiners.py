@@ -112,17 +112,17 @@ class GuideCombiner:
         return mask
 
     def _combine(self, session, x: Tensor, level: Level, pred_cond: Tensor, pred_uncond: Tensor, mask: Tensor,
-                 passes: StepPasses):
+                 passes: StepPasses, pred_image: Tensor | None = None):
         step = Step.at(level, x, pred_cond, pred_uncond, session.prediction_type, uncond_mask=mask.to(x.device),
                        cond=passes.cond, evaluate=passes.evaluate, uncond=passes.uncond,
-                       next_level=session.next_level(level))
+                       next_level=session.next_level(level), pred_image=pred_image)
         return guided_checked(self.guide, step)
 
     # -- one batched call per step ------------------------------------------------------------------------------
     def batched(self, session, net: Network, call: CfgBatch) -> Any:
         layout, arguments, sample, full = session.layout, call.arguments, call.sample, call.full
         if full != session.full:  # the pipeline stopped batching CFG (a callback such as SDCFGCutoffCallback)
-            if 2 * full != session.full:
+            if layout.branches * full != session.full:
                 raise ValueError(f"{session.pipe_name} changed its batch from {session.full} to {full} rows "
                                  "mid-run; apply() follows a callback that turns CFG off, nothing else")
             session.stats.cond_only_steps += 1
@@ -130,29 +130,37 @@ class GuideCombiner:
             out = net.run(arguments, full)
             session.end_step()
             return out
-        batch, device = full // 2, sample.device
+        batch, device = full // layout.branches, sample.device
         cond_rows, uncond_rows = layout.cfg_rows(full)
+        image_rows = layout.image_rows(full)
         level = session.level(call.timestep, device, sample.dtype)
         mask = self._mask(session, level, batch)
         picked = uncond_rows[mask]
-        n_u = len(picked)
-        out = layout.run_rows(net, arguments, torch.cat([picked, cond_rows]).to(device), full)
+        n_u, n_i = len(picked), len(image_rows)
+        # rows in the call's own order ([uncond; cond], or [cond; image; uncond]): all of them is the call itself
+        order = [cond_rows, image_rows, picked] if layout.uncond_last else [picked, cond_rows]
+        out = layout.run_rows(net, arguments, torch.cat(order).to(device), full)
         tensor = layout.prediction(out)
         width = layout.width(tensor, sample)
         sample = layout.latent_part(sample, width)  # the latent the scheduler steps (conditioning channels cut)
         pred_all, _ = layout.split(layout.to_guide(tensor), sample)
-        pred_cond = pred_all[n_u:]
+        first_cond = 0 if layout.uncond_last else n_u
+        first_uncond = batch + n_i if layout.uncond_last else 0
+        pred_cond = pred_all[first_cond: first_cond + batch]
+        pred_image = pred_all[batch: batch + n_i] if n_i else None
         if n_u == batch:
-            pred_uncond = pred_all[:n_u]
+            pred_uncond = pred_all[first_uncond: first_uncond + n_u]
         else:
             pred_uncond = pred_cond.clone()
-            pred_uncond[mask.to(device)] = pred_all[:n_u]
+            pred_uncond[mask.to(device)] = pred_all[first_uncond: first_uncond + n_u]
         passes = StepPasses(session, net, arguments, cond_rows.to(device), full, level,
                             lambda: layout.select(arguments, uncond_rows.to(device), full), width)
-        guided = self._combine(session, sample[cond_rows.to(device)], level, pred_cond, pred_uncond, mask, passes)
+        guided = self._combine(session, sample[cond_rows.to(device)], level, pred_cond, pred_uncond, mask, passes,
+                               pred_image)
         session.pending = PendingStep(net=net, arguments=arguments, cond_out=out, level=level, mask=mask,
                                       renoise=guided.renoise)
-        output = layout.output(out, guided.denoise, layout.split(tensor[n_u:], sample)[1])
+        cond_tensor = tensor[first_cond: first_cond + batch]
+        output = layout.output(out, guided.denoise, layout.split(cond_tensor, sample)[1])
         session.end_step()
         return output
 

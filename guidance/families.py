@@ -61,6 +61,8 @@ class Family:
     reference class, Rectified-CFG++'s sub-step) are refused where a call carries them.
     ``variance``: the network also predicts a variance per latent channel (learned sigma: twice the latent's
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
+    ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
+    ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
     one is served as it.
     """
@@ -89,6 +91,7 @@ class Family:
     repeat_dim: int = 2
     residuals: tuple[str, ...] = ()
     variance: bool = False
+    also_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -176,6 +179,10 @@ FAMILIES: tuple[Family, ...] = (
     Family(("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), "uc", "diffusion", **_UNET),
     Family(("IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
            "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
+    # InstructPix2Pix: [text; image; uncond] on the latent with the image latents concatenated
+    Family(("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"),
+           "text_image_uncond", "diffusion", neutral=_RESCALE, conditioning="channels",
+           also_on=("image_guidance_scale",), native="ImageCFG(s, 1.5)", **_UNET),
     Family(("ClassConditionalPipeline",), "uc", "diffusion", networks=("unet",), latent="sample"),
     Family(("DiTPipeline",), "cu", "diffusion"),
     # -- SD3: [uncond; cond] through the MMDiT ----------------------------------------------------------------
@@ -255,9 +262,8 @@ REFUSED: dict[str, str] = {
                "KandinskyV22CombinedPipeline", "KandinskyV22Img2ImgCombinedPipeline",
                "KandinskyV22InpaintCombinedPipeline", "WuerstchenCombinedPipeline", "StableCascadeCombinedPipeline",
                "VisualClozePipeline", "VersatileDiffusionPipeline"),
-    **_reasons("batches three branches [text; image; uncond] with image_guidance_scale, which the two-branch "
-               "layouts would combine wrongly", "StableDiffusionInstructPix2PixPipeline",
-               "StableDiffusionXLInstructPix2PixPipeline", "DreamLitePipeline"),
+    **_reasons("batches three branches with image_guidance_scale over a mobile UNet whose CFG block has not been "
+               "checked against the three-branch layout", "DreamLitePipeline"),
     **_reasons("steps on reversed flow sigmas (invert_sigmas), which apply() does not read", "MochiPipeline"),
     **_reasons("uses an EDM-preconditioned scheduler (CosineDPMSolverMultistep), which apply() does not read",
                "StableAudioPipeline"),
@@ -332,7 +338,8 @@ def _check_networks(pipe: Any, family: Family, name: str) -> None:
 def native_guide(family: Family, scale: float):
     """The guide that reproduces ``family``'s own CFG at scale ``scale`` (``Family.native``)."""
     from .cfg import CFG
+    from .image_cfg import ImageCFG
     from .norm_rescale import NormRescale
 
-    return {"CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
+    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
             "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()

@@ -52,6 +52,9 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
     """
     if is_diffusers_guider(guide):  # a diffusers.guiders.BaseGuidance: its own passes and combination
         session = Session(pipe, GuiderCombiner(pipe, guide))
+        if session.layout.branches > 2:
+            raise TypeError(f"{type(guide).__name__} is a two-branch diffusers guider; {session.pipe_name} batches "
+                            f"{session.layout.branches} branches: use guidance.ImageCFG or a diffguide guide")
     elif not isinstance(guide, Guidance):
         raise TypeError(f"guide must be a guidance.Guidance or a diffusers.guiders.BaseGuidance, got "
                         f"{type(guide).__name__}")

@@ -41,7 +41,7 @@ class Layout:
     """The base of every CFG layout; ``family`` is the pipeline's :class:`~.families.Family`."""
 
     name: ClassVar[str] = ""
-    branches: ClassVar[int] = 2            # network rows per stepped latent row in one call (runtime guard)
+    branches: ClassVar[int] = 2            # CFG branches batched in one network call
     lists: ClassVar[bool] = False          # the batch is a list of per-sample tensors
     wraps_step: ClassVar[bool] = False     # the guided prediction is handed over at ``scheduler.step``
     steps_on_one_copy: ClassVar[bool] = True  # the scheduler steps on one batch copy (renoise can be split)
@@ -53,6 +53,11 @@ class Layout:
 
     def __init__(self, family) -> None:
         self.family = family
+
+    @property
+    def rows_per_latent_row(self) -> int:
+        """Network rows per row of the latent the scheduler steps (the runtime guard's multiple)."""
+        return self.branches if self.steps_on_one_copy else 1
 
     # -- the prediction: network output <-> what the guide sees ------------------------------------------------
     def prediction(self, out: Any) -> Tensor:
@@ -159,13 +164,21 @@ class BatchedLayout(Layout):
             return torch.arange(batch), torch.arange(batch, full)
         return torch.arange(batch, full), torch.arange(batch)
 
+    def image_rows(self, full: int) -> Tensor:
+        """Rows of an image-only branch (three-branch layouts); none here."""
+        return torch.arange(0)
+
+    uncond_last: ClassVar[bool] = False  # the batch is [cond; (image;) uncond] rather than [uncond; cond]
+
     def bind(self, session, arguments: dict) -> CfgBatch:
-        """The call as a :class:`CfgBatch`; the first call of a run fixes the CFG batch (an odd one is refused)."""
+        """The call as a :class:`CfgBatch`; the first call of a run fixes the CFG batch (one that is no multiple of
+        the layout's branches is refused)."""
         sample = arguments[self.family.latent]
         full = len(sample) if self.lists else sample.shape[0]
         if session.full is None:
-            if full % 2:
-                raise ValueError(f"guidance.apply expects {session.pipe_name}'s CFG batch; got an odd batch")
+            if full % self.branches:
+                raise ValueError(f"guidance.apply expects {session.pipe_name}'s CFG batch of {self.branches} "
+                                 f"branches; got {full} rows")
             session.full = full
         return CfgBatch(arguments, self.latent(arguments), arguments.get(self.family.timestep), full)
 
@@ -179,7 +192,7 @@ class BatchedLayout(Layout):
         """The network output handed back to the pipeline: ``[g; g]`` (with the extra channels of the conditional
         rows), in the network's sign."""
         half = self.join(self.from_guide(guided), extra)
-        return self.network_output(out, torch.cat([half, half]))
+        return self.network_output(out, torch.cat([half] * self.branches))
 
     def forward(self, session, net: Network, arguments: dict) -> Any:
         return session.combiner.batched(session, net, self.bind(session, arguments))
@@ -202,13 +215,30 @@ class UncondCond(BatchedLayout):
     name = "uc"
 
 
+class TextImageUncond(BatchedLayout):
+    """``[text; image; uncond]`` in one call (InstructPix2Pix: prompt and image, image only, neither). Guides see
+    ``pred_cond`` = text, ``pred_uncond`` = uncond and ``step.pred_image``; the network output is replaced by
+    ``[g; g; g]``, which the pipeline's ``u + s (t - i) + s_i (i - u)`` turns into ``g`` exactly."""
+
+    name = "text_image_uncond"
+    branches = 3
+    uncond_last = True
+
+    def cfg_rows(self, full: int) -> tuple[Tensor, Tensor]:
+        third = full // 3
+        return torch.arange(third), torch.arange(2 * third, full)
+
+    def image_rows(self, full: int) -> Tensor:
+        third = full // 3
+        return torch.arange(third, 2 * third)
+
+
 class CondUncond(BatchedLayout):
     """``[cond; uncond]`` in one call, the scheduler stepping on both halves (DiT)."""
 
     name = "cu"
     cond_first = True
     steps_on_one_copy = False
-    branches = 1
 
 
 class ListCondUncond(BatchedLayout):

@@ -112,7 +112,7 @@ class Session:
         callback turned CFG off, the latent batch itself); anything else is refused, never combined."""
         if rows is None or latent_batch is None:
             return
-        multiple = self.layout.branches
+        multiple = self.layout.rows_per_latent_row
         if rows not in (multiple * latent_batch, latent_batch):
             raise ValueError(f"{self.pipe_name} called its network on {rows} rows for a latent batch of "
                              f"{latent_batch}; its CFG layout ({type(self.layout).__name__}) runs {multiple} rows per "
@@ -153,6 +153,9 @@ class Session:
         scale = given(family.scale_arg)
         if scale is None or float(scale) <= family.cfg_threshold:
             params[family.scale_arg] = family.cfg_threshold + 1.0  # any value that makes the pipeline run CFG
+        for arg in family.also_on:  # e.g. image_guidance_scale: the pipeline batches every branch only at >= 1
+            if given(arg) is not None and float(given(arg)) < 1.0:
+                params[arg] = 1.0
         if family.negative and all(given(arg) is None for arg in family.negative):
             if getattr(self.pipe, "tokenizer", None) is None:
                 raise ValueError(f"{name} runs CFG only with a negative prompt; pass {family.negative[1]} (and its "

@@ -226,12 +226,11 @@ def test_runtime_guard_refuses_a_batch_the_layout_does_not_describe(monkeypatch)
     combined silently wrong; the guard refuses it at the first scheduler step, naming the pipeline."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    pipe = StableDiffusionInstructPix2PixPipeline(**dict(build("sd-img2img").components,
-                                                         unet=tiny_zoo._sd_unet(8)))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build("sd-pix2pix")
+    assert isinstance(pipe, StableDiffusionInstructPix2PixPipeline)
     wrong = Family(("StableDiffusionInstructPix2PixPipeline",), "uc", "diffusion", networks=("unet",),
                    latent="sample", conditioning="channels")
-    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (wrong,))
+    monkeypatch.setattr(families, "FAMILIES", (wrong,) + families.FAMILIES)
     kw = dict(tiny_zoo._sd_embeds(None), image=tiny_zoo.image(), num_inference_steps=2, output_type="latent",
               )
     kw["prompt_embeds"] = kw["prompt_embeds"].repeat(2, 1, 1)
@@ -268,3 +267,26 @@ def family_of_name(cls):
     """The row family_of reads for ``cls`` (by the class whose __call__ it runs), without building it."""
     owner = next((c for c in cls.__mro__ if "__call__" in vars(c)), cls)
     return next(f for f in families.FAMILIES if owner.__name__ in f.pipelines)
+
+
+def test_image_cfg_is_instruct_pix2pix_for_any_scales_and_needs_the_image_branch():
+    pipe = build("sd-pix2pix")
+    native = latents(pipe(**dict(kwargs("sd-pix2pix"), guidance_scale=5.0, image_guidance_scale=2.5)))
+    with guidance.apply(pipe, guidance.ImageCFG(5.0, 2.5)) as stats:  # the guide's scales rule, not the call's
+        guided = latents(pipe(**dict(kwargs("sd-pix2pix"), guidance_scale=1.0, image_guidance_scale=0.5)))
+    assert torch.equal(guided, native)
+    assert stats.rows_per_step == [3] * len(stats.rows_per_step)
+    with pytest.raises(ValueError, match="ImageCFG needs the image-only branch"):
+        run(build("sd-img2img"), "sd-img2img", guidance.ImageCFG(5.0, 2.5))
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    with pytest.raises(TypeError, match="batches 3 branches"):
+        with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=5.0)):
+            pass
+
+
+def test_pag_pipelines_are_served_at_pag_scale_zero_only():
+    pipe = build("sd-pag")
+    with pytest.raises(ValueError, match="pag_scale must be 0.0 under guidance.apply.*PerturbedAttentionGuidance"):
+        with guidance.apply(pipe, guidance.CFG(SCALE)):
+            pipe(**dict(kwargs("sd-pag"), pag_scale=3.0))

@@ -40,13 +40,19 @@ def _quiet(pipe):
 
 
 def sd(kind: str):
-    """Stable Diffusion ``kind``: "img2img", "inpaint" (9-channel UNet) or "controlnet"."""
+    """Stable Diffusion ``kind``: "img2img", "inpaint" (9-channel UNet), "controlnet", "pix2pix" (8 channels) or
+    "pag"."""
     from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionInpaintPipeline)
+                           StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline,
+                           StableDiffusionPAGPipeline)
 
     parts = tiny_pipes.tiny_sd().components
     if kind == "img2img":
         return _quiet(StableDiffusionImg2ImgPipeline(**parts))
+    if kind == "pix2pix":
+        return _quiet(StableDiffusionInstructPix2PixPipeline(**dict(parts, unet=_sd_unet(8))))
+    if kind == "pag":
+        return _quiet(StableDiffusionPAGPipeline(**parts, pag_applied_layers=["down"]))
     if kind == "inpaint":
         return _quiet(StableDiffusionInpaintPipeline(**dict(parts, unet=_sd_unet(9))))
     torch.manual_seed(1)
@@ -58,11 +64,16 @@ def sd(kind: str):
 
 
 def sdxl(kind: str):
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLInstructPix2PixPipeline)
 
     parts = tiny_pipes.tiny_sdxl().components
     if kind == "img2img":
         return _quiet(StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=False))
+    if kind == "pix2pix":
+        parts = {k: v for k, v in parts.items() if k not in ("image_encoder", "feature_extractor")}
+        return _quiet(StableDiffusionXLInstructPix2PixPipeline(**dict(parts, unet=_sd_unet(8, sdxl=True)),
+                                                               add_watermarker=False))
     return _quiet(StableDiffusionXLInpaintPipeline(**dict(parts, unet=_sd_unet(9, sdxl=True)),
                                                    requires_aesthetics_score=False))
 
@@ -135,6 +146,10 @@ def _call(family: str, kind: str, s: float) -> dict:
         kw.update(mask_image=mask(), height=IMAGE, width=IMAGE)
     if kind == "controlnet":
         kw.update(image=image(), height=IMAGE, width=IMAGE)
+    if kind == "pix2pix":
+        kw.update(image=image(), image_guidance_scale=1.5)
+    if kind == "pag":
+        kw.update(pag_scale=0.0, height=IMAGE, width=IMAGE)
     if kind == "kontext":
         kw.update(image=image(), height=IMAGE, width=IMAGE, _auto_resize=False, max_area=IMAGE * IMAGE)
     if kind == "i2v":
@@ -143,8 +158,8 @@ def _call(family: str, kind: str, s: float) -> dict:
 
 
 BUILDS = {f"{family}-{kind}": (builder, lambda s, f=family, k=kind: _call(f, k, s))
-          for family, builder, kinds in (("sd", sd, ("img2img", "inpaint", "controlnet")),
-                                         ("sdxl", sdxl, ("img2img", "inpaint")),
+          for family, builder, kinds in (("sd", sd, ("img2img", "inpaint", "controlnet", "pix2pix", "pag")),
+                                         ("sdxl", sdxl, ("img2img", "inpaint", "pix2pix")),
                                          ("sd3", sd3, ("img2img", "inpaint")),
                                          ("flux", flux, ("img2img", "kontext")),
                                          ("qwen", qwen, ("img2img",)),
