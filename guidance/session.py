@@ -77,6 +77,7 @@ class Session:
             if module is not None:
                 self._patch(module, "forward", Network(module, self.layout_forward, self.count).forward)
         self.orig_step = self.scheduler.step
+        self._step_signature = inspect.signature(self.orig_step)  # CogVideoX-DPM: (output, old x0, t, t_back, sample)
         # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
         self._patch(self.scheduler, "step", functools.wraps(self.orig_step)(
             lambda *args, **kwargs: self.scheduler_step(*args, **kwargs)))
@@ -121,8 +122,8 @@ class Session:
 
     def scheduler_step(self, *args, **kwargs):
         """``scheduler.step``: the guard on the step's network calls, then the layout's step."""
-        sample = args[2] if len(args) > 2 else kwargs.get("sample")
-        if isinstance(sample, Tensor):
+        sample = self._step_signature.bind_partial(*args, **kwargs).arguments.get("sample")
+        if isinstance(sample, Tensor) and sample.ndim >= 2:
             self.latent_batch = sample.shape[0]
             for rows in self.call_rows:
                 self.check_rows(rows, self.latent_batch)

@@ -290,3 +290,30 @@ def test_pag_pipelines_are_served_at_pag_scale_zero_only():
     with pytest.raises(ValueError, match="pag_scale must be 0.0 under guidance.apply.*PerturbedAttentionGuidance"):
         with guidance.apply(pipe, guidance.CFG(SCALE)):
             pipe(**dict(kwargs("sd-pag"), pag_scale=3.0))
+
+
+def test_every_row_names_arguments_its_networks_forward_takes():
+    """For every served diffusers class, the network its __init__ declares takes the row's latent and time
+    arguments (a static check of the rows without a tiny build)."""
+    import inspect
+    import typing
+
+    import diffusers
+
+    checked = 0
+    for family in families.FAMILIES:
+        for name in family.pipelines:
+            cls = getattr(diffusers, name, None)
+            if cls is None:
+                continue
+            hints = typing.get_type_hints(cls.__init__)
+            network = hints.get(family.networks[0])
+            assert network is not None, f"{name}.__init__ takes no {family.networks[0]}"
+            options = typing.get_args(network) or (network,)  # unions of network classes
+            classes = [c for c in options if isinstance(c, type) and hasattr(c, "forward")]
+            assert classes, f"{name}: {network}"
+            for net in classes:
+                params = inspect.signature(net.forward).parameters
+                assert family.latent in params and family.timestep in params, f"{name}: {net.__name__}"
+            checked += 1
+    assert checked >= 140
