@@ -26,7 +26,7 @@ from .psld import PSLD
 from .rectified_cfgpp import RectifiedCFGPlusPlus
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
-from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate, zo_adam
 
 __all__ = [
     "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
@@ -36,6 +36,6 @@ __all__ = [
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "equivalent_cfg_scales", "parse_guide_spec",
     "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
-    "PartialUniformTimesteps", "SubspaceGradient", "ZOAdam", "random_gradient_estimate",
+    "PartialUniformTimesteps", "SubspaceGradient", "random_gradient_estimate", "zo_adam",
     "DiffguideGuider", "as_diffusers_guider",
 ]

@@ -9,14 +9,15 @@ back) and, for two-call layouts, ``cond_call`` / ``uncond_call`` (the network si
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffguide.samplers.base import Level
+from diffguide.samplers.base import BLOWUP_RATIO, Level, norm_ratio
 
-from .base import Guidance, Step, guided_checked
+from .base import Guidance, Guided, Step, guided_checked
 from .layouts import CfgBatch
 from .network import Branch, Network, prediction_of, with_prediction
 from .records import PendingStep
@@ -101,9 +102,11 @@ class GuideCombiner:
     def __init__(self, guide: Guidance) -> None:
         self.guide = guide
         self.changes_renoise = guide.changes_renoise
+        self.blowup_warned = False
 
     def reset(self) -> None:
         self.guide.reset()
+        self.blowup_warned = False
 
     def _mask(self, session, level: Level, batch: int) -> Tensor:
         mask = self.guide.needs_uncond(level, batch).to(torch.bool).cpu()
@@ -112,11 +115,22 @@ class GuideCombiner:
         return mask
 
     def _combine(self, session, x: Tensor, level: Level, pred_cond: Tensor, pred_uncond: Tensor, mask: Tensor,
-                 passes: StepPasses, pred_image: Tensor | None = None):
+                 passes: StepPasses, pred_image: Tensor | None = None) -> Guided:
+        """The guide's prediction (finite, or ``FloatingPointError``); warns once per run when its norm is more
+        than ``BLOWUP_RATIO`` times the conditional prediction's (a scale far too large: the images are noise)."""
         step = Step.at(level, x, pred_cond, pred_uncond, session.prediction_type, uncond_mask=mask.to(x.device),
                        cond=passes.cond, evaluate=passes.evaluate, uncond=passes.uncond,
-                       next_level=session.next_level(level), pred_image=pred_image)
-        return guided_checked(self.guide, step)
+                       next_level=session.next_level(level), family=session.family,
+                       pred_image=pred_image)
+        guided = guided_checked(self.guide, step)
+        if not self.blowup_warned:
+            ratio = norm_ratio(guided.denoise, step.pred_cond)
+            if ratio > BLOWUP_RATIO:
+                self.blowup_warned = True
+                warnings.warn(f"{self.guide!r}: at step {step.index + 1} of {step.num_steps} the guided prediction's "
+                              f"norm is {ratio:.3g}x the conditional one's (more than {BLOWUP_RATIO:g}x): the images "
+                              "will be noise; lower the scale", stacklevel=2)
+        return guided
 
     # -- one batched call per step ------------------------------------------------------------------------------
     def batched(self, session, net: Network, call: CfgBatch) -> Any:

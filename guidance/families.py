@@ -39,6 +39,8 @@ class Family:
     ``flow_time``: how a flow network's time argument follows the flow level ``s``, for extra passes at another
     level (Rectified-CFG++): "proportional" (``1000 s``, ``s``, ``1000 s * timestep_scale``), "one_minus" (``1 - s``:
     Lumina 2, Z-Image), or None where it is no function of ``s`` apply knows (CogView4 feeds unshifted timesteps).
+    ``zero_init_steps``: CFG-Zero*'s default number of zero-initialised first steps on this family, the official
+    demo's ``zero_steps + 1`` (WeichenFan/CFG-Zero-star: SD3 1, Wan 2.1 T2V and CogView4 2); 1 where there is none.
     ``native``: the guide expression that reproduces the pipeline's own CFG at scale ``s`` (docs and tests);
     ``native_exact`` False where it does so only to rounding: Z-Image computes ``c + s (c - u)``, which is
     ``CFG(s + 1)`` but not CFG's floating-point expression ``u + w (c - u)``.
@@ -82,6 +84,7 @@ class Family:
     unbatched: tuple[str, ...] = ()
     condition: str = "encoder_hidden_states"
     flow_time: str | None = "proportional"
+    zero_init_steps: int = 1
     native: str = "CFG(s)"
     native_exact: bool = True
     start: str = "begin_index"
@@ -106,6 +109,9 @@ class Family:
             raise ValueError(f"scheduler must be 'flow' or 'diffusion', got {self.scheduler!r}")
         if self.flow_time not in ("proportional", "one_minus", None):
             raise ValueError(f"flow_time must be 'proportional', 'one_minus' or None, got {self.flow_time!r}")
+        steps = self.zero_init_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
 
     def time_at(self, t: Tensor, s: float | Tensor, s_new: float | Tensor) -> Tensor:
         """The network time at flow level ``s_new`` of the network time ``t`` at level ``s`` (``flow_time``:
@@ -255,11 +261,11 @@ FAMILIES: tuple[Family, ...] = (
     Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None),
     Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None,
            conditioning="channels"),
-    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2")),
+    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
     Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),
     Family(("WanImageToVideoPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
            conditioning="channels"),
-    Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None),
+    Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None, zero_init_steps=2),
     Family(("CogView4ControlPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"), "list_cu", "flow", latent="x",
            timestep="t", scale_arg="guidance_scale", cfg_threshold=0.0, output_sign=-1, float32=True,

@@ -48,7 +48,8 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
 
     Whatever CFG scale the caller passes (or none), the pipeline runs CFG and the guide's own parameters rule.
     Yields :class:`HookStats` (network calls and rows). Restores the pipeline on exit. Supported pipelines and
-    how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`.
+    how each runs CFG: :data:`diffguide.guidance.families.FAMILIES`. The first step of a call whose guided
+    prediction has more than ``BLOWUP_RATIO`` times the conditional one's norm warns (a scale far too large).
     """
     if is_diffusers_guider(guide):  # a diffusers.guiders.BaseGuidance: its own passes and combination
         session = Session(pipe, GuiderCombiner(pipe, guide))

@@ -34,6 +34,15 @@ from .measurement import check_count, check_operator, check_positive
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
+def _each(embedding: Tensor | dict[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor | dict[str, Tensor]:
+    """``fn`` on an embedding tensor, or on each tensor of a dict of them."""
+    return {k: fn(v) for k, v in embedding.items()} if isinstance(embedding, dict) else fn(embedding)
+
+
+def _leaves(embedding: Tensor | dict[str, Tensor]) -> list[Tensor]:
+    return list(embedding.values()) if isinstance(embedding, dict) else [embedding]
+
+
 class P2L(DPS):
     """Prompt-tuned latent DPS with encoder-range projection.
 
@@ -41,7 +50,9 @@ class P2L(DPS):
         operator: differentiable forward model on decoded images (linear when ``prox_weight`` is set).
         y: measurement ``(1 or B, *operator.out_shape)``.
         model_fn: ``(z_t, t, text_embedding) -> network output`` (``samplers.diffusers_model_fn(pipe.unet)``).
-        embedding: starting text embedding ``(1 or B, L, D)`` — the null prompt's in the paper.
+        embedding: starting text embedding ``(1 or B, L, D)`` — the null prompt's in the paper — or a dict of
+            such per-row tensors (any shape after the batch), all tuned, passed to ``model_fn`` as a dict: e.g.
+            ``{"prompt_embeds": ..., "pooled_prompt_embeds": ...}`` for SDXL, SD3 and Flux (``tasks.priors``).
         decode, encode: latents <-> images (``guidance.latent.vae_decoder`` / ``vae_encoder``).
         prediction_type: of ``model_fn``'s output.
         scale, normalize: the latent DPS step (as :class:`DPS`).
@@ -53,7 +64,7 @@ class P2L(DPS):
 
     default_eta = 0.0
 
-    def __init__(self, operator: Any, y: Tensor, model_fn: ModelFn, embedding: Tensor,
+    def __init__(self, operator: Any, y: Tensor, model_fn: ModelFn, embedding: Tensor | dict[str, Tensor],
                  decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],
                  prediction_type: str = "epsilon", scale: float = 1.0, normalize: str = "norm",
                  prompt_steps: int = 1, prompt_lr: float = 1e-3, project_every: int = 5,
@@ -61,11 +72,17 @@ class P2L(DPS):
         if not callable(model_fn) or not callable(decode) or not callable(encode):
             raise TypeError("P2L needs callables model_fn(z, t, embedding), decode(z) and encode(x)")
         super().__init__(operator, y, scale=scale, normalize=normalize, decode=decode)
-        if not isinstance(embedding, Tensor) or embedding.ndim != 3 or not embedding.is_floating_point():
+        if isinstance(embedding, dict):
+            if not embedding or not all(isinstance(v, Tensor) and v.is_floating_point() and v.ndim >= 2
+                                        for v in embedding.values()):
+                raise ValueError("embedding as a dict must map names to floating-point tensors (1 or B, ...)")
+            if len({v.shape[0] for v in embedding.values()}) != 1:
+                raise ValueError("the tensors of an embedding dict must have the same batch (1 or B)")
+        elif not isinstance(embedding, Tensor) or embedding.ndim != 3 or not embedding.is_floating_point():
             raise ValueError("embedding must be a floating-point text embedding of shape (1 or B, L, D)")
         self.model_fn, self.encode = model_fn, encode
         self.prediction_type = check_prediction_type(prediction_type)
-        self.initial_embedding = embedding.detach().clone()
+        self.initial_embedding = _each(embedding, lambda v: v.detach().clone())
         self.prompt_steps = check_count("prompt_steps", prompt_steps, 0)
         self.prompt_lr = check_positive("prompt_lr", prompt_lr, allow_zero=False)
         self.project_every = check_count("project_every", project_every, 0)
@@ -75,33 +92,34 @@ class P2L(DPS):
             if not callable(getattr(operator, "prox_l2", None)):
                 raise ValueError("P2L with prox_weight needs operator.prox_l2 (tasks.operators.LinearOperator)")
         self.prox_weight = prox_weight
-        self.embedding: Tensor = self.initial_embedding.clone()
+        self.embedding: Tensor | dict[str, Tensor] = _each(self.initial_embedding, Tensor.clone)
         self.optimizer: torch.optim.Optimizer | None = None
         self.prompt_losses: list[float] = []
 
     def reset(self) -> None:
         super().reset()
-        self.embedding = self.initial_embedding.clone()
+        self.embedding = _each(self.initial_embedding, Tensor.clone)
         self.optimizer = None
         self.prompt_losses = []
 
     # -- the denoiser that reads the current embedding --------------------------------------------------------
-    def _x0(self, z: Tensor, level: Level, embedding: Tensor) -> Tensor:
-        cond = embedding.expand(z.shape[0], *embedding.shape[1:]) if embedding.shape[0] == 1 else embedding
-        out = call_network(self.model_fn, z, level, cond.to(z.dtype), self.prediction_type)
+    def _x0(self, z: Tensor, level: Level, embedding: Tensor | dict[str, Tensor]) -> Tensor:
+        rows = lambda v: (v.expand(z.shape[0], *v.shape[1:]) if v.shape[0] == 1 else v).to(z.dtype)
+        out = call_network(self.model_fn, z, level, _each(embedding, rows), self.prediction_type)
         return to_x0(out, z, level.alpha, level.sigma, self.prediction_type)
 
     def denoiser(self) -> DenoiseFn:
         """The sampler's denoiser ``(z_t, level) -> z0_hat`` under the current (tuned) embedding."""
-        return lambda z, level: self._x0(z, level, self.embedding.detach())
+        return lambda z, level: self._x0(z, level, _each(self.embedding, Tensor.detach))
 
     # -- 1. prompt tuning ----------------------------------------------------------------------------------------
     def _start_tuning(self, batch: int, like: Tensor) -> None:
-        if self.embedding.shape[0] not in (1, batch):
-            raise ValueError(f"P2L: embedding batch {self.embedding.shape[0]} does not match the latents' {batch}")
-        emb = self.embedding.to(like.device).expand(batch, *self.embedding.shape[1:]).clone()
-        self.embedding = emb.requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.embedding], lr=self.prompt_lr)
+        rows = next(iter(_leaves(self.embedding))).shape[0]
+        if rows not in (1, batch):
+            raise ValueError(f"P2L: embedding batch {rows} does not match the latents' {batch}")
+        self.embedding = _each(self.embedding, lambda v: v.to(like.device).expand(batch, *v.shape[1:]).clone()
+                               .requires_grad_(True))
+        self.optimizer = torch.optim.Adam(_leaves(self.embedding), lr=self.prompt_lr)
 
     def prepare(self, model: DenoiseFn, x: Tensor, plan: Plan, index: int) -> Tensor:
         if self.prompt_steps == 0:
@@ -115,7 +133,7 @@ class P2L(DPS):
                 x0 = self._x0(x.detach(), level, self.embedding)
                 loss = self.residual(x0).flatten(1).square().sum(1)
                 loss.sum().backward()
-                if not bool(torch.isfinite(self.embedding.grad).all()):
+                if not all(v.grad is None or bool(torch.isfinite(v.grad).all()) for v in _leaves(self.embedding)):
                     raise FloatingPointError("P2L: non-finite text-embedding gradient; lower prompt_lr")
                 self.optimizer.step()
                 self.stats.denoiser_calls += x.shape[0]

@@ -14,7 +14,15 @@ here in the scheduler's own ``(alpha_t, sigma_t)`` (CFG++'s SD1.5 convention:
 ``x' = alpha' D_l + (sigma'/sigma) (x - alpha D_u) + c(h, r) (D_l - D_u_prev) / r`` with diffusers' midpoint or
 Heun coefficient ``c``), first order exactly where diffusers takes first order (first step, ``euler_at_final``,
 ``lower_order_final`` below 15 steps, ``final_sigmas_type="zero"``); the scheduler's own step only advances its
-state.
+state. ``algorithm_type="sde-dpmsolver++"`` (DPM++ 2M SDE, eta = 1) is the same with ``e^(-h)`` on the noise term,
+``2h`` in ``c`` and the scheduler's noise ``sigma' sqrt(1 - e^(-2h)) z`` (``samplers.sample_dpmpp_2m_sde``'s CFG++).
+
+DPMSolverSDEScheduler (k-diffusion's DPM++ SDE, two calls per step): each call is the scheduler's step on the guided
+prediction plus ``(sigma_down / sigma) (D_l - D_u)`` of the step's first call (VE state: the state rebuilt from the
+guided x0 and the unconditional noise, ``samplers.sample_dpmpp_sde``'s CFG++).
+
+Refused, by name: Heun, KDPM2, KDPM2-ancestral, LMS and UniPC, whose steps combine derivatives ``(x - D) / s`` of
+several states (or correct with a re-evaluation) and so have no separate noise term (``REFUSED``).
 """
 
 from __future__ import annotations
@@ -28,13 +36,24 @@ from torch import Tensor
 from diffguide.samplers.schedule import to_eps, to_x0
 
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                        "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+                        "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler")
+_DERIVATIVES = "its step combines derivatives (x - D) / sigma taken at several states, which have no separate noise term"
+REFUSED = {  # scheduler -> why CFG++ is not defined on its step
+    "HeunDiscreteScheduler": _DERIVATIVES + " (Heun's trapezoid)",
+    "KDPM2DiscreteScheduler": _DERIVATIVES + " (DPM-2's midpoint derivative)",
+    "KDPM2AncestralDiscreteScheduler": _DERIVATIVES + " (DPM-2's midpoint derivative)",
+    "LMSDiscreteScheduler": _DERIVATIVES + " (a linear multistep history of derivatives)",
+    "UniPCMultistepScheduler": "its corrector re-evaluates the step with the denoiser at the predicted state",
+}
 
 
 def check_scheduler(scheduler) -> str:
     """Raise ValueError unless this scheduler can take a separate renoise prediction (with every option followed)."""
     name = type(scheduler).__name__
     cfg = scheduler.config
+    if name in REFUSED:
+        raise ValueError(f"CFG++ is not defined on {name}: {REFUSED[name]}; CFG++-style guides support "
+                         f"{', '.join(SUPPORTED_SCHEDULERS)}")
     if name not in SUPPORTED_SCHEDULERS:
         raise ValueError(f"CFG++-style guides support {', '.join(SUPPORTED_SCHEDULERS)}; got {name}")
     if name == "DDIMScheduler" and (cfg.get("clip_sample", False) or cfg.get("thresholding", False)):
@@ -44,8 +63,9 @@ def check_scheduler(scheduler) -> str:
                          "the scheduler's sigma is not the noise level)")
     if name == "DPMSolverMultistepScheduler":
         problems = []
-        if cfg.get("algorithm_type") != "dpmsolver++":
-            problems.append(f"algorithm_type={cfg.get('algorithm_type')!r} (supported: 'dpmsolver++')")
+        if cfg.get("algorithm_type") not in ("dpmsolver++", "sde-dpmsolver++"):
+            problems.append(f"algorithm_type={cfg.get('algorithm_type')!r} (supported: 'dpmsolver++', "
+                            "'sde-dpmsolver++')")
         if cfg.get("solver_order") not in (1, 2):
             problems.append(f"solver_order={cfg.get('solver_order')!r} (supported: 1, 2)")
         if cfg.get("solver_type") not in ("midpoint", "heun"):
@@ -108,6 +128,10 @@ def renoise_step(scheduler, orig_step, pred_denoise: Tensor, pred_renoise: Tenso
         prev = out.prev_sample + coef * (eps_r - eps_d)
         return _pack(prev.to(sample.dtype), out.pred_original_sample, return_dict, out)
 
+    if name == "DPMSolverSDEScheduler":
+        return _dpmpp_sde_step(scheduler, orig_step, idx, pred_denoise, pred_renoise, timestep, sample,
+                               prediction_type, state, *args, return_dict=return_dict, **kwargs)
+
     if name == "FlowMatchEulerDiscreteScheduler":
         if kwargs.get("per_token_timesteps") is not None:
             raise ValueError("CFG++ on FlowMatchEulerDiscreteScheduler does not support per_token_timesteps")
@@ -136,9 +160,16 @@ def _dpmpp_first_order_final(scheduler, idx: int) -> bool:
 
 def _dpmpp_step(scheduler, orig_step, idx: int, pred_denoise: Tensor, pred_renoise: Tensor, timestep, sample: Tensor,
                 prediction_type: str, state: dict, *args, return_dict: bool = True, **kwargs):
-    """DPM-Solver++ 1S/2M CFG++ step in the scheduler's own ``(alpha_t, sigma_t)`` (flow sigmas included)."""
-    if kwargs.get("variance_noise") is not None:
+    """DPM-Solver++ 1S/2M (SDE) CFG++ step in the scheduler's own ``(alpha_t, sigma_t)`` (flow sigmas included)."""
+    sde = scheduler.config.algorithm_type == "sde-dpmsolver++"
+    if kwargs.get("variance_noise") is not None and not sde:
         raise ValueError("CFG++ on DPMSolverMultistepScheduler takes no variance_noise (deterministic dpmsolver++)")
+    if sde:  # the scheduler's own draw (float32, its generator), handed back to it so that both use the same noise
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if kwargs.get("variance_noise") is None:
+            kwargs["variance_noise"] = randn_tensor(pred_denoise.shape, generator=kwargs.get("generator"),
+                                                    device=pred_denoise.device, dtype=torch.float32)
     levels = torch.stack([scheduler.sigmas[idx], scheduler.sigmas[idx + 1]]).to(torch.float64)
     (alpha, alpha_next), (sigma, sigma_next) = (v.tolist() for v in scheduler._sigma_to_alpha_sigma_t(levels))
     x = sample.to(torch.float64)
@@ -148,17 +179,22 @@ def _dpmpp_step(scheduler, orig_step, idx: int, pred_denoise: Tensor, pred_renoi
                    or _dpmpp_first_order_final(scheduler, idx))
     if scheduler.lower_order_nums < 1:
         state.clear()
-    # first order (DDIM): alpha' D_l + sigma' eps_u, eps_u = (x - alpha D_u) / sigma
-    x_next = alpha_next * x0_d + (sigma_next / sigma) * (x - alpha * x0_r)
     lam = math.log(alpha) - math.log(sigma) if alpha > 0 else -math.inf
     lam_next = math.log(alpha_next) - math.log(sigma_next) if sigma_next > 0 else math.inf
     h = lam_next - lam
+    h_c = 2 * h if sde else h  # the exponent of the data coefficient 1 - e^(-h_c)
+    # first order: alpha' D_l + sigma' e^(-h) eps_u (DDIM: without e^(-h)), eps_u = (x - alpha D_u) / sigma
+    decay = math.exp(-h) if sde else 1.0
+    x_next = alpha_next * x0_d + decay * (sigma_next / sigma) * (x - alpha * x0_r)
+    if sde:
+        noise = kwargs["variance_noise"].to(device=x.device, dtype=torch.float64)
+        x_next = x_next + sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise
     if not first_order and "x0_r_prev" in state and math.isfinite(state["h"]) and math.isfinite(h):
         d1 = (x0_d - state["x0_r_prev"]) / (state["h"] / h)
         if scheduler.config.solver_type == "midpoint":
-            x_next = x_next - 0.5 * alpha_next * math.expm1(-h) * d1
+            x_next = x_next - 0.5 * alpha_next * math.expm1(-h_c) * d1
         else:  # heun
-            x_next = x_next + alpha_next * (math.expm1(-h) / h + 1.0) * d1
+            x_next = x_next + alpha_next * (math.expm1(-h_c) / h_c + 1.0) * d1
     state["x0_r_prev"], state["h"] = x0_r, h
     orig_step(pred_denoise, timestep, sample, *args, return_dict=True, **kwargs)  # advance the scheduler's state
     prev = x_next.to(pred_denoise.dtype)
@@ -166,3 +202,25 @@ def _dpmpp_step(scheduler, orig_step, idx: int, pred_denoise: Tensor, pred_renoi
         return (prev,)
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
     return SchedulerOutput(prev_sample=prev)
+
+
+def _dpmpp_sde_step(scheduler, orig_step, idx: int, pred_denoise: Tensor, pred_renoise: Tensor, timestep,
+                    sample: Tensor, prediction_type: str, state: dict, *args, return_dict: bool = True, **kwargs):
+    """DPMSolverSDEScheduler (VE state): its step on the guided prediction plus ``(sigma_down / sigma) (D_l - D_u)``,
+    the guidance ``D_l - D_u`` read at the step's first call (the rebuilt state ``x + D_l - D_u`` of k-diffusion's
+    ``sample_dpmpp_sde``)."""
+    first = scheduler.state_in_first_order
+    s, s_next = (float(scheduler.sigmas[k]) for k in ((idx, idx + 1) if first else (idx - 1, idx)))
+    if first:
+        x_vp = sample.to(torch.float64) / math.sqrt(1 + s**2)
+        alpha, sigma = 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
+        state["guidance"] = (to_x0(pred_denoise.to(torch.float64), x_vp, alpha, sigma, prediction_type)
+                             - to_x0(pred_renoise.to(torch.float64), x_vp, alpha, sigma, prediction_type))
+    target = math.sqrt(s * s_next) if first else s_next  # the midpoint, then the step's end
+    out = orig_step(pred_denoise, timestep, sample, *args, return_dict=True, **kwargs)
+    if s_next > 0:
+        up = min(target, math.sqrt(target**2 * (s**2 - target**2) / s**2))
+        down = math.sqrt(target**2 - up**2)
+        prev = out.prev_sample.to(torch.float64) + (down / s) * state["guidance"]
+        out.prev_sample = prev.to(out.prev_sample.dtype)
+    return out if return_dict else (out.prev_sample, out.pred_original_sample)

@@ -6,7 +6,7 @@ Textual inversion of one token embedding ``theta`` with forward passes only:
 - :class:`SubspaceGradient` — PCA of the recent token values, project out the low-variance directions
   (§3.3, Alg. 1-2, Eq. 4-8);
 - :class:`PartialUniformTimesteps` — PUTS, ``t ~ U{T_L, ..., T_U - 1}`` (§3.4);
-- :class:`ZOAdam` — Adam on the estimated gradient with the official code's ``eps = 1e-3``.
+- :func:`zo_adam` — ``torch.optim.Adam`` on the estimated gradient with the official code's ``eps = 1e-3``.
 
 Where the paper and the official code differ, the code is followed by default and the paper is an option:
 the RGE normalisation (``scaling="repo"``: divide by ``n * sqrt((d_eff + n - 1) / n)``; ``"paper"``: by ``n``),
@@ -145,7 +145,8 @@ class SubspaceGradient:
         self.history[self.num_pushed % self.tau] = value.to(self.history.device, torch.float64)
         self.num_pushed += 1
         if self.num_pushed % self.tau == 0:
-            self.basis = self.low_variance_directions(self.history, self.nu, self.drop_null_component).to(theta.dtype)
+            basis = self.low_variance_directions(self.history, self.nu, self.drop_null_component)
+            self.basis = self._row_major(basis.to(theta.dtype))
             return True
         return False
 
@@ -169,6 +170,12 @@ class SubspaceGradient:
         end = rank if drop_null_component else components.shape[0]
         return components[cut + 1:end].to(history.dtype)                                   # Eq. 7
 
+    @staticmethod
+    def _row_major(tensor: Tensor) -> Tensor:
+        """A copy with row-major strides: the rounding of ``g @ P.T`` depends on ``P``'s memory layout, which
+        differs between an SVD's output and a tensor read back from a checkpoint."""
+        return tensor.clone(memory_format=torch.contiguous_format)
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors to resume from (history, basis, number of pushes)."""
         state = {"num_pushed": torch.tensor(self.num_pushed, dtype=torch.int64)}
@@ -179,12 +186,23 @@ class SubspaceGradient:
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.num_pushed = int(state["num_pushed"])
-        self.history = state["history"].double().clone() if "history" in state else None
-        self.basis = state["basis"].clone() if "basis" in state else None
-        for name, tensor in (("history", self.history), ("basis", self.basis)):
-            if tensor is not None and tensor.shape[-1] != self.dim:
-                raise ValueError(f"{name} has last dimension {tensor.shape[-1]}, expected {self.dim}")
+        """Restore :meth:`state_dict`; ``ValueError`` if it cannot come from this ``dim`` and ``tau``."""
+        num_pushed = int(state["num_pushed"])
+        history, basis = state.get("history"), state.get("basis")
+        problems = [f"num_pushed {num_pushed} < 0"] if num_pushed < 0 else []
+        if (history is None) != (num_pushed == 0) or (
+                history is not None and tuple(history.shape) != (self.tau, self.dim)):
+            problems.append(f"history {None if history is None else tuple(history.shape)} after {num_pushed} pushes "
+                            f"(expected {(self.tau, self.dim) if num_pushed else None})")
+        if (basis is None) != (num_pushed < self.tau) or (basis is not None and (
+                basis.ndim != 2 or basis.shape[0] > self.tau or basis.shape[1] != self.dim)):
+            problems.append(f"basis {None if basis is None else tuple(basis.shape)} after {num_pushed} pushes "
+                            f"(expected {'none' if num_pushed < self.tau else f'(k <= {self.tau}, {self.dim})'})")
+        if problems:
+            raise ValueError(f"subspace state does not fit dim={self.dim}, tau={self.tau}: {'; '.join(problems)}")
+        self.num_pushed = num_pushed
+        self.history = None if history is None else self._row_major(history.double())
+        self.basis = None if basis is None else self._row_major(basis)
 
     def __repr__(self) -> str:
         return f"SubspaceGradient(dim={self.dim}, tau={self.tau}, nu={self.nu}, effective_dim={self.effective_dim})"
@@ -217,48 +235,25 @@ class PartialUniformTimesteps:
         return f"PartialUniformTimesteps(low={self.low}, high={self.high})"
 
 
-class ZOAdam:
-    """Adam on a zeroth-order gradient, as in the official ZOODiP code (no weight decay, constant lr).
+def zo_adam(theta: Tensor, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-3) -> torch.optim.Adam:
+    """ZO-Adam of the official code as ``torch.optim.Adam`` over the token vector ``theta``: no weight decay,
+    constant ``lr``, ``eps = 1e-3`` added outside the square root,
+    ``theta -= lr * (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)``.
 
-    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, ``theta -= lr * (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)``
-    with ``eps = 1e-3`` outside the square root; identical to ``torch.optim.Adam(lr, betas, eps)``.
+    Set ``theta.grad`` to the (projected) estimate, then call ``step()``; ``theta`` must be a leaf tensor.
     """
+    _check_positive("lr", lr)
+    _check_positive("eps", eps)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not theta.is_leaf or not theta.is_floating_point():
+        raise TypeError("theta must be a floating-point leaf tensor (the vector the optimizer updates in place)")
+    return torch.optim.Adam([theta], lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps))
 
-    def __init__(self, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-3) -> None:
-        _check_positive("lr", lr)
-        _check_positive("eps", eps)
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
-        self.step_count = 0
-        self.exp_avg: Tensor | None = None
-        self.exp_avg_sq: Tensor | None = None
 
-    @torch.no_grad()
-    def step(self, theta: Tensor, grad: Tensor) -> Tensor:
-        """Update ``theta`` in place with ``grad``; returns ``theta``."""
-        if grad.shape != theta.shape:
-            raise ValueError(f"grad shape {tuple(grad.shape)} differs from theta shape {tuple(theta.shape)}")
-        beta1, beta2 = self.betas
-        if self.exp_avg is None:
-            self.exp_avg, self.exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta)
-        self.step_count += 1
-        self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m_hat = self.exp_avg / (1 - beta1 ** self.step_count)
-        v_hat = self.exp_avg_sq / (1 - beta2 ** self.step_count)
-        return theta.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {"step_count": torch.tensor(self.step_count, dtype=torch.int64)}
-        if self.exp_avg is not None:
-            state |= {"exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.step_count = int(state["step_count"])
-        self.exp_avg = state["exp_avg"].clone() if "exp_avg" in state else None
-        self.exp_avg_sq = state["exp_avg_sq"].clone() if "exp_avg_sq" in state else None
-
-    def __repr__(self) -> str:
-        return f"ZOAdam(lr={self.lr}, betas={self.betas}, eps={self.eps})"
+def __getattr__(name: str):
+    if name == "ZOAdam":
+        raise AttributeError("ZOAdam was replaced by torch.optim.Adam: use zo_adam(theta, lr) and set theta.grad "
+                             "before step()")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

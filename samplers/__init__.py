@@ -3,6 +3,10 @@
 One state for every model: the loops keep the VP state ``alpha x0 + sigma eps`` (finite at a flow schedule's
 pure-noise first level) and the denoiser adapts it to the network's own input (``call_network``: a flow network
 reads ``x / (alpha + sigma)``), as k-diffusion's ``c_in`` wrappers do; see ``samplers.sampling``.
+
+k-diffusion's samplers: ``second_order`` (Heun, DPM-2, DPM-2 ancestral), ``dpmpp`` (DPM++ 2S-a, SDE, 2M SDE, 3M SDE,
+with CFG++), ``multistep`` (LMS, UniPC); their plans (``sigmas``: Karras, exponential, any list) and noise
+(``noise``: Gaussian or Brownian tree).
 """
 
 from .base import Denoised, DenoiseFn, Level
@@ -16,6 +20,17 @@ from .schedule import (Plan, alpha_sigma, from_x0, network_input_scale, plan_fro
 from .resampling import (RESAMPLERS, effective_sample_size, multinomial_resample, normalize_log_weights,
                          stratified_resample, systematic_resample)
 from .smc import SMCResult, Weighted, sample_smc
+from .noise import BrownianTreeNoise, GaussianNoise, NoiseSampler
+from .sigmas import SigmaPlan, exponential_plan, karras_plan, plan_from_sigmas, polyexponential_plan
+from .second_order import sample_dpm_2, sample_dpm_2_ancestral, sample_heun
+from .dpmpp import sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde
+from .multistep import sample_lms, sample_unipc
+
+SAMPLERS.update({
+    "heun": sample_heun, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral, "lms": sample_lms,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "unipc": sample_unipc,
+})
 
 __all__ = [
     "Denoised", "DenoiseFn", "Level", "Plan", "SAMPLERS", "alpha_sigma", "diffusers_model_fn", "from_x0", "invert_ddim",
@@ -24,4 +39,8 @@ __all__ = [
     "SolverStats", "Transition", "sample_inverse",
     "RESAMPLERS", "SMCResult", "Weighted", "effective_sample_size", "multinomial_resample", "normalize_log_weights",
     "sample_smc", "stratified_resample", "systematic_resample",
+    "BrownianTreeNoise", "GaussianNoise", "NoiseSampler", "SigmaPlan", "exponential_plan", "karras_plan",
+    "plan_from_sigmas", "polyexponential_plan", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_heun",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde", "sample_dpmpp_sde", "sample_lms",
+    "sample_unipc",
 ]

@@ -37,3 +37,13 @@ def as_denoised(out: Tensor | Denoised) -> Denoised:
     if isinstance(out, Denoised):
         return out
     return Denoised(out, out)
+
+
+BLOWUP_RATIO = 100.0  # a guided prediction this many times the norm of the unguided one has left the data
+
+
+def norm_ratio(guided: Tensor, reference: Tensor) -> float:
+    """``||guided|| / ||reference||`` over the whole batch: two reductions, cheap enough to watch every step for
+    a guide that blows the prediction up. One exploding sample dominates the batch's norm; a single sample
+    that happens to sit near the origin (a small reference) does not trip it."""
+    return float(guided.detach().float().norm() / reference.detach().float().norm().clamp_min(1e-12))

@@ -15,6 +15,7 @@ divides by alpha, so a flow plan's pure-noise first level (alpha = 0) is taken e
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .base import DenoiseFn, Level, as_denoised
+from .base import BLOWUP_RATIO, DenoiseFn, Level, as_denoised, norm_ratio
 from .schedule import Plan
 
 
@@ -103,7 +104,9 @@ def sample_inverse(model: DenoiseFn | None, x: Tensor, plan: Plan, solver: Inver
 
     ``eta`` defaults to the solver's (1 for DPS/MCG as in their DDPM code, 0 for EnKG's PF-ODE and P2L's
     DDIM). ``solver.stats`` counts denoiser, gradient and forward-model evaluations. ``model=None`` takes the
-    solver's own denoiser (``solver.denoiser()``, e.g. P2L's, which reads its tuned text embedding).
+    solver's own denoiser (``solver.denoiser()``, e.g. P2L's, which reads its tuned text embedding). The first
+    step whose correction leaves a sample more than ``BLOWUP_RATIO`` times the uncorrected step's norm warns
+    (``UserWarning``: a scale far too large; the result will be noise).
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
@@ -120,6 +123,7 @@ def sample_inverse(model: DenoiseFn | None, x: Tensor, plan: Plan, solver: Inver
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     solver.reset()
+    warned = False
     for i in trange(plan.num_steps, disable=disable, desc=type(solver).__name__):
         x = solver.prepare(model, x.detach(), plan, i).detach()
         level = level_at(plan, i, x)
@@ -137,6 +141,12 @@ def sample_inverse(model: DenoiseFn | None, x: Tensor, plan: Plan, solver: Inver
         if not bool(torch.isfinite(x_next).all()):
             raise FloatingPointError(f"{type(solver).__name__} produced non-finite values at step {i}; "
                                      "lower the guidance scale")
+        ratio = 0.0 if warned else norm_ratio(x_next, transition.x_next)   # watched until it first blows up
+        if ratio > BLOWUP_RATIO:
+            warned = True
+            warnings.warn(f"{solver!r}: at step {i + 1} of {plan.num_steps} the corrected sample's norm is "
+                          f"{ratio:.3g}x the uncorrected step's (more than {BLOWUP_RATIO:g}x): the result will be "
+                          "noise; lower the scale", stacklevel=2)
         x = x_next.detach()
         if callback is not None:
             callback({"x": x, "i": i, "t": level.t, "sigma": float(plan.sigmas[i]), "x0_hat": x0_hat.detach()})

@@ -1,14 +1,20 @@
 """Checks shared by the command lines, run before any model is loaded: numbers, devices, output paths, model
 folders, image files, guide specs. Each failure is one ``argparse`` error line naming the option, the bad
-value and what is allowed (exit code 2)."""
+value and what is allowed (exit code 2).
+
+This module imports neither torch nor diffusers at import time: ``--help`` and the checks that read only
+arguments, files and configs answer at once; checks that need torch import it when they run."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,35 +50,65 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
     return convert
 
 
-def set_threads(threads: int | None) -> None:
-    """``torch.set_num_threads(threads)`` when given."""
+TINY_THREADS = 1   # torch threads for the shipped models: one is fastest for them (BENCHMARKS.md, startup)
+
+
+def is_shipped(name: str | Path) -> bool:
+    """``name`` is a shipped model: its name, or a folder inside the package's zoo."""
+    from diffguide.tasks import zoo
+
+    if str(name) in zoo.MODELS:
+        return True
+    try:
+        return Path(name).expanduser().resolve().is_relative_to(zoo.ZOO_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def set_threads(threads: int | None, models: list[str | Path] | tuple = ()) -> None:
+    """``torch.set_num_threads(threads)`` when given; else ``TINY_THREADS`` when the run uses only shipped tiny
+    models (``models`` non-empty, each ``is_shipped``): torch's default of one thread per core ran them 12-15x
+    slower on a busy 2-core machine (BENCHMARKS.md, startup). Otherwise torch's default."""
+    if threads is None and models and all(is_shipped(m) for m in models):
+        threads = TINY_THREADS
     if threads:
         import torch
 
         torch.set_num_threads(threads)
 
 
+DEVICE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type`` checking a device's spelling without torch (``check_device`` checks it exists)."""
+    if DEVICE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps")
+    return text
+
+
 def check_device(parser: argparse.ArgumentParser, text: str | None) -> str:
-    """The device to use: ``text`` if this machine has it, else a usage error; ``None``: cuda if available."""
+    """The device to use: ``text`` if this machine has it, else a usage error; ``None``: cuda if available.
+
+    The spelling is checked without torch (and ``cpu`` needs no more); cuda / mps availability imports torch."""
+    match = DEVICE.fullmatch(text) if text is not None else None
+    if text is not None and match is None:
+        parser.error(f"argument --device: {text!r} is not a device; use cpu, cuda, cuda:N or mps")
+    if text is not None and match.group(1) == "cpu":
+        return text
     import torch
 
     if text is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        parser.error(f"argument --device: {text!r} is not a device; use cpu, cuda, cuda:N or mps")
+    device = torch.device(text)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             parser.error(f"argument --device: {text!r} needs a CUDA GPU and this machine has none; use --device cpu")
         if device.index is not None and device.index >= count:
             parser.error(f"argument --device: {text!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            parser.error(f"argument --device: {text!r} is not available on this machine; use --device cpu")
-    elif device.type != "cpu":
-        parser.error(f"argument --device: {text!r} is not supported; use cpu, cuda, cuda:N or mps")
+    elif not torch.backends.mps.is_available():
+        parser.error(f"argument --device: {text!r} is not available on this machine; use --device cpu")
     return text
 
 
@@ -162,6 +198,37 @@ def check_pipeline(parser: argparse.ArgumentParser, option: str, name: str) -> P
                         scheduler=_json(scheduler) if scheduler else None, pipeline_class=index.get("_class_name"))
 
 
+def pipeline_image_format(folder: Path) -> tuple[int, str] | None:
+    """``(size, PIL mode)`` of the images a text-to-image pipeline folder trains on, from its configs (as
+    ``tasks.personalize.expected_image_format`` reads them from the loaded pipeline): the UNet's sample size
+    times the VAE's scale factor ``2 ** (len(block_out_channels) - 1)``, "L" or "RGB" by the VAE's input
+    channels; ``None`` when the configs do not say (loading will)."""
+    unet, vae = _json(Path(folder) / "unet" / "config.json"), _json(Path(folder) / "vae" / "config.json")
+    mode = {1: "L", 3: "RGB"}.get(vae.get("in_channels"))
+    size = unet.get("sample_size")
+    if mode is None or not isinstance(size, int) or not vae.get("block_out_channels"):
+        return None
+    return size * 2 ** (len(vae["block_out_channels"]) - 1), mode
+
+
+def wrong_images(folder: Path, size: int, mode: str, extensions) -> list[str]:
+    """``"name (WxH MODE)"`` of each image file of ``folder`` (by extension) that is not ``size x size`` in
+    ``mode``, or ``"name (unreadable)"``; reads only the files' headers."""
+    from PIL import Image, UnidentifiedImageError
+
+    wrong = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in extensions):
+        try:
+            with Image.open(path) as image:
+                found = (image.size, image.mode)
+        except (UnidentifiedImageError, OSError):
+            wrong.append(f"{path.name} (unreadable)")
+            continue
+        if found != ((size, size), mode):
+            wrong.append(f"{path.name} ({found[0][0]}x{found[0][1]} {found[1]})")
+    return wrong
+
+
 def load_model(option: str, name: str, device: str | None = None):
     """``zoo.load(name)``; a failure (a hub id not cached offline, a damaged folder) becomes a ``ValueError``
     naming ``option``."""
@@ -221,6 +288,14 @@ def check_start(parser: argparse.ArgumentParser, config: dict[str, Any] | None, 
                      + (f"; use --steps {fewest} or more" if fewest else ""))
 
 
+def check_guide_name(parser: argparse.ArgumentParser, option: str, spec: str) -> None:
+    """A usage error, before torch is imported, when the guide spec's name is not a known guide (the rest of the
+    spec is checked by ``check_guide``)."""
+    name = spec.partition(":")[0].partition("@")[0].strip()
+    if name not in GUIDE_KEYS:
+        parser.error(f"argument {option}: unknown guide {name!r} in {spec!r}; known: {', '.join(GUIDE_KEYS)}")
+
+
 def check_guide(parser: argparse.ArgumentParser, option: str, spec: str, default_scales=(None,)):
     """``(name, scales, params)`` of a guide spec whose guide can be built at each of its ``@`` scales, or at
     each of ``default_scales`` (a list, or a callable of the guide name giving one) if it has none."""
@@ -255,20 +330,61 @@ def check_guide_fits(parser: argparse.ArgumentParser, option: str, spec: str, in
                      f"{info.pipeline_class}")
 
 
+# The keyword hyper-parameters of each guide of ``guidance.registry.GUIDES`` (its ``guide_keys``), written out so
+# that ``--help`` needs no torch; tests/test_startup.py checks this table against the registry (and prints the
+# table to paste here when a guide or a key is added).
+GUIDE_KEYS: dict[str, tuple[str, ...]] = {
+    "cfg": ("scale", "sigma_lo", "sigma_hi"),
+    "cfgpp": ("lam", "sigma_lo", "sigma_hi"),
+    "apg": ("scale", "eta", "norm_threshold", "momentum", "sigma_lo", "sigma_hi"),
+    "cfg-rescale": ("scale", "phi", "sigma_lo", "sigma_hi"),
+    "cfg-zero-star": ("scale", "zero_init_steps", "arithmetic", "sigma_lo", "sigma_hi"),
+    "ag": ("scale", "threshold", "space", "sigma_lo", "sigma_hi"),
+    "rcfgpp": ("scale", "plan", "predictor_fraction", "gamma", "corrector_time", "predictor_noise", "generator",
+               "sigma_lo", "sigma_hi"),
+}
+
+
 def guides_epilog() -> str:
     """The guide names and their keys, for ``--help``."""
-    from diffguide.guidance.registry import GUIDES, guide_keys
-
-    lines = [f"  {name:<15} {', '.join(guide_keys(name))}" for name in GUIDES]
+    lines = [f"  {name:<15} {', '.join(keys)}" for name, keys in GUIDE_KEYS.items()]
     return "guides (NAME) and their keys (KEY=VALUE):\n" + "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------- user warnings
+def one_line_warnings(prog: str) -> Callable:
+    """Decorate a command line's ``main``: while it runs, a warning prints as one line ``prog: warning: ...``
+    (no source line, no file name; categories other than ``UserWarning`` are named). The library itself
+    leaves Python's warning format alone."""
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"{prog}: warning{kind}: {' '.join(str(message).split())}\n"
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            previous, warnings.formatwarning = warnings.formatwarning, format_warning
+            try:
+                return main(*args, **kwargs)
+            finally:
+                warnings.formatwarning = previous
+
+        return run
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------- captions
+@functools.lru_cache(maxsize=None)
 def font(size: int):
-    """PIL's built-in scalable font at ``size`` px."""
+    """DejaVu Sans at ``size`` px, the font matplotlib ships in its package data: it has Latin, Greek and Cyrillic
+    letters, arrows and check marks (PIL's built-in font draws every non-ASCII character as a box). The file is
+    taken from ``matplotlib.get_data_path()``; ``matplotlib.font_manager`` would scan the system's fonts first."""
+    import matplotlib
     from PIL import ImageFont
 
-    return ImageFont.load_default(size=size)
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), size)
 
 
 def wrap(draw, text: str, font, width: int, max_lines: int = 3) -> list[str]:

@@ -29,7 +29,9 @@ SAMPLE_METRICS = ("fid", "kid", "accuracy", "clip_score")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from diffguide.scripts._cli import HelpFormatter, check_device, check_writable, guides_epilog, number
+    from diffguide.scripts._cli import (HelpFormatter, check_device, check_writable, device_name, guides_epilog,
+                                        number)
+    from diffguide.scripts.sample import SCHEDULERS, SCHEDULES
 
     p = argparse.ArgumentParser(prog="diffguide-evaluate", description=__doc__, formatter_class=HelpFormatter,
                                 epilog=guides_epilog())
@@ -46,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=number(int, 1), default=25, help="DDIM sampling steps")
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed hash(seed, i)")
     p.add_argument("--eta", type=number(float, 0), default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler (diffusers scheduler, as diffguide-sample's); default: the model's own")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="default",
+                   help="noise levels: the scheduler's own, or Karras / exponential / beta spaced sigmas")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="images sampled / scored at once")
     p.add_argument("--metrics", nargs="+", default=None,
                    help=f"metrics to compute (default: fid kid accuracy, + clip_score for text models); "
@@ -62,8 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or local weights file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--plot-x", default="scale", help="x axis of the plot: scale, nfe or a metric name")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the process's accelerate device)")
-    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, ... (default: the process's accelerate device)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads per process (default: 1 when every model is a shipped one, the fastest "
+                        "for them; torch's otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     unknown = set(args.metrics or []) - set(SAMPLE_METRICS) - {"psnr", "ssim", "lpips"}
@@ -77,42 +86,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_writable(p, "--out", args.out, folder=True)
     if args.device is not None:
         check_device(p, args.device)
-    from diffguide.tasks.evaluation import REAL_SETS
-    if args.real not in REAL_SETS and not Path(args.real).is_dir():
-        p.error(f"argument --real: {args.real!r} is neither {', '.join(REAL_SETS)} nor a folder")
     if args.model:
         check_models(p, args)
     else:
-        check_image_folder(p, args.images)
+        check_image_folder(p, args)
+    from diffguide.tasks.evaluation import REAL_SETS
+    if args.real not in REAL_SETS and not Path(args.real).is_dir():
+        p.error(f"argument --real: {args.real!r} is neither {', '.join(REAL_SETS)} nor a folder")
     return args
 
 
 def check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every ``--model`` is a class-conditional or text-to-image pipeline; every guide builds at its scales."""
-    from diffguide.scripts._cli import check_guide, check_guide_fits, check_pipeline, check_start
+    from diffguide.scripts._cli import check_guide, check_guide_fits, check_guide_name, check_pipeline, check_start
+    from diffguide.scripts.sample import check_schedule
 
+    for spec in args.guide or []:
+        check_guide_name(p, "--guide", spec)
     infos = {}
     for name in args.model:
         info = infos[name] = check_pipeline(p, "--model", name)
         if info is not None and info.kind == "other":
             p.error(f"argument --model: {name} is neither class-conditional nor text-to-image")
+        if info is not None and info.kind == "class" and "clip_score" in (args.metrics or []):
+            p.error(f"argument --metrics: clip_score scores images against their prompts and {name} is "
+                    "class-conditional (no prompts); use it with a text-to-image model")
+    check_metric_counts(p, "--num-images", args.metrics or ["fid", "kid"], args.num_images)
+    for name, info in infos.items():
         if info is not None:
             check_start(p, info.scheduler, args.steps, name)
+            try:
+                check_schedule(args.scheduler, args.schedule, info.scheduler)
+            except ValueError as err:
+                p.error(str(err))
     for spec in args.guide or ["cfg"]:
         check_guide(p, "--guide", spec, lambda name: DEFAULT_SCALES.get(name, args.scales))
         for name, info in infos.items():
             check_guide_fits(p, "--guide", spec, info, name)
 
 
-def check_image_folder(p: argparse.ArgumentParser, folder: str) -> None:
-    """The ``--images`` folder holds images, all complete, readable and of one size (each file is decoded)."""
+def check_metric_counts(p: argparse.ArgumentParser, option: str, metrics: list[str], count: int) -> None:
+    """FID and KID compare two distributions: each needs at least 2 images."""
+    needing = [m for m in ("fid", "kid") if m in metrics]
+    if needing and count < 2:
+        p.error(f"argument {option}: {' and '.join(needing)} need at least 2 images, got {count}; "
+                f"give 2 or more images or other --metrics")
+
+
+def check_image_folder(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The ``--images`` folder holds images, all complete, readable and of one size (each file is decoded), and
+    what the metrics need: labels for accuracy, prompts for clip_score, 2 images for fid / kid."""
     from diffguide.scripts._cli import check_image
     from diffguide.tasks.evaluation import folder_images
 
+    folder = args.images
     try:
-        paths, _, _ = folder_images(folder)
+        paths, labels, prompts = folder_images(folder)
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         p.error(f"argument --images: {err}")
+    for metric, has, key in (("accuracy", labels, "label"), ("clip_score", prompts, "text")):
+        if metric in (args.metrics or []) and has is None:
+            p.error(f"argument --metrics: {metric} needs a {key!r} for every image of {folder} "
+                    f"(its metadata.jsonl: file_name, {key}) and it has none")
+    check_metric_counts(p, "--images", args.metrics or ["fid", "kid"], len(paths))
     first = check_image(p, "--images", paths[0])
     for path in paths[1:]:
         size = check_image(p, "--images", path)
@@ -191,11 +227,15 @@ def run_grid(args, state, device, progress: bool) -> list[dict[str, Any]]:
     from diffguide.tasks.metrics import DEFAULT_CACHE, weights_fingerprint
     from diffguide.tasks.pipelines import latent_shape
     from diffguide.tasks.run_folder import RunFolder, config_hash
+    from diffguide.scripts.sample import check_schedule, make_scheduler
 
     rows = []
     points = grid_points(args)
     for model_name in args.model:
         pipe = load_model(model_name, device)
+        if args.scheduler is not None or args.schedule != "default":
+            check_schedule(args.scheduler, args.schedule, pipe.scheduler.config)
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, None, args.schedule)
         pipe.set_progress_bar_config(disable=True)
         kind = pipeline_kind(pipe)
         names = args.metrics or (["fid", "kid", "accuracy"] + (["clip_score"] if kind == "text" else []))
@@ -372,8 +412,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from accelerate import PartialState
 
     from diffguide.scripts._cli import set_threads
+    from diffguide.tasks.evaluation import REAL_SETS
 
-    set_threads(args.threads)
+    inception = args.feature == "inception" or (args.feature == "auto" and args.real not in REAL_SETS)
+    set_threads(args.threads, [] if inception else [*(args.model or []), args.classifier, args.clip])
     state = PartialState(cpu=not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
     progress = not args.no_progress
@@ -394,7 +436,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(argv)
+    from diffguide.scripts._cli import one_line_warnings
+
+    one_line_warnings("diffguide-evaluate")(run)(argv)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,16 @@ import os
 import sys
 from pathlib import Path
 
+from diffguide.scripts._cli import HelpFormatter, one_line_warnings, pipeline_image_format, wrong_images
+
+SAMPLE_STEPS, SAMPLE_SCALE = 25, 2.0           # how --sample draws its images
 DIGIT_TEMPLATES = ("a handwritten digit {}", "a drawing of the digit {}", "a handwritten {}", "the digit {}",
                    "the number {}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffguide-personalize", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)       # keeps the example lines, one default each
     p.add_argument("images", type=Path, help="folder of training images (png, jpg, ...)")
     p.add_argument("--token", required=True, help="the new placeholder token, e.g. '<s1>'")
     p.add_argument("--initializer-token", required=True, help="an existing single-token word to start from")
@@ -41,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="zo: train from an int8 pipeline folder written by --save-quantized (no float weights)")
     p.add_argument("--save-quantized", type=Path, default=None, metavar="DIR",
                    help="zo: also write the int8 pipeline loaded from --model to the new folder DIR")
-    p.add_argument("--method", choices=("zo", "backprop"), default="zo")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--method", choices=("zo", "backprop"), default="zo",
+                   help="zo: forward passes only, int8 weights (ZOODiP); backprop: diffusers' textual inversion")
+    p.add_argument("--steps", type=int, default=1000, help="steps in all (with --resume, including those done)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 zo, 5e-4 backprop)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per step, at most images x mirrors x templates")
@@ -65,12 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resize", action="store_true", help="resize and convert images of another size or mode")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (starts afresh if none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every draw: images, flips, templates, noise, timesteps, directions, --sample")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="after training, write N samples to OUT/samples.png")
     p.add_argument("--prompt", default=None, help="prompt for --sample (default: the first template with the token)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the shipped model, the fastest for it; torch's otherwise)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -80,10 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option)."""
-    import torch
-
-    from diffguide.tasks.personalize import CHECKPOINT_DIR, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size
+    """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option). The
+    checks of arguments and configs run before torch is imported."""
     from diffguide.tasks.zoo import resolve_model
 
     for name in ("steps", "batch_size", "directions", "tau", "save_every"):
@@ -99,14 +103,6 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value.strip() or any(c.isspace() for c in value):
             raise ValueError(f"--{name.replace('_', '-')} must be one word without spaces, got {value!r}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
     if args.timesteps is not None:
         try:
             low, high = (int(v) for v in str(args.timesteps).split(":"))
@@ -129,8 +125,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{option}: not a text-to-image pipeline (no tokenizer/text encoder)")
     num_train = json.loads((args.model_folder / "scheduler" / "scheduler_config.json").read_text()).get(
         "num_train_timesteps", 1000) if (args.model_folder / "scheduler" / "scheduler_config.json").is_file() else 1000
+    args.num_train_timesteps = num_train
     if args.timesteps is not None and args.timesteps[1] > num_train:
         raise ValueError(f"--timesteps HIGH must be <= the model's {num_train} training timesteps, got {args.timesteps[1]}")
+    import torch
+
+    from diffguide.tasks.personalize import (IMAGE_EXTENSIONS, OBJECT_TEMPLATES, PersonalizeConfig, check_batch_size,
+                                             checkpoint_exists)
+
     digits = Path(source).name == "digits-t2i"          # the shipped model or a copy of its folder
     args.config = PersonalizeConfig(
         method=args.method, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
@@ -148,6 +150,14 @@ def check_args(args: argparse.Namespace) -> None:
     num_images = sum(1 for f in args.images.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if num_images == 0:
         raise ValueError(f"no images in {str(args.images)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    image_format = None if args.resize else pipeline_image_format(args.model_folder)
+    if image_format is not None:
+        size, mode = image_format
+        wrong = wrong_images(args.images, size, mode, IMAGE_EXTENSIONS)
+        if wrong:
+            raise ValueError(f"images must be {size}x{size} in mode {mode!r} for {option.split()[-1]}; got "
+                             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; pass --resize to resize "
+                             "and convert them")
     try:
         check_batch_size(resolved, num_images)
     except ValueError as err:
@@ -157,16 +167,38 @@ def check_args(args: argparse.Namespace) -> None:
     existing = next((p for p in (args.out, *args.out.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(args.out)!r} cannot be written ({str(existing)!r} is not writable)")
-    has_checkpoint = (args.out / CHECKPOINT_DIR / "state.json").is_file()
-    if has_checkpoint and not args.resume:
+    _check_tokens(args, option)
+    if checkpoint_exists(args.out) and not args.resume:
         raise ValueError(f"--out {str(args.out)!r} already holds a checkpoint; pass --resume to continue it or "
                          "choose another output folder")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: MPS is not available here; use --device cpu")
+
+
+def _check_tokens(args: argparse.Namespace, option: str) -> None:
+    """``--token`` is new to the model's tokenizer and ``--initializer-token`` one of its tokens, read from the
+    tokenizer's files in ``args.model_folder`` (no weights are read)."""
+    from diffguide.tasks.personalize import check_placeholder_token, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model_folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{option}: cannot read its tokenizer ({type(err).__name__}: {err})") from None
+    try:
+        check_placeholder_token(tokenizer, args.token, args.initializer_token)
+    except ValueError as err:
+        name = "--initializer-token" if str(err).startswith("initializer_token") else "--token"
+        raise ValueError(f"{name}: {err}") from None
 
 
 def _check_quantized_options(args: argparse.Namespace) -> str:
     """``--quantized`` / ``--save-quantized`` against the method and each other; returns the source model's name."""
-    from diffguide.tasks.quantize import read_int8_manifest
-
     float_weights = args.method == "backprop" or args.quantize == "none"
     float_option = "--method backprop" if args.method == "backprop" else "--quantize none"
     for option, value in (("--quantized", args.quantized), ("--save-quantized", args.save_quantized)):
@@ -180,6 +212,8 @@ def _check_quantized_options(args: argparse.Namespace) -> str:
         raise ValueError(f"--save-quantized {str(args.save_quantized)!r} exists and is not an empty folder")
     if args.quantized is None:
         return str(args.model or "digits-t2i")
+    from diffguide.tasks.quantize import read_int8_manifest
+
     try:
         manifest = read_int8_manifest(args.quantized)
     except ValueError as err:
@@ -203,16 +237,23 @@ def _option_names(message: str) -> str:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from diffguide.tasks.personalize import (CHECKPOINT_DIR, TextualInversion, expected_image_format, load_image_folder,
-                                             load_pipeline, read_checkpoint_meta)
+    from diffguide.tasks.personalize import (TextualInversion, check_checkpoint_fits, checkpoint_exists,
+                                             expected_image_format, load_image_folder, load_pipeline,
+                                             read_checkpoint_meta)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from diffguide.scripts._cli import set_threads
+
+    set_threads(args.threads, [] if args.quantized else [args.model or "digits-t2i"])
     config = args.config
-    if args.resume and not (args.out / CHECKPOINT_DIR / "state.json").is_file():
+    if args.resume and not checkpoint_exists(args.out):
         print(f"--resume: no checkpoint in {args.out}, starting afresh from step 0", file=sys.stderr)
     elif args.resume:
         meta = read_checkpoint_meta(args.out)                 # a damaged checkpoint is named before loading
+        check_checkpoint_fits(meta, config.resolved(args.num_train_timesteps), token=args.token,
+                              initializer_token=args.initializer_token)       # before any weight is read
+        if meta["step"] > config.steps:
+            raise ValueError(f"the checkpoint in {args.out} is at step {meta['step']}, past --steps {config.steps}; "
+                             f"pass --steps {meta['step']} or more")
         print(f"--resume: continuing {args.out} from step {meta['step']}", file=sys.stderr)
     if args.quantized is not None:                           # no float weights at all
         from diffguide.tasks.quantize import load_saved_int8_pipeline
@@ -237,19 +278,27 @@ def run(args: argparse.Namespace) -> Path:
     print(f"wrote {path} (token {args.token!r}, {trainer.step_count} steps, method {args.method}, "
           f"{len(images)} images)", file=sys.stderr)
     if args.sample:
-        from diffguide.scripts.sample import make_grid
+        from diffguide.scripts.sample import labelled_grid
 
         prompt = args.prompt or config.templates[0].format(args.token)
         pipe.set_progress_bar_config(disable=True)
-        samples = pipe([prompt] * args.sample, num_inference_steps=25, guidance_scale=2.0,
+        samples = pipe([prompt] * args.sample, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_SCALE,
                        generator=torch.Generator().manual_seed(args.seed)).images
-        grid = make_grid(samples, min(args.sample, 8))
-        grid = grid.resize((grid.size[0] * 4, grid.size[1] * 4)) if grid.size[0] < 256 else grid
+        grid = labelled_grid(samples, [prompt] * args.sample, args.sample, sample_title(args, trainer.step_count),
+                             columns=8)
         grid.save(args.out / "samples.png")
         print(f"wrote {args.out / 'samples.png'} ({prompt!r})", file=sys.stderr)
     return path
 
 
+def sample_title(args: argparse.Namespace, step: int) -> str:
+    """The caption of ``samples.png``: what was learned, from which model, after how many steps, how sampled."""
+    model = args.quantized or args.model or "digits-t2i"
+    return (f"{args.token} learned from {args.images} after {step} steps ({args.method}) | {model} | "
+            f"{SAMPLE_STEPS} steps, guidance {SAMPLE_SCALE:g}, seed {args.seed}")
+
+
+@one_line_warnings("diffguide-personalize")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:

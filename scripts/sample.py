@@ -20,9 +20,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_pipeline,
-                                    check_writable, fewest_steps, font, guides_epilog, number, set_threads,
-                                    start_problem, wrap)
+from diffguide.scripts._cli import (HelpFormatter, check_device, check_guide, check_guide_fits, check_guide_name,
+                                    check_pipeline, check_writable, device_name, fewest_steps, font, guides_epilog,
+                                    number, one_line_warnings, set_threads, start_problem, wrap)
 
 SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -30,7 +30,16 @@ SCHEDULERS = {  # name -> (diffusers class name, config overrides)
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
+SCHEDULES = {"default": {}, **{name: {f"use_{key}_sigmas": key == name for key in ("karras", "exponential", "beta")}
+                              for name in ("karras", "exponential", "beta")}}  # --schedule -> scheduler config
 FLOW_SCHEDULERS = {"flow_euler"}  # for rectified-flow models (FlowMatch* scheduler configs); the others for VP ones
 SPACINGS = ("auto", "leading", "trailing", "linspace")
 DEFAULT_SCALES = {"cfgpp": 0.4}  # others: 2.0, good for the shipped digits models
@@ -51,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the guide's main scale (lam for cfgpp); default 2, 0.4 for cfgpp")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                    help="sampler (diffusers scheduler); default ddim, or flow_euler for a rectified-flow model")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="default",
+                   help="noise levels: the scheduler's own, or Karras / exponential / beta spaced sigmas")
     p.add_argument("--steps", type=number(int, 1), default=25, help="sampling steps")
     p.add_argument("--timestep-spacing", choices=SPACINGS, default="auto",
                    help="where the steps sit (diffusers' timestep_spacing); auto: the model's own if its first "
@@ -59,15 +70,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=number(int, 1), default=1, help="images per prompt / label")
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images sampled at once (memory); the images do not depend on it")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads (default: 1 for the shipped models, fastest for them; torch's otherwise)")
     p.add_argument("--out", default="samples.png", help="output PNG (a labelled grid)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.prompt is not None and any(not s.strip() for s in args.prompt):
         p.error("argument --prompt: every prompt must be non-empty")
     check_writable(p, "--out", args.out)
-    args.device = check_device(p, args.device)
+    if args.guidance != "none":
+        check_guide_name(p, "--guidance", args.guidance)
     info = check_pipeline(p, "--model", args.model)
     if info is not None:
         if info.kind == "text" and args.class_labels:
@@ -82,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if info.scheduler is not None:
             try:
                 args.scheduler = choose_scheduler(args.scheduler, info.scheduler, args.model)
+                check_schedule(args.scheduler, args.schedule)
                 choose_spacing(args, info.scheduler)
             except ValueError as err:
                 p.error(str(err))
@@ -94,16 +109,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if scale is None and not {"scale", "lam"} & set(params):
             scale = DEFAULT_SCALES.get(name, 2.0)
         args.guide = (name, scale, params)
+    args.device = check_device(p, args.device)
     return args
 
 
-def make_scheduler(name: str, config: dict, spacing: str | None = None):
-    """Scheduler ``name`` (a ``SCHEDULERS`` key) from a pipeline's scheduler ``config``, with ``spacing``."""
+def make_scheduler(name: str | None, config: dict, spacing: str | None = None, schedule: str = "default"):
+    """Scheduler ``name`` (a ``SCHEDULERS`` key; ``None``: the config's own class) from a pipeline's scheduler
+    ``config``, with ``spacing`` and ``schedule`` (a ``SCHEDULES`` key)."""
     import diffusers
 
-    class_name, overrides = SCHEDULERS[name]
+    class_name, overrides = SCHEDULERS[name] if name is not None else (config["_class_name"], {})
     spacing = {"timestep_spacing": spacing} if spacing else {}
-    return getattr(diffusers, class_name).from_config(dict(config), **overrides, **spacing)
+    return getattr(diffusers, class_name).from_config(dict(config), **overrides, **spacing, **SCHEDULES[schedule])
+
+
+def check_schedule(name: str | None, schedule: str, config: dict | None = None) -> None:
+    """``ValueError`` unless scheduler ``name`` (or the ``config``'s own class) takes ``--schedule``."""
+    if not SCHEDULES[schedule]:
+        return  # the scheduler's own levels (no diffusers import on this path)
+    import inspect
+
+    import diffusers
+
+    class_name = SCHEDULERS[name][0] if name is not None else (config or {}).get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    missing = [key for key in SCHEDULES[schedule] if cls is None or key not in inspect.signature(cls).parameters]
+    if missing:
+        takes = sorted(k for k, (c, _) in SCHEDULERS.items() if "use_karras_sigmas" in
+                       inspect.signature(getattr(diffusers, c)).parameters)
+        raise ValueError(f"argument --schedule: {name or class_name} has no {schedule} sigmas "
+                         f"(schedulers that take one: {', '.join(takes)})")
 
 
 def is_flow_config(config: dict) -> bool:
@@ -139,7 +174,8 @@ def choose_spacing(args: argparse.Namespace, config: dict) -> str | None:
         else [args.timestep_spacing]
     problems = []
     for spacing in candidates:
-        problem = start_problem(make_scheduler(args.scheduler, config, spacing), args.steps)
+        problem = start_problem(make_scheduler(args.scheduler, config, spacing, getattr(args, "schedule", "default")),
+                                args.steps)
         if problem is None:
             return spacing
         problems.append(f"with {spacing} spacing it {problem}")
@@ -180,7 +216,8 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
         pipe = load_model("--model", args.model, args.device)
     args.scheduler = choose_scheduler(args.scheduler, pipe.scheduler.config, args.model)
     args.spacing = choose_spacing(args, pipe.scheduler.config)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.spacing)
+    check_schedule(args.scheduler, args.schedule)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.spacing, args.schedule)
     pipe.set_progress_bar_config(disable=True)
     key, conds = conditions(args, pipe)
     shape, dtype = latent_shape(pipe), denoising_network(pipe).dtype
@@ -190,6 +227,8 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
     for start in range(0, len(conds), args.batch_size):
         indices = range(start, min(start + args.batch_size, len(conds)))
         generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in indices]
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
+            pipe.scheduler.noise_sampler_seed = [image_seed(args.seed, i) for i in indices]
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
         call = {key: [conds[i] for i in indices], "latents": latents.to(pipe.device, dtype),
                 "generator": generators, "num_inference_steps": args.steps, "output_type": "pil"}
@@ -281,9 +320,10 @@ def grid_title(args: argparse.Namespace) -> str:
     return f"{args.model} | {guide} | {args.scheduler} {args.steps} steps{spacing} | seed {args.seed}"
 
 
+@one_line_warnings("diffguide-sample")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    set_threads(args.threads)
+    set_threads(args.threads, [args.model])
     try:
         images, conds = sample(args)
         labels = [f"class {c}" if isinstance(c, int) else str(c) for c in conds]

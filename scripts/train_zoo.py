@@ -1,8 +1,9 @@
 """Retrain the embedded model zoo (``tasks/zoo/``) reproducibly.
 
-    python scripts/train_zoo.py --model all                 # everything, into tasks/zoo/
+    python scripts/train_zoo.py --model all                 # everything, into a new folder ./zoo-DATE-XXXX/
     python scripts/train_zoo.py --model digits-class --out /tmp/zoo --steps 500
     python scripts/train_zoo.py --quick                     # a few steps of each, into a temp dir
+    python scripts/train_zoo.py --model all --overwrite-shipped     # replace the shipped models in tasks/zoo/
 
 Each model directory also gets a ``training.json`` with the seed, steps, wall time and the numbers
 measured right after training.
@@ -54,6 +55,36 @@ def train_one(name: str, out: Path, steps: int, *, quick: bool, batch_size: int 
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
+def shipped_zoo_folders() -> set[Path]:
+    """The zoo folders whose files are shipped: this script's ``tasks/zoo`` and the importable package's."""
+    folders = {ZOO_DIR.resolve()}
+    try:
+        from diffguide.tasks import zoo
+
+        folders.add(zoo.ZOO_DIR.resolve())
+    except ImportError:                       # run from a checkout without the package importable
+        pass
+    return folders
+
+
+def output_folder(out: Path | None, names: list[str], quick: bool, overwrite_shipped: bool) -> Path:
+    """Where to write: ``out``; by default a new folder (a temp dir with ``quick``; ``./zoo-DATE-XXXX`` otherwise;
+    the shipped zoo with ``overwrite_shipped``). ``ValueError`` if a model folder would land inside a shipped zoo
+    folder without ``overwrite_shipped``."""
+    if out is None:
+        if overwrite_shipped:
+            return ZOO_DIR
+        prefix = "zoo-quick-" if quick else time.strftime("zoo-%Y%m%d-")
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=None if quick else Path.cwd()))
+    shipped = shipped_zoo_folders()
+    targets = [out.expanduser().resolve() / name for name in names]
+    hit = next((t for t in targets if any(t == z or z in t.parents for z in shipped)), None)
+    if hit is not None and not overwrite_shipped:
+        raise ValueError(f"--out {str(out)!r} would overwrite the shipped model in {str(hit)!r}; pass "
+                         "--overwrite-shipped to replace it, or choose another folder")
+    return out
+
+
 def write_record(folder: Path, record: dict) -> None:
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -62,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="all", choices=(*MODELS, "all"), help="model to train")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: tasks/zoo, or a temp dir with --quick)")
+                        help="output directory (default: a new folder ./zoo-DATE-XXXX, a temp dir with --quick, "
+                             "tasks/zoo with --overwrite-shipped)")
+    parser.add_argument("--overwrite-shipped", action="store_true",
+                        help="allow replacing the models shipped in the package's tasks/zoo")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: per model)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: per model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,16 +104,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of each model, small batches")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    names = list(MODELS) if args.model == "all" else [args.model]
+    if "digits-class" in names and "digits-class-weak" in names:
+        names.remove("digits-class-weak")             # the digits-class run writes it
+    written = names + (["digits-class-weak"] if "digits-class" in names else [])
+    try:
+        args.out = output_folder(args.out, written, args.quick, args.overwrite_shipped)
+    except ValueError as err:
+        parser.error(str(err))
 
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="zoo-quick-")) if args.quick else ZOO_DIR
     args.out.mkdir(parents=True, exist_ok=True)
-    names = list(MODELS) if args.model == "all" else [args.model]
-    if "digits-class" in names and "digits-class-weak" in names:
-        names.remove("digits-class-weak")             # the digits-class run writes it
 
     for name in names:
         steps = args.steps or (QUICK_STEPS if args.quick else STEPS)[name]

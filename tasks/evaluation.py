@@ -93,6 +93,8 @@ def sample_block(pipe, cfg: SamplingConfig, indices: Sequence[int]) -> tuple[Ten
     shape = latent_shape(pipe)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
     latents = latents.to(pipe.device, denoising_network(pipe).dtype)
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
+        pipe.scheduler.noise_sampler_seed = [image_seed(cfg.seed, i) for i in indices]
     call = dict(num_inference_steps=cfg.steps, latents=latents, generator=generators, output_type="pt")
     if "eta" in inspect.signature(type(pipe).__call__).parameters:
         call["eta"] = cfg.eta

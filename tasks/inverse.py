@@ -1,4 +1,4 @@
-"""Inverse problems on the digits: measurement tasks, priors from the model zoo, solvers by name, and scores.
+"""Inverse problems: measurement tasks, diffusion priors (``tasks.priors``), solvers by name, and scores.
 
     from diffguide.tasks import inverse, zoo
     pipe = zoo.load("digits-class")
@@ -7,6 +7,9 @@
     y = op.measure(truth, torch.Generator().manual_seed(0))
     recon, stats = inverse.solve_pixel(pipe, op, y, "dps", steps=100, seed=0)
     inverse.scores(recon, truth)      # {"psnr": (B,), "ssim": (B,)}
+
+The prior may be any pixel pipeline or ``UNet2DModel`` folder / hub id (``solve_pixel``) or an SD / SDXL / SD3 /
+Flux / DiT pipeline (``solve_latent``), loaded with ``tasks.priors.load_prior``.
 
 Images live in [-1, 1] (the digits' and the operators' range); scores map them to [0, 1].
 """
@@ -20,30 +23,14 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from diffguide.guidance import DPS, MCG, P2L, PSLD, EnKG
-from diffguide.guidance.latent import vae_decoder, vae_encoder
-from diffguide.samplers import diffusers_model_fn, plan_from_scheduler, sample_inverse
+from diffguide.samplers import diffusers_model_fn, sample_inverse
 from diffguide.samplers.base import DenoiseFn, Level
 from diffguide.samplers.inverse import SolverStats
 from diffguide.samplers.schedule import to_x0
 from diffguide.tasks.digits import load_digits_tensors, to_unit
 from diffguide.tasks.operators import Operator, make_operator
-
-DIGIT_SHAPE = (1, 16, 16)
-
-# name -> (operator name, options): the digit benchmark tasks (16x16 images)
-TASKS: dict[str, tuple[str, dict[str, Any]]] = {
-    "inpaint_box": ("inpaint_box", {"box_size": (8, 8), "margin": 2}),
-    "inpaint_random": ("inpaint_random", {"missing_fraction": 0.7}),
-    "sr4": ("sr_avg", {"factor": 4}),
-    "sr4_bicubic": ("sr_bicubic", {"factor": 4}),
-    "deblur_gauss": ("blur_gauss", {"kernel_size": 9, "std": 2.0}),
-    "deblur_motion": ("blur_motion", {"kernel_size": 9, "intensity": 0.5}),
-    "phase_retrieval": ("phase_retrieval", {"oversample": 2.0}),
-    "heat": ("heat", {"num_steps": 5, "stride": 2}),
-}
-
-PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "pinv")
-LATENT_SOLVERS = ("latent_dps", "psld", "p2l")
+from diffguide.tasks.priors import LatentPrior, PixelPrior, frozen, load_prior, text_states
+from diffguide.tasks.problems import DIGIT_SHAPE, LATENT_SOLVERS, PIXEL_SOLVERS, TASKS  # noqa: F401
 
 
 def make_task(name: str, sigma_y: float = 0.05, seed: int = 0, shape: Sequence[int] = DIGIT_SHAPE) -> Operator:
@@ -78,10 +65,7 @@ def class_denoiser(pipe: Any, label: int | None = None) -> DenoiseFn:
 
 def text_embedding(pipe: Any, prompt: str = "") -> Tensor:
     """The text-encoder states ``(1, L, D)`` of ``prompt`` (``""``: the null prompt P2L starts from)."""
-    tokens = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    with torch.no_grad():
-        return pipe.text_encoder(tokens)[0]
+    return text_states(pipe, prompt)
 
 
 def scores(reconstruction: Tensor, truth: Tensor) -> dict[str, Tensor]:
@@ -106,13 +90,50 @@ def pixel_solver(name: str, operator: Operator, y: Tensor, scale: float | None =
     raise ValueError(f"unknown pixel solver {name!r}; choose from {PIXEL_SOLVERS}")
 
 
-def solve_pixel(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: int = 100, seed: int = 0,
+def pixel_prior(prior: Any, label: int | None = None) -> PixelPrior:
+    """``prior`` as a :class:`~diffguide.tasks.priors.PixelPrior`: a prior, a pixel pipeline (``DDPMPipeline``,
+    ``DDIMPipeline``, ``ClassConditionalPipeline``), a zoo name, a folder or a hub id; ``label`` for a
+    class-conditional network (``None``: a ``ClassConditionalPipeline``'s null class)."""
+    if isinstance(prior, PixelPrior):
+        if label is not None and label != prior.label:
+            raise ValueError(f"label={label} given for a PixelPrior built with label={prior.label}; set it there")
+        return prior
+    prior = load_prior(prior, label=label)
+    if isinstance(prior, LatentPrior):
+        raise ValueError(f"{type(prior.pipe).__name__} is a latent prior: pixel solvers ({', '.join(PIXEL_SOLVERS)}) "
+                         f"need a pixel one; use a latent solver ({', '.join(LATENT_SOLVERS)})")
+    return prior
+
+
+def latent_prior(prior: Any, prompt: str = "", label: int | None = None) -> LatentPrior:
+    """``prior`` as a :class:`~diffguide.tasks.priors.LatentPrior` conditioned on ``prompt`` (DiT: on ``label``):
+    a prior, a latent pipeline (SD, SDXL, SD3, Flux, DiT), a zoo name, a folder or a hub id."""
+    if isinstance(prior, LatentPrior):
+        if prompt or label is not None:
+            raise ValueError("prompt or label given for a LatentPrior, which is conditioned; build it with them")
+        return prior
+    prior = load_prior(prior, prompt=prompt, label=label)
+    if isinstance(prior, PixelPrior):
+        raise ValueError(f"{type(prior.network).__name__} is a pixel prior: latent solvers "
+                         f"({', '.join(LATENT_SOLVERS)}) need a latent one; use a pixel solver "
+                         f"({', '.join(PIXEL_SOLVERS)})")
+    return prior
+
+
+def check_shapes(operator: Operator, image_shape: tuple[int, ...]) -> None:
+    if tuple(operator.in_shape) != tuple(image_shape):
+        raise ValueError(f"the operator takes {'x'.join(map(str, operator.in_shape))} images and the prior makes "
+                         f"{'x'.join(map(str, image_shape))} ones; build the task with shape={tuple(image_shape)}")
+
+
+def solve_pixel(prior: Any, operator: Operator, y: Tensor, solver: str, steps: int = 100, seed: int = 0,
                 scale: float | None = None, particles: int = 1, label: int | None = None, progress: bool = False,
                 **options: Any) -> tuple[Tensor, SolverStats]:
-    """Reconstruct each measurement in ``y`` ``particles`` times with a ``ClassConditionalPipeline`` prior.
+    """Reconstruct each measurement in ``y`` ``particles`` times with a pixel ``prior`` (see :func:`pixel_prior`).
 
     Returns ``(images (B * particles, C, H, W) in measurement-major order, stats)``. ``"pinv"`` returns
-    ``A^+ y`` (linear operators only). EnKG runs one ensemble of ``particles`` (>= 2) per measurement.
+    ``A^+ y`` (linear operators only). EnKG runs one ensemble of ``particles`` (>= 2) per measurement. The
+    prior's network is left as it was (its parameters' ``requires_grad`` are restored).
     """
     if solver == "pinv":
         if not getattr(operator, "is_linear", False):
@@ -120,50 +141,50 @@ def solve_pixel(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: in
         return operator.pinv(y).clamp(-1, 1).repeat_interleave(particles, 0), SolverStats()
     if solver == "enkg" and particles < 2:
         raise ValueError("EnKG needs an ensemble: particles >= 2")
-    pipe.unet.requires_grad_(False)          # gradients flow to x_t only
+    prior = pixel_prior(prior, label)
+    check_shapes(operator, prior.image_shape)
     batch = y.shape[0] * particles
     y_rows = y if solver == "enkg" else y.repeat_interleave(particles, 0)
     method = pixel_solver(solver, operator, y_rows, scale, ensemble_size=particles, **options)
-    plan = plan_from_scheduler(pipe.scheduler, steps)
+    plan = prior.plan(steps)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *operator.in_shape, generator=g).to(pipe.unet.device, pipe.unet.dtype)
-    out = sample_inverse(class_denoiser(pipe, label), x, plan, method, generator=g, disable=not progress)
+    x = prior.noise(batch, g)
+    with frozen(*prior.modules):            # gradients flow to x_t only
+        out = sample_inverse(prior.denoiser(), x, plan, method, generator=g, disable=not progress)
     return out.clamp(-1, 1), method.stats
 
 
-def solve_latent(pipe: Any, operator: Operator, y: Tensor, solver: str, steps: int = 100, seed: int = 0,
+def solve_latent(prior: Any, operator: Operator, y: Tensor, solver: str, steps: int = 100, seed: int = 0,
                  scale: float | None = None, prompt: str = "", progress: bool = False,
                  **options: Any) -> tuple[Tensor, SolverStats]:
-    """Reconstruct with a latent ``StableDiffusionPipeline`` prior: ``"latent_dps"``, ``"psld"`` or ``"p2l"``.
+    """Reconstruct with a latent ``prior`` (see :func:`latent_prior`): ``"latent_dps"``, ``"psld"`` or ``"p2l"``.
 
-    The prior is conditioned on ``prompt`` (``""``: the null prompt); P2L tunes that embedding. All three run
-    DDIM with ``eta = 0`` (PSLD's and P2L's sampler), so they differ only in their data-consistency steps.
+    The prior is conditioned on ``prompt`` (``""``: the null prompt); P2L tunes that embedding (every text
+    embedding the network reads: SDXL's, SD3's and Flux's pooled one too), so it needs a text-conditioned prior.
+    All three run DDIM with ``eta = 0`` (PSLD's and P2L's sampler), so they differ only in their
+    data-consistency steps.
     """
     if solver not in LATENT_SOLVERS:
         raise ValueError(f"unknown latent solver {solver!r}; choose from {LATENT_SOLVERS}")
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    decode, encode = vae_decoder(pipe.vae), vae_encoder(pipe.vae)
-    embedding = text_embedding(pipe, prompt)
-    model_fn = diffusers_model_fn(pipe.unet)
-    prediction_type = pipe.scheduler.config.prediction_type
+    prior = latent_prior(prior, prompt)
+    if solver == "p2l" and not prior.text:
+        raise ValueError(f"p2l tunes a text embedding and {type(prior.pipe).__name__} is conditioned on a class "
+                         "label, which has none; use latent_dps or psld")
+    check_shapes(operator, prior.image_shape)
     scale = 1.0 if scale is None else scale
-    if solver == "p2l":
-        method = P2L(operator, y, model_fn, embedding, decode, encode, prediction_type, scale=scale, **options)
-        model: Callable | None = None
-    else:
-        method = DPS(operator, y, scale, decode=decode) if solver == "latent_dps" else \
-            PSLD(operator, y, decode, encode, scale=scale, **options)
-
-        def model(z: Tensor, level: Level) -> Tensor:
-            cond = embedding.expand(z.shape[0], *embedding.shape[1:])
-            return to_x0(model_fn(z, level.t, cond), z, level.alpha, level.sigma, prediction_type)
-    plan = plan_from_scheduler(pipe.scheduler, steps)
-    g = torch.Generator().manual_seed(seed)
-    channels = pipe.unet.config.in_channels
-    size = pipe.unet.config.sample_size
-    z = torch.randn(y.shape[0], channels, size, size, generator=g).to(pipe.unet.device, pipe.unet.dtype)
-    out = sample_inverse(model, z, plan, method, eta=0.0, generator=g, disable=not progress)
-    with torch.no_grad():
-        images = decode(out)
+    with frozen(*prior.modules):
+        if solver == "p2l":
+            method = P2L(operator, y, prior.model_fn, prior.cond, prior.decode, prior.encode, prior.prediction_type,
+                         scale=scale, **options)
+            model: Callable | None = None
+        else:
+            method = DPS(operator, y, scale, decode=prior.decode) if solver == "latent_dps" else \
+                PSLD(operator, y, prior.decode, prior.encode, scale=scale, **options)
+            model = prior.denoiser()
+        plan = prior.plan(steps)
+        g = torch.Generator().manual_seed(seed)
+        z = prior.noise(y.shape[0], g)
+        out = sample_inverse(model, z, plan, method, eta=0.0, generator=g, disable=not progress)
+        with torch.no_grad():
+            images = prior.decode(out)
     return images.clamp(-1, 1), method.stats

@@ -13,7 +13,8 @@ Both methods minimise the latent-diffusion loss of ZOODiP Eq. 1 / Textual Invers
 - ``method="zo"`` (ZOODiP, Seo et al. CVPR 2025): int8 weights, ``n + 1`` forward passes per step sharing
   image, noise and timestep (or one pass of batch ``n + 1`` with ``batch_directions=True``: faster, more
   activation memory), :func:`guidance.zo_personalize.random_gradient_estimate`, Subspace Gradient,
-  ZO-Adam, PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever built, and the int8 layers dequantize
+  ZO-Adam (``torch.optim.Adam``, eps 1e-3), PUTS timesteps ``t ~ U{500..899}``; no autograd graph is ever
+  built, and the int8 layers dequantize
   into one shared buffer (:class:`tasks.int8_forward.SharedDequantBuffer`, quanto's results bit for bit).
 - ``method="backprop"`` (diffusers ``examples/textual_inversion``): float weights, AdamW (weight decay 1e-2)
   over the whole token-embedding matrix with every row but the new one restored after each step,
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal
@@ -39,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from diffguide.guidance.zo_personalize import (PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate,
+                                               zo_adam)
 from diffguide.tasks.int8_forward import SharedDequantBuffer
 from diffguide.tasks.quantize import COMPONENTS, float_weights_fingerprint, is_quantized, quantize_module
 from diffguide.tasks.metrics.features import tensors_fingerprint
@@ -47,6 +50,7 @@ from diffguide.tasks.metrics.features import tensors_fingerprint
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDING_FILE = "learned_embeds.safetensors"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = 2      # 2: Adam state under optimizer.step / exp_avg / exp_avg_sq for both methods
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
                     "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
                     "a good photo of a {}")
@@ -106,13 +110,21 @@ def load_image_folder(folder: str | Path, size: int, mode: str, resize: bool = F
 
 
 # ------------------------------------------------------------------------------------------- tokens
-def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token: str) -> int:
-    """Add ``token`` to the tokenizer, grow the embedding matrix, copy the initializer's row; returns its id.
+def load_tokenizer(folder: str | Path):
+    """The tokenizer of the diffusers pipeline folder ``folder``, read from its own files (no weights are read)."""
+    import transformers
 
-    ``token`` must be new: a string the tokenizer already reads as one token (a word of its vocabulary or an
-    added token) is refused, as diffusers' ``load_textual_inversion`` would refuse it later.
-    ``initializer_token`` must be exactly one existing token.
-    """
+    folder = Path(folder)
+    library, class_name = json.loads((folder / "model_index.json").read_text())["tokenizer"]
+    if library != "transformers" or not hasattr(transformers, class_name):
+        raise ValueError(f"its tokenizer is {library}.{class_name}, not a transformers tokenizer")
+    return getattr(transformers, class_name).from_pretrained(folder / "tokenizer")
+
+
+def check_placeholder_token(tokenizer, token: str, initializer_token: str) -> int:
+    """``ValueError`` unless ``token`` is new to ``tokenizer`` (a string it already reads as one token, a word of
+    its vocabulary or an added token, is refused, as diffusers' ``load_textual_inversion`` would refuse it later)
+    and ``initializer_token`` is exactly one of its tokens; returns the initializer's id."""
     for name, value in (("token", token), ("initializer_token", initializer_token)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
@@ -125,6 +137,15 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token
     if len(init_ids) != 1:
         raise ValueError(f"initializer_token {initializer_token!r} must be a single token of the vocabulary, "
                          f"it encodes to {len(init_ids)} tokens")
+    return init_ids[0]
+
+
+def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token: str) -> int:
+    """Add ``token`` to the tokenizer, grow the embedding matrix, copy the initializer's row; returns its id.
+
+    ``token`` and ``initializer_token`` as :func:`check_placeholder_token` requires.
+    """
+    init_id = check_placeholder_token(tokenizer, token, initializer_token)
     if tokenizer.add_tokens([token]) != 1:
         raise ValueError(f"the tokenizer refused to add {token!r}")
     token_id = tokenizer.convert_tokens_to_ids(token)
@@ -132,7 +153,7 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_token
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[token_id] = weight[init_ids[0]]
+        weight[token_id] = weight[init_id]
     if tokenizer.encode(f"a {token}", add_special_tokens=False)[-1] != token_id:
         raise ValueError(f"the tokenizer does not read {token!r} back as one token")
     return token_id
@@ -166,6 +187,12 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_exists(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a checkpoint, complete or not (a damaged one is refused, never restarted)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    return any((folder / name).exists() for name in ("state.json", "state.safetensors"))
+
+
 def read_checkpoint_meta(out_dir: str | Path) -> dict:
     """The ``state.json`` of ``out_dir``'s checkpoint, after checking that it and ``state.safetensors`` are
     readable (``ValueError`` naming the damaged or missing file)."""
@@ -177,9 +204,13 @@ def read_checkpoint_meta(out_dir: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
         PersonalizeConfig.from_json(meta["config"])
         int(meta["step"])
+        version = int(meta.get("format", 1))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"damaged checkpoint {str(meta_path)!r} ({type(err).__name__}: {err}); remove "
                          f"{str(folder)!r} to start afresh") from None
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(meta_path)!r} has format {version}, newer than this diffguide reads "
+                         f"({CHECKPOINT_FORMAT}): resume it with the diffguide that wrote it")
     try:
         with safe_open(str(state_path), "pt") as handle:
             handle.keys()
@@ -265,6 +296,17 @@ class PersonalizeConfig:
         values["templates"] = tuple(values["templates"])
         values["timestep_range"] = tuple(values["timestep_range"]) if values.get("timestep_range") else None
         return cls(**values)
+
+
+def check_checkpoint_fits(meta: dict, config: PersonalizeConfig, **expected) -> None:
+    """``ValueError`` naming every difference between a checkpoint's ``state.json`` and this run: the resolved
+    ``config`` except ``steps`` and ``save_every``, and each of ``expected`` (``token=...``, ...)."""
+    saved, ours = PersonalizeConfig.from_json(meta["config"]).to_json(), config.to_json()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {ours[k]!r}" for k in ours
+             if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
+    diffs += [f"{k}: checkpoint {meta.get(k)!r} vs now {now!r}" for k, now in expected.items() if meta.get(k) != now]
+    if diffs:
+        raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
 
 
 def load_pipeline(name_or_path: str | Path, int8: bool, device: str | torch.device | None = None):
@@ -360,7 +402,7 @@ class TextualInversion:
             module.requires_grad_(False).eval()
         if self.config.method == "zo":
             self.theta = self.embedding_weight[self.token_id].detach().float().clone()     # fp32 master copy
-            self.optimizer = ZOAdam(self.config.learning_rate)
+            self.optimizer = zo_adam(self.theta, self.config.learning_rate)
             self.subspace = SubspaceGradient(self.theta.numel(), self.config.tau, self.config.nu)
             self.int8_forward = SharedDequantBuffer(pipe.unet, pipe.text_encoder)     # no-op for float layers
         else:
@@ -448,7 +490,9 @@ class TextualInversion:
                 (lambda points: self._batched_losses(batch, points)) if cfg.batch_directions else loss_at,
                 self.theta, cfg.num_directions, cfg.mu, self.generator, cfg.scaling,
                 effective_dim=self.subspace.effective_dim, batched=cfg.batch_directions)
-        self.optimizer.step(self.theta, self.subspace.project(estimate.grad))
+        self.theta.grad = self.subspace.project(estimate.grad)
+        self.optimizer.step()
+        self.theta.grad = None
         self.subspace.push(self.theta)
         self.embedding_weight[self.token_id] = self.theta.to(self.dtype)
         return float(estimate.base_loss)
@@ -491,35 +535,59 @@ class TextualInversion:
         state = {"embedding": self.embedding, "generator": self.generator.get_state(),
                  "step_count": torch.tensor(self.step_count)}
         if self.config.method == "zo":
-            state |= {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
             state |= {f"subspace.{k}": v for k, v in self.subspace.state_dict().items()}
-        else:
-            adam = self.optimizer.state.get(self.embedding_weight, {})
-            if adam:                              # the other rows are restored every step: only this row matters
-                state |= {"optimizer.step": torch.as_tensor(adam["step"]).float(),
-                          "optimizer.exp_avg": adam["exp_avg"][self.token_id].clone(),
-                          "optimizer.exp_avg_sq": adam["exp_avg_sq"][self.token_id].clone()}
+            adam, row = self.optimizer.state.get(self.theta, {}), slice(None)
+        else:                                     # the other rows are restored every step: only this row matters
+            adam, row = self.optimizer.state.get(self.embedding_weight, {}), self.token_id
+        if adam:
+            state |= {"optimizer.step": torch.as_tensor(adam["step"]).float(),
+                      "optimizer.exp_avg": adam["exp_avg"][row].clone(),
+                      "optimizer.exp_avg_sq": adam["exp_avg_sq"][row].clone()}
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (also the format before ``CHECKPOINT_FORMAT`` 2, whose ZO optimizer state
+        was ``optimizer.step_count``: it continues with ``torch.optim.Adam``, which rounds differently).
+        ``ValueError`` when a tensor is missing or does not fit this run."""
+        state = {k: v.clone() for k, v in state.items()}             # own, aligned memory (not the file's)
+        if "optimizer.step_count" in state:
+            warnings.warn("checkpoint of an earlier diffguide (its own ZO-Adam): continuing with torch.optim.Adam, "
+                          "whose rounding differs, so the result is not bit-identical to an uninterrupted run of "
+                          "that version", stacklevel=2)
+            state["optimizer.step"] = state.pop("optimizer.step_count").float()
         vector = state["embedding"].to(self.device, torch.float32)
-        if vector.numel() != self.embedding_weight.shape[1]:
-            raise ValueError(f"checkpoint embedding has {vector.numel()} values, the text encoder "
-                             f"{self.embedding_weight.shape[1]}")
-        self.step_count = int(state["step_count"])
-        self.generator.set_state(state["generator"])
-        self.embedding_weight[self.token_id] = vector.to(self.dtype)
-        sub = lambda prefix: {k[len(prefix):]: v.to(self.device) for k, v in state.items() if k.startswith(prefix)}
+        dim = self.embedding_weight.shape[1]
+        if vector.shape != (dim,):
+            raise ValueError(f"checkpoint embedding has shape {tuple(vector.shape)}, the text encoder's is ({dim},)")
+        step_count = int(state["step_count"])
+        adam = {k: state[f"optimizer.{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"optimizer.{k}" in state}
+        if (len(adam) != 3 if step_count else adam) or (adam and (int(adam["step"]) != step_count or any(
+                adam[k].shape != (dim,) for k in ("exp_avg", "exp_avg_sq")))):
+            found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in adam.items()) or "none"
+            raise ValueError(f"the optimizer state ({found}) does not fit {step_count} steps of a ({dim},) vector")
         if self.config.method == "zo":
-            self.theta = vector.clone()
-            self.optimizer.load_state_dict(sub("optimizer."))
-            self.subspace.load_state_dict(sub("subspace."))
-        elif "optimizer.step" in state:
-            exp_avg, exp_avg_sq = torch.zeros_like(self.embedding_weight), torch.zeros_like(self.embedding_weight)
-            exp_avg[self.token_id], exp_avg_sq[self.token_id] = state["optimizer.exp_avg"], state["optimizer.exp_avg_sq"]
-            self.optimizer.state[self.embedding_weight] = {"step": state["optimizer.step"].clone(),
-                                                           "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            subspace = SubspaceGradient(dim, self.config.tau, self.config.nu)
+            subspace.load_state_dict({k[len("subspace."):]: v.to(self.device) for k, v in state.items()
+                                      if k.startswith("subspace.")})
+            if subspace.num_pushed != step_count:
+                raise ValueError(f"the subspace history holds {subspace.num_pushed} steps, the checkpoint {step_count}")
+        self.generator.set_state(state["generator"])
+        self.step_count = step_count
+        self.embedding_weight[self.token_id] = vector.to(self.dtype)
+        if self.config.method == "zo":
+            self.theta.copy_(vector)                         # in place: the optimizer holds this tensor
+            self.subspace = subspace
+            target, exp_avg, exp_avg_sq = self.theta, *(adam.get(k) for k in ("exp_avg", "exp_avg_sq"))
+        else:
+            target = self.embedding_weight
+            if adam:
+                exp_avg, exp_avg_sq = torch.zeros_like(target), torch.zeros_like(target)
+                exp_avg[self.token_id], exp_avg_sq[self.token_id] = adam["exp_avg"], adam["exp_avg_sq"]
+        self.optimizer.state.clear()
+        if adam:
+            self.optimizer.state[target] = {"step": adam["step"].float(), "exp_avg": exp_avg.to(target),
+                                            "exp_avg_sq": exp_avg_sq.to(target)}
 
     def save_checkpoint(self, out_dir: str | Path) -> Path:
         """Write ``learned_embeds.safetensors`` and ``checkpoint/state.safetensors`` + ``state.json``."""
@@ -528,7 +596,7 @@ class TextualInversion:
         folder.mkdir(parents=True, exist_ok=True)
         embedding_path = save_learned_embedding(out_dir / EMBEDDING_FILE, self.token, self.embedding)
         _atomic_save(self.state_dict(), folder / "state.safetensors")
-        meta = {"step": self.step_count, "token": self.token, "initializer_token": self.initializer_token,
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "token": self.token, "initializer_token": self.initializer_token,
                 "num_images": len(self.images), "images_sha256": self.images_sha256,
                 "model_fingerprint": self.model_fingerprint, "config": self.config.to_json()}
         tmp = folder / "state.json.tmp"
@@ -546,17 +614,9 @@ class TextualInversion:
         folder = Path(out_dir) / CHECKPOINT_DIR
         meta = read_checkpoint_meta(out_dir)
         state_path = folder / "state.safetensors"
-        saved = PersonalizeConfig.from_json(meta["config"]).to_json()
-        ours = self.config.to_json()
-        diffs = [f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in ours
-                 if k not in ("steps", "save_every") and saved.get(k) != ours[k]]
-        for key, now in (("token", self.token), ("initializer_token", self.initializer_token),
-                         ("num_images", len(self.images)), ("images_sha256", self.images_sha256),
-                         ("model_fingerprint", self.model_fingerprint)):
-            if meta.get(key) != now:
-                diffs.append(f"{key}: checkpoint {meta.get(key)!r} vs now {now!r}")
-        if diffs:
-            raise ValueError("cannot resume, the run differs from the checkpoint: " + "; ".join(diffs))
+        check_checkpoint_fits(meta, self.config, token=self.token, initializer_token=self.initializer_token,
+                              num_images=len(self.images), images_sha256=self.images_sha256,
+                              model_fingerprint=self.model_fingerprint)
         try:
             state = load_file(str(state_path))
             self.load_state_dict(state)
@@ -577,11 +637,14 @@ class TextualInversion:
         ``callback(step, loss)`` is called after every step.
         """
         out_dir = Path(out_dir)
-        has_checkpoint = (out_dir / CHECKPOINT_DIR / "state.json").is_file()
+        has_checkpoint = checkpoint_exists(out_dir)
         if has_checkpoint and not resume:
             raise ValueError(f"{out_dir} already holds a checkpoint; resume it or choose another output folder")
         if has_checkpoint and self.step_count == 0:
             self.load_checkpoint(out_dir)
+            if self.step_count > self.config.steps:
+                raise ValueError(f"the checkpoint in {out_dir} is at step {self.step_count}, past the "
+                                 f"{self.config.steps} steps asked for; ask for {self.step_count} or more")
         bar = tqdm(total=self.config.steps, initial=min(self.step_count, self.config.steps), disable=not progress,
                    desc=f"textual inversion ({self.config.method})", unit="step")
         saved_at = self.step_count

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 MODELS: dict[str, str] = {

@@ -288,13 +288,13 @@ def test_cfgpp_dpmpp_with_equal_estimates_is_the_scheduler_step(options):
         x_ours = x_plain.clone()  # compare each step from the same state
 
 
-@pytest.mark.parametrize("options", [dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=3),
+@pytest.mark.parametrize("options", [dict(algorithm_type="sde-dpmsolver"), dict(solver_order=3),
                                      dict(thresholding=True), dict(algorithm_type="dpmsolver")])
 def test_cfgpp_dpmpp_refuses_options_it_does_not_follow(options):
     from diffusers import DPMSolverMultistepScheduler
     from diffguide.guidance.scheduler_step import check_scheduler
     kwargs = dict(options)
-    if kwargs.get("algorithm_type") == "dpmsolver":
+    if kwargs.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver"):
         kwargs["final_sigmas_type"] = "sigma_min"
     with pytest.raises(ValueError, match="does not follow"):
         check_scheduler(DPMSolverMultistepScheduler(**kwargs))

@@ -44,7 +44,7 @@ USAGE_ERRORS = [
     ("sample", ["--guidance", "cfg@2"], ["--guidance", "--scale"]),
     ("sample", ["--guidance", "cfg:scale=3", "--scale", "2"], ["--guidance", "'cfg:scale=3'", "scale once"]),
     ("sample", ["--guidance", "apg:momentum=x"], ["--guidance", "'apg:momentum=x'"]),
-    ("sample", ["--scheduler", "heun"], ["--scheduler", "'heun'", "ddim"]),
+    ("sample", ["--scheduler", "heun_pp"], ["--scheduler", "'heun_pp'", "ddim"]),
     ("sample", ["--guidance", "rcfgpp"], ["--guidance", "'rcfgpp'", "other noise levels", "StableDiffusion3Pipeline",
                                           "digits-class is a ClassConditionalPipeline"]),
     ("sample", ["--model", "digits-flow", "--scheduler", "ddim"], ["--scheduler", "rectified-flow", "flow_euler"]),
@@ -72,6 +72,9 @@ USAGE_ERRORS = [
     ("solve", ["--solver", "enkg", "--particles", "1"], ["--particles", "1", "2 or more"]),
     ("solve", ["--solver", "pinv", "--task", "phase_retrieval"], ["--solver", "pinv", "phase_retrieval", "linear"]),
     ("solve", ["--task", "denoise"], ["--task", "'denoise'", "inpaint_box"]),
+    ("solve", ["--task", "heat", "--solver", "dps"], ["--solver", "dps", "--task heat", "black box", "enkg"]),
+    ("solve", ["--task", "heat", "--solver", "latent_dps"], ["--solver", "latent_dps", "black box", "enkg"]),
+    ("solve", ["--task", "phase_retrieval", "--solver", "mcg"], ["--solver", "mcg", "phase_retrieval", "linear"]),
     ("solve", ["--steps", "0"], ["--steps", "'0'", ">= 1"]),
     ("solve", ["--steps", "1"], ["--steps", "digits-class", "t = 1", "not noise", "--steps 5 or more"]),
     ("solve", ["--zoom", "0"], ["--zoom", "'0'", "1..64"]),
@@ -84,6 +87,16 @@ USAGE_ERRORS = [
     ("evaluate", ["--images", "{corrupt_folder}", "--out", "{out}"], ["--images", "bad.png", "not a readable image"]),
     ("evaluate", ["--images", "{mixed_folder}", "--out", "{out}"], ["--images", "20x20", "16x16", "one size"]),
     ("evaluate", ["--images", "{a_folder}", "--out", "{out}"], ["--images", "no .png"]),
+    ("evaluate", ["--images", "{one_image_folder}", "--out", "{out}"], ["--images", "fid and kid", "at least 2", "1"]),
+    ("evaluate", ["--images", "{one_image_folder}", "--metrics", "kid", "--out", "{out}"], ["--images", "kid need"]),
+    ("evaluate", ["--images", "{corrupt_folder}", "--metrics", "clip_score", "--out", "{out}"],
+     ["--metrics", "clip_score", "'text'", "metadata.jsonl"]),
+    ("evaluate", ["--images", "{corrupt_folder}", "--metrics", "accuracy", "--out", "{out}"],
+     ["--metrics", "accuracy", "'label'"]),
+    ("evaluate", ["--model", "digits-class", "--metrics", "clip_score", "--out", "{out}"],
+     ["--metrics", "clip_score", "digits-class", "class-conditional"]),
+    ("evaluate", ["--model", "digits-class", "--num-images", "1", "--out", "{out}"],
+     ["--num-images", "fid and kid", "at least 2", "got 1"]),
     ("evaluate", ["--model", "digits-class", "--eta", "nan", "--out", "{out}"], ["--eta", "'nan'", "finite"]),
     ("evaluate", ["--model", "digits-class", "--threads", "-2", "--out", "{out}"], ["--threads", "'-2'", ">= 1"]),
     ("evaluate", ["--model", "digits-class", "--num-images", "0", "--out", "{out}"], ["--num-images", "'0'"]),
@@ -115,7 +128,8 @@ def files(tmp_path):
     paths = {"a_file": tmp_path / "a_file.txt", "a_folder": tmp_path / "a_folder", "out": tmp_path / "out",
              "good_png": tmp_path / "good.png", "missing_png": tmp_path / "missing.png",
              "corrupt_png": tmp_path / "corrupt.png", "text_png": tmp_path / "text.png",
-             "corrupt_folder": tmp_path / "corrupt_folder", "mixed_folder": tmp_path / "mixed_folder"}
+             "corrupt_folder": tmp_path / "corrupt_folder", "mixed_folder": tmp_path / "mixed_folder",
+             "one_image_folder": tmp_path / "one_image_folder"}
     paths["a_file"].write_text("not a folder")
     paths["a_folder"].mkdir()
     Image.new("L", (16, 16), 128).save(paths["good_png"])
@@ -128,6 +142,8 @@ def files(tmp_path):
             Image.new("L", (16, 16), 40 * i).save(paths[name] / f"{i:03d}.png")
     (paths["corrupt_folder"] / "bad.png").write_bytes(data[:8] + _png_chunk(b"IHDR", b"\0" * 13))
     Image.new("L", (20, 20), 10).save(paths["mixed_folder"] / "zz-big.png")
+    paths["one_image_folder"].mkdir()
+    Image.new("L", (16, 16), 128).save(paths["one_image_folder"] / "000.png")
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -278,22 +278,24 @@ def test_cfgpp_inversion_on_a_flow_plan_is_exact_when_the_velocities_agree():
 
 
 # ---- Rectified-CFG++ ---------------------------------------------------------------------------------------------
-def rcfgpp_ref(model, x_flow, s, s_next, t, lam, labels, null, f=0.5):
-    """Alg. 1 of Saini et al. in flow coordinates: predictor along v_c to s + f dt, corrector there."""
+def rcfgpp_ref(model, x_flow, s, s_next, t, lam, labels, null, f=0.5, gamma=0.0):
+    """Alg. 1 of Saini et al. in flow coordinates: predictor along v_c to s + f dt, corrector there, weighted by
+    lambda(s) = lam (1 - s)^gamma."""
     v_c = model.velocity(x_flow, t, labels)
     s_hat = s + f * (s_next - s)
     x_hat = x_flow + (s_hat - s) * v_c
     t_hat = t * s_hat / s
-    return v_c + lam * (model.velocity(x_hat, t_hat, labels) - model.velocity(x_hat, t_hat, null))
+    weight = lam * (1 - s) ** gamma
+    return v_c + weight * (model.velocity(x_hat, t_hat, labels) - model.velocity(x_hat, t_hat, null))
 
 
 @pytest.mark.parametrize("index", [0, 4, 9])  # from pure noise, a middle step, the last step (to s = 0)
-@pytest.mark.parametrize("fraction", [0.5, 0.9])
-def test_rectified_cfgpp_step_equals_the_paper_algorithm(index, fraction):
+@pytest.mark.parametrize("fraction,gamma", [(0.5, 0.0), (0.9, 0.0), (0.5, 1.5)])
+def test_rectified_cfgpp_step_equals_the_paper_algorithm(index, fraction, gamma):
     model = gmm()
     plan = plan_from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), 10)
     plan = Plan(plan.timesteps.double(), plan.sigmas, plan.prediction_type)  # float64 times: oracle to 1e-10
-    guide = guidance.RectifiedCFGPlusPlus(2.5, plan, predictor_fraction=fraction)
+    guide = guidance.RectifiedCFGPlusPlus(2.5, plan, predictor_fraction=fraction, gamma=gamma)
     labels, null = torch.tensor([0, 1, 2, 0]), torch.full((4,), 3)
     den = GuidedDenoiser(diffusers_model_fn(model), guide, {"class_labels": labels}, {"class_labels": null}, "flow")
     s = 1.0 if index == 0 else float(plan.sigmas[index] / (1 + plan.sigmas[index]))
@@ -302,9 +304,10 @@ def test_rectified_cfgpp_step_equals_the_paper_algorithm(index, fraction):
     alpha, sigma = plan.alpha(index), plan.sigma_vp(index)
     level = Level(plan.timesteps[index], alpha, sigma, index, plan.num_steps)
     x0 = den(x_flow * (alpha + sigma), level).x0
-    want_v = rcfgpp_ref(model, x_flow, s, s_next, plan.timesteps[index], 2.5, labels, null, fraction)
+    want_v = rcfgpp_ref(model, x_flow, s, s_next, plan.timesteps[index], 2.5, labels, null, fraction, gamma)
     torch.testing.assert_close(x0, x_flow - s * want_v, rtol=1e-10, atol=1e-10)
-    assert den.rows == 3 * 4  # v_c at x, both branches at x_hat: three passes of the batch (CFG: two)
+    # v_c at x, both branches at x_hat: three passes of the batch (CFG: two); lambda(1) = 0 when gamma > 0
+    assert den.rows == (4 if gamma > 0 and index == 0 else 3 * 4)
 
 
 def test_rectified_cfgpp_scale_zero_is_the_conditional_flow_and_bad_use_is_refused():
@@ -318,8 +321,11 @@ def test_rectified_cfgpp_scale_zero_is_the_conditional_flow_and_bad_use_is_refus
             Step(step.x, step.t, step.alpha, step.sigma, 2, 10, step.pred_cond, step.pred_uncond, "epsilon"))
     with pytest.raises(ValueError, match="plan"):  # the step is not at the plan's level
         guidance.RectifiedCFGPlusPlus(2.0, plan).combine(step)
-    with pytest.raises(ValueError, match="predictor_fraction"):
-        guidance.RectifiedCFGPlusPlus(2.0, predictor_fraction=1.0)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="predictor_fraction"):
+            guidance.RectifiedCFGPlusPlus(2.0, predictor_fraction=fraction)
+    with pytest.raises(ValueError, match="corrector_time"):
+        guidance.RectifiedCFGPlusPlus(2.0, corrector_time="current")
     assert isinstance(guidance.build_guide("rcfgpp", 1.5), guidance.RectifiedCFGPlusPlus)
 
 

@@ -144,9 +144,92 @@ def test_resume_continues_exactly(method, tmp_path):
     assert not torch.equal(straight.embedding, first.embedding)
     if method == "zo":
         assert straight.subspace.basis is not None and torch.equal(second.subspace.basis, straight.subspace.basis)
-        assert torch.equal(second.optimizer.exp_avg, straight.optimizer.exp_avg)
+        assert torch.equal(second.optimizer.state[second.theta]["exp_avg"],
+                           straight.optimizer.state[straight.theta]["exp_avg"])
     token, vector = load_learned_embedding(path)
     assert token == "<s1>" and torch.equal(vector, straight.embedding)
+
+
+def resumable(method, **kwargs):
+    """A run whose subspace basis is not empty after each refresh (text width 64, nu 0.3), refreshed every 3
+    steps: the basis's product rounds differently if it is read back in another memory layout."""
+    cfg = config(method=method, tau=3, nu=0.3, learning_rate=1e-2, save_every=100, **kwargs)
+    return lambda steps: TextualInversion(tiny_sd(text_dim=64), images(), "<s1>", "a",
+                                          PersonalizeConfig(**{**cfg.__dict__, "steps": steps}))
+
+
+@pytest.mark.parametrize("method", ["zo", "backprop"])
+def test_resume_after_subspace_refreshes_is_bit_identical(method, tmp_path):
+    """Stopped at step 4 (after the refresh at 3) and at step 7 (after those at 3 and 6), resumed each time:
+    the embedding equals an uninterrupted run's bit for bit at every stop."""
+    make = resumable(method)
+    straight, path = make(10), {}
+    straight.train(tmp_path / "straight", progress=False,
+                   callback=lambda step, loss: path.update({step: straight.embedding}))
+    if method == "zo":
+        assert straight.subspace.num_pushed == 10 and straight.subspace.basis.shape[0] >= 1
+    for stop in (4, 7, 10):
+        run = make(stop)
+        run.train(tmp_path / "resumed", resume=True, progress=False)
+        assert run.step_count == stop
+        assert torch.equal(run.embedding, path[stop]), (stop, (run.embedding - path[stop]).abs().max())
+    if method == "zo":
+        assert torch.equal(run.subspace.basis, straight.subspace.basis)
+        assert torch.equal(run.optimizer.state[run.theta]["exp_avg_sq"],
+                           straight.optimizer.state[straight.theta]["exp_avg_sq"])
+
+
+def test_damaged_or_mismatched_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make, run = resumable("zo"), tmp_path / "run"
+    make(4).train(run, progress=False)
+    folder = run / "checkpoint"
+    good, meta = load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
+    broken_states = [({k: v for k, v in good.items() if k != "subspace.basis"}, r"basis None after 4 pushes"),
+                     ({**good, "subspace.history": good["subspace.history"][:2]}, r"history \(2, 64\) after 4"),
+                     ({**good, "subspace.num_pushed": torch.tensor(5)}, "subspace history holds 5 steps"),
+                     ({**good, "optimizer.step": torch.tensor(3.0)}, "optimizer state"),
+                     ({k: v for k, v in good.items() if k != "optimizer.exp_avg"}, "optimizer state"),
+                     ({**good, "embedding": torch.zeros(8)}, r"embedding has shape \(8,\)"),
+                     ({**good, "generator": torch.zeros(3, dtype=torch.uint8)}, "RuntimeError")]
+    for state, match in broken_states:
+        save_file(state, str(folder / "state.safetensors"))
+        with pytest.raises(ValueError, match=r"^damaged checkpoint .*state.safetensors.*" + match):
+            make(6).train(run, resume=True, progress=False)
+    save_file(good, str(folder / "state.safetensors"))
+    with pytest.raises(ValueError, match="at step 4, past the 3 steps asked for"):
+        make(3).train(run, resume=True, progress=False)
+    (folder / "state.json").write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(ValueError, match="has format 3, newer than this diffguide reads"):
+        make(6).train(run, resume=True, progress=False)
+    (folder / "state.json").unlink()                                 # never silently restarted
+    with pytest.raises(ValueError, match=r"damaged checkpoint .*state.json.*FileNotFoundError"):
+        make(6).train(run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        make(6).train(run, progress=False)
+
+
+def test_checkpoint_of_the_earlier_format_resumes(tmp_path):
+    """Before format 2 the ZO optimizer state was saved as ``optimizer.step_count`` (an int); it still resumes,
+    with a warning that the continuation uses torch.optim.Adam."""
+    from safetensors.torch import load_file, save_file
+
+    make = resumable("zo")
+    straight = make(6)
+    straight.train(tmp_path / "straight", progress=False)
+    make(4).train(tmp_path / "old", progress=False)
+    folder = tmp_path / "old" / "checkpoint"
+    state = load_file(str(folder / "state.safetensors"))
+    state["optimizer.step_count"] = state.pop("optimizer.step").long()
+    save_file(state, str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    del meta["format"]
+    (folder / "state.json").write_text(json.dumps(meta))
+    resumed = make(6)
+    with pytest.warns(UserWarning, match="earlier diffguide"):
+        resumed.train(tmp_path / "old", resume=True, progress=False)
+    assert torch.equal(resumed.embedding, straight.embedding)       # the saved moments are read as they were
 
 
 def test_saved_embedding_loads_in_a_fresh_pipeline_and_changes_the_output(tmp_path):
@@ -262,13 +345,22 @@ def test_command_line_trains_resumes_and_rejects_bad_input(cli_setup, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "starting afresh" in err
     assert (tmp_path / "out" / "learned_embeds.safetensors").stat().st_mode & 0o777 == 0o644
-    main(common + ["--steps", "4", "--resume"])
+    main(common + ["--steps", "4", "--resume", "--sample", "3", "--prompt", "a <s1>"])
     meta = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
     assert meta["step"] == 4 and meta["config"]["method"] == "zo"
     err = capsys.readouterr().err
     assert "continuing" in err and "from step 2" in err and "4 steps" in err
-    with pytest.raises(SystemExit, match="already in the tokenizer's vocabulary"):
+    # samples.png: a title line above the 16 px images (magnified to 64 px), the prompt to their left
+    grid = np.asarray(Image.open(tmp_path / "out" / "samples.png").convert("L"))
+    ink = grid < 128
+    first_tile_row = next(y for y in range(grid.shape[0]) if (grid[y] != 255).sum() > 3 * 60)
+    assert grid.shape[1] > 3 * 64 and ink[:first_tile_row].any() and ink[first_tile_row:, :40].any()
+    with pytest.raises(SystemExit, match="at step 4, past --steps 3; pass --steps 4 or more"):
+        main(common + ["--steps", "3", "--resume"])
+    with pytest.raises(SystemExit) as exit_info:
         main(common[:4] + ["a"] + common[5:] + ["--steps", "1", "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--token: token 'a' is already in the tokenizer's vocabulary" in err
     (tmp_path / "none").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "none")] + common[1:])
@@ -346,6 +438,61 @@ def test_command_line_saves_and_trains_from_a_saved_int8_folder(cli_setup, capsy
              + ["--steps", "1", "--quantized", str(tmp_path / "q"), "--model", str(tmp_path / "other")])
 
 
+@pytest.mark.parametrize("token, initializer, message", [
+    ("a", "a", "--token: token 'a' is already in the tokenizer's vocabulary"),
+    ("<|endoftext|>", "a", "--token: token '<|endoftext|>' is already in the tokenizer's vocabulary"),
+    ("<s1>", "cat", "--initializer-token: initializer_token 'cat' must be a single token of the vocabulary, "
+                    "it encodes to 3 tokens"),
+])
+def test_command_line_token_problems_exit_2_without_reading_weights(token, initializer, message, cli_setup, capsys):
+    """Checked on the tokenizer's files alone: every weight file of the model folder is garbage here, so any
+    attempt to read weights would fail with another message."""
+    from diffguide.scripts.personalize import main
+
+    tmp_path, common = cli_setup
+    weights = list((tmp_path / "model").rglob("*.safetensors"))
+    assert len(weights) == 3
+    for path in weights:
+        path.write_bytes(b"not weights")
+    args = common[:4] + [token] + common[5:6] + [initializer] + common[7:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--steps", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1].startswith(f"diffguide-personalize: error: {message}"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_keeps_the_examples_and_shows_each_default_once(capsys, monkeypatch):
+    import argparse
+
+    from diffguide.scripts import personalize as cli
+
+    parsers = []
+    parse = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    examples = [line for line in cli.__doc__.splitlines() if line.strip().startswith("diffguide-personalize ")]
+    assert len(examples) == 4 and all(example in lines for example in examples)
+    options = [a for a in parsers[0]._actions if a.option_strings and a.dest != "help"]
+    starts = {a.dest: next(i for i, line in enumerate(lines) if (line + " ").startswith(f"  {a.option_strings[0]} "))
+              for a in options}
+    bounds = sorted(starts.values()) + [len(lines)]
+    for action in options:
+        start = starts[action.dest]
+        block = " ".join(lines[start:bounds[bounds.index(start) + 1]])
+        shown = block.count("default")
+        has_default = action.default not in (None, False)
+        assert shown == 1 if has_default else shown <= 1, (action.option_strings[0], block)
+        if has_default and "(default: " in block and action.help and "default" not in action.help:
+            assert f"(default: {action.default})" in block
+
+
 def test_command_line_checkpoint_problems_are_named_before_loading(cli_setup, capsys, monkeypatch):
     from diffguide.scripts import personalize as cli
     from diffguide.tasks import personalize
@@ -356,6 +503,9 @@ def test_command_line_checkpoint_problems_are_named_before_loading(cli_setup, ca
     with pytest.raises(SystemExit) as exit_info:                               # no --resume
         cli.main(common + ["--steps", "4"])
     assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: cannot resume, the run differs from the checkpoint: learning_rate: "
+                                         r"checkpoint 0.005 vs now 0.5; tau: checkpoint 2 vs now 3$"):
+        cli.main(common + ["--steps", "4", "--resume", "--lr", "0.5", "--tau", "3"])
     (tmp_path / "out2").write_text("a file")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(common[:8] + [str(tmp_path / "out2")] + common[9:] + ["--steps", "4"])

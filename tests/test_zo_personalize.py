@@ -1,4 +1,4 @@
-"""ZOODiP maths: RGE unbiasedness on a quadratic, exact subspace projection, PUTS range, ZO-Adam == torch Adam."""
+"""ZOODiP maths: RGE unbiasedness on a quadratic, exact subspace projection, PUTS range, ZO-Adam == Adam's formula."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, ZOAdam, random_gradient_estimate
+from diffguide.guidance.zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate, zo_adam
 
 Z = 5.0   # tolerance in standard errors of a Monte-Carlo mean (two-sided p ~ 6e-7 per coordinate)
 
@@ -167,23 +167,82 @@ def test_puts_range_and_uniformity():
         PartialUniformTimesteps(0.5, 900)
 
 
-def test_zo_adam_equals_torch_adam():
+def adam_reference(theta, grads, lr, betas=(0.9, 0.999), eps=1e-3, bias_correction=True):
+    """Kingma & Ba (2015) Algorithm 1 in float64, ``eps`` outside the square root: theta after every step."""
+    b1, b2 = betas
+    theta, m, v, path = theta.double(), 0.0, 0.0, []
+    for k, g in enumerate(grads.double(), 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        c1, c2 = (1 - b1 ** k, 1 - b2 ** k) if bias_correction else (1.0, 1.0)
+        theta = theta - lr * (m / c1) / ((v / c2).sqrt() + eps)
+        path.append(theta)
+    return torch.stack(path)
+
+
+def test_zo_adam_follows_the_adam_formula():
     gen = torch.Generator().manual_seed(0)
-    theta = torch.randn(10, generator=gen)
-    param = torch.nn.Parameter(theta.clone())
-    ours, ref = ZOAdam(lr=1e-2), torch.optim.Adam([param], lr=1e-2, betas=(0.9, 0.999), eps=1e-3)
-    for _ in range(20):
-        grad = torch.randn(10, generator=gen)
-        ours.step(theta, grad)
-        param.grad = grad.clone()
-        ref.step()
-    torch.testing.assert_close(theta, param.detach(), rtol=1e-6, atol=1e-7)
+    start = torch.randn(64, generator=gen)
+    grads = torch.randn(300, 64, generator=gen) * torch.logspace(-5, 0, 64)       # below and above eps
+    theta, lr = start.clone(), 1e-2
+    optimizer = zo_adam(theta, lr)
+    path = []
+    for grad in grads:
+        theta.grad = grad.clone()
+        optimizer.step()
+        path.append(theta.clone())
+    path = torch.stack(path).double()
+    # float32 rounds theta (half an ulp of |theta|) and the update (a few ulps of lr) once per step
+    tolerance = len(grads) * torch.finfo(torch.float32).eps * float(path.abs().max() + 10 * lr)
+    assert (path - adam_reference(start, grads, lr)).abs().max() < tolerance
+    assert (path - adam_reference(start, grads, lr, bias_correction=False)).abs().max() > 10 * tolerance
+    assert (path - adam_reference(start, grads, lr, eps=1e-8)).abs().max() > 10 * tolerance
     # first step from zero state: lr * g / (|g| + eps)
     first, g = torch.zeros(3), torch.tensor([1e-2, -1.0, 0.0])
-    ZOAdam(lr=0.1).step(first, g)
+    optimizer = zo_adam(first, lr=0.1)
+    first.grad = g
+    optimizer.step()
     torch.testing.assert_close(first, -0.1 * g / (g.abs() + 1e-3))
-    restored = ZOAdam(lr=1e-2)
-    restored.load_state_dict(ours.state_dict())
-    assert restored.step_count == 20 and torch.equal(restored.exp_avg, ours.exp_avg)
     with pytest.raises(ValueError, match="betas"):
-        ZOAdam(betas=(0.9, 1.0))
+        zo_adam(torch.zeros(3), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lr"):
+        zo_adam(torch.zeros(3), lr=0.0)
+    with pytest.raises(TypeError, match="leaf"):
+        zo_adam(torch.zeros(3, requires_grad=True) * 2)
+    with pytest.raises(AttributeError, match="torch.optim.Adam"):
+        import diffguide.guidance.zo_personalize as zo
+
+        zo.ZOAdam
+
+
+def test_subspace_state_read_back_projects_bit_for_bit(tmp_path):
+    """A basis written to safetensors and read back projects exactly as the one computed (the rounding of
+    ``g @ P.T`` follows P's memory layout), after one and after several refreshes."""
+    from safetensors.torch import load_file, save_file
+
+    dim, tau = 64, 8
+    sg = SubspaceGradient(dim, tau=tau, nu=0.1)
+    rows = torch.randn(3 * tau, dim, generator=torch.Generator().manual_seed(2)).cumsum(0)    # a random walk
+    grads = torch.randn(20, dim, generator=torch.Generator().manual_seed(0))
+    for refresh in range(3):
+        for row in rows[refresh * tau:(refresh + 1) * tau]:
+            sg.push(row)
+        assert sg.basis.shape[0] >= 1
+        save_file({k: v.contiguous() for k, v in sg.state_dict().items()}, str(tmp_path / "sg.safetensors"))
+        restored = SubspaceGradient(dim, tau=tau, nu=0.1)
+        restored.load_state_dict(load_file(str(tmp_path / "sg.safetensors")))
+        for grad in grads:
+            assert torch.equal(restored.project(grad), sg.project(grad))
+
+
+def test_subspace_state_that_does_not_fit_is_refused():
+    sg = SubspaceGradient(16, tau=4)
+    for row in anisotropic_history(5, 16):
+        sg.push(row)
+    state = sg.state_dict()
+    for bad, match in (({"basis": None}, "basis None after 5 pushes"), ({"history": torch.zeros(3, 16)}, "history"),
+                       ({"num_pushed": torch.tensor(2)}, "basis"), ({"basis": torch.zeros(2, 8)}, "basis")):
+        broken = {k: v for k, v in {**state, **bad}.items() if v is not None}
+        with pytest.raises(ValueError, match=match):
+            SubspaceGradient(16, tau=4).load_state_dict(broken)
+    with pytest.raises(ValueError, match="tau=8"):
+        SubspaceGradient(16, tau=8).load_state_dict(state)

@@ -18,17 +18,18 @@ def byte_tokenizer() -> CLIPTokenizer:
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
-def tiny_sd(seed: int = 0, scheduler=None) -> StableDiffusionPipeline:
+def tiny_sd(seed: int = 0, scheduler=None, text_dim: int = 16) -> StableDiffusionPipeline:
+    """``text_dim``: width of the text encoder and of the UNet's cross-attention."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+        cross_attention_dim=text_dim, norm_num_groups=4, attention_head_dim=4)
     vae = AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         latent_channels=4, norm_num_groups=4, sample_size=16)
     tok = byte_tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=text_dim,
                                       intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                                       vocab_size=len(tok), max_position_embeddings=16))
     scheduler = scheduler or DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
