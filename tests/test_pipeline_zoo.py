@@ -210,6 +210,22 @@ def test_controlnet_residuals_follow_row_selection_and_extra_passes_are_refused(
             pass
 
 
+def test_per_frame_repeated_arguments_follow_row_selection(monkeypatch):
+    """AnimateDiff repeats the prompt embeddings per frame: AG's conditional-only steps select all their frames.
+    Without the row's ``repeated`` field the selection takes the wrong rows, and the UNet refuses the batch."""
+    import dataclasses
+
+    pipe = build("sd-animatediff")
+    out, rows = run(pipe, "sd-animatediff", guidance.AdaptiveGuidance(SCALE, threshold=0.5))
+    frames = 3
+    assert torch.isfinite(out).all() and rows[0] == 2 * frames and rows[-1] == frames
+    row = family_of(pipe)
+    plain = dataclasses.replace(row, repeated=())
+    monkeypatch.setattr(families, "FAMILIES", (plain,) + families.FAMILIES)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        run(pipe, "sd-animatediff", guidance.AdaptiveGuidance(SCALE, threshold=0.5))
+
+
 def test_rectified_cfgpp_is_refused_on_a_flow_controlnet_family():
     from diffguide.guidance.hook import _check_guide
     from diffguide.guidance.session import Session

@@ -53,6 +53,15 @@ def sd(kind: str):
         return _quiet(StableDiffusionInstructPix2PixPipeline(**dict(parts, unet=_sd_unet(8))))
     if kind == "pag":
         return _quiet(StableDiffusionPAGPipeline(**parts, pag_applied_layers=["down"]))
+    if kind == "animatediff":
+        from diffusers import AnimateDiffPipeline, MotionAdapter
+
+        torch.manual_seed(1)
+        adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                                motion_num_attention_heads=2, motion_max_seq_length=8)
+        return _quiet(AnimateDiffPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                          tokenizer=parts["tokenizer"], unet=parts["unet"], motion_adapter=adapter,
+                                          scheduler=parts["scheduler"]))
     if kind == "inpaint":
         return _quiet(StableDiffusionInpaintPipeline(**dict(parts, unet=_sd_unet(9))))
     torch.manual_seed(1)
@@ -150,6 +159,8 @@ def _call(family: str, kind: str, s: float) -> dict:
         kw.update(image=image(), image_guidance_scale=1.5)
     if kind == "pag":
         kw.update(pag_scale=0.0, height=IMAGE, width=IMAGE)
+    if kind == "animatediff":
+        kw.update(num_frames=3, height=IMAGE, width=IMAGE)
     if kind == "kontext":
         kw.update(image=image(), height=IMAGE, width=IMAGE, _auto_resize=False, max_area=IMAGE * IMAGE)
     if kind == "i2v":
@@ -158,7 +169,7 @@ def _call(family: str, kind: str, s: float) -> dict:
 
 
 BUILDS = {f"{family}-{kind}": (builder, lambda s, f=family, k=kind: _call(f, k, s))
-          for family, builder, kinds in (("sd", sd, ("img2img", "inpaint", "controlnet", "pix2pix", "pag")),
+          for family, builder, kinds in (("sd", sd, ("img2img", "inpaint", "controlnet", "pix2pix", "pag", "animatediff")),
                                          ("sdxl", sdxl, ("img2img", "inpaint", "pix2pix")),
                                          ("sd3", sd3, ("img2img", "inpaint")),
                                          ("flux", flux, ("img2img", "kontext")),
