@@ -10,6 +10,7 @@ seed (or generator) per image, so an image's noise does not depend on the batch 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -83,7 +84,9 @@ class BrownianTreeNoise:
                                 dtype=self.t0.dtype, device=self.t0.device).clamp(self.t0, self.t1) for v in (s, s_next))
         lo, hi = (a, b) if a < b else (b, a)
         sign = 1.0 if a < b else -1.0
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with warnings.catch_warnings():     # torchsde rounds the tree's ends and clamps a query 1 ulp outside them
+            warnings.filterwarnings("ignore", message="Should have t[ab]", category=UserWarning)
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return (w if self.batched else w[0]) / (hi - lo).sqrt()
 
 
