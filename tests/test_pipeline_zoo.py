@@ -185,15 +185,22 @@ def test_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(nam
         torch.testing.assert_close(final.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_start_level_is_where_the_scheduler_steps_from_on_img2img():
-    """strength < 1 on a flow schedule: the first level is sigmas[begin_index], not sigmas[0]."""
-    pipe = build("flux-img2img")
+@pytest.mark.parametrize("name", ["flux-img2img", "wan-v2v"])
+def test_start_level_is_where_the_scheduler_steps_from(name):
+    """strength < 1 on a flow schedule: the first level is the schedule's k-th (k > 0), not its first; Flux img2img
+    tells the scheduler (set_begin_index), Wan video-to-video only cuts its timesteps (Family.start "timestep")."""
+    pipe = build(name)
     probe = recording(guidance.CFG(SCALE))
-    run(pipe, "flux-img2img", probe)
+    rec = Recorder(pipe)
+    try:
+        run(pipe, name, probe)
+    finally:
+        rec.remove()
     sched = pipe.scheduler
-    assert sched.begin_index > 0
-    assert torch.equal(probe.seen[0]["sigma"], sched.sigmas[sched.begin_index].to(probe.seen[0]["sigma"].dtype))
-    assert not torch.equal(probe.seen[0]["sigma"], sched.sigmas[0].to(probe.seen[0]["sigma"].dtype))
+    assert (sched.begin_index is None) == (family_of(pipe).start == "timestep")
+    first = int((sched.sigmas.double() == rec.steps[0]["sigma"]).nonzero()[0])
+    assert first > 0 and probe.seen[0]["sigma"] == sched.sigmas[first].to(probe.seen[0]["sigma"].dtype)
+    assert probe.seen[0]["sigma"] != sched.sigmas[0]
 
 
 def test_controlnet_residuals_follow_row_selection_and_extra_passes_are_refused():

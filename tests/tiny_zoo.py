@@ -103,24 +103,29 @@ def sd3(kind: str):
 
 
 def flux(kind: str):
-    from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline
 
     parts = tiny_pipes.tiny_flux().components
     parts = {k: v for k, v in parts.items() if k not in ("image_encoder", "feature_extractor")}
-    cls = FluxImg2ImgPipeline if kind == "img2img" else FluxKontextPipeline
+    cls = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline, "kontext": FluxKontextPipeline}[kind]
     return _quiet(cls(**parts))
 
 
 def qwen(kind: str):
-    from diffusers import QwenImageImg2ImgPipeline
+    from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
 
-    return _quiet(QwenImageImg2ImgPipeline(**tiny_pipes.tiny_qwen().components))
+    parts = tiny_pipes.tiny_qwen().components
+    cls = {"img2img": QwenImageImg2ImgPipeline, "inpaint": QwenImageInpaintPipeline}[kind]
+    return _quiet(cls(**parts))
 
 
 def wan(kind: str):
-    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel, WanVideoToVideoPipeline
 
     parts = tiny_pipes.tiny_wan().components
+    if kind == "v2v":
+        return _quiet(WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=parts["vae"],
+                                              scheduler=parts["scheduler"], transformer=parts["transformer"]))
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                         in_channels=36, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=16,
@@ -163,6 +168,11 @@ def _call(family: str, kind: str, s: float) -> dict:
         kw.update(num_frames=3, height=IMAGE, width=IMAGE)
     if kind == "kontext":
         kw.update(image=image(), height=IMAGE, width=IMAGE, _auto_resize=False, max_area=IMAGE * IMAGE)
+    if kind == "v2v":
+        from PIL import Image
+
+        frames = (image().permute(0, 2, 3, 1)[0].numpy() * 255).astype("uint8")
+        kw.update(video=[Image.fromarray(frames)] * 5, height=IMAGE, width=IMAGE, strength=0.6)
     if kind == "i2v":
         kw.update(image=image(), height=IMAGE, width=IMAGE, num_frames=5)
     return kw
@@ -172,8 +182,8 @@ BUILDS = {f"{family}-{kind}": (builder, lambda s, f=family, k=kind: _call(f, k, 
           for family, builder, kinds in (("sd", sd, ("img2img", "inpaint", "controlnet", "pix2pix", "pag", "animatediff")),
                                          ("sdxl", sdxl, ("img2img", "inpaint", "pix2pix")),
                                          ("sd3", sd3, ("img2img", "inpaint")),
-                                         ("flux", flux, ("img2img", "kontext")),
-                                         ("qwen", qwen, ("img2img",)),
-                                         ("wan", wan, ("i2v",)))
+                                         ("flux", flux, ("img2img", "inpaint", "kontext")),
+                                         ("qwen", qwen, ("img2img", "inpaint")),  # Edit resizes its image to 1024^2
+                                         ("wan", wan, ("i2v", "v2v")))
           for kind in kinds}
 BUILDS = {name: (lambda b=builder, k=name.split("-")[1]: b(k), call) for name, (builder, call) in BUILDS.items()}
