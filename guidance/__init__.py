@@ -9,6 +9,9 @@ from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale, equivalent_cfg_scales
 from .denoiser import GuidedDenoiser
 from .modular import DiffguideGuider, as_diffusers_guider
+from .daps import DAPS
+from .ddrm import DDNM, DDRM
+from .diffpir import DiffPIR
 from .dps import DPS
 from .dynamic import DynamicCFG
 from .enkg import EnKG
@@ -22,8 +25,10 @@ from .linear_ag import LinearAG
 from .mcg import MCG
 from .norm_rescale import NormRescale
 from .p2l import P2L
+from .pigdm import PiGDM
 from .psld import PSLD
 from .rectified_cfgpp import RectifiedCFGPlusPlus
+from .reddiff import REDDiff
 from .registry import GUIDES, build_guide, parse_guide_spec
 from .rescale import CFGRescale
 from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gradient_estimate, zo_adam
@@ -36,6 +41,7 @@ __all__ = [
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "equivalent_cfg_scales", "parse_guide_spec",
     "DPS", "EnKG", "MCG", "NormRescale", "P2L", "PSLD",
+    "DAPS", "DDNM", "DDRM", "DiffPIR", "PiGDM", "REDDiff",
     "PartialUniformTimesteps", "SubspaceGradient", "random_gradient_estimate", "zo_adam",
     "DiffguideGuider", "as_diffusers_guider",
 ]

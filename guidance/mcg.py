@@ -13,6 +13,7 @@ projection is exact for noiseless data; with noise it copies the noise into the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -42,6 +43,11 @@ class MCG(DPS):
         if not isinstance(project, bool):
             raise TypeError(f"project must be True or False, got {project!r}")
         self.project = project
+        if project and self.sigma_y > 0 and getattr(operator, "mask", None) is None:
+            warnings.warn(f"MCG's projection x + A^+ (y_t - A x) copies the measurement noise (sigma_y = "
+                          f"{self.sigma_y}) into the estimate, amplified by A^+ on {type(operator).__name__} (on noisy "
+                          "deblurring it returns the pseudo-inverse A^+ y); use project=False, or DPS, PiGDM, DiffPIR "
+                          "or DDRM, which weigh the noise", UserWarning, stacklevel=2)
 
     def noised_measurement(self, alpha: Tensor, sigma: Tensor, like: Tensor,
                            generator: torch.Generator | None) -> Tensor:

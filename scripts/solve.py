@@ -13,7 +13,8 @@ settings, the prior and the digit's index and class.
     diffguide-solve --task heat --image my_digit.png --solver enkg --out heat.png
     diffguide-solve --task sr4 --image face.png --solver dps --model google/ddpm-celebahq-256   # needs the hub
 
-Pixel solvers (``dps``, ``dps_likelihood``, ``mcg``, ``enkg``, ``pinv`` ...) take a pixel prior: a pipeline over a
+Pixel solvers (``dps``, ``dps_likelihood``, ``mcg``, ``enkg``, ``ddrm``, ``ddnm``, ``diffpir``, ``pigdm``, ``daps``,
+``reddiff``, ``pinv``) take a pixel prior: a pipeline over a
 ``UNet2DModel`` (``DDPMPipeline``, ``DDIMPipeline``, the class-conditional ``digits-class``, the default, run
 unconditionally unless ``--label`` is given) or a bare ``UNet2DModel`` folder with its ``scheduler_config.json``.
 Latent solvers (``latent_dps``, ``psld``, ``p2l``) take a latent pipeline: Stable Diffusion, SDXL, SD3 or Flux
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 1.0, "latent_dps": 1.0, "psld": 1.0,
+DEFAULT_SCALES = {"dps": 1.0, "dps_likelihood": 1.0, "mcg": 1.0, "enkg": 0.5, "latent_dps": 1.0, "psld": 1.0,
                   "p2l": 1.0}
 SOLVERS = (*problems.PIXEL_SOLVERS, *problems.LATENT_SOLVERS)
 NUM_HELD_OUT = 360

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from diffguide.guidance import DPS, MCG, P2L, PSLD, EnKG
+from diffguide.guidance import DAPS, DDNM, DDRM, DPS, MCG, P2L, PSLD, DiffPIR, EnKG, PiGDM, REDDiff
 from diffguide.samplers import diffusers_model_fn, sample_inverse
 from diffguide.samplers.base import DenoiseFn, Level
 from diffguide.samplers.inverse import SolverStats
@@ -78,7 +78,8 @@ def scores(reconstruction: Tensor, truth: Tensor) -> dict[str, Tensor]:
 
 def pixel_solver(name: str, operator: Operator, y: Tensor, scale: float | None = None,
                  ensemble_size: int | None = None, **options: Any):
-    """Solver ``name`` in ``PIXEL_SOLVERS`` with its step ``scale`` (``None``: the default below)."""
+    """Solver ``name`` in ``PIXEL_SOLVERS`` with ``scale`` its main hyper-parameter (``None``: the solver's default):
+    the step of DPS / MCG / PiGDM / EnKG, DDRM's ``eta``, DiffPIR's ``lam``, DAPS's ``lr``, RED-diff's ``lam``."""
     if name == "dps":
         return DPS(operator, y, 1.0 if scale is None else scale, **options)
     if name == "dps_likelihood":
@@ -86,7 +87,16 @@ def pixel_solver(name: str, operator: Operator, y: Tensor, scale: float | None =
     if name == "mcg":
         return MCG(operator, y, 1.0 if scale is None else scale, **options)
     if name == "enkg":
-        return EnKG(operator, y, 2.0 if scale is None else scale, ensemble_size=ensemble_size, **options)
+        return EnKG(operator, y, 0.5 if scale is None else scale, ensemble_size=ensemble_size, **options)
+    knobs = {"ddrm": (DDRM, "eta"), "ddnm": (DDNM, None), "diffpir": (DiffPIR, "lam"), "pigdm": (PiGDM, "scale"),
+             "daps": (DAPS, "lr"), "reddiff": (REDDiff, "lam")}
+    if name in knobs:
+        cls, knob = knobs[name]
+        if scale is not None:
+            if knob is None:
+                raise ValueError(f"{name} has no scale; pass scale=None")
+            options = {knob: scale, **options}
+        return cls(operator, y, **options)
     raise ValueError(f"unknown pixel solver {name!r}; choose from {PIXEL_SOLVERS}")
 
 

@@ -19,7 +19,7 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "heat": ("heat", {"num_steps": 5, "stride": 2}),
 }
 
-PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "pinv")
+PIXEL_SOLVERS = ("dps", "dps_likelihood", "mcg", "enkg", "ddrm", "ddnm", "diffpir", "pigdm", "daps", "reddiff", "pinv")
 LATENT_SOLVERS = ("latent_dps", "psld", "p2l")
 DERIVATIVE_FREE_SOLVERS = ("enkg", "pinv")  # the others differentiate through the operator: no black boxes
-LINEAR_SOLVERS = ("mcg", "pinv")            # need a linear operator (adjoint, pinv, projections)
+LINEAR_SOLVERS = ("mcg", "ddrm", "ddnm", "diffpir", "pigdm", "pinv")  # need a linear operator (adjoint, pinv, ...)

@@ -38,12 +38,17 @@ def linear_operators() -> dict[str, LinearOperator]:
     ops["inpaint@sr_avg"] = compose(Inpainting(random_mask((3, 8, 8), 0.5, g), (3, 8, 8)), ops["sr_avg"])
     ops["grayscale@blur"] = ops["grayscale"] @ ops["blur_gauss"]
     ops["sr_bicubic@inpaint"] = ops["sr_bicubic_2"] @ ops["inpaint_box"]
+    for boundary in ("reflect", "replicate", "valid"):
+        ops[f"blur_{boundary}"] = Blur(SHAPE, motion_kernel(5, 0.7, g), boundary=boundary)
+    for boundary in ("circular", "reflect", "replicate", "valid"):
+        ops[f"sr_bicubic_{boundary}"] = BicubicDownsampling(SHAPE, 2, boundary=boundary)
     return ops
 
 
 LINEAR = linear_operators()
 EXACT_PINV = ["inpaint_box", "inpaint_random", "sr_avg", "sr_bicubic_2", "sr_bicubic_4", "grayscale",
-              "grayscale_luma", "inpaint@sr_avg", "matrix_wide", "matrix_rank_deficient"]
+              "grayscale_luma", "inpaint@sr_avg", "matrix_wide", "matrix_rank_deficient", "sr_bicubic_circular",
+              "sr_bicubic_reflect", "sr_bicubic_replicate", "sr_bicubic_valid"]
 
 
 @pytest.mark.parametrize("name", list(LINEAR))
@@ -253,3 +258,140 @@ def test_prox_l2_solves_the_normal_equations(name):
     assert torch.allclose(lhs, op.adjoint(y) + 0.3 * z, atol=1e-9)
     with pytest.raises(ValueError):
         op.prox_l2(z, y, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------- SVD view
+SMALL = (2, 8, 8)
+
+
+def svd_operators() -> dict[str, LinearOperator]:
+    g = _gen(20)
+    return {
+        "inpaint": Inpainting(random_mask(SMALL, 0.5, g, per_channel=True), SMALL),
+        "sr_avg": AveragePooling(SMALL, 2),
+        "sr_avg_4": AveragePooling(SMALL, 4),
+        "sr_bicubic": BicubicDownsampling(SMALL, 2),
+        "sr_bicubic_4_reflect": BicubicDownsampling(SMALL, 4, boundary="reflect"),
+        "sr_bicubic_valid": BicubicDownsampling((1, 16, 16), 2, boundary="valid"),
+        "grayscale": Grayscale((3, 4, 4), (0.299, 0.587, 0.114)),
+        "grayscale_1ch": Grayscale((1, 4, 4)),
+        "blur_gauss": Blur(SMALL, gaussian_kernel(5, 1.0)),
+        "blur_motion": Blur((1, 8, 6), motion_kernel(5, 0.7, g)),
+        "matrix_wide": MatrixOperator(random_matrix(3, 5, g)),
+        "matrix_tall": MatrixOperator(random_matrix(6, 4, g)),
+    }
+
+
+def _dense(fn, shape) -> torch.Tensor:
+    """The matrix of a linear map of ``(B, *shape)`` tensors, columns = images of the basis vectors."""
+    n = math.prod(shape)
+    return fn(torch.eye(n, dtype=torch.float64).reshape(n, *shape)).reshape(n, -1).T
+
+
+@pytest.mark.parametrize("name", list(svd_operators()))
+def test_svd_view_is_exact_against_the_dense_matrix(name):
+    """``A = U diag(s) V^T`` with orthogonal ``V``, orthonormal ``U`` columns on ``s > 0``, ``U^T`` the transpose of
+    ``U`` there, singular values equal to ``linalg.svdvals(A)``, and ``V(U^T y / s) = pinv(A) y``."""
+    op = svd_operators()[name]
+    assert op.has_svd
+    a, v, u = _dense(op.forward, op.in_shape), _dense(op.V, op.in_shape), _dense(op.U, op.in_shape)
+    u_t = _dense(op.U_adjoint, op.out_shape)
+    s = op.singular_values.flatten()
+    eye = torch.eye(v.shape[0], dtype=torch.float64)
+    assert torch.allclose(v.T @ v, eye, atol=1e-12)
+    assert torch.allclose(_dense(op.V_adjoint, op.in_shape), v.T, atol=1e-12)
+    measured = s > 0
+    assert torch.allclose(u[:, measured].T @ u[:, measured], eye[measured][:, measured], atol=1e-12)
+    assert torch.allclose(u_t, (u * measured).T, atol=1e-12)
+    assert torch.allclose(a, u @ torch.diag(s) @ v.T, atol=1e-12)
+    reference = torch.linalg.svdvals(a)
+    assert torch.allclose(s.sort(descending=True).values[:len(reference)], reference, atol=1e-10)
+    y = torch.randn(2, *op.out_shape, generator=_gen(21), dtype=torch.float64)
+    pinv = torch.linalg.pinv(a, rtol=1e-10)
+    assert torch.allclose(op.svd_pinv(y).reshape(2, -1), y.reshape(2, -1) @ pinv.T, atol=1e-8)
+
+
+def test_non_circular_blur_has_no_svd():
+    op = Blur(SMALL, gaussian_kernel(3, 1.0), boundary="reflect")
+    assert not op.has_svd
+    with pytest.raises(ValueError, match="circular"):
+        op.V_adjoint(torch.zeros(1, *SMALL))
+
+
+@pytest.mark.parametrize("boundary,mode", [("circular", "wrap"), ("reflect", "mirror"), ("replicate", "nearest"),
+                                           ("valid", None)])
+def test_blur_boundaries_match_scipy(boundary, mode):
+    """scipy.ndimage.convolve (``wrap`` / ``mirror`` / ``nearest``) and scipy.signal.convolve2d(``valid``)."""
+    from scipy import ndimage, signal
+
+    kernel = motion_kernel(5, 0.8, _gen(22))
+    op = Blur((1, 9, 8), kernel, boundary=boundary)
+    x = torch.randn(2, 1, 9, 8, generator=_gen(23), dtype=torch.float64)
+    k = kernel.numpy()
+    ref = [signal.convolve2d(img[0], k, mode="valid") if mode is None else ndimage.convolve(img[0], k, mode=mode)
+           for img in x.numpy()]
+    assert torch.allclose(op.forward(x)[:, 0], torch.from_numpy(np.stack(ref)), atol=1e-12)
+    assert op.out_shape == ((1, 5, 4) if boundary == "valid" else (1, 9, 8))
+
+
+@pytest.mark.parametrize("boundary,mode", [("circular", "wrap"), ("reflect", "reflect"), ("replicate", "edge")])
+def test_bicubic_boundaries_match_padded_resampling(boundary, mode):
+    """Reference: pad with ``np.pad(mode)`` and apply the stretched Keys kernel (a = -0.5) at every output centre."""
+    factor, size = 2, 12
+    x = torch.randn(1, 1, size, size, generator=_gen(24), dtype=torch.float64)
+    pad = 2 * factor + 2
+    img = np.pad(x[0, 0].numpy(), pad, mode=mode)
+
+    def weights(i):
+        center = factor * (i + 0.5) + pad
+        taps = np.arange(math.floor(center - 2 * factor + 0.5), math.floor(center + 2 * factor + 0.5))
+        s = np.abs((taps - center + 0.5) / factor)
+        w = np.where(s <= 1, 1.5 * s**3 - 2.5 * s**2 + 1, np.where(s < 2, -0.5 * s**3 + 2.5 * s**2 - 4 * s + 2, 0))
+        return taps, w / w.sum()
+
+    ref = np.zeros((size // factor, size // factor))
+    for i in range(size // factor):
+        ti, wi = weights(i)
+        for j in range(size // factor):
+            tj, wj = weights(j)
+            ref[i, j] = wi @ img[np.ix_(ti, tj)] @ wj
+    out = BicubicDownsampling((1, size, size), factor, boundary=boundary).forward(x)[0, 0]
+    assert np.allclose(out.numpy(), ref, atol=1e-12)
+
+
+def test_bicubic_valid_keeps_only_inside_windows():
+    op = BicubicDownsampling((1, 16, 16), 2, boundary="valid")
+    full = BicubicDownsampling((1, 16, 16), 2, boundary="replicate")
+    x = torch.randn(1, 1, 16, 16, generator=_gen(25), dtype=torch.float64)
+    assert op.out_shape == (1, 4, 4)        # 8 outputs; the kernel spans 8 taps, so two at each end reach outside
+    assert torch.allclose(op.forward(x), full.forward(x)[..., 2:-2, 2:-2], atol=1e-12)
+    with pytest.raises(ValueError, match="boundary"):
+        BicubicDownsampling((1, 16, 16), 2, boundary="zeros")
+    with pytest.raises(ValueError, match="boundary"):
+        Blur((1, 8, 8), gaussian_kernel(3, 1.0), boundary="zeros")
+
+
+# ------------------------------------------------------------------------------------------------- Poisson noise
+def test_poisson_noise_statistics():
+    """``y = 2 gain Poisson(I / gain) - 1`` with ``I = (A x + 1) / 2``: mean ``A x``, variance ``4 gain I``."""
+    gain = 0.02
+    op = make_operator("sr_avg", (1, 8, 8), generator=_gen(0), poisson_gain=gain)
+    assert op.sigma_y == pytest.approx(math.sqrt(2 * gain)) and "Poisson" in repr(op)
+    x = torch.rand(1, 1, 8, 8, generator=_gen(1), dtype=torch.float64) * 1.6 - 0.8
+    n = 4000
+    ys = op.measure(x.expand(n, -1, -1, -1), _gen(2))
+    clean = op.forward(x)[0]
+    intensity = (clean + 1) / 2
+    se = (4 * gain * intensity / n).sqrt()
+    assert ((ys.mean(0) - clean).abs() < 4.5 * se).all()
+    assert ((ys.var(0) / (4 * gain * intensity) - 1).abs() < 4.5 * math.sqrt(2 / n)).all()
+    assert torch.equal(op.measure(x, _gen(3)), op.measure(x, _gen(3)))
+    counts = (ys + 1) / (2 * gain)
+    assert torch.allclose(counts, counts.round(), atol=1e-9)                        # integer photon counts
+    inpaint = make_operator("inpaint_random", (1, 8, 8), generator=_gen(0), poisson_gain=gain)
+    noisy = inpaint.measure(x, _gen(4))
+    measured_counts = (noisy[inpaint.mask.bool()[None]] + 1) / (2 * gain)
+    assert torch.allclose(measured_counts, measured_counts.round(), atol=1e-9)
+    assert (noisy[~inpaint.mask.bool()[None]] == 0).all()                           # unmeasured stay 0
+    with pytest.raises(ValueError, match="gain"):
+        make_operator("sr_avg", (1, 8, 8), poisson_gain=0.0)

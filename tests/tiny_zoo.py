@@ -12,7 +12,7 @@ from tiny_pipes import _randn, embeds
 IMAGE = 16  # pixels
 
 
-def image(seed: int = 7, frames: int | None = None) -> torch.Tensor:
+def image(seed: int = 7) -> torch.Tensor:
     shape = (1, 3, IMAGE, IMAGE)
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
 

@@ -4,7 +4,8 @@ Conventions (the same for every operator in this package):
 
 * Images are batches ``(B, C, H, W)`` in the data range **[-1, 1]**; ``sigma_y`` is the standard
   deviation of the Gaussian measurement noise **in that same range** (DPS's 0.05 is 0.025 on [0, 1]).
-* ``forward`` is the noiseless ``A(x)``; ``measure`` adds seeded noise ``sigma_y * n``.
+* ``forward`` is the noiseless ``A(x)``; ``measure`` adds seeded noise ``sigma_y * n``, or Poisson noise after
+  ``with_poisson(gain)`` (``sigma_y`` then holds the Gaussian surrogate that Gaussian-likelihood solvers read).
 * A :class:`LinearOperator` has the true ``adjoint`` (``<A x, v> = <x, A^T v>``), a ``pinv`` (the
   Moore-Penrose pseudo-inverse ``A^+``; closed form where one exists, conjugate gradients otherwise)
   and the measurement-set projection ``project(x, y) = x + A^+ (y - A x)``.
@@ -19,6 +20,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .noise import PoissonNoise
 
 Shape = tuple[int, int, int]
 
@@ -58,6 +61,8 @@ class Operator:
 
     is_linear: bool = False
     is_blackbox: bool = False
+    has_svd: bool = False
+    noise: PoissonNoise | None = None    # None: Gaussian with sigma_y
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], sigma_y: float = 0.0) -> None:
         self.in_shape: tuple[int, ...] = tuple(int(s) for s in in_shape)
@@ -79,8 +84,17 @@ class Operator:
     def __call__(self, x: Tensor) -> Tensor:
         return self.forward(x)
 
+    def with_poisson(self, gain: float) -> "Operator":
+        """Switch this operator's noise to :class:`PoissonNoise` ``(gain)``; ``sigma_y`` becomes its Gaussian
+        surrogate ``sqrt(2 gain)``. Returns ``self``."""
+        self.noise = PoissonNoise(gain)
+        self.sigma_y = self.noise.gaussian_std
+        return self
+
     def add_noise(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``y + sigma_y * n``, ``n ~ N(0, I)`` drawn from ``generator``."""
+        """``y + sigma_y * n``, ``n ~ N(0, I)`` drawn from ``generator`` (Poisson counts after ``with_poisson``)."""
+        if self.noise is not None:
+            return self.noise.sample(y, generator)
         if self.sigma_y == 0:
             return y
         return y + self.sigma_y * randn_like(y, generator)
@@ -94,7 +108,8 @@ class Operator:
         return compose(self, inner)
 
     def __repr__(self) -> str:
-        return f"{self.name}(in_shape={self.in_shape}, out_shape={self.out_shape}, sigma_y={self.sigma_y})"
+        noise = "" if self.noise is None else f", noise={self.noise!r}"
+        return f"{self.name}(in_shape={self.in_shape}, out_shape={self.out_shape}, sigma_y={self.sigma_y}{noise})"
 
 
 class LinearOperator(Operator):

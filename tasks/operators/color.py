@@ -8,15 +8,17 @@ import torch
 from torch import Tensor
 
 from .base import LinearOperator, check_shape
+from .svd import SVDView, orthonormal_completion
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
 
-class Grayscale(LinearOperator):
+class Grayscale(SVDView, LinearOperator):
     """``A x = sum_c w_c x_c``: ``(C, H, W) -> (1, H, W)`` with one weight per channel.
 
     The default weights are the channel mean ``1/C`` (MCG's colorization; for 1-channel images this is
-    the identity). ``A A^T = ||w||^2 I``, so ``A^+ y = w y / ||w||^2``.
+    the identity). ``A A^T = ||w||^2 I``, so ``A^+ y = w y / ||w||^2``. SVD: ``V`` an orthogonal channel mix whose
+    first column is ``w / ||w||``, ``s = ||w||`` on spectral channel 0, ``U`` the identity onto that channel.
     """
 
     def __init__(self, shape: Sequence[int], weights: Sequence[float] | Tensor | None = None,
@@ -31,6 +33,9 @@ class Grayscale(LinearOperator):
             raise ValueError("weights must be finite and not all zero")
         super().__init__(shape, (1, shape[1], shape[2]), sigma_y)
         self.weights = w
+        self.channel_basis = orthonormal_completion(w)          # (C, C), column 0 = w / ||w||
+        self.singular_values = torch.zeros(shape, dtype=torch.float64)
+        self.singular_values[0] = w.norm()
 
     def _w(self, like: Tensor) -> Tensor:
         return self.weights.to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
@@ -43,3 +48,18 @@ class Grayscale(LinearOperator):
 
     def _pinv(self, y: Tensor) -> Tensor:
         return y * self._w(y) / float(self.weights.square().sum())
+
+    def _mix(self, x: Tensor, matrix: Tensor) -> Tensor:
+        return torch.einsum("dc,bchw->bdhw", matrix.to(device=x.device, dtype=x.dtype), x)
+
+    def _V_adjoint(self, x: Tensor) -> Tensor:
+        return self._mix(x, self.channel_basis.T)
+
+    def _V(self, z: Tensor) -> Tensor:
+        return self._mix(z, self.channel_basis)
+
+    def _U_adjoint(self, y: Tensor) -> Tensor:
+        return torch.cat([y, y.new_zeros(y.shape[0], self.in_shape[0] - 1, *y.shape[2:])], 1)
+
+    def _U(self, z: Tensor) -> Tensor:
+        return z[:, :1]

@@ -7,14 +7,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LinearOperator, check_shape, randn_like
+from .base import LinearOperator, check_shape
+from .svd import SVDView
 
 
-class Inpainting(LinearOperator):
+class Inpainting(SVDView, LinearOperator):
     """``A x = m * x`` for a binary mask ``m`` of shape ``(1 or C, H, W)`` (1 on measured pixels).
 
     ``A`` is an orthogonal projection, so ``A^T = A^+ = A`` and ``project(x, y) = (1 - m) x + m y``.
     The measurement keeps the image shape (zeros where unmeasured) and noise lands on measured pixels only.
+    SVD: ``U = V = I``, ``s = m``.
     """
 
     def __init__(self, mask: Tensor, shape: Sequence[int] | None = None, sigma_y: float = 0.0) -> None:
@@ -31,6 +33,7 @@ class Inpainting(LinearOperator):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit images of shape {shape}")
         super().__init__(shape, shape, sigma_y)
         self.mask = mask.to(torch.float64)
+        self.singular_values = self.mask.expand(shape).clone()
 
     def _m(self, like: Tensor) -> Tensor:
         return self.mask.to(device=like.device, dtype=like.dtype)
@@ -54,9 +57,13 @@ class Inpainting(LinearOperator):
         return x * (1 - m) + y * m
 
     def add_noise(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.sigma_y == 0:
-            return y
-        return y + self.sigma_y * randn_like(y, generator) * self._m(y)
+        m = self._m(y)
+        return y * (1 - m) + super().add_noise(y, generator) * m
+
+    def _V(self, z: Tensor) -> Tensor:
+        return z
+
+    _V_adjoint = _U = _U_adjoint = _V
 
     @property
     def measured_fraction(self) -> float:
