@@ -31,6 +31,8 @@ class Step:
     Rectified-CFG++); ``None`` where the caller cannot run extra passes. ``next_level`` is the level the run moves
     to after this step, where the caller knows it (``guidance.apply`` reads it from the scheduler). ``family`` is the
     pipeline's :class:`~diffguide.guidance.families.Family` under ``guidance.apply`` (per-family defaults), else None.
+    ``pred_image`` is the image-only branch of three-branch pipelines (InstructPix2Pix: image condition, empty
+    prompt), else None.
 
     Built field by field (``Step(x, t, alpha, sigma, index, num_steps, pred_cond, pred_uncond, ...)``) or from a
     level (:meth:`at`).
@@ -47,16 +49,19 @@ class Step:
     uncond: Any = None
     next_level: Level | None = None
     family: Any = None
+    pred_image: Tensor | None = None
 
     def __init__(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, index: int, num_steps: int,
                  pred_cond: Tensor, pred_uncond: Tensor | None, prediction_type: str = "epsilon",
                  uncond_mask: Tensor | None = None, cond: Any = None, evaluate: Callable[..., Tensor] | None = None,
-                 uncond: Any = None, next_level: Level | None = None, family: Any = None) -> None:
+                 uncond: Any = None, next_level: Level | None = None, family: Any = None,
+                 pred_image: Tensor | None = None) -> None:
         self.x, self.pred_cond, self.pred_uncond = x, pred_cond, pred_uncond
         self.level = Level(t=t, alpha=alpha, sigma=sigma, index=index, num_steps=num_steps)
         self.prediction_type = check_prediction_type(prediction_type)
         self.uncond_mask, self.cond, self.evaluate, self.uncond = uncond_mask, cond, evaluate, uncond
         self.next_level, self.family = next_level, family
+        self.pred_image = pred_image
 
     @classmethod
     def at(cls, level: Level, x: Tensor, pred_cond: Tensor, pred_uncond: Tensor | None,

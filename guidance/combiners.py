@@ -36,18 +36,24 @@ class StepPasses:
     """
 
     def __init__(self, session, net: Network, arguments: dict, rows: Tensor, full: int | None, level: Level,
-                 uncond_arguments) -> None:
+                 uncond_arguments, width: int | None = None) -> None:
         layout, family = session.layout, session.family
         self.session, self.net, self.level, self.layout = session, net, level, layout
-        self.select = (lambda v: v) if full is None else (lambda v: layout.select_value(v, rows, full))
+        repeats = layout.repeats(arguments)
+        self.select = ((lambda v, name=None: v) if full is None else
+                       (lambda v, name=None: layout.select_value(v, rows, full, name, repeats)))
         self.key = "class_labels" if arguments.get("class_labels") is not None else family.condition
-        cond = self.select(arguments.get(self.key))
+        cond = self.select(arguments.get(self.key), self.key)
         if arguments.get("added_cond_kwargs") is not None:
             cond = {self.key: cond, "added_cond_kwargs": self.select(arguments["added_cond_kwargs"])}
         self.cond = cond
-        self.base = Branch(lambda: {name: self.select(value) for name, value in arguments.items()})
+        self.base = Branch(lambda: {name: self.select(value, name) for name, value in arguments.items()})
         sample = arguments[family.latent]
-        self.shape = (len(rows), *(sample[0].shape if layout.lists else sample.shape[1:]))
+        shape = list(sample[0].shape if layout.lists else sample.shape[1:])
+        if family.conditioning is not None and width is not None:  # the stepped latent, conditioning cut off
+            shape[family.conditioning_dim - 1] = width
+        self.width = width
+        self.shape = (len(rows), *shape)
         self.dtype = sample[0].dtype if layout.lists else sample.dtype
         self.uncond = None if uncond_arguments is None else Branch(uncond_arguments)
 
@@ -63,6 +69,12 @@ class StepPasses:
             if unknown:
                 raise ValueError(f"{type(net.module).__name__}.forward takes no {sorted(unknown)}")
             call = dict(self.base.arguments, **replace)
+        carried = [name for name in family.residuals if call.get(name) is not None]
+        if carried:
+            raise ValueError(f"{session.pipe_name} passes ControlNet residuals ({', '.join(carried)}) computed for "
+                             "the step's own latent, level and condition; an extra pass (another x, level or "
+                             "condition) would reuse them wrongly, so apply() refuses it. Use a guide that takes no "
+                             "extra pass (CFG, APG, CFG++, CFG-Zero*, AG, interval)")
         if new_level is not None:
             if family.scheduler != "flow" or family.flow_time is None:
                 raise ValueError(f"step.evaluate at another level is not available on {session.pipe_name}")
@@ -73,8 +85,13 @@ class StepPasses:
                                                    level_of(torch.as_tensor(new_level.t).to(torch.float64))
                                                    ).to(t_in.dtype)
         x = x.to(self.dtype)
-        out = net.run(dict(call, **{family.latent: list(x.unbind(0)) if layout.lists else x}), x.shape[0])
-        return layout.to_guide(layout.prediction(out)[:, : x.shape[1]])
+        if family.conditioning is not None:  # the step's conditioning channels / tokens re-appended
+            x_in = layout.with_conditioning(x, layout.conditioning_part(call[family.latent], self.width))
+        else:
+            x_in = x
+        out = net.run(dict(call, **{family.latent: list(x_in.unbind(0)) if layout.lists else x_in}), x.shape[0])
+        pred = layout.latent_part(layout.prediction(out), x.shape[family.conditioning_dim])
+        return layout.to_guide(pred[:, : x.shape[1]])
 
 
 class GuideCombiner:
@@ -98,12 +115,13 @@ class GuideCombiner:
         return mask
 
     def _combine(self, session, x: Tensor, level: Level, pred_cond: Tensor, pred_uncond: Tensor, mask: Tensor,
-                 passes: StepPasses) -> Guided:
+                 passes: StepPasses, pred_image: Tensor | None = None) -> Guided:
         """The guide's prediction (finite, or ``FloatingPointError``); warns once per run when its norm is more
         than ``BLOWUP_RATIO`` times the conditional prediction's (a scale far too large: the images are noise)."""
         step = Step.at(level, x, pred_cond, pred_uncond, session.prediction_type, uncond_mask=mask.to(x.device),
                        cond=passes.cond, evaluate=passes.evaluate, uncond=passes.uncond,
-                       next_level=session.next_level(level), family=session.family)
+                       next_level=session.next_level(level), family=session.family,
+                       pred_image=pred_image)
         guided = guided_checked(self.guide, step)
         if not self.blowup_warned:
             ratio = norm_ratio(guided.denoise, step.pred_cond)
@@ -118,7 +136,7 @@ class GuideCombiner:
     def batched(self, session, net: Network, call: CfgBatch) -> Any:
         layout, arguments, sample, full = session.layout, call.arguments, call.sample, call.full
         if full != session.full:  # the pipeline stopped batching CFG (a callback such as SDCFGCutoffCallback)
-            if 2 * full != session.full:
+            if layout.branches * full != session.full:
                 raise ValueError(f"{session.pipe_name} changed its batch from {session.full} to {full} rows "
                                  "mid-run; apply() follows a callback that turns CFG off, nothing else")
             session.stats.cond_only_steps += 1
@@ -126,27 +144,37 @@ class GuideCombiner:
             out = net.run(arguments, full)
             session.end_step()
             return out
-        batch, device = full // 2, sample.device
+        batch, device = full // layout.branches, sample.device
         cond_rows, uncond_rows = layout.cfg_rows(full)
+        image_rows = layout.image_rows(full)
         level = session.level(call.timestep, device, sample.dtype)
         mask = self._mask(session, level, batch)
         picked = uncond_rows[mask]
-        n_u = len(picked)
-        out = layout.run_rows(net, arguments, torch.cat([picked, cond_rows]).to(device), full)
+        n_u, n_i = len(picked), len(image_rows)
+        # rows in the call's own order ([uncond; cond], or [cond; image; uncond]): all of them is the call itself
+        order = [cond_rows, image_rows, picked] if layout.uncond_last else [picked, cond_rows]
+        out = layout.run_rows(net, arguments, torch.cat(order).to(device), full)
         tensor = layout.prediction(out)
+        width = layout.width(tensor, sample)
+        sample = layout.latent_part(sample, width)  # the latent the scheduler steps (conditioning channels cut)
         pred_all, _ = layout.split(layout.to_guide(tensor), sample)
-        pred_cond = pred_all[n_u:]
+        first_cond = 0 if layout.uncond_last else n_u
+        first_uncond = batch + n_i if layout.uncond_last else 0
+        pred_cond = pred_all[first_cond: first_cond + batch]
+        pred_image = pred_all[batch: batch + n_i] if n_i else None
         if n_u == batch:
-            pred_uncond = pred_all[:n_u]
+            pred_uncond = pred_all[first_uncond: first_uncond + n_u]
         else:
             pred_uncond = pred_cond.clone()
-            pred_uncond[mask.to(device)] = pred_all[:n_u]
+            pred_uncond[mask.to(device)] = pred_all[first_uncond: first_uncond + n_u]
         passes = StepPasses(session, net, arguments, cond_rows.to(device), full, level,
-                            lambda: layout.select(arguments, uncond_rows.to(device), full))
-        guided = self._combine(session, sample[cond_rows.to(device)], level, pred_cond, pred_uncond, mask, passes)
+                            lambda: layout.select(arguments, uncond_rows.to(device), full), width)
+        guided = self._combine(session, sample[cond_rows.to(device)], level, pred_cond, pred_uncond, mask, passes,
+                               pred_image)
         session.pending = PendingStep(net=net, arguments=arguments, cond_out=out, level=level, mask=mask,
                                       renoise=guided.renoise)
-        output = layout.output(out, guided.denoise, layout.split(tensor[n_u:], sample)[1])
+        cond_tensor = tensor[first_cond: first_cond + batch]
+        output = layout.output(out, guided.denoise, layout.split(cond_tensor, sample)[1])
         session.end_step()
         return output
 
@@ -183,14 +211,15 @@ class GuideCombiner:
             session.stats.cond_only_steps += 1  # a callback turned CFG off mid-run: continue conditional-only
             session.end_step()
             return session.orig_step(model_output, timestep, sample, *args, **kwargs)
-        pred_cond = layout.to_guide(layout.prediction(pending.cond_out))
+        width = sample.shape[session.family.conditioning_dim]  # outputs cut to the stepped latent's tokens
+        pred_cond = layout.to_guide(layout.latent_part(layout.prediction(pending.cond_out), width))
         if pending.uncond_out is None:
             pred_uncond = pred_cond.clone()
         else:
-            pred_uncond = layout.to_guide(layout.prediction(pending.uncond_out))
+            pred_uncond = layout.to_guide(layout.latent_part(layout.prediction(pending.uncond_out), width))
         level, uncond_arguments = pending.level, pending.uncond_arguments
         passes = StepPasses(session, pending.net, pending.arguments, torch.arange(pred_cond.shape[0],
-                            device=sample.device), None, level, lambda: uncond_arguments)
+                            device=sample.device), None, level, lambda: uncond_arguments, width)
         guided = self._combine(session, sample, level, pred_cond, pred_uncond, mask, passes)
         session.end_step()
         if self.changes_renoise:

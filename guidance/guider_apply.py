@@ -235,7 +235,10 @@ class GuiderCombiner:
               **kwargs):
         if pending.batches is None:  # the pipeline made no unconditional call this step
             self._evaluate_two_calls(session, pending)
-        guided = self._combine(session, pending.batches, pending.outputs, None).to(model_output.dtype)
+        outputs = pending.outputs
+        if session.family.conditioning is not None:  # cut to the stepped latent's tokens, as the pipeline does
+            outputs = [session.layout.latent_part(t, sample.shape[session.family.conditioning_dim]) for t in outputs]
+        guided = self._combine(session, pending.batches, outputs, None).to(model_output.dtype)
         session.end_step()
         return session.orig_step(guided, timestep, sample, *args, **kwargs)
 

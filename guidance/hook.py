@@ -53,6 +53,9 @@ def apply(pipe, guide: Guidance) -> Iterator[HookStats]:
     """
     if is_diffusers_guider(guide):  # a diffusers.guiders.BaseGuidance: its own passes and combination
         session = Session(pipe, GuiderCombiner(pipe, guide))
+        if session.layout.branches > 2:
+            raise TypeError(f"{type(guide).__name__} is a two-branch diffusers guider; {session.pipe_name} batches "
+                            f"{session.layout.branches} branches: use guidance.ImageCFG or a diffguide guide")
     elif not isinstance(guide, Guidance):
         raise TypeError(f"guide must be a guidance.Guidance or a diffusers.guiders.BaseGuidance, got "
                         f"{type(guide).__name__}")
@@ -78,6 +81,11 @@ def _check_guide(session: Session, guide: Guidance) -> None:
             raise TypeError(f"{type(guide).__name__} changes the renoise term; {name} steps its "
                             "scheduler on the doubled CFG batch, which apply() cannot split")
         check_scheduler(session.scheduler)
+    if guide.evaluates_other_levels and session.family.residuals:
+        raise TypeError(f"{type(guide).__name__} evaluates the network at other noise levels; {name} feeds it "
+                        f"ControlNet residuals ({', '.join(session.family.residuals)}) computed for the step's own "
+                        "latent and level, which such a pass would reuse wrongly. Use a guide that takes no extra "
+                        "pass (CFG, APG, CFG++, CFG-Zero*, AG, interval)")
     if guide.evaluates_other_levels:
         family = session.family
         if family.scheduler != "flow" or family.flow_time is None:

@@ -41,6 +41,7 @@ class Layout:
     """The base of every CFG layout; ``family`` is the pipeline's :class:`~.families.Family`."""
 
     name: ClassVar[str] = ""
+    branches: ClassVar[int] = 2            # CFG branches batched in one network call
     lists: ClassVar[bool] = False          # the batch is a list of per-sample tensors
     wraps_step: ClassVar[bool] = False     # the guided prediction is handed over at ``scheduler.step``
     steps_on_one_copy: ClassVar[bool] = True  # the scheduler steps on one batch copy (renoise can be split)
@@ -52,6 +53,11 @@ class Layout:
 
     def __init__(self, family) -> None:
         self.family = family
+
+    @property
+    def rows_per_latent_row(self) -> int:
+        """Network rows per row of the latent the scheduler steps (the runtime guard's multiple)."""
+        return self.branches if self.steps_on_one_copy else 1
 
     # -- the prediction: network output <-> what the guide sees ------------------------------------------------
     def prediction(self, out: Any) -> Tensor:
@@ -86,17 +92,55 @@ class Layout:
         """A prediction in the shape the pipeline hands ``scheduler.step``."""
         return tensor
 
+    # -- the stepped latent and the conditioning concatenated to it (``Family.conditioning``) ----------------------
+    def width(self, prediction: Tensor, sample: Tensor) -> int:
+        """The stepped latent's size along ``conditioning_dim``, from a network output's ``prediction`` and the
+        network's latent input ``sample``: conditioning channels are in the input only, so the prediction's width."""
+        dim = self.family.conditioning_dim
+        if self.family.conditioning != "channels":
+            return sample.shape[dim]
+        return prediction.shape[dim] // (2 if self.family.variance else 1)
+
+    def latent_part(self, tensor: Tensor, width: int) -> Tensor:
+        """``tensor``'s first ``width`` channels / tokens along ``conditioning_dim``: the latent the scheduler
+        steps, or its prediction (the whole of it where the family concatenates nothing)."""
+        if self.family.conditioning is None:
+            return tensor
+        return tensor.narrow(self.family.conditioning_dim, 0, width)
+
+    def conditioning_part(self, sample: Tensor, width: int) -> Tensor | None:
+        """The conditioning channels / tokens of a network input beyond the stepped latent's ``width``."""
+        if self.family.conditioning is None:
+            return None
+        dim = self.family.conditioning_dim
+        return sample.narrow(dim, width, sample.shape[dim] - width)
+
+    def with_conditioning(self, x: Tensor, conditioning: Tensor | None) -> Tensor:
+        """A network input from the latent ``x`` and the step's conditioning (re-appended for extra passes)."""
+        return x if conditioning is None else torch.cat([x, conditioning.to(x)], dim=self.family.conditioning_dim)
+
     # -- the arguments --------------------------------------------------------------------------------------------
     def latent(self, arguments: dict) -> Tensor:
         sample = arguments[self.family.latent]
         return torch.stack(list(sample)) if self.lists else sample
 
+    def repeats(self, arguments: dict) -> int:
+        """How many times each row of a ``Family.repeated`` argument is repeated (AnimateDiff: the frames)."""
+        if not self.family.repeated:
+            return 1
+        return int(self.latent(arguments).shape[self.family.repeat_dim])
+
     def select(self, arguments: dict, rows: Tensor, full: int) -> dict:
-        """The arguments of the batch's ``rows`` (per-row tensors and, for list batches, list items)."""
-        return {k: v if k in self.family.unbatched else select_rows(v, rows, full, self.lists)
+        """The arguments of the batch's ``rows`` (per-row tensors and, for list batches, list items; arguments
+        repeated per row follow with all their repeats)."""
+        repeats = self.repeats(arguments)
+        return {k: v if k in self.family.unbatched else self.select_value(v, rows, full, k, repeats)
                 for k, v in arguments.items()}
 
-    def select_value(self, value: Any, rows: Tensor, full: int) -> Any:
+    def select_value(self, value: Any, rows: Tensor, full: int, name: str | None = None, repeats: int = 1) -> Any:
+        if name in self.family.repeated and repeats > 1:
+            rows = (rows[:, None] * repeats + torch.arange(repeats, device=rows.device)).flatten()
+            full = full * repeats
         return select_rows(value, rows, full, self.lists)
 
     # -- the pipeline's control flow ----------------------------------------------------------------------------
@@ -120,13 +164,21 @@ class BatchedLayout(Layout):
             return torch.arange(batch), torch.arange(batch, full)
         return torch.arange(batch, full), torch.arange(batch)
 
+    def image_rows(self, full: int) -> Tensor:
+        """Rows of an image-only branch (three-branch layouts); none here."""
+        return torch.arange(0)
+
+    uncond_last: ClassVar[bool] = False  # the batch is [cond; (image;) uncond] rather than [uncond; cond]
+
     def bind(self, session, arguments: dict) -> CfgBatch:
-        """The call as a :class:`CfgBatch`; the first call of a run fixes the CFG batch (an odd one is refused)."""
+        """The call as a :class:`CfgBatch`; the first call of a run fixes the CFG batch (one that is no multiple of
+        the layout's branches is refused)."""
         sample = arguments[self.family.latent]
         full = len(sample) if self.lists else sample.shape[0]
         if session.full is None:
-            if full % 2:
-                raise ValueError(f"guidance.apply expects {session.pipe_name}'s CFG batch; got an odd batch")
+            if full % self.branches:
+                raise ValueError(f"guidance.apply expects {session.pipe_name}'s CFG batch of {self.branches} "
+                                 f"branches; got {full} rows")
             session.full = full
         return CfgBatch(arguments, self.latent(arguments), arguments.get(self.family.timestep), full)
 
@@ -140,7 +192,7 @@ class BatchedLayout(Layout):
         """The network output handed back to the pipeline: ``[g; g]`` (with the extra channels of the conditional
         rows), in the network's sign."""
         half = self.join(self.from_guide(guided), extra)
-        return self.network_output(out, torch.cat([half, half]))
+        return self.network_output(out, torch.cat([half] * self.branches))
 
     def forward(self, session, net: Network, arguments: dict) -> Any:
         return session.combiner.batched(session, net, self.bind(session, arguments))
@@ -161,6 +213,24 @@ class UncondCond(BatchedLayout):
     """``[uncond; cond]`` in one call (Stable Diffusion, SDXL, SD3, Sana, PixArt, HunyuanDiT)."""
 
     name = "uc"
+
+
+class TextImageUncond(BatchedLayout):
+    """``[text; image; uncond]`` in one call (InstructPix2Pix: prompt and image, image only, neither). Guides see
+    ``pred_cond`` = text, ``pred_uncond`` = uncond and ``step.pred_image``; the network output is replaced by
+    ``[g; g; g]``, which the pipeline's ``u + s (t - i) + s_i (i - u)`` turns into ``g`` exactly."""
+
+    name = "text_image_uncond"
+    branches = 3
+    uncond_last = True
+
+    def cfg_rows(self, full: int) -> tuple[Tensor, Tensor]:
+        third = full // 3
+        return torch.arange(third), torch.arange(2 * third, full)
+
+    def image_rows(self, full: int) -> Tensor:
+        third = full // 3
+        return torch.arange(third, 2 * third)
 
 
 class CondUncond(BatchedLayout):
@@ -190,6 +260,7 @@ class TwoCalls(Layout):
 
     name = "two_calls"
     wraps_step = True
+    branches = 1
 
     def forward(self, session, net: Network, arguments: dict) -> Any:
         pending = session.pending

@@ -12,6 +12,9 @@ import functools
 import inspect
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from diffguide.samplers.base import Level
 from diffguide.samplers.schedule import ScheduleReader, check_prediction_type
 
@@ -58,6 +61,9 @@ class Session:
         self.full: int | None = None        # the CFG batch of the first batched call
         self.pending: PendingStep | None = None  # the current step, from the network side to the scheduler side
         self.step_state: dict = {}
+        self.call_rows: list[int] = []      # the latent rows of the network calls since the last scheduler step
+        self.latent_batch: int | None = None  # the batch the scheduler steps (from the first scheduler.step)
+        self.first_index: int | None = None   # Family.start == "timestep": the first step's place in the schedule
 
     # -- installation -----------------------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, value: Any) -> None:
@@ -70,11 +76,11 @@ class Session:
             module = getattr(self.pipe, attr, None)
             if module is not None:
                 self._patch(module, "forward", Network(module, self.layout_forward, self.count).forward)
-        if self.combiner.changes_renoise or self.layout.wraps_step:
-            self.orig_step = self.scheduler.step
-            # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
-            self._patch(self.scheduler, "step", functools.wraps(self.orig_step)(
-                lambda *args, **kwargs: self.layout.step(self, *args, **kwargs)))
+        self.orig_step = self.scheduler.step
+        self._step_signature = inspect.signature(self.orig_step)  # CogVideoX-DPM: (output, old x0, t, t_back, sample)
+        # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
+        self._patch(self.scheduler, "step", functools.wraps(self.orig_step)(
+            lambda *args, **kwargs: self.scheduler_step(*args, **kwargs)))
         base = type(self.pipe)
         session = self
 
@@ -96,7 +102,36 @@ class Session:
         self._saved.clear()
 
     def layout_forward(self, net: Network, arguments: dict) -> Any:
+        latent = arguments.get(self.family.latent)
+        rows = len(latent) if isinstance(latent, (list, tuple)) else getattr(latent, "shape", (None,))[0]
+        self.check_rows(rows, self.latent_batch)
+        self.call_rows.append(rows)
         return self.layout.forward(self, net, arguments)
+
+    def check_rows(self, rows: int | None, latent_batch: int | None) -> None:
+        """The runtime guard: a network call is the layout's multiple of the stepped latent batch (or, once a
+        callback turned CFG off, the latent batch itself); anything else is refused, never combined."""
+        if rows is None or latent_batch is None:
+            return
+        multiple = self.layout.rows_per_latent_row
+        if rows not in (multiple * latent_batch, latent_batch):
+            raise ValueError(f"{self.pipe_name} called its network on {rows} rows for a latent batch of "
+                             f"{latent_batch}; its CFG layout ({type(self.layout).__name__}) runs {multiple} rows per "
+                             "latent row, so apply() refuses to combine this call (the pipeline batches its "
+                             "branches in a way its family row does not describe)")
+
+    def scheduler_step(self, *args, **kwargs):
+        """``scheduler.step``: the guard on the step's network calls, then the layout's step."""
+        sample = self._step_signature.bind_partial(*args, **kwargs).arguments.get("sample")
+        if isinstance(sample, Tensor) and sample.ndim >= 2:
+            self.latent_batch = sample.shape[0]
+            for rows in self.call_rows:
+                self.check_rows(rows, self.latent_batch)
+        self.call_rows = []
+        if self.combiner.changes_renoise or self.layout.wraps_step:
+            return self.layout.step(self, *args, **kwargs)
+        self.pending = None
+        return self.orig_step(*args, **kwargs)
 
     def count(self, rows: int) -> None:
         self.step_rows += rows
@@ -119,6 +154,9 @@ class Session:
         scale = given(family.scale_arg)
         if scale is None or float(scale) <= family.cfg_threshold:
             params[family.scale_arg] = family.cfg_threshold + 1.0  # any value that makes the pipeline run CFG
+        for arg in family.also_on:  # e.g. image_guidance_scale: the pipeline batches every branch only at >= 1
+            if given(arg) is not None and float(given(arg)) < 1.0:
+                params[arg] = 1.0
         if family.negative and all(given(arg) is None for arg in family.negative):
             if getattr(self.pipe, "tokenizer", None) is None:
                 raise ValueError(f"{name} runs CFG only with a negative prompt; pass {family.negative[1]} (and its "
@@ -132,8 +170,19 @@ class Session:
     # -- the scheduler: noise levels ----------------------------------------------------------------------------
     def level(self, timestep: Any, device, dtype) -> Level:
         """The noise level of the current step (the scheduler's, from where the run began)."""
-        index = min(self.reader.begin_index() + self.index, self.reader.num_steps)
+        if self.family.start == "timestep":
+            if self.first_index is None:
+                self.first_index = self._index_of(timestep)
+            begin = self.first_index
+        else:
+            begin = self.reader.begin_index()
+        index = min(begin + self.index, self.reader.num_steps)
         return self.reader.level(timestep, index, device, dtype)
+
+    def _index_of(self, timestep: Any) -> int:
+        """The position of ``timestep`` in the scheduler's schedule (the nearest listed timestep)."""
+        t = torch.as_tensor(timestep).flatten()[0].to(torch.float64)
+        return int((self.scheduler.timesteps.to(torch.float64).cpu() - t.cpu()).abs().argmin())
 
     def next_level(self, level: Level) -> Level | None:
         """The level the scheduler steps to (flow pipelines whose network time apply knows), else None."""

@@ -69,7 +69,7 @@ def test_next_level_comes_from_the_float64_sigmas():
 
 
 def test_every_family_names_a_layout_object():
-    assert set(LAYOUTS) == {"uc", "cu", "list_cu", "two_calls"}
+    assert set(LAYOUTS) == {"uc", "cu", "list_cu", "two_calls", "text_image_uncond"}
     for family in FAMILIES:
         layout = LAYOUTS[family.layout](family)
         assert isinstance(layout, TwoCalls if family.layout == "two_calls" else BatchedLayout)
