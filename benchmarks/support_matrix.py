@@ -142,8 +142,12 @@ def _fields(family) -> str:
 def summary(table: list[list[str]]) -> str:
     """README's block: one line per family row, how many of its classes were measured, and a link."""
     measured = {row[0]: row for row in table}
-    lines = [f"`apply` serves {len(supported_pipelines())} diffusers pipeline classes, one family row per CFG block "
-             "(`guidance/families.py`); every other class is refused up front with its reason. The full matrix, "
+    served = len(supported_pipelines())
+    lines = [f"`apply` serves {served} diffusers pipeline classes, one family row per CFG block "
+             "(`guidance/families.py`); every other class is refused up front with its reason. "
+             f"{len(measured)} of them are measured on tiny random-weight builds; the other {served - len(measured)} "
+             "are served from a reading of their `__call__` in diffusers 0.42.1 and have not been run here (a "
+             "network call whose batch is not the layout's multiple is refused at run time). The full matrix, "
              "every served class x guide: [docs/support_matrix.md](docs/support_matrix.md) (written by "
              "`benchmarks/support_matrix.py`).", "",
              "| family (first class) | classes | CFG layout | measured on a tiny build | native CFG there |",
