@@ -1,7 +1,9 @@
 """Overhead of ``guidance.apply``: wall-time and network-row ratios vs each pipeline's native CFG.
 
 For a StableDiffusionPipeline (batched ``[uncond; cond]`` UNet), a StableDiffusion3Pipeline (batched transformer,
-flow matching) and a FluxPipeline (true CFG: two transformer calls per step), runs native CFG and the hooked
+flow matching) and a FluxPipeline (true CFG: two transformer calls per step), and the derived SD img2img (strength
+0.6), inpaint (9-channel UNet) and ControlNet pipelines (``--zoo``: those three only, written to their own
+``overhead-zoo`` section), runs native CFG and the hooked
 guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports paired time
 ratios and the rows the network really evaluates (counted at its first layer). Writes the ``overhead`` section of
 BENCHMARKS.md.
@@ -56,6 +58,48 @@ def bench_flux():
                                               attention_head_dim=32, num_attention_heads=4, joint_attention_dim=16,
                                               pooled_projection_dim=16, axes_dims_rope=[8, 12, 12]).eval()
     return pipe
+
+
+def bench_zoo(kind: str):
+    """SD img2img / inpaint / ControlNet on bench_pipe's components (UNet (64, 128); inpaint: 9 input channels)."""
+    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionInpaintPipeline)
+
+    parts = bench_pipe().components
+    torch.manual_seed(0)
+    common = dict(block_out_channels=(64, 128), layers_per_block=1, in_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=16, norm_num_groups=8,
+                  attention_head_dim=8)
+    if kind == "img2img":
+        pipe = StableDiffusionImg2ImgPipeline(**parts)
+    elif kind == "inpaint":
+        unet = UNet2DConditionModel(**dict(common, in_channels=9), sample_size=32, out_channels=4,
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+        pipe = StableDiffusionInpaintPipeline(**dict(parts, unet=unet))
+    else:
+        controlnet = ControlNetModel(**common, conditioning_embedding_out_channels=(16, 32)).eval()
+        pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zoo_setups(batch: int) -> list[tuple[str, Callable, str, dict, dict, dict[str, guidance.Guidance]]]:
+    gen = torch.Generator().manual_seed(7)
+    image = torch.rand(batch, 3, 64, 64, generator=gen)
+    mask = torch.zeros(batch, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    kw = dict(prompt=["a handwritten digit"] * batch, height=64, width=64)
+    cfg = lambda: {"CFG(7.5)": guidance.CFG(7.5)}  # noqa: E731
+    return [
+        ("StableDiffusionImg2ImgPipeline (UNet (64, 128), 32x32 latents, DDIM, strength 0.6)",
+         lambda: bench_zoo("img2img"), "conv_in", dict(kw, image=image, strength=0.6), dict(guidance_scale=7.5),
+         cfg()),
+        ("StableDiffusionInpaintPipeline (9-channel UNet (64, 128), 32x32 latents, DDIM)",
+         lambda: bench_zoo("inpaint"), "conv_in", dict(kw, image=image, mask_image=mask), dict(guidance_scale=7.5),
+         cfg()),
+        ("StableDiffusionControlNetPipeline (UNet and ControlNet (64, 128), 32x32 latents, DDIM)",
+         lambda: bench_zoo("controlnet"), "conv_in", dict(kw, image=image), dict(guidance_scale=7.5), cfg()),
+    ]
 
 
 def _batch(kw: dict, batch: int) -> dict:
@@ -129,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
+    parser.add_argument("--zoo", action="store_true", help="only the img2img, inpaint and ControlNet rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["Written by `benchmarks/bench_overhead.py`: offline pipelines with random weights, batch "
@@ -139,14 +184,18 @@ def main(argv: list[str] | None = None) -> None:
              "ratio is the less noisy of the two.", "",
              "| pipeline | run | wall-time ratio vs native CFG | CPU-time ratio | network rows | rows ratio |",
              "|---|---|---|---|---|---|"]
-    for title, make, layer, kw, native_kw, guides in setups(args.batch):
+    chosen = zoo_setups(args.batch) if args.zoo else setups(args.batch) + zoo_setups(args.batch)
+    for title, make, layer, kw, native_kw, guides in chosen:
         for name, ratio, cpu_ratio, rows, rows_ratio in measure(make, layer, kw, native_kw, guides, args.steps,
                                                                  args.repeats):
             lines.append(f"| {title} | {name} | {ratio:.3f} | {cpu_ratio:.3f} | {rows} | {rows_ratio:.2f} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("overhead", "## Hook overhead\n\n" + text)
+        if args.zoo:
+            write_section("overhead-zoo", "## Hook overhead on img2img, inpaint and ControlNet\n\n" + text)
+        else:
+            write_section("overhead", "## Hook overhead\n\n" + text)
 
 
 if __name__ == "__main__":

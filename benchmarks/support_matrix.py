@@ -3,8 +3,10 @@
 Every cell is measured on a tiny random-weight pipeline (``tests/tiny_pipes.py``, 2 steps, batch 1):
 ``exact`` — the pipeline's native CFG is reproduced bit for bit (``~exact`` — to float32 rounding, where the
 pipeline's own expression differs from CFG's); ``runs`` — the guided call finishes with finite latents of the
-native shape; ``refused`` — apply raises up front, with its reason. Writes the ``support-matrix`` block of
-README.md (``--check`` instead exits 1 if that block is stale).
+native shape; ``refused`` — apply raises up front, with its reason. Served classes without a tiny build (their row
+read from the pipeline's source, argument names checked against the network's ``forward``) are listed as such.
+Writes ``docs/support_matrix.md`` (every served class x guide) and the ``support-matrix`` block of README.md (a
+summary by family, linking it); ``--check`` instead exits 1 if either is stale.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from diffguide import guidance  # noqa: E402
 from diffguide.guidance.families import family_of, native_guide  # noqa: E402
 from common import write_section  # noqa: E402
 import tiny_pipes  # noqa: E402
+import tiny_zoo  # noqa: E402
+from diffguide.guidance.families import FAMILIES, supported_pipelines  # noqa: E402
 
 README = ROOT / "README.md"
+MATRIX = ROOT / "docs" / "support_matrix.md"
 SCALE = 4.0
 
 GUIDES: dict[str, Callable[[], guidance.Guidance]] = {
@@ -53,12 +58,14 @@ def pipelines() -> dict[str, tuple[Callable, Callable[[float], dict]]]:
     for name, (make, _, native_kw) in tiny_pipes.PIPELINES.items():
         embeds = tiny_pipes.embeds(name, 1)
         rows[type(make()).__name__] = (make, lambda s, e=embeds, k=native_kw: dict(e, **k(s)))
+    for make, call in tiny_zoo.BUILDS.values():  # img2img (strength 0.6 of 4 steps), inpaint, ControlNet, ...
+        rows[type(make()).__name__] = (make, call)
     return rows
 
 
 def _run(pipe, kw: dict) -> torch.Tensor:
-    kw = dict({"output_type": "latent"}, **kw)  # DiT and ClassConditionalPipeline decode: images as numpy
-    return torch.as_tensor(pipe(**kw, num_inference_steps=2, generator=torch.Generator().manual_seed(0))[0])
+    kw = dict({"output_type": "latent", "num_inference_steps": 2}, **kw)  # DiT and ClassConditionalPipeline
+    return torch.as_tensor(pipe(**kw, generator=torch.Generator().manual_seed(0))[0])  # decode: numpy images
 
 
 def _refusal(error: Exception) -> str:
@@ -99,14 +106,57 @@ def _runs(pipe, kw: dict, guide: guidance.Guidance, native: torch.Tensor) -> str
 
 
 def render(table: list[list[str]]) -> str:
+    """The full matrix (docs/support_matrix.md): measured rows, then the served classes without a tiny build."""
     head = ["pipeline", "CFG layout", "native CFG as a guide", "native CFG", *GUIDES]
-    lines = [f"Written by `benchmarks/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps, scale "
-             f"{SCALE:g}; `exact`: bit-identical to the native call; `runs`: finite latents of the native shape). "
-             "Any other pipeline class is refused up front with the supported list. CFG++ needs a scheduler whose "
-             "step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`); Rectified-CFG++ a flow pipeline "
-             "whose network time apply can move to the predicted level (`Family.flow_time`).", "",
+    lines = ["# Support matrix", "",
+             f"Written by `benchmarks/support_matrix.py` (tiny random-weight pipelines, batch 1, 2 steps or 4 at "
+             f"strength 0.6, scale {SCALE:g}; `exact`: bit-identical to the native call; `runs`: finite latents of the "
+             "native shape). Any other pipeline class is refused up front with its reason and the served list. CFG++ "
+             "needs a scheduler whose step it can split (`guidance.scheduler_step.SUPPORTED_SCHEDULERS`); "
+             "Rectified-CFG++ a flow pipeline whose network time apply can move to the predicted level "
+             "(`Family.flow_time`) and no ControlNet residuals.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
+    measured = {row[0] for row in table}
+    lines += ["", "## Served without a tiny build", "",
+              "Rows read from each pipeline's `__call__` in diffusers 0.42.1 (the network's `forward` takes the row's "
+              "argument names: `tests/test_pipeline_zoo.py`), not yet run on a tiny build. Flow rows among them refuse "
+              "passes at other levels (`flow_time` unset).", "",
+              "| pipeline | CFG layout | native CFG as a guide | fields |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        for name in family.pipelines:
+            if name not in measured:
+                lines.append(f"| {name} | {family.layout} | `{family.native}` | {_fields(family)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fields(family) -> str:
+    """What a zoo row declares beyond its layout."""
+    parts = [f"conditioning {family.conditioning} (dim {family.conditioning_dim})" if family.conditioning else "",
+             f"start {family.start}" if family.start != "begin_index" else "",
+             f"repeated per frame: {', '.join(family.repeated)}" if family.repeated else "",
+             "ControlNet residuals" if family.residuals else "", "learned variance" if family.variance else ""]
+    return ", ".join(p for p in parts if p) or "-"
+
+
+def summary(table: list[list[str]]) -> str:
+    """README's block: one line per family row, how many of its classes were measured, and a link."""
+    measured = {row[0]: row for row in table}
+    served = len(supported_pipelines())
+    lines = [f"`apply` serves {served} diffusers pipeline classes, one family row per CFG block "
+             "(`guidance/families.py`); every other class is refused up front with its reason. "
+             f"{len(measured)} of them are measured on tiny random-weight builds; the other {served - len(measured)} "
+             "are served from a reading of their `__call__` in diffusers 0.42.1 and have not been run here (a "
+             "network call whose batch is not the layout's multiple is refused at run time). The full matrix, "
+             "every served class x guide: [docs/support_matrix.md](docs/support_matrix.md) (written by "
+             "`benchmarks/support_matrix.py`).", "",
+             "| family (first class) | classes | CFG layout | measured on a tiny build | native CFG there |",
+             "|---|---|---|---|---|"]
+    for family in FAMILIES:
+        built = [name for name in family.pipelines if name in measured]
+        native = sorted({measured[name][3] for name in built}) if built else ["-"]
+        lines.append(f"| {family.pipelines[0]} | {len(family.pipelines)} | {family.layout} | {len(built)} | "
+                     f"{', '.join(native)} |")
     return "\n".join(lines)
 
 
@@ -114,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if README's matrix differs from a fresh one")
     args = parser.parse_args(argv)
-    text = render(compute())
+    table = compute()
+    text, short = render(table), summary(table)
     if args.check:
-        current = README.read_text()
-        if text not in current:
-            print("README.md's support matrix is stale: run python benchmarks/support_matrix.py")
+        stale = [str(path.relative_to(ROOT)) for path, part in ((MATRIX, text), (README, short))
+                 if not path.exists() or part not in path.read_text()]
+        if stale:
+            print(f"{', '.join(stale)}: the support matrix is stale: run python benchmarks/support_matrix.py")
             return 1
         return 0
+    MATRIX.write_text(text)
+    write_section("support-matrix", short, path=README)
     print(text)
-    write_section("support-matrix", text, path=README)
     return 0
 
 

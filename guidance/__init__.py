@@ -8,7 +8,7 @@ from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus, equivalent_cfg_scale, equivalent_cfg_scales
 from .denoiser import GuidedDenoiser
-from .diffusers_guider import DiffguideGuider, as_diffusers_guider
+from .modular import DiffguideGuider, as_diffusers_guider
 from .daps import DAPS
 from .ddrm import DDNM, DDRM
 from .diffpir import DiffPIR
@@ -18,6 +18,7 @@ from .enkg import EnKG
 from .fkc import FKCAnneal, FKCCFG, FKCDenoiser, FKCGuidance, FKCProduct
 from .feedback import ClassifierConfidence, ClipAlignment, vae_decoder
 from .gfcg import GFCG
+from .image_cfg import ImageCFG
 from .hook import HookStats, apply
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
@@ -35,7 +36,7 @@ from .zo_personalize import PartialUniformTimesteps, SubspaceGradient, random_gr
 __all__ = [
     "AdaptiveGuidance", "Autoguidance", "ClassifierConfidence", "ClipAlignment", "DynamicCFG", "GFCG", "LinearAG",
     "vae_decoder",
-    "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided",
+    "APG", "CFG", "CFGPlusPlus", "CFGRescale", "CFGZeroStar", "Guidance", "GuidanceInterval", "Guided", "ImageCFG",
     "RectifiedCFGPlusPlus",
     "GUIDES", "GuidedDenoiser", "HookStats", "Step", "apply", "build_guide", "equivalent_cfg_scale",
     "equivalent_cfg_scales", "parse_guide_spec",

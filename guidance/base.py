@@ -15,13 +15,14 @@ from diffguide.samplers.schedule import check_prediction_type, from_x0, to_eps, 
 BRANCHES = ("cond", "uncond")
 
 
-@dataclass
+@dataclass(init=False)
 class Step:
     """Everything a guide may look at in one sampling step.
 
-    ``x = alpha * x0 + sigma * eps`` at network time ``t``; ``pred_cond`` / ``pred_uncond`` are the
-    network's outputs in ``prediction_type`` space. Rows whose unconditional branch was not evaluated
-    (``uncond_mask`` False) carry ``pred_uncond == pred_cond`` there, so any CFG-type combination reduces
+    ``x = alpha * x0 + sigma * eps`` at network time ``t``: the step's :class:`~diffguide.samplers.Level`
+    (``step.level``; ``step.t``, ``alpha``, ``sigma``, ``index``, ``num_steps`` read it). ``pred_cond`` /
+    ``pred_uncond`` are the network's outputs in ``prediction_type`` space. Rows whose unconditional branch was not
+    evaluated (``uncond_mask`` False) carry ``pred_uncond == pred_cond`` there, so any CFG-type combination reduces
     to the conditional prediction on those rows.
 
     ``cond`` / ``uncond`` are the network conditions of the two branches (when the caller has them) and
@@ -30,14 +31,15 @@ class Step:
     Rectified-CFG++); ``None`` where the caller cannot run extra passes. ``next_level`` is the level the run moves
     to after this step, where the caller knows it (``guidance.apply`` reads it from the scheduler). ``family`` is the
     pipeline's :class:`~diffguide.guidance.families.Family` under ``guidance.apply`` (per-family defaults), else None.
+    ``pred_image`` is the image-only branch of three-branch pipelines (InstructPix2Pix: image condition, empty
+    prompt), else None.
+
+    Built field by field (``Step(x, t, alpha, sigma, index, num_steps, pred_cond, pred_uncond, ...)``) or from a
+    level (:meth:`at`).
     """
 
     x: Tensor
-    t: Tensor
-    alpha: Tensor
-    sigma: Tensor
-    index: int
-    num_steps: int
+    level: Level
     pred_cond: Tensor
     pred_uncond: Tensor | None
     prediction_type: str = "epsilon"
@@ -47,9 +49,47 @@ class Step:
     uncond: Any = None
     next_level: Level | None = None
     family: Any = None
+    pred_image: Tensor | None = None
 
-    def __post_init__(self) -> None:
-        self.prediction_type = check_prediction_type(self.prediction_type)
+    def __init__(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, index: int, num_steps: int,
+                 pred_cond: Tensor, pred_uncond: Tensor | None, prediction_type: str = "epsilon",
+                 uncond_mask: Tensor | None = None, cond: Any = None, evaluate: Callable[..., Tensor] | None = None,
+                 uncond: Any = None, next_level: Level | None = None, family: Any = None,
+                 pred_image: Tensor | None = None) -> None:
+        self.x, self.pred_cond, self.pred_uncond = x, pred_cond, pred_uncond
+        self.level = Level(t=t, alpha=alpha, sigma=sigma, index=index, num_steps=num_steps)
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.uncond_mask, self.cond, self.evaluate, self.uncond = uncond_mask, cond, evaluate, uncond
+        self.next_level, self.family = next_level, family
+        self.pred_image = pred_image
+
+    @classmethod
+    def at(cls, level: Level, x: Tensor, pred_cond: Tensor, pred_uncond: Tensor | None,
+           prediction_type: str = "epsilon", **fields: Any) -> "Step":
+        """The step at ``level`` (``fields``: ``uncond_mask``, ``cond``, ``evaluate``, ``uncond``, ``next_level``,
+        ``family``)."""
+        return cls(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
+                   prediction_type, **fields)
+
+    @property
+    def t(self) -> Tensor:
+        return self.level.t
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.level.alpha
+
+    @property
+    def sigma(self) -> Tensor:
+        return self.level.sigma
+
+    @property
+    def index(self) -> int:
+        return self.level.index
+
+    @property
+    def num_steps(self) -> int:
+        return self.level.num_steps
 
     def x0(self, pred: Tensor) -> Tensor:
         """Model output -> x0 estimate at this step."""

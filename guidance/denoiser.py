@@ -86,8 +86,7 @@ class GuidedDenoiser:
         check_cond_rows("uncond", self.uncond, batch)
         if self.guide is None:
             out = self._eval(x, level, self.cond)
-            step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, out, None,
-                        self.prediction_type)
+            step = Step.at(level, x, out, None, self.prediction_type)
             x0 = step.x0(out)
             return Denoised(x0, x0)
         if level.index == 0:
@@ -102,8 +101,8 @@ class GuidedDenoiser:
         else:
             pred_uncond = pred_cond.clone()
             pred_uncond[rows] = out[:n_u]
-        step = Step(x, level.t, level.alpha, level.sigma, level.index, level.num_steps, pred_cond, pred_uncond,
-                    self.prediction_type, uncond_mask=mask, cond=self.cond, uncond=self.uncond,
-                    evaluate=lambda x_, c_, level_=None: self._eval(x_, level if level_ is None else level_, c_))
+        step = Step.at(level, x, pred_cond, pred_uncond, self.prediction_type, uncond_mask=mask, cond=self.cond,
+                       uncond=self.uncond,
+                       evaluate=lambda x_, c_, level_=None: self._eval(x_, level if level_ is None else level_, c_))
         guided = guided_checked(self.guide, step)
         return Denoised(step.x0(guided.denoise), step.x0(guided.renoise))

@@ -1,8 +1,8 @@
 """Pipeline families as data: how each diffusers pipeline runs classifier-free guidance.
 
-``apply`` reads one :class:`Family` per pipeline class; its control flow is written once per CFG layout
-(:data:`LAYOUTS`). Adding a pipeline is adding an entry here and a test; the facts come from the pipeline's
-``__call__`` in diffusers 0.42.1 (see ``docs``/README "Supported pipelines").
+``apply`` reads one :class:`Family` per pipeline class; its control flow is written once per CFG layout, one class
+each in :mod:`.layouts` (``Family.layout`` names it). Adding a pipeline is adding an entry here and a test; the
+facts come from the pipeline's ``__call__`` in diffusers 0.42.1 (see ``docs``/README "Supported pipelines").
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-# "uc": one batched call on [uncond; cond]; "cu": batched [cond; uncond] (DiT, which also steps on both halves);
-# "list_cu": one call on a list of per-sample tensors, [cond...; uncond...] (Z-Image);
-# "two_calls": the network is called for cond, then for uncond, once each per step.
-LAYOUTS = ("uc", "cu", "list_cu", "two_calls")
+from torch import Tensor
+
+from .layouts import LAYOUTS
 
 
 @dataclass(frozen=True)
 class Family:
     """One family of pipelines that run CFG the same way.
 
+    ``layout``: the name of its CFG layout object in :mod:`.layouts` (``"uc"``, ``"cu"``, ``"list_cu"``,
+    ``"two_calls"``; ``LAYOUTS``).
     ``networks``: pipeline attributes holding the denoising network(s) (Wan 2.2 has two).
     ``latent`` / ``timestep``: names of the network ``forward`` parameters that take the latent and the time
     (positional or keyword alike: calls are bound to the forward's signature).
@@ -43,6 +44,29 @@ class Family:
     ``native``: the guide expression that reproduces the pipeline's own CFG at scale ``s`` (docs and tests);
     ``native_exact`` False where it does so only to rounding: Z-Image computes ``c + s (c - u)``, which is
     ``CFG(s + 1)`` but not CFG's floating-point expression ``u + w (c - u)``.
+
+    What a derived pipeline adds to its parent's CFG block (zoo rows):
+
+    ``start``: where the level of a run's first step comes from. "begin_index": the scheduler's ``begin_index``
+    (img2img / inpaint / video-to-video call ``set_begin_index`` after cutting the schedule; 0 when unset);
+    "timestep": the position of the first step's timestep in the scheduler's schedule (pipelines that cut the
+    timesteps without telling the scheduler).
+    ``conditioning``: what the network's latent input carries beyond the latent the scheduler steps, concatenated
+    along ``conditioning_dim``: "channels" (inpainting's mask and masked latents, I2V's image latents: the output
+    has the latent's width) or "tokens" (Kontext / Edit image tokens: the output carries them too and is cut to the
+    latent's tokens, as the pipeline does). A guide's ``x`` is the stepped latent; extra passes re-append the
+    step's conditioning.
+    ``repeated``: network arguments repeated ``k`` times per row, ``k`` the latent's size along ``repeat_dim``
+    (AnimateDiff repeats the prompt embeddings per frame): their rows follow the latent's row selection.
+    ``residuals``: network arguments holding ControlNet / adapter residuals. Per row, they follow row selection; they
+    were computed for the step's own latent, level and condition, so extra passes (``step.evaluate``: GFCG's
+    reference class, Rectified-CFG++'s sub-step) are refused where a call carries them.
+    ``variance``: the network also predicts a variance per latent channel (learned sigma: twice the latent's
+    channels out), so with conditioning channels the stepped latent is half the prediction's width.
+    ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
+    ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
+    ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
+    one is served as it.
     """
 
     pipelines: tuple[str, ...]
@@ -63,10 +87,24 @@ class Family:
     zero_init_steps: int = 1
     native: str = "CFG(s)"
     native_exact: bool = True
+    start: str = "begin_index"
+    conditioning: str | None = None
+    conditioning_dim: int = 1
+    repeated: tuple[str, ...] = ()
+    repeat_dim: int = 2
+    residuals: tuple[str, ...] = ()
+    variance: bool = False
+    also_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.start not in ("begin_index", "timestep"):
+            raise ValueError(f"start must be 'begin_index' or 'timestep', got {self.start!r}")
+        if self.conditioning not in (None, "channels", "tokens"):
+            raise ValueError(f"conditioning must be None, 'channels' or 'tokens', got {self.conditioning!r}")
+        if self.conditioning == "tokens" and LAYOUTS[self.layout].wraps_step is False:
+            raise ValueError("conditioning tokens are cut at scheduler.step: they need a layout that wraps it")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {self.layout!r}")
         if self.scheduler not in ("flow", "diffusion"):
             raise ValueError(f"scheduler must be 'flow' or 'diffusion', got {self.scheduler!r}")
         if self.flow_time not in ("proportional", "one_minus", None):
@@ -75,45 +113,255 @@ class Family:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
 
+    def time_at(self, t: Tensor, s: float | Tensor, s_new: float | Tensor) -> Tensor:
+        """The network time at flow level ``s_new`` of the network time ``t`` at level ``s`` (``flow_time``:
+        scaled where the time is proportional to ``s``, shifted where it is ``1 - s``)."""
+        return t * (s_new / s) if self.flow_time == "proportional" else t + (s - s_new)
+
+    def level_of_time(self, t: Tensor) -> Tensor:
+        """The flow level of network time ``t``, up to the network's own factor (``flow_time``)."""
+        return t if self.flow_time == "proportional" else 1 - t
+
 
 _RESCALE = {"guidance_rescale": (0.0, "use guidance.CFGRescale")}
+_PAG = {"pag_scale": (0.0, "perturbed-attention guidance is a third branch apply() does not combine; run "
+                           "diffusers.guiders.PerturbedAttentionGuidance through guidance.apply instead"),
+        "guidance_rescale": (0.0, "use guidance.CFGRescale")}
+_UNET = dict(networks=("unet",), latent="sample")
+# the UNet arguments that carry ControlNet / T2I-adapter residuals (computed for the step's own latent)
+_UNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                   "down_intrablock_additional_residuals")
+_BLOCK_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
+_TRUE_CFG = dict(scale_arg="true_cfg_scale", negative=("negative_prompt", "negative_prompt_embeds"))
 
 FAMILIES: tuple[Family, ...] = (
-    Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline"), "uc", "diffusion", networks=("unet",),
-           latent="sample", neutral=_RESCALE),
+    # -- Stable Diffusion 1.x / 2.x and SDXL: [uncond; cond] through the UNet -----------------------------------
+    Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionXLImg2ImgPipeline", "StableDiffusionLDM3DPipeline",
+            "StableDiffusionImageVariationPipeline", "StableDiffusionModelEditingPipeline",
+            "TextToVideoSDPipeline", "VideoToVideoSDPipeline", "AudioLDMPipeline", "MusicLDMPipeline",
+            "AudioLDM2Pipeline", "LDMTextToImagePipeline", "AltDiffusionPipeline", "BlipDiffusionPipeline",
+            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline", "I2VGenXLPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, **_UNET),
+    # img2img that cut the schedule without telling the scheduler (no set_begin_index)
+    Family(("AltDiffusionImg2ImgPipeline", "KandinskyImg2ImgPipeline"), "uc", "diffusion", start="timestep",
+           neutral=_RESCALE, **_UNET),
+    Family(("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionDepth2ImgPipeline",
+            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline"),
+           "uc", "diffusion", neutral=_RESCALE, conditioning="channels", **_UNET),
+    Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
+            "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+            "StableDiffusionXLControlNetUnionPipeline", "StableDiffusionXLControlNetUnionImg2ImgPipeline",
+            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusionXLControlNetUnionInpaintPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
+    # ControlNet-XS runs its control net inside the UNet call: extra passes recompute it, nothing to refuse
+    Family(("StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, **_UNET),
+    Family(("StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
+            "StableDiffusionXLPAGImg2ImgPipeline"),
+           "uc", "diffusion", neutral=_PAG, **_UNET),
+    Family(("StableDiffusionPAGInpaintPipeline", "StableDiffusionXLPAGInpaintPipeline"),
+           "uc", "diffusion", neutral=_PAG, conditioning="channels", **_UNET),
+    Family(("StableDiffusionControlNetPAGPipeline", "StableDiffusionXLControlNetPAGPipeline",
+            "StableDiffusionXLControlNetPAGImg2ImgPipeline"),
+           "uc", "diffusion", neutral=_PAG, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetPAGInpaintPipeline",),
+           "uc", "diffusion", neutral=_PAG, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
+    # AnimateDiff: 5-D latents, the prompt embeddings (and ControlNet residuals) repeated per frame
+    Family(("AnimateDiffPipeline", "AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, repeated=("encoder_hidden_states",), **_UNET),
+    Family(("AnimateDiffControlNetPipeline", "AnimateDiffVideoToVideoControlNetPipeline"),
+           "uc", "diffusion", repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
+           **_UNET),
+    Family(("AnimateDiffPAGPipeline",), "uc", "diffusion", neutral=_PAG, repeated=("encoder_hidden_states",),
+           **_UNET),
+    # Kandinsky 2.2 and DeepFloyd IF: learned variance channels (the conditional rows' are kept)
+    Family(("KandinskyV22Pipeline", "KandinskyV22ControlnetPipeline", "KandinskyPipeline"), "uc", "diffusion",
+           **_UNET),
+    Family(("KandinskyInpaintPipeline",), "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
+    Family(("KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline"), "uc", "diffusion",
+           start="timestep", **_UNET),
+    Family(("KandinskyV22InpaintPipeline",), "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
+    Family(("Kandinsky3Pipeline",), "uc", "diffusion", native="CFG(s + 1)", native_exact=False, **_UNET),
+    Family(("Kandinsky3Img2ImgPipeline",), "uc", "diffusion", native="CFG(s + 1)", native_exact=False,
+           start="timestep", **_UNET),
+    Family(("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), "uc", "diffusion", **_UNET),
+    Family(("IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
+           "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
+    # InstructPix2Pix: [text; image; uncond] on the latent with the image latents concatenated
+    Family(("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"),
+           "text_image_uncond", "diffusion", neutral=_RESCALE, conditioning="channels",
+           also_on=("image_guidance_scale",), native="ImageCFG(s, 1.5)", **_UNET),
     Family(("ClassConditionalPipeline",), "uc", "diffusion", networks=("unet",), latent="sample"),
     Family(("DiTPipeline",), "cu", "diffusion"),
-    Family(("StableDiffusion3Pipeline",), "uc", "flow",
+    # -- SD3: [uncond; cond] through the MMDiT ----------------------------------------------------------------
+    Family(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"), "uc", "flow",
            neutral={"skip_guidance_layers": (None, "skip-layer guidance is a third network call apply does not "
                                                    "replace")}),
-    Family(("SanaPipeline",), "uc", "flow", float32=True),
-    Family(("PixArtSigmaPipeline",), "uc", "diffusion"),
-    Family(("HunyuanDiTPipeline",), "uc", "diffusion", neutral=_RESCALE, unbatched=("image_rotary_emb",)),
-    Family(("FluxPipeline",), "two_calls", "flow", scale_arg="true_cfg_scale",
-           negative=("negative_prompt", "negative_prompt_embeds")),
-    Family(("QwenImagePipeline",), "two_calls", "flow", scale_arg="true_cfg_scale",
-           negative=("negative_prompt", "negative_prompt_embeds"), native="NormRescale(CFG(s))"),
+    Family(("StableDiffusion3InpaintPipeline",), "uc", "flow", conditioning="channels"),
+    Family(("StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline"), "uc", "flow",
+           residuals=("block_controlnet_hidden_states",)),
+    Family(("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"), "uc", "flow",
+           neutral={"pag_scale": _PAG["pag_scale"]}),
+    Family(("SanaPipeline", "SanaPAGPipeline"), "uc", "flow", float32=True, neutral={"pag_scale": _PAG["pag_scale"]}),
+    Family(("SanaControlNetPipeline",), "uc", "flow", float32=True, residuals=("controlnet_block_samples",)),
+    Family(("PixArtSigmaPipeline", "PixArtAlphaPipeline", "PixArtSigmaPAGPipeline"), "uc", "diffusion",
+           neutral={"pag_scale": _PAG["pag_scale"]}),
+    Family(("HunyuanDiTPipeline", "HunyuanDiTPAGPipeline"), "uc", "diffusion", neutral=_PAG,
+           unbatched=("image_rotary_emb",)),
+    Family(("HunyuanDiTControlNetPipeline",), "uc", "diffusion", neutral=_RESCALE, unbatched=("image_rotary_emb",),
+           residuals=("controlnet_block_samples",)),
+    # -- video transformers with one batched call ----------------------------------------------------------------
+    Family(("LattePipeline",), "uc", "diffusion"),
+    Family(("AllegroPipeline",), "uc", "diffusion", unbatched=("image_rotary_emb",)),
+    Family(("AuraFlowPipeline",), "uc", "flow"),
+    Family(("LTXPipeline",), "uc", "flow", neutral=_RESCALE, unbatched=("video_coords",)),
+    # CogVideoX ([B, F, C, H, W] latents; image / control latents concatenated on the channel axis, dim 2)
+    Family(("CogVideoXPipeline", "CogView3PlusPipeline"), "uc", "diffusion", unbatched=("image_rotary_emb",),
+           neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
+    Family(("CogVideoXVideoToVideoPipeline",), "uc", "diffusion", unbatched=("image_rotary_emb",), start="timestep",
+           neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
+    Family(("CogVideoXImageToVideoPipeline", "CogVideoXFunControlPipeline"), "uc", "diffusion",
+           unbatched=("image_rotary_emb",), conditioning="channels", conditioning_dim=2,
+           neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
+    # batched flow transformers checked by their CFG block only (no tiny build yet): no passes at other levels
+    Family(("EasyAnimatePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline"), "uc", "flow",
+           neutral=_RESCALE, flow_time=None),
+    Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", flow_time=None),
+    Family(("AnyFlowPipeline", "BriaFiboPipeline", "PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"),
+           "uc", "flow", flow_time=None),
+    Family(("SanaVideoPipeline",), "uc", "flow", float32=True, flow_time=None),
+    # -- two calls per step (cond, then uncond) ---------------------------------------------------------------
+    Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
+    Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
+           **_TRUE_CFG),
+    Family(("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+           "two_calls", "flow", residuals=_BLOCK_SAMPLES, **_TRUE_CFG),
+    Family(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), "two_calls", "flow",
+           native="NormRescale(CFG(s))", **_TRUE_CFG),
+    Family(("QwenImageEditPipeline", "QwenImageEditInpaintPipeline", "QwenImageEditPlusPipeline"), "two_calls",
+           "flow", native="NormRescale(CFG(s))", conditioning="tokens", **_TRUE_CFG),
+    Family(("QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"), "two_calls", "flow",
+           native="NormRescale(CFG(s))", residuals=("controlnet_block_samples",), **_TRUE_CFG),
+    Family(("HunyuanVideoPipeline",), "two_calls", "flow", **_TRUE_CFG),
+    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", flow_time=None,
+           **_TRUE_CFG),
+    # two calls, checked by their CFG block only (no tiny build yet): no passes at other levels
+    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline",
+            "LongCatImagePipeline", "SkyReelsV2Pipeline"), "two_calls", "flow", flow_time=None),
+    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
+           flow_time=None),
+    Family(("Krea2Pipeline",), "two_calls", "flow", flow_time=None, native="CFG(s + 1)", native_exact=False),
+    Family(("LongCatImageEditPipeline",), "two_calls", "flow", flow_time=None, conditioning="tokens"),
+    Family(("SkyReelsV2ImageToVideoPipeline", "ChronoEditPipeline"), "two_calls", "flow", flow_time=None,
+           conditioning="channels"),
+    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None),
+    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None,
+           conditioning="channels"),
     Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
+    Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),
+    Family(("WanImageToVideoPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
+           conditioning="channels"),
     Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None, zero_init_steps=2),
-    Family(("ZImagePipeline",), "list_cu", "flow", latent="x", timestep="t", scale_arg="guidance_scale",
-           cfg_threshold=0.0, output_sign=-1, float32=True, condition="cap_feats", flow_time="one_minus",
-           native="CFG(s + 1)", native_exact=False,
+    Family(("CogView4ControlPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
+    Family(("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"), "list_cu", "flow", latent="x",
+           timestep="t", scale_arg="guidance_scale", cfg_threshold=0.0, output_sign=-1, float32=True,
+           condition="cap_feats", flow_time="one_minus", native="CFG(s + 1)", native_exact=False,
            neutral={"cfg_normalization": (False, "its norm clamp is not a guide yet"),
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")}),
+    Family(("ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline"), "list_cu", "flow", latent="x",
+           timestep="t", scale_arg="guidance_scale", cfg_threshold=0.0, output_sign=-1, float32=True,
+           condition="cap_feats", flow_time="one_minus", native="CFG(s + 1)", native_exact=False,
+           neutral={"cfg_normalization": (False, "its norm clamp is not a guide yet"),
+                    "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
+                                            "guidance.GuidanceInterval")},
+           residuals=("controlnet_block_samples",)),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                              "guidance.GuidanceInterval")}),
 )
 
-# The guidance-distilled pipelines of this generation never evaluate an unconditional branch.
-DISTILLED = {"Flux2Pipeline": "is guidance-distilled (no unconditional branch)",
-             "FluxKontextPipeline": "is guidance-distilled unless given a negative prompt; not yet covered"}
+def _reasons(reason: str, *names: str) -> dict[str, str]:
+    return dict.fromkeys(names, reason)
+
+
+# Classes refused up front, each with its reason (read in its diffusers 0.42.1 __call__).
+REFUSED: dict[str, str] = {
+    **_reasons("is guidance-distilled: it never evaluates an unconditional branch", "Flux2Pipeline",
+               "FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+               "SanaSprintPipeline", "SanaSprintImg2ImgPipeline", "LatentConsistencyModelPipeline",
+               "LatentConsistencyModelImg2ImgPipeline", "ConsistencyModelPipeline"),
+    **_reasons("runs network calls per step that are not CFG branches (self-attention guidance, attention "
+               "optimisation, GLIGEN grounding, prior steps, spatio-temporal guidance), which apply() cannot "
+               "attribute", "StableDiffusionSAGPipeline", "StableDiffusionAttendAndExcitePipeline",
+               "StableDiffusionPix2PixZeroPipeline", "StableDiffusionGLIGENTextImagePipeline", "StableUnCLIPPipeline",
+               "SemanticStableDiffusionPipeline", "LTX2Pipeline", "LTX2ConditionPipeline", "LTX2ImageToVideoPipeline"),
+    **_reasons("runs a custom denoising loop (windows, parallel or inverted steps) rather than one network call "
+               "pattern per scheduler step", "StableDiffusionPanoramaPipeline", "StableDiffusionParadigmsPipeline",
+               "StableDiffusionDiffEditPipeline", "CycleDiffusionPipeline", "TextToVideoZeroPipeline",
+               "TextToVideoZeroSDXLPipeline", "UniDiffuserPipeline"),
+    **_reasons("runs sub-pipelines (prior and decoder): apply guidance to the sub-pipeline itself",
+               "KandinskyCombinedPipeline", "KandinskyImg2ImgCombinedPipeline", "KandinskyInpaintCombinedPipeline",
+               "KandinskyV22CombinedPipeline", "KandinskyV22Img2ImgCombinedPipeline",
+               "KandinskyV22InpaintCombinedPipeline", "WuerstchenCombinedPipeline", "StableCascadeCombinedPipeline",
+               "VisualClozePipeline", "VersatileDiffusionPipeline"),
+    **_reasons("batches three branches with image_guidance_scale over a mobile UNet whose CFG block has not been "
+               "checked against the three-branch layout", "DreamLitePipeline"),
+    **_reasons("steps on reversed flow sigmas (invert_sigmas), which apply() does not read", "MochiPipeline"),
+    **_reasons("applies EDM preconditioning (c_skip, c_out) or frame conditioning to the network outputs before "
+               "combining them, so the combined outputs are not the network's", "CosmosTextToWorldPipeline",
+               "CosmosVideoToWorldPipeline", "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline",
+               "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"),
+    **_reasons("rescales the combined prediction by its standard deviation after CFG", "BriaPipeline"),
+    **_reasons("runs an extra network call per step to fill a key-value cache", "GlmImagePipeline"),
+    **_reasons("steps only part of its latent (conditioning frames or channels kept), which no layout describes",
+               "Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline", "Kandinsky5T2IPipeline",
+               "HunyuanVideoImageToVideoPipeline", "SanaImageToVideoPipeline"),
+    **_reasons("combines the halves of its epsilon channels with a custom split (Lumina-Next)", "LuminaPipeline"),
+    **_reasons("runs Karras-preconditioned network calls (c_in, c_out) inside its loop",
+               "StableDiffusionLatentUpscalePipeline"),
+    **_reasons("runs diffusion forcing (per-frame noise levels and its own frame loop)",
+               "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+               "SkyReelsV2DiffusionForcingVideoToVideoPipeline", "HunyuanVideoFramepackPipeline"),
+    **_reasons("uses an EDM-preconditioned scheduler (CosineDPMSolverMultistep), which apply() does not read",
+               "StableAudioPipeline"),
+    **_reasons("conditions frames through a per-token timestep and steps part of the latent, which no layout "
+               "describes", "LTXImageToVideoPipeline", "LTXConditionPipeline", "LTXI2VLongMultiPromptPipeline"),
+    **_reasons("denoises with a network apply() does not hook (a prior / decoder / text_unet, no unet or "
+               "transformer)", "WuerstchenPriorPipeline", "WuerstchenDecoderPipeline", "StableCascadePriorPipeline",
+               "StableCascadeDecoderPipeline", "KandinskyPriorPipeline", "KandinskyV22PriorPipeline",
+               "KandinskyV22PriorEmb2EmbPipeline", "ShapEPipeline", "ShapEImg2ImgPipeline",
+               "VersatileDiffusionDualGuidedPipeline", "VersatileDiffusionImageVariationPipeline",
+               "VersatileDiffusionTextToImagePipeline"),
+    **_reasons("predicts discrete tokens (masked generative transformer), not a diffusion output",
+               "AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline", "VQDiffusionPipeline"),
+}
 
 
 def supported_pipelines() -> list[str]:
     return [name for family in FAMILIES for name in family.pipelines]
+
+
+def _refusal(pipe: Any, name: str) -> str:
+    """Why ``pipe``'s class is not served: its listed reason, or what its ``__call__`` shows."""
+    if name in REFUSED:
+        return REFUSED[name]
+    listed = [cls.__name__ for cls in type(pipe).__mro__[1:] if cls.__name__ in supported_pipelines()]
+    if listed:
+        return f"overrides the __call__ of {listed[0]}, so its CFG is not the one that row describes"
+    call = getattr(type(pipe), "__call__", None)
+    params = inspect.signature(call).parameters if callable(call) else {}
+    if not any(p in params for p in ("guidance_scale", "true_cfg_scale")):
+        return "does not run classifier-free guidance (its __call__ takes no guidance_scale or true_cfg_scale)"
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+        return "has no unet or transformer for apply() to hook"
+    return ("has no family row yet: its CFG block (which rows, which arguments, which combination) has not been "
+            "checked against diffusers' source, and apply() does not guess one")
 
 
 def other_level_pipelines() -> list[str]:
@@ -135,28 +383,26 @@ def family_of(pipe: Any) -> Family:
         if owner.__name__ in family.pipelines:
             _check_networks(pipe, family, name)
             return family
-    reason = DISTILLED.get(name)
-    listed = [cls.__name__ for cls in type(pipe).__mro__[1:] if cls.__name__ in supported_pipelines()]
-    if reason is None and listed:
-        reason = f"overrides the __call__ of {listed[0]}, so its CFG is not the one the table describes"
-    if reason is None:
-        call = getattr(type(pipe), "__call__", None)
-        takes_scale = callable(call) and "guidance_scale" in inspect.signature(call).parameters
-        reason = ("runs CFG in a way no table entry describes" if takes_scale else
-                  "does not batch classifier-free guidance (its __call__ takes no guidance_scale)")
-    raise TypeError(f"apply() supports {', '.join(supported_pipelines())}; got {name}, which {reason}")
+    raise TypeError(f"{name} {_refusal(pipe, name)}. apply() serves {len(supported_pipelines())} classes: "
+                    f"{', '.join(supported_pipelines())}")
 
 
 def _check_networks(pipe: Any, family: Family, name: str) -> None:
     primary = getattr(pipe, family.networks[0], None)
     if primary is None or not hasattr(pipe, "scheduler"):
         raise TypeError(f"{name} has no {family.networks[0]} or scheduler for apply() to hook")
+    params = inspect.signature(getattr(primary, "_orig_mod", primary).forward).parameters
+    missing = [arg for arg in (family.latent, family.timestep) if arg not in params]
+    if missing and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise TypeError(f"{name}'s {family.networks[0]} ({type(primary).__name__}) takes no {missing}: its family "
+                        "row does not describe this network")
 
 
 def native_guide(family: Family, scale: float):
     """The guide that reproduces ``family``'s own CFG at scale ``scale`` (``Family.native``)."""
     from .cfg import CFG
+    from .image_cfg import ImageCFG
     from .norm_rescale import NormRescale
 
-    return {"CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
+    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
             "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()

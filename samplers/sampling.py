@@ -48,7 +48,8 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
                        dtype=x.dtype).to(x.device)
 
 
-def _check(x: Tensor, plan: Plan) -> None:
+def check_sample_inputs(x: Tensor, plan: Plan) -> None:
+    """A sampler's ``x`` (a floating-point tensor) and ``plan`` (a ``Plan``): ``TypeError`` otherwise."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
     if not isinstance(plan, Plan):
@@ -62,7 +63,7 @@ def _run(model: DenoiseFn, x: Tensor, plan: Plan, update, callback, disable) -> 
     level divides by a positive number); ``levels`` holds ``alpha, sigma, s`` of level i and ``alpha_next,
     sigma_next, s_next`` of level i + 1 as floats (``s`` the VE sigma, ``inf`` at pure noise).
     """
-    _check(x, plan)
+    check_sample_inputs(x, plan)
     state: dict = {}
     with torch.no_grad():  # no autograd graph over the run (solvers that need gradients use sample_inverse)
         for i in trange(plan.num_steps, disable=disable, desc="sampling"):

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .base import Level
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction"}
@@ -135,9 +138,24 @@ class Plan:
         return Plan(self.timesteps[index:], self.sigmas[index:], self.prediction_type)
 
 
-def _is_flow(scheduler) -> bool:
-    """Rectified-flow sigmas: the FlowMatch* schedulers, or DPM-Solver / UniPC with ``use_flow_sigmas``."""
-    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas", False))
+def _config(scheduler_or_config) -> tuple[str, dict]:
+    """The class name and config of a scheduler, or of a config dict as saved (with its ``_class_name``)."""
+    if isinstance(scheduler_or_config, dict):
+        return str(scheduler_or_config.get("_class_name", "")), scheduler_or_config
+    return type(scheduler_or_config).__name__, scheduler_or_config.config
+
+
+def has_flow_sigmas(scheduler) -> bool:
+    """Whether the scheduler's ``sigmas`` are rectified-flow levels ``s``: the FlowMatch* schedulers, or
+    DPM-Solver / UniPC with ``use_flow_sigmas``. Takes a scheduler or a config dict as saved (``_class_name``)."""
+    name, config = _config(scheduler)
+    return name.startswith("FlowMatch") or bool(config.get("use_flow_sigmas", False))
+
+
+def is_flow(scheduler) -> bool:
+    """Whether the scheduler steps a rectified-flow network: flow sigmas, or ``prediction_type="flow_prediction"``.
+    Takes a scheduler or a config dict as saved (``_class_name``)."""
+    return has_flow_sigmas(scheduler) or _config(scheduler)[1].get("prediction_type") == "flow_prediction"
 
 
 def scheduler_prediction_type(scheduler) -> str:
@@ -151,7 +169,7 @@ def scheduler_prediction_type(scheduler) -> str:
                  f"prediction_type='flow_prediction', and schedulers with prediction_type in {PREDICTION_TYPES[:3]}")
     if name.startswith("EDM"):
         raise ValueError(f"{name} uses EDM preconditioning, which plans do not read; {supported}")
-    flow = _is_flow(scheduler)
+    flow = has_flow_sigmas(scheduler)
     default = "flow_prediction" if name.startswith("FlowMatch") else None
     prediction_type = config.get("prediction_type", default)
     if prediction_type not in PREDICTION_TYPES or flow != (prediction_type == "flow_prediction"):
@@ -190,7 +208,7 @@ def plan_from_scheduler(scheduler, num_inference_steps: int | None, device: torc
     sigmas = getattr(scheduler, "sigmas", None)
     has_sigmas = sigmas is not None and len(sigmas) == len(timesteps) + 1
     name = type(scheduler).__name__
-    if _is_flow(scheduler):
+    if has_flow_sigmas(scheduler):
         if not has_sigmas:
             raise ValueError(f"{name} is a flow scheduler but keeps no sigmas (N + 1 flow levels) after "
                              "set_timesteps; supported: flow schedulers with scheduler.sigmas")
@@ -212,3 +230,77 @@ def plan_from_scheduler(scheduler, num_inference_steps: int | None, device: torc
         ve = ((1 - ab) / ab).sqrt()
     return Plan(timesteps=timesteps.to(device) if device is not None else timesteps, sigmas=ve,
                 prediction_type=prediction_type)
+
+
+class ScheduleReader:
+    """A diffusers scheduler read as noise levels, the one place that does it: flow or not, the level at a step, the
+    flow level it steps to next, and the step it is at (runs that start part-way call ``set_begin_index``).
+
+    Levels are computed in float64 from the scheduler's own ``sigmas`` (flow levels ``s``: ``alpha = 1 - s``,
+    ``sigma = s``; VE sigmas: ``alpha_bar = 1 / (1 + sigma^2)``), or from ``alphas_cumprod`` at the timestep for
+    schedulers that keep no sigma per step (DDIM, DDPM, PNDM), then cast to the latents' dtype.
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.flow = is_flow(scheduler)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    def begin_index(self) -> int:
+        """The step a run starts at: the scheduler's ``begin_index`` (img2img, inpainting), else 0."""
+        begin = getattr(self.scheduler, "begin_index", None)
+        return 0 if begin is None else int(begin)
+
+    def step_index(self, timestep) -> int:
+        """The step the scheduler is at for ``timestep``: its ``step_index`` once it has stepped, else its begin
+        index, else the timestep's position in its schedule (``index_for_timestep``)."""
+        sched = self.scheduler
+        if getattr(sched, "step_index", None) is not None:
+            return int(sched.step_index)
+        if getattr(sched, "begin_index", None) is not None:
+            return int(sched.begin_index)
+        return int(sched.index_for_timestep(torch.as_tensor(timestep)))
+
+    def _sigmas(self):
+        """The scheduler's sigmas when it keeps one per step (``num_steps + 1``), else None."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        return sigmas if sigmas is not None and len(sigmas) == self.num_steps + 1 else None
+
+    def level(self, timestep, index: int | None, device, dtype, *, step: int | None = None,
+              num_steps: int | None = None) -> Level:
+        """The level at network time ``timestep``, the scheduler's step ``index`` (None: :meth:`step_index`);
+        ``step`` / ``num_steps`` (the level's own count) default to ``index`` / the schedule's length."""
+        t = torch.as_tensor(timestep).flatten()[0]
+        sigmas = self._sigmas()
+        if sigmas is None and self.flow:
+            found = getattr(self.scheduler, "sigmas", None)
+            raise ValueError(f"{type(self.scheduler).__name__}: expected num_inference_steps + 1 sigmas, got "
+                             f"{None if found is None else len(found)} for {self.num_steps} timesteps")
+        if sigmas is not None:
+            index = self.step_index(timestep) if index is None else index
+            value = torch.as_tensor(sigmas[index], dtype=torch.float64)
+            if self.flow:  # x_s = (1 - s) x0 + s eps
+                alpha, sigma = 1 - value, value
+            else:  # the VE sigma of a VP schedule
+                alpha, sigma = alpha_sigma(1 / (1 + value**2))
+        else:
+            alpha, sigma = alpha_sigma(self.scheduler.alphas_cumprod[int(t.item())].to(torch.float64))
+        return Level(t=t, alpha=alpha.to(device, dtype), sigma=sigma.to(device, dtype),
+                     index=index if step is None else step, num_steps=self.num_steps if num_steps is None else num_steps)
+
+    def next_level(self, level: Level, time_at: Callable[[Tensor, float, float], Tensor]) -> Level | None:
+        """The flow level the scheduler steps to after ``level`` (from its float64 sigmas, not from ``level``'s
+        alpha and sigma in the latents' dtype), its network time ``time_at(level.t, s, s_next)``; None on diffusion
+        schedules and after the last step."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if not self.flow or sigmas is None or level.index + 1 >= len(sigmas):
+            return None
+        s, s_next = float(sigmas[level.index]), float(sigmas[level.index + 1])
+        like = level.alpha
+        return Level(t=time_at(level.t.to(torch.float64), s, s_next),
+                     alpha=torch.as_tensor(1 - s_next, dtype=like.dtype, device=like.device),
+                     sigma=torch.as_tensor(s_next, dtype=like.dtype, device=like.device), index=level.index + 1,
+                     num_steps=level.num_steps)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .schedule import Plan, _is_flow, scheduler_prediction_type
+from .schedule import Plan, has_flow_sigmas, scheduler_prediction_type
 
 TimestepFn = Callable[[Tensor], Tensor]
 KINDS = ("ve", "flow")
@@ -67,7 +67,7 @@ def timestep_at(plan: Plan, s: float, index: int) -> Tensor:
 def _table_timestep_fn(scheduler) -> tuple[TimestepFn, str]:
     prediction_type = scheduler_prediction_type(scheduler)
     steps = int(scheduler.config.num_train_timesteps)
-    if _is_flow(scheduler):
+    if has_flow_sigmas(scheduler):
         return (lambda s: torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s)) * steps), prediction_type
     abar = scheduler.alphas_cumprod.to(torch.float64)
     log_sigmas = ((1 - abar) / abar).sqrt().log()  # increasing with t

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import DenoiseFn, Level, as_denoised
-from .sampling import _check
+from .sampling import check_sample_inputs
 from .schedule import Plan
 from .sigmas import timestep_at
 
@@ -80,7 +80,7 @@ def check_unit(name: str, value: float, low: float = 0.0, high: float = 1.0) -> 
 
 
 def check_plan(x: Tensor, plan: Plan) -> None:
-    _check(x, plan)
+    check_sample_inputs(x, plan)
 
 
 def churn_level(s: float, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:

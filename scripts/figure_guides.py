@@ -52,14 +52,16 @@ def model_grid(model: str, steps: int, seed: int) -> np.ndarray:
 
 
 def tile(grid: np.ndarray, gap: int = 2) -> np.ndarray:
-    """``(R, C, H, W)`` -> one ``(R (H + gap) - gap, C (W + gap) - gap)`` picture with white gaps."""
-    rows, cols, height, width = grid.shape
-    canvas = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), 255, dtype=np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            canvas[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = \
-                grid[r, c]
-    return canvas
+    """``(R, C, H, W)`` -> one ``(R (H + gap) - gap, C (W + gap) - gap)`` picture with white gaps
+    (``torchvision.utils.make_grid``, its outer border cropped)."""
+    import torch
+    from einops import rearrange
+    from torchvision.utils import make_grid
+
+    cols = grid.shape[1]
+    canvas = make_grid(rearrange(torch.from_numpy(grid), "r c h w -> (r c) 1 h w"), nrow=cols, padding=gap,
+                       pad_value=255)
+    return canvas[0, gap:-gap, gap:-gap].numpy()
 
 
 def figure(grids: dict[str, np.ndarray], steps: int, path: Path) -> None:

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every usage mistake, before any model is loaded (``ValueError`` with one line naming the option). The
     checks of arguments and configs run before torch is imported."""
-    from diffguide.tasks.zoo import _resolve
+    from diffguide.tasks.zoo import resolve_model
 
     for name in ("steps", "batch_size", "directions", "tau", "save_every"):
         if getattr(args, name) < 1:
@@ -113,7 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.timesteps = (low, high)
     source = _check_quantized_options(args)
     try:
-        args.model_folder = _resolve(args.quantized or args.model or "digits-t2i")
+        args.model_folder = resolve_model(args.quantized or args.model or "digits-t2i")
     except Exception as err:                       # unknown name, missing folder, hub error
         raise ValueError(f"--model: {err}") from None
     option = f"--quantized {args.quantized}" if args.quantized else f"--model {args.model or 'digits-t2i'}"
@@ -219,10 +219,10 @@ def _check_quantized_options(args: argparse.Namespace) -> str:
     except ValueError as err:
         raise ValueError(f"--quantized: {err}") from None
     if args.model is not None:                      # checked against the folder's manifest when loading
-        from diffguide.tasks.zoo import _resolve
+        from diffguide.tasks.zoo import resolve_model
 
         try:
-            _resolve(args.model)
+            resolve_model(args.model)
         except Exception as err:
             raise ValueError(f"--model: {err}") from None
     return str(args.model or manifest.get("source") or args.quantized)

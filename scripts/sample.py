@@ -142,8 +142,10 @@ def check_schedule(name: str | None, schedule: str, config: dict | None = None) 
 
 
 def is_flow_config(config: dict) -> bool:
-    """Whether a scheduler config belongs to a rectified-flow model (a ``FlowMatch*`` scheduler)."""
-    return str(config.get("_class_name", "")).startswith("FlowMatch") or config.get("use_flow_sigmas", False)
+    """Whether a scheduler config belongs to a rectified-flow model (a ``FlowMatch*`` scheduler, flow sigmas)."""
+    from diffguide.samplers.schedule import has_flow_sigmas
+
+    return has_flow_sigmas(config)
 
 
 def choose_scheduler(name: str | None, config: dict, model: str) -> str:
@@ -243,14 +245,21 @@ def sample(args: argparse.Namespace, pipe=None) -> tuple[list, list]:
 
 # ----------------------------------------------------------------------------------------------- grid
 def make_grid(images: list, cols: int):
-    """Tile PIL images row-major into one picture, ``cols`` per row, no labels."""
+    """Tile PIL images row-major into one picture, ``cols`` per row, no labels (``torchvision.utils.make_grid``)."""
+    import numpy as np
+    import torch
+    from einops import rearrange
     from PIL import Image
+    from torchvision.utils import make_grid as tile
 
-    width, height = images[0].size
-    grid = Image.new(images[0].mode, (cols * width, -(-len(images) // cols) * height))
-    for i, image in enumerate(images):
-        grid.paste(image, (i % cols * width, i // cols * height))
-    return grid
+    pixels = np.stack([np.asarray(image) for image in images])
+    pixels = pixels[..., None] if pixels.ndim == 3 else pixels  # (N, H, W, channels)
+    pixels = np.concatenate([pixels, np.zeros((cols - len(images), *pixels.shape[1:]), pixels.dtype)]) \
+        if len(images) < cols else pixels  # a short first row keeps the grid ``cols`` wide
+    grid = tile(rearrange(torch.from_numpy(pixels), "n h w c -> n c h w"), nrow=cols, padding=0)
+    grid = grid[:1] if images[0].mode == "L" else grid  # make_grid repeats one channel into three
+    grid = rearrange(grid, "c h w -> h w c").numpy()
+    return Image.fromarray(grid[..., 0] if images[0].mode == "L" else grid, images[0].mode)
 
 
 def labelled_grid(images: list, labels: list[str], per_row_label: int, title: str, columns: int = GRID_COLUMNS):

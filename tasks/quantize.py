@@ -322,9 +322,9 @@ def load_int8_pipeline(name_or_path: str | Path, device: str | torch.device | No
     and text encoder loaded by :func:`load_int8_component`: the float weights are never all in memory."""
     from diffusers import DiffusionPipeline
 
-    from diffguide.tasks.zoo import _resolve
+    from diffguide.tasks.zoo import resolve_model
 
-    folder = _resolve(name_or_path)
+    folder = resolve_model(name_or_path)
     _refuse_saved_int8(folder)
     components = {name: load_int8_component(folder / name, cls) for name, cls in _pipeline_classes(folder).items()}
     pipe = DiffusionPipeline.from_pretrained(folder, **components)
@@ -518,9 +518,9 @@ def load_saved_int8_pipeline(folder: str | Path, model: str | Path | None = None
     manifest = read_int8_manifest(folder)
     classes = _pipeline_classes(folder)
     if model is not None:
-        from diffguide.tasks.zoo import _resolve
+        from diffguide.tasks.zoo import resolve_model
 
-        source = _resolve(model)
+        source = resolve_model(model)
         source_classes = _pipeline_classes(source)
         for name in COMPONENTS:
             recorded = manifest["components"][name]["float_weights_fingerprint"]

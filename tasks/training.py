@@ -80,8 +80,12 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr_sched: tor
         ema.update(model)
 
 
-def _loop(steps: int, desc: str, progress: bool) -> tqdm:
+def progress_bar(steps: int, desc: str, progress: bool) -> tqdm:
+    """``range(steps)`` with a progress bar (``progress`` False: silent)."""
     return tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
+
+
+_loop = progress_bar  # the former private name
 
 
 # ----------------------------------------------------------------------------------------- classifier
@@ -97,7 +101,7 @@ def train_classifier(out_dir: str | Path, steps: int = 800, batch_size: int = 12
     lr_sched = cosine_lr(opt, steps, warmup=20, final=0.02)
     start = time.perf_counter()
     model.train()
-    bar = _loop(steps, "classifier", progress)
+    bar = progress_bar(steps, "classifier", progress)
     for idx, _ in zip(batches(len(x_train), batch_size, steps, gen), bar):
         x = random_shift(x_train[idx], 1, gen)
         x = x + 0.1 * torch.rand(len(x), 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
@@ -165,7 +169,7 @@ def train_class_diffusion(out_dir: str | Path, steps: int = 2500, batch_size: in
 
     unet.train()
     run_steps = min(steps, stop_after or steps)
-    bar = _loop(run_steps, Path(out_dir).name, progress)
+    bar = progress_bar(run_steps, Path(out_dir).name, progress)
     for step, (idx, _) in enumerate(zip(batches(len(x_train), batch_size, run_steps, gen), bar), start=1):
         labels = y_train[idx].clone()
         labels[torch.rand(len(idx), generator=gen) < p_uncond] = NUM_CLASSES
@@ -200,7 +204,7 @@ def train_vae(vae: nn.Module, images: torch.Tensor, steps: int, batch_size: int,
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     lr_sched = cosine_lr(opt, steps, warmup=20)
     vae.train()
-    bar = _loop(steps, "vae", progress)
+    bar = progress_bar(steps, "vae", progress)
     for idx, _ in zip(batches(len(images), batch_size, steps, gen), bar):
         x = random_shift(images[idx], 1, gen)
         posterior = vae.encode(x).latent_dist
@@ -247,7 +251,7 @@ def train_t2i(out_dir: str | Path, steps: int = 3500, vae_steps: int = 800, batc
     lr_sched = cosine_lr(opt, steps)
     unet.train()
     text_encoder.train()
-    bar = _loop(steps, "t2i unet", progress)
+    bar = progress_bar(steps, "t2i unet", progress)
     for idx, _ in zip(batches(len(x_train), batch_size, steps, gen), bar):
         noise = torch.randn(latent_mean[idx].shape, generator=gen)
         latents = (latent_mean[idx] + latent_std[idx] * noise) * scaling_factor
@@ -293,7 +297,7 @@ def train_clip(out_dir: str | Path, steps: int = 2000, batch_size: int = 256, se
     lr_sched = cosine_lr(opt, steps)
     start = time.perf_counter()
     model.train()
-    bar = _loop(steps, "clip", progress)
+    bar = progress_bar(steps, "clip", progress)
     for idx, _ in zip(batches(len(x_train), batch_size, steps, gen), bar):
         labels = y_train[idx]
         rows = _caption_rows(labels, num_templates, 0.0, gen)

