@@ -60,7 +60,8 @@ class GuidedDenoiser:
     """A sampler denoiser (``(x_t, Level) -> Denoised``) that evaluates cond/uncond in one batch and guides.
 
     Unconditional rows are evaluated only where ``guide.needs_uncond`` asks; ``rows`` counts network rows.
-    With ``guide=None`` it is the plain conditional model. The guide is reset at step 0 of every run.
+    With ``guide=None`` it is the plain conditional model. The guide is reset at the first evaluation of every run
+    (once, also for samplers that evaluate twice within step 0).
     """
 
     def __init__(self, model_fn: ModelFn, guide: Guidance | None, cond: Any, uncond: Any = None,
@@ -73,6 +74,14 @@ class GuidedDenoiser:
         self.prediction_type = check_prediction_type(prediction_type)
         self.rows = 0
         self.calls = 0
+        self._last: tuple[int, float] | None = None   # (index, noise) of the previous guided call
+
+    def _starts_run(self, level: Level) -> bool:
+        """Step 0 of a new run: index 0 after another index, or at a noise level no lower than the previous call's
+        (a two-stage sampler's second evaluation within step 0 is at a lower level and keeps the guide's state)."""
+        noise = float(level.sigma.max()) if torch.is_tensor(level.sigma) else float(level.sigma)
+        last, self._last = self._last, (level.index, noise)
+        return level.index == 0 and (last is None or last[0] != 0 or noise >= last[1])
 
     def _eval(self, x: Tensor, level: Level, cond: Any) -> Tensor:
         """The network at VP state ``x`` (a flow network reads ``x / (alpha + sigma)``, ``samplers.call_network``)."""
@@ -89,7 +98,7 @@ class GuidedDenoiser:
             step = Step.at(level, x, out, None, self.prediction_type)
             x0 = step.x0(out)
             return Denoised(x0, x0)
-        if level.index == 0:
+        if self._starts_run(level):
             self.guide.reset()
         mask = self.guide.needs_uncond(level, batch).to(x.device)
         rows = mask.nonzero().squeeze(1)

@@ -98,9 +98,9 @@ def default_noise(x: Tensor, plan_sigmas: Tensor, noise_sampler: NoiseSampler | 
         if not callable(noise_sampler):
             raise TypeError(f"noise_sampler must be callable (s, s_next) -> Tensor, got {type(noise_sampler).__name__}")
         return noise_sampler
-    if not brownian:
-        return GaussianNoise(x, generator)
     positive = plan_sigmas[plan_sigmas > 0]
+    if not brownian or float(positive.min()) == float(positive.max()):   # one positive level: no SDE noise is drawn
+        return GaussianNoise(x, generator)
 
     def draw_seed(g):
         return int(torch.randint(0, 2**63 - 1, (), generator=g, device="cpu" if g is None else g.device))

@@ -5,8 +5,8 @@ VE form ``x / alpha = D + s e`` through an :class:`Estimate`: the data estimate 
 estimate ``D_r`` and the noise direction ``e = (x - alpha D_r) / sigma``. A step's VE result ``y`` (finite wherever
 the step is defined) becomes the VP state ``alpha(s') y``; nothing divides by ``alpha``, so a flow plan's pure-noise
 first level (``s = inf``) is an ordinary state. A second evaluation within step ``i`` (Heun, DPM-2, DPM++ 2S / SDE)
-is handed ``Level.index = i`` too, so a guide that keeps state across steps sees two calls per step (and
-``GuidedDenoiser`` resets its guide at both calls of step 0).
+is handed ``Level.index = i`` too, so a guide that keeps state across steps sees two calls per step;
+``GuidedDenoiser`` resets its guide once per run, at the first of them.
 """
 
 from __future__ import annotations

@@ -275,6 +275,27 @@ def test_new_loops_take_the_pure_noise_step_of_a_flow_plan(name):
     assert torch.isfinite(out).all() and len(seen) == 6
 
 
+@pytest.mark.parametrize("name", ["heun", "dpm_2", "dpmpp_2s_ancestral", "dpmpp_sde", "euler"])
+def test_a_guide_is_reset_once_per_run_also_by_two_stage_samplers(name):
+    """Step 0's second evaluation keeps the guide's state; each new run starts from a reset guide."""
+    from diffguide.guidance import CFG
+
+    class Counted(CFG):
+        resets = 0
+
+        def reset(self):
+            Counted.resets += 1
+            super().reset()
+
+    mix = mixture()
+    gmm = ClassConditionalGMM([mix, mix], DDPM.alphas_cumprod)
+    den = GuidedDenoiser(gmm.eps, Counted(2.0), torch.zeros(4, dtype=torch.long), torch.full((4,), 2))
+    x = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for run in (1, 2, 3):
+        SAMPLERS[name](den, x, karras_plan(1 if run == 2 else 4, sigma_min=0.1, sigma_max=5.0), disable=True)
+        assert Counted.resets == run
+
+
 @pytest.mark.parametrize("name", ["heun", "dpm_2", "dpm_2_ancestral", "lms", "unipc"])
 def test_cfgpp_is_refused_where_undefined(name):
     mix = mixture()
