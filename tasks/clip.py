@@ -68,8 +68,8 @@ def save(model: torch.nn.Module, folder: str | Path, used_token_ids: Sequence[in
 
 def load_state(model: torch.nn.Module, weights: str | Path) -> None:
     """Load a file written by :func:`save` into ``model`` (strict: every other key must match, else
-    ``zoo.DamagedModelError`` names the tensors)."""
-    from diffguide.tasks.zoo import check_loaded_weights
+    ``loading.DamagedModelError`` names the tensors)."""
+    from diffguide.tasks.loading import check_loaded_weights
 
     state = load_file(str(weights))
     current = model.state_dict()

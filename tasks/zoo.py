@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffguide.tasks.loading import DamagedModelError, check_loaded_weights  # noqa: F401 (public here too)
+
 if TYPE_CHECKING:
     import torch
 
@@ -67,11 +69,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
                              f"cannot be fetched ({type(err).__name__}); known models: {', '.join(MODELS)}") from None
     raise ValueError(f"{str(name_or_path)!r} is neither a known model, a folder nor a hub repo id; "
                      f"known models: {', '.join(MODELS)}")
-
-
-class DamagedModelError(ValueError):
-    """A model folder with a missing, unreadable or truncated file, or weights that do not fit the model (the
-    message names the file or the tensors)."""
 
 
 _resolve = resolve_model  # the former private name
@@ -124,21 +121,6 @@ def check_pipeline_folder(folder: Path) -> dict:
         for weights in sorted(sub.glob("*.safetensors")):
             _check_safetensors(weights)
     return index
-
-
-def check_loaded_weights(where: Path | str, missing: Any = (), unexpected: Any = (), mismatched: Any = ()) -> None:
-    """Raise ``DamagedModelError`` naming the tensors when loading left any parameter of the model unset
-    (``missing``: it would keep its random initialisation), found tensors the model has no place for
-    (``unexpected``: e.g. renamed by another library version) or of the wrong shape (``mismatched``)."""
-    problems = []
-    for what, keys in (("missing (would stay randomly initialised)", missing),
-                       ("unexpected (the model has no such tensor)", unexpected),
-                       ("of the wrong shape", [k[0] if isinstance(k, tuple) else k for k in mismatched])):
-        names = sorted(str(k) for k in keys)
-        if names:
-            problems.append(f"{what}: {', '.join(names[:8])}" + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
-    if problems:
-        raise DamagedModelError(f"{where}: the weights do not fit the model; tensors {'; '.join(problems)}")
 
 
 def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dtype | None) -> Any:
