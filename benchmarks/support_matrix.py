@@ -25,7 +25,7 @@ from diffguide import guidance  # noqa: E402
 from diffguide.guidance.families import family_of, native_guide  # noqa: E402
 from common import write_section  # noqa: E402
 import tiny_pipes  # noqa: E402
-import tiny_zoo  # noqa: E402
+from zoo_harness import all_builds  # noqa: E402
 from diffguide.guidance.families import FAMILIES, supported_pipelines  # noqa: E402
 
 README = ROOT / "README.md"
@@ -58,8 +58,8 @@ def pipelines() -> dict[str, tuple[Callable, Callable[[float], dict]]]:
     for name, (make, _, native_kw) in tiny_pipes.PIPELINES.items():
         embeds = tiny_pipes.embeds(name, 1)
         rows[type(make()).__name__] = (make, lambda s, e=embeds, k=native_kw: dict(e, **k(s)))
-    for make, call in tiny_zoo.BUILDS.values():  # img2img (strength 0.6 of 4 steps), inpaint, ControlNet, ...
-        rows[type(make()).__name__] = (make, call)
+    for key, (make, call) in all_builds().items():  # tests/tiny_zoo*.py: img2img, inpaint, ControlNet, ...
+        rows[key if key[0].isupper() else type(make()).__name__] = (make, call)
     return rows
 
 
