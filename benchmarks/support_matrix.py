@@ -85,10 +85,12 @@ def cell(pipe, kw: dict, guide: guidance.Guidance, native: torch.Tensor) -> str:
     return "exact" if torch.equal(out, native) else f"~exact ({float((out - native).abs().max()):.0e})"
 
 
-def compute() -> list[list[str]]:
+def compute(only: set[str] | None = None) -> list[list[str]]:
     torch.set_num_threads(1)
     table = []
     for name, (make, native_kw) in pipelines().items():
+        if only is not None and name not in only:
+            continue
         pipe = make()
         native = _run(pipe, native_kw(SCALE))
         family = family_of(pipe)
@@ -163,7 +165,15 @@ def summary(table: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if README's matrix differs from a fresh one")
+    parser.add_argument("--only", nargs="+", metavar="CLASS", help="measure these classes only and print their rows "
+                        "(writes nothing)")
     args = parser.parse_args(argv)
+    if args.only:
+        unknown = sorted(set(args.only) - set(pipelines()))
+        if unknown:
+            parser.error(f"no tiny build of {', '.join(unknown)}")
+        print("\n".join("| " + " | ".join(row) + " |" for row in compute(set(args.only))))
+        return 0
     table = compute()
     text, short = render(table), summary(table)
     if args.check:
