@@ -1,0 +1,113 @@
+"""Tiny random-weight builds of the media pipelines (AnimateDiff, audio, Kandinsky, DeepFloyd IF), offline, fixed
+seeds: recipes after diffusers' own fast tests (``get_dummy_components`` / ``get_dummy_inputs``), sizes shrunk.
+Text encoders that are not offline are left out: prompt (or image) embeddings are passed directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+from PIL import Image
+
+import tiny_pipes
+from tiny_pipes import _randn
+
+PIXELS = 16
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pil_image(seed: int = 7, size: int = PIXELS) -> Image.Image:
+    pixels = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((pixels.numpy() * 255).astype("uint8"))
+
+
+def np_mask(size: int = PIXELS) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.float32)
+    mask[: size // 2, : size // 2] = 1.0
+    return mask
+
+
+# -- Kandinsky 2.1 / 2.2: image-embedding UNets with learned variance (8 channels out), a VQ decoder -------------
+
+def _ddim() -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def _kandinsky_unet(in_channels: int, embed: str) -> UNet2DConditionModel:
+    """``embed``: "text_image" (2.1), "image" (2.2) or "image_hint" (2.2 ControlNet)."""
+    torch.manual_seed(0)
+    proj = {"text_image": "text_image_proj"}.get(embed, "image_proj")
+    return UNet2DConditionModel(
+        in_channels=in_channels, out_channels=8, addition_embed_type=embed,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(8, 16), layers_per_block=1,
+        encoder_hid_dim=16, encoder_hid_dim_type=proj, cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type=None).eval()
+
+
+def _movq() -> VQModel:  # spatial norms have 32 groups: 32 channels
+    torch.manual_seed(0)
+    return VQModel(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4).eval()
+
+
+def _mclip():
+    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+
+    torch.manual_seed(0)
+    tok = tiny_pipes.byte_tokenizer()
+    config = MCLIPConfig(transformerDimSize=16, imageDimSize=16, hidden_size=16, intermediate_size=32,
+                         num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tok), max_position_embeddings=80,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    return MultilingualCLIP(config).eval(), tok
+
+
+def kandinsky(cls_name: str):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    in_channels = 9 if "Inpaint" in cls_name else 8 if "Controlnet" in cls_name else 4
+    if cls_name.startswith("KandinskyV22"):
+        embed = "image_hint" if "Controlnet" in cls_name else "image"
+        return _quiet(cls(unet=_kandinsky_unet(in_channels, embed), scheduler=_ddim(), movq=_movq()))
+    text_encoder, tokenizer = _mclip()
+    return _quiet(cls(text_encoder=text_encoder, tokenizer=tokenizer, unet=_kandinsky_unet(in_channels, "text_image"),
+                      scheduler=_ddim(), movq=_movq()))
+
+
+def kandinsky_call(cls_name: str, s: float) -> dict:
+    kw = dict(image_embeds=_randn(1, 16, seed=1), negative_image_embeds=_randn(1, 16, seed=2), height=PIXELS,
+              width=PIXELS, num_inference_steps=2, guidance_scale=s)
+    # 2.1 and the 2.2 ControlNet pipelines decode always: their smallest output is a tensor
+    kw["output_type"] = "latent" if cls_name in ("KandinskyV22Pipeline", "KandinskyV22Img2ImgPipeline",
+                                                 "KandinskyV22InpaintPipeline") else "pt"
+    if not cls_name.startswith("KandinskyV22"):
+        kw["prompt"] = "a cat"
+    if "Img2Img" in cls_name:
+        kw.update(image=pil_image(), strength=0.6, num_inference_steps=4)
+    if "Inpaint" in cls_name:
+        kw.update(image=pil_image(), mask_image=np_mask())
+    if "Controlnet" in cls_name:
+        # the UNet's hint block downsamples 8 times: a hint of 8x the latent's size (the latent is PIXELS / 2)
+        kw["hint"] = torch.rand(1, 3, 4 * PIXELS, 4 * PIXELS, generator=torch.Generator().manual_seed(3))
+    return kw
+
+
+KANDINSKY = ("KandinskyPipeline", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
+             "KandinskyV22ControlnetPipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline",
+             "KandinskyV22InpaintPipeline")
+
+BUILDS = {}
+BUILDS.update({name: (lambda n=name: kandinsky(n), lambda s, n=name: kandinsky_call(n, s)) for name in KANDINSKY})
+
+# builds whose network predicts a variance per channel and whose pipeline passes it on to a scheduler that learns it
+LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
+                    "KandinskyV22InpaintPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
