@@ -105,9 +105,80 @@ KANDINSKY = ("KandinskyPipeline", "KandinskyImg2ImgPipeline", "KandinskyInpaintP
              "KandinskyV22ControlnetPipeline", "KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline",
              "KandinskyV22InpaintPipeline")
 
+
+# -- DeepFloyd IF: pixel-space UNets with learned variance (6 channels out); SR stages take the upscaled image as 3
+# more input channels; T5 is not offline, so prompt embeddings are passed directly -------------------------------
+
+def _if_unet(superresolution: bool) -> UNet2DConditionModel:
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    torch.manual_seed(0)
+    extra = dict(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                 time_embedding_dim=32) if superresolution else {}
+    unet = UNet2DConditionModel(
+        sample_size=PIXELS, layers_per_block=1, block_out_channels=[8, 16],
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=["SimpleCrossAttnUpBlock2D",
+                                                                        "ResnetUpsampleBlock2D"],
+        in_channels=6 if superresolution else 3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=16,
+        attention_head_dim=4, addition_embed_type="text", addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=4,
+        **extra)
+    unet.set_attn_processor(AttnAddedKVProcessor())
+    return unet.eval()
+
+
+def _if_scheduler(learned: bool = True):
+    from diffusers import DDPMScheduler
+
+    kw = dict(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0, prediction_type="epsilon",
+              variance_type="learned_range") if learned else {}
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                         beta_end=0.02, **kw)
+
+
+def deepfloyd_if(cls_name: str):
+    import diffusers
+
+    superresolution = "SuperResolution" in cls_name
+    parts = dict(tokenizer=None, text_encoder=None, unet=_if_unet(superresolution), scheduler=_if_scheduler(),
+                 safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    if superresolution:
+        parts["image_noising_scheduler"] = _if_scheduler(learned=False)
+    return _quiet(getattr(diffusers, cls_name)(**parts))
+
+
+def _pixels(size: int, seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def deepfloyd_if_call(cls_name: str, s: float) -> dict:
+    kw = dict(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+              num_inference_steps=2, guidance_scale=s, output_type="pt", clean_caption=False)
+    superresolution = "SuperResolution" in cls_name
+    from_image = "Img2Img" in cls_name or "Inpainting" in cls_name  # sized by their (original) image
+    if superresolution:  # the low-resolution stage's image, upscaled to the output's size
+        kw["image"] = _pixels(PIXELS // 2, seed=3)
+    if not from_image:
+        kw.update(height=PIXELS, width=PIXELS)
+    if from_image:
+        original = _pixels(PIXELS, seed=4)
+        kw.update({"original_image" if superresolution else "image": original}, strength=0.6, num_inference_steps=4)
+    if "Inpainting" in cls_name:
+        mask = torch.zeros(1, 1, PIXELS, PIXELS)
+        mask[..., : PIXELS // 2, : PIXELS // 2] = 1.0
+        kw["mask_image"] = mask
+    return kw
+
+
+IF = ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline", "IFSuperResolutionPipeline",
+      "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline")
+
 BUILDS = {}
 BUILDS.update({name: (lambda n=name: kandinsky(n), lambda s, n=name: kandinsky_call(n, s)) for name in KANDINSKY})
+BUILDS.update({name: (lambda n=name: deepfloyd_if(n), lambda s, n=name: deepfloyd_if_call(n, s)) for name in IF})
 
 # builds whose network predicts a variance per channel and whose pipeline passes it on to a scheduler that learns it
 LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
                     "KandinskyV22InpaintPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
+# (IF's own scheduler is a learned_range DDPM already: its builds check the variance channels as they stand)
