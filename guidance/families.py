@@ -171,11 +171,17 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionControlNetPAGInpaintPipeline",),
            "uc", "diffusion", neutral=_PAG, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
     # AnimateDiff: 5-D latents, the prompt embeddings (and ControlNet residuals) repeated per frame
-    Family(("AnimateDiffPipeline", "AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoPipeline"),
+    Family(("AnimateDiffPipeline", "AnimateDiffSDXLPipeline"),
            "uc", "diffusion", neutral=_RESCALE, repeated=("encoder_hidden_states",), **_UNET),
-    Family(("AnimateDiffControlNetPipeline", "AnimateDiffVideoToVideoControlNetPipeline"),
+    Family(("AnimateDiffControlNetPipeline",),
            "uc", "diffusion", repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
            **_UNET),
+    # video-to-video: get_timesteps cuts the schedule without set_begin_index
+    # (animatediff/pipeline_animatediff_video2video.py:626-633, ..._video2video_controlnet.py:757-764)
+    Family(("AnimateDiffVideoToVideoPipeline",), "uc", "diffusion", start="timestep",
+           repeated=("encoder_hidden_states",), **_UNET),
+    Family(("AnimateDiffVideoToVideoControlNetPipeline",), "uc", "diffusion", start="timestep",
+           repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS, **_UNET),
     Family(("AnimateDiffPAGPipeline",), "uc", "diffusion", neutral=_PAG, repeated=("encoder_hidden_states",),
            **_UNET),
     # Kandinsky 2.2 and DeepFloyd IF: learned variance channels (the conditional rows' are kept)

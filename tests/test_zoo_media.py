@@ -1,10 +1,12 @@
 """The media builds (AnimateDiff, audio, Kandinsky, DeepFloyd IF): native CFG reproduced bit for bit under apply."""
 
 import pytest
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
 import tiny_zoo_media as builds
-from zoo_harness import assert_build_reproduces_native, assert_native_reproduced
+from diffguide import guidance
+from diffguide.guidance.families import family_of
+from zoo_harness import assert_build_reproduces_native, assert_native_reproduced, run
 
 
 @pytest.mark.parametrize("name", sorted(builds.BUILDS))
@@ -21,3 +23,33 @@ def test_learned_variance_channels_are_the_native_ones(name):
     pipe = make()
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range")
     assert_native_reproduced(pipe, call)
+
+
+class _Probe(guidance.CFG):
+    """CFG that records the level it is handed at every step."""
+
+    def combine(self, step):
+        self.sigmas.append(float(step.sigma))
+        return super().combine(step)
+
+
+@pytest.mark.parametrize("name", sorted(builds.STRENGTH))
+def test_start_level_is_where_the_scheduler_steps_from(name):
+    """strength < 1 on a scheduler that keeps one sigma per step (Euler): a guide is handed the VP level of the
+    sigma the scheduler steps from, the k-th of its schedule (k > 0), whether the pipeline calls set_begin_index
+    (``Family.start`` "begin_index") or only cuts its timesteps ("timestep")."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    first_timesteps = []
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda out, t, *a, **k: (first_timesteps.append(t), step(out, t, *a, **k))[1]
+    probe = _Probe(3.0)
+    probe.sigmas = []
+    run(pipe, call(3.0), probe)
+    sched = pipe.scheduler
+    assert (getattr(sched, "begin_index", None) is None) == (family_of(pipe).start == "timestep")
+    first = int((sched.timesteps == first_timesteps[0]).nonzero()[0])
+    ve = sched.sigmas[first].double()
+    assert first > 0 and len(probe.sigmas) == len(first_timesteps)
+    assert probe.sigmas[0] == pytest.approx(float(ve / (1 + ve**2).sqrt()), rel=1e-6)

@@ -174,11 +174,85 @@ def deepfloyd_if_call(cls_name: str, s: float) -> dict:
 IF = ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline", "IFSuperResolutionPipeline",
       "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline")
 
+
+# -- AnimateDiff: the tiny SD / SDXL UNet with a motion adapter (5-D latents, embeddings repeated per frame) --------
+
+FRAMES = 3
+
+
+def _motion_adapter(sdxl: bool = False):
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(1)
+    return MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                         motion_num_attention_heads=2, motion_max_seq_length=8, use_motion_mid_block=not sdxl)
+
+
+def _controlnet():
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(1)
+    return ControlNetModel(block_out_channels=(8, 16), layers_per_block=1, in_channels=4,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=16,
+                           conditioning_embedding_out_channels=(4, 8), norm_num_groups=4, attention_head_dim=4).eval()
+
+
+def animatediff(cls_name: str):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    if cls_name == "AnimateDiffSDXLPipeline":
+        parts = tiny_pipes.tiny_sdxl().components
+        parts = {k: v for k, v in parts.items() if k not in ("image_encoder", "feature_extractor")}
+        return _quiet(cls(**parts, motion_adapter=_motion_adapter(sdxl=True)))
+    parts = tiny_pipes.tiny_sd().components
+    parts = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                 unet=parts["unet"], scheduler=parts["scheduler"], motion_adapter=_motion_adapter())
+    if "ControlNet" in cls_name:
+        parts["controlnet"] = _controlnet()
+    if cls_name == "AnimateDiffPAGPipeline":
+        parts["pag_applied_layers"] = ["mid"]
+    return _quiet(cls(**parts))
+
+
+def _frames(seed: int) -> list:
+    return [pil_image(seed + i) for i in range(FRAMES)]
+
+
+def animatediff_call(cls_name: str, s: float) -> dict:
+    sdxl = cls_name == "AnimateDiffSDXLPipeline"
+    dim = 32 if sdxl else 16
+    kw = dict(prompt_embeds=_randn(1, 5, dim, seed=1), negative_prompt_embeds=_randn(1, 5, dim, seed=2),
+              num_inference_steps=2, guidance_scale=s, output_type="latent", height=PIXELS, width=PIXELS)
+    if sdxl:
+        kw.update(pooled_prompt_embeds=_randn(1, 16, seed=3), negative_pooled_prompt_embeds=_randn(1, 16, seed=4))
+    if "VideoToVideo" in cls_name:  # the frames come from the video
+        kw.update(video=_frames(10), strength=0.6, num_inference_steps=4)
+    else:
+        kw["num_frames"] = FRAMES
+    if "ControlNet" in cls_name:
+        kw["conditioning_frames"] = _frames(20)
+    if cls_name == "AnimateDiffPAGPipeline":
+        kw["pag_scale"] = 0.0
+    return kw
+
+
+ANIMATEDIFF = ("AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoPipeline", "AnimateDiffControlNetPipeline",
+               "AnimateDiffVideoToVideoControlNetPipeline", "AnimateDiffPAGPipeline")
+
 BUILDS = {}
 BUILDS.update({name: (lambda n=name: kandinsky(n), lambda s, n=name: kandinsky_call(n, s)) for name in KANDINSKY})
 BUILDS.update({name: (lambda n=name: deepfloyd_if(n), lambda s, n=name: deepfloyd_if_call(n, s)) for name in IF})
+BUILDS.update({name: (lambda n=name: animatediff(n), lambda s, n=name: animatediff_call(n, s))
+               for name in ANIMATEDIFF})
 
 # builds whose network predicts a variance per channel and whose pipeline passes it on to a scheduler that learns it
 LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
                     "KandinskyV22InpaintPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
 # (IF's own scheduler is a learned_range DDPM already: its builds check the variance channels as they stand)
+
+# builds that start part-way down the schedule (strength < 1) and run on a scheduler keeping one sigma per step
+# (Euler), where the start index decides the level; not IF (it hands learned-variance channels to its scheduler) nor
+# Kandinsky 2.1 (its own add_noise indexes by integer timesteps), whose DDPM / DDIM levels come from the timestep
+STRENGTH = ("AnimateDiffVideoToVideoPipeline", "AnimateDiffVideoToVideoControlNetPipeline",
+            "KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
