@@ -240,11 +240,39 @@ def animatediff_call(cls_name: str, s: float) -> dict:
 ANIMATEDIFF = ("AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoPipeline", "AnimateDiffControlNetPipeline",
                "AnimateDiffVideoToVideoControlNetPipeline", "AnimateDiffPAGPipeline")
 
+
+# -- Kandinsky 3: its own UNet and (c + s (c - u)); T5 is not offline, so prompt embeddings and masks are passed ---
+
+def kandinsky3(cls_name: str):
+    import diffusers
+    from diffusers import DDPMScheduler, Kandinsky3UNet
+
+    torch.manual_seed(0)  # layers_per_block=1 builds mismatched widths
+    unet = Kandinsky3UNet(in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=2,
+                          block_out_channels=(8, 16), cross_attention_dim=4, encoder_hid_dim=16).eval()
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="squaredcos_cap_v2",
+                              clip_sample=True, thresholding=False)
+    return _quiet(getattr(diffusers, cls_name)(tokenizer=None, text_encoder=None, unet=unet, scheduler=scheduler,
+                                               movq=_movq()))
+
+
+def kandinsky3_call(cls_name: str, s: float) -> dict:
+    kw = dict(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+              attention_mask=torch.ones(1, 5), negative_attention_mask=torch.ones(1, 5), num_inference_steps=2,
+              guidance_scale=s, output_type="latent")
+    if cls_name == "Kandinsky3Img2ImgPipeline":
+        kw.update(image=pil_image(), strength=0.6, num_inference_steps=4)
+    else:
+        kw.update(height=PIXELS, width=PIXELS)
+    return kw
+
 BUILDS = {}
 BUILDS.update({name: (lambda n=name: kandinsky(n), lambda s, n=name: kandinsky_call(n, s)) for name in KANDINSKY})
 BUILDS.update({name: (lambda n=name: deepfloyd_if(n), lambda s, n=name: deepfloyd_if_call(n, s)) for name in IF})
 BUILDS.update({name: (lambda n=name: animatediff(n), lambda s, n=name: animatediff_call(n, s))
                for name in ANIMATEDIFF})
+BUILDS.update({name: (lambda n=name: kandinsky3(n), lambda s, n=name: kandinsky3_call(n, s))
+               for name in ("Kandinsky3Pipeline", "Kandinsky3Img2ImgPipeline")})
 
 # builds whose network predicts a variance per channel and whose pipeline passes it on to a scheduler that learns it
 LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
@@ -255,4 +283,4 @@ LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV
 # (Euler), where the start index decides the level; not IF (it hands learned-variance channels to its scheduler) nor
 # Kandinsky 2.1 (its own add_noise indexes by integer timesteps), whose DDPM / DDIM levels come from the timestep
 STRENGTH = ("AnimateDiffVideoToVideoPipeline", "AnimateDiffVideoToVideoControlNetPipeline",
-            "KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline")
+            "KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline", "Kandinsky3Img2ImgPipeline")
