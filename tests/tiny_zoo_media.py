@@ -266,6 +266,83 @@ def kandinsky3_call(cls_name: str, s: float) -> dict:
         kw.update(height=PIXELS, width=PIXELS)
     return kw
 
+
+# -- AudioLDM, MusicLDM, AudioLDM 2: mel-spectrogram latent UNets; a tiny HiFi-GAN vocoder; text embeddings passed
+# directly (the text encoders they keep only lend their dtype) --------------------------------------------------
+
+def _audio_parts(unet_cls=UNet2DConditionModel, cross_attention_dim=(8, 16), **unet_kw) -> dict:
+    from diffusers import AutoencoderKL
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    torch.manual_seed(0)
+    unet = unet_cls(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=8, in_channels=4,
+                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+                    **unet_kw).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=1, out_channels=1, norm_num_groups=8,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4).eval()
+    torch.manual_seed(0)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[2, 2],
+        upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False)).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    return dict(unet=unet, vae=vae, vocoder=vocoder, scheduler=scheduler)
+
+
+_CLAP_TEXT = dict(bos_token_id=0, eos_token_id=2, hidden_size=8, intermediate_size=16, num_attention_heads=1,
+                  num_hidden_layers=1, pad_token_id=1, vocab_size=100, projection_dim=8)
+
+
+def audio(cls_name: str):
+    import diffusers
+    from transformers import ClapConfig, ClapModel, ClapTextConfig, ClapTextModelWithProjection
+
+    cls = getattr(diffusers, cls_name)
+    if cls_name == "AudioLDM2Pipeline":
+        from diffusers import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel
+        from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5EncoderModel
+
+        torch.manual_seed(0)
+        t5 = T5EncoderModel(T5Config(vocab_size=100, d_model=16, d_ff=16, d_kv=8, num_heads=1, num_layers=1)).eval()
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=8, n_head=1, n_layer=1, vocab_size=100, n_ctx=16,
+                                          n_positions=16)).eval()
+        projection = AudioLDM2ProjectionModel(text_encoder_dim=8, text_encoder_1_dim=16, langauge_model_dim=8)
+        # as the released model: each attention block has self-attention, attention to the generated embeddings
+        # (width 8), then to the T5 ones (width 16)
+        parts = _audio_parts(AudioLDM2UNet2DConditionModel, cross_attention_dim=((None, 8, 16), (None, 8, 16)))
+        return _quiet(cls(**parts, text_encoder=None, text_encoder_2=t5,
+                          projection_model=projection.eval(), language_model=gpt2, tokenizer=None, tokenizer_2=None,
+                          feature_extractor=None))
+    # the text embedding is projected into the time embedding (class_labels), not attended to
+    parts = _audio_parts(class_embed_type="simple_projection", projection_class_embeddings_input_dim=8,
+                         class_embeddings_concat=True)
+    torch.manual_seed(0)
+    if cls_name == "AudioLDMPipeline":
+        return _quiet(cls(**parts, text_encoder=ClapTextModelWithProjection(ClapTextConfig(**_CLAP_TEXT)).eval(),
+                          tokenizer=None))
+    audio_config = dict(spec_size=8, window_size=4, num_mel_bins=8, intermediate_size=16, depths=[1, 1],
+                        num_attention_heads=[1, 1], num_hidden_layers=1, hidden_size=16, projection_dim=8,
+                        patch_size=2, patch_stride=2, patch_embed_input_channels=4)
+    clap = ClapModel(ClapConfig(text_config=_CLAP_TEXT, audio_config=audio_config, projection_dim=8)).eval()
+    return _quiet(cls(**parts, text_encoder=clap, tokenizer=None, feature_extractor=None))
+
+
+def audio_call(cls_name: str, s: float) -> dict:
+    # 16 mel frames: 16 x the vocoder's 4 samples at 16 kHz
+    kw = dict(num_inference_steps=2, guidance_scale=s, audio_length_in_s=16 * 4 / 16000)
+    if cls_name == "AudioLDM2Pipeline":
+        kw.update(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                  generated_prompt_embeds=_randn(1, 4, 8, seed=3),
+                  negative_generated_prompt_embeds=_randn(1, 4, 8, seed=4), output_type="latent")
+    else:
+        kw.update(prompt_embeds=_randn(1, 8, seed=1), negative_prompt_embeds=_randn(1, 8, seed=2),
+                  output_type="latent" if cls_name == "MusicLDMPipeline" else "pt")  # AudioLDM decodes always
+    return kw
+
 BUILDS = {}
 BUILDS.update({name: (lambda n=name: kandinsky(n), lambda s, n=name: kandinsky_call(n, s)) for name in KANDINSKY})
 BUILDS.update({name: (lambda n=name: deepfloyd_if(n), lambda s, n=name: deepfloyd_if_call(n, s)) for name in IF})
@@ -273,6 +350,8 @@ BUILDS.update({name: (lambda n=name: animatediff(n), lambda s, n=name: animatedi
                for name in ANIMATEDIFF})
 BUILDS.update({name: (lambda n=name: kandinsky3(n), lambda s, n=name: kandinsky3_call(n, s))
                for name in ("Kandinsky3Pipeline", "Kandinsky3Img2ImgPipeline")})
+BUILDS.update({name: (lambda n=name: audio(n), lambda s, n=name: audio_call(n, s))
+               for name in ("AudioLDMPipeline", "MusicLDMPipeline", "AudioLDM2Pipeline")})
 
 # builds whose network predicts a variance per channel and whose pipeline passes it on to a scheduler that learns it
 LEARNED_VARIANCE = ("KandinskyPipeline", "KandinskyInpaintPipeline", "KandinskyV22Pipeline",
