@@ -1,6 +1,7 @@
 """The media builds (AnimateDiff, audio, Kandinsky, DeepFloyd IF): native CFG reproduced bit for bit under apply."""
 
 import pytest
+import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
 import tiny_zoo_media as builds
@@ -21,7 +22,11 @@ def test_learned_variance_channels_are_the_native_ones(name):
     differ."""
     make, call = builds.BUILDS[name]
     pipe = make()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
+    fixed, _ = run(pipe, call(3.0))
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range")
+    learned, _ = run(pipe, call(3.0))
+    assert not torch.equal(fixed, learned)  # the variance channels reach the step
     assert_native_reproduced(pipe, call)
 
 
