@@ -42,7 +42,10 @@ class StepPasses:
         repeats = layout.repeats(arguments)
         self.select = ((lambda v, name=None: v) if full is None else
                        (lambda v, name=None: layout.select_value(v, rows, full, name, repeats)))
-        self.key = "class_labels" if arguments.get("class_labels") is not None else family.condition
+        # the family's condition where the call carries one (IF super-resolution and SD upscale pass their noise
+        # level as class_labels), else the class labels (DiT; AudioLDM's projected text embedding)
+        by_label = arguments.get(family.condition) is None and arguments.get("class_labels") is not None
+        self.key = "class_labels" if by_label else family.condition
         cond = self.select(arguments.get(self.key), self.key)
         if arguments.get("added_cond_kwargs") is not None:
             cond = {self.key: cond, "added_cond_kwargs": self.select(arguments["added_cond_kwargs"])}

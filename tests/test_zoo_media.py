@@ -58,3 +58,26 @@ def test_start_level_is_where_the_scheduler_steps_from(name):
     ve = sched.sigmas[first].double()
     assert first > 0 and len(probe.sigmas) == len(first_timesteps)
     assert probe.sigmas[0] == pytest.approx(float(ve / (1 + ve**2).sqrt()), rel=1e-6)
+
+
+class _CondProbe(guidance.CFG):
+    """CFG that records the condition it is handed (``step.cond``) at every step."""
+
+    def combine(self, step):
+        self.conds.append(step.cond)
+        return super().combine(step)
+
+
+@pytest.mark.parametrize("name", ["IFSuperResolutionPipeline", "AudioLDMPipeline"])
+def test_step_cond_is_the_prompt_condition(name):
+    """``step.cond`` is the prompt's embedding: IF's super-resolution stage passes its noise level as
+    ``class_labels`` (not the condition), AudioLDM its projected text embedding (the condition)."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    probe = _CondProbe(3.0)
+    probe.conds = []
+    kwargs = call(3.0)
+    run(pipe, kwargs, probe)
+    assert len(probe.conds) == kwargs["num_inference_steps"]
+    for cond in probe.conds:
+        assert torch.equal(cond, kwargs["prompt_embeds"])
