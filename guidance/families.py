@@ -144,8 +144,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline", "I2VGenXLPipeline"),
            "uc", "diffusion", neutral=_RESCALE, **_UNET),
     # img2img that cut the schedule without telling the scheduler (no set_begin_index)
-    Family(("AltDiffusionImg2ImgPipeline", "KandinskyImg2ImgPipeline"), "uc", "diffusion", start="timestep",
-           neutral=_RESCALE, **_UNET),
+    Family(("AltDiffusionImg2ImgPipeline",), "uc", "diffusion", start="timestep", neutral=_RESCALE, **_UNET),
     Family(("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionDepth2ImgPipeline",
             "StableDiffusionUpscalePipeline", "PaintByExamplePipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", **_UNET),
@@ -186,15 +185,16 @@ FAMILIES: tuple[Family, ...] = (
            **_UNET),
     # Kandinsky 2.2 and DeepFloyd IF: learned variance channels (the conditional rows' are kept)
     Family(("KandinskyV22Pipeline", "KandinskyV22ControlnetPipeline", "KandinskyPipeline"), "uc", "diffusion",
-           **_UNET),
+           variance=True, **_UNET),
     Family(("KandinskyInpaintPipeline",), "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
-    Family(("KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline"), "uc", "diffusion",
-           start="timestep", **_UNET),
+    # img2img that cut the schedule without set_begin_index (kandinsky2_2/pipeline_kandinsky2_2_img2img.py:120-127)
+    Family(("KandinskyV22Img2ImgPipeline", "KandinskyV22ControlnetImg2ImgPipeline", "KandinskyImg2ImgPipeline"),
+           "uc", "diffusion", start="timestep", variance=True, **_UNET),
     Family(("KandinskyV22InpaintPipeline",), "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
     Family(("Kandinsky3Pipeline",), "uc", "diffusion", native="CFG(s + 1)", native_exact=False, **_UNET),
     Family(("Kandinsky3Img2ImgPipeline",), "uc", "diffusion", native="CFG(s + 1)", native_exact=False,
            start="timestep", **_UNET),
-    Family(("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), "uc", "diffusion", **_UNET),
+    Family(("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"), "uc", "diffusion", variance=True, **_UNET),
     Family(("IFSuperResolutionPipeline", "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"),
            "uc", "diffusion", conditioning="channels", variance=True, **_UNET),
     # InstructPix2Pix: [text; image; uncond] on the latent with the image latents concatenated
