@@ -81,6 +81,8 @@ class Session:
         # keep the scheduler's signature visible: pipelines pass eta/generator only if inspect finds them
         self._patch(self.scheduler, "step", functools.wraps(self.orig_step)(
             lambda *args, **kwargs: self.scheduler_step(*args, **kwargs)))
+        self._patch(self.scheduler, "set_timesteps", functools.wraps(self.scheduler.set_timesteps)(
+            functools.partial(self.set_timesteps, self.scheduler.set_timesteps)))
         base = type(self.pipe)
         session = self
 
@@ -119,6 +121,15 @@ class Session:
                              f"{latent_batch}; its CFG layout ({type(self.layout).__name__}) runs {multiple} rows per "
                              "latent row, so apply() refuses to combine this call (the pipeline batches its "
                              "branches in a way its family row does not describe)")
+
+    def set_timesteps(self, orig_set_timesteps, *args, **kwargs):
+        """``scheduler.set_timesteps``: a call that sets its schedule again after stepping runs it once more
+        (AnimateDiff's FreeInit re-noises and denoises again): that pass counts its steps, and the guide its state,
+        from its own start."""
+        if self.index:
+            self.index, self.first_index = 0, None
+            self.combiner.reset()
+        return orig_set_timesteps(*args, **kwargs)
 
     def scheduler_step(self, *args, **kwargs):
         """``scheduler.step``: the guard on the step's network calls, then the layout's step."""

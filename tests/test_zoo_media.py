@@ -81,3 +81,30 @@ def test_step_cond_is_the_prompt_condition(name):
     assert len(probe.conds) == kwargs["num_inference_steps"]
     for cond in probe.conds:
         assert torch.equal(cond, kwargs["prompt_embeds"])
+
+
+def test_free_init_passes_count_their_steps_from_their_own_start():
+    """AnimateDiff's FreeInit runs the schedule again within one call, each pass set anew by
+    ``scheduler.set_timesteps``: a guide is handed the level the scheduler steps from at every step of every pass,
+    and native CFG stays bit-identical. (Its coarse-to-fine option and video-to-video FreeInit fail natively on
+    builds this small: the first pass keeps no step.)"""
+    make, call = builds.BUILDS["AnimateDiffControlNetPipeline"]
+    pipe = make()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.enable_free_init(num_iters=2)
+    assert_native_reproduced(pipe, call)
+    sched, stepped = pipe.scheduler, []
+    step = sched.step
+
+    def recording_step(out, t, *args, **kwargs):
+        index = sched.step_index if sched.step_index is not None else sched.index_for_timestep(t)
+        ve = sched.sigmas[index].double()
+        stepped.append(float(ve / (1 + ve**2).sqrt()))
+        return step(out, t, *args, **kwargs)
+
+    sched.step = recording_step
+    probe = _Probe(3.0)
+    probe.sigmas = []
+    run(pipe, call(3.0), probe)
+    assert len(probe.sigmas) == len(stepped) == 4 and stepped[:2] == stepped[2:]  # two passes of 2 steps
+    assert probe.sigmas == pytest.approx(stepped, rel=1e-6)
