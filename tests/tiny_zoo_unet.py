@@ -152,6 +152,57 @@ def text_to_video(kind: str = "t2v"):
                       unet=_unet3d(), scheduler=parts["scheduler"]))
 
 
+def ldm_text2img():
+    from diffusers import LDMTextToImagePipeline
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    parts = _sd_parts()
+    torch.manual_seed(0)
+    bert = LDMBertModel(LDMBertConfig(vocab_size=len(parts["tokenizer"]), max_position_embeddings=77,
+                                      encoder_layers=1, encoder_ffn_dim=32, encoder_attention_heads=2, head_dim=8,
+                                      d_model=TEXT)).eval()
+    return _quiet(LDMTextToImagePipeline(vqvae=parts["vae"], bert=bert, tokenizer=parts["tokenizer"],
+                                         unet=parts["unet"], scheduler=parts["scheduler"]))
+
+
+def i2vgen_xl():
+    from diffusers import I2VGenXLPipeline, I2VGenXLUNet
+
+    parts = _sd_parts()
+    encoder, processor = _clip_vision()
+    torch.manual_seed(0)
+    unet = I2VGenXLUNet(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=TEXT,
+                        attention_head_dim=4, num_attention_heads=None, norm_num_groups=4).eval()
+    pipe = I2VGenXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                            image_encoder=encoder, feature_extractor=processor, unet=unet, scheduler=parts["scheduler"])
+    # it samples its image latents from the global RNG (vae.encode(...).latent_dist.sample(), no generator): reseed
+    # before every encode so that two calls see the same image latents
+    pipe.vae.encoder.register_forward_pre_hook(lambda module, args: torch.manual_seed(0) and None)
+    return _quiet(pipe)
+
+
+def stable_unclip_img2img():
+    from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    parts = _sd_parts()
+    encoder, processor = _clip_vision(hidden=TEXT)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT, norm_num_groups=4, attention_head_dim=4, class_embed_type="projection",
+        projection_class_embeddings_input_dim=2 * TEXT).eval()
+    torch.manual_seed(0)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=TEXT).eval()
+    return _quiet(StableUnCLIPImg2ImgPipeline(
+        feature_extractor=processor, image_encoder=encoder, image_normalizer=normalizer,
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=parts["tokenizer"],
+        text_encoder=parts["text_encoder"], unet=unet, scheduler=parts["scheduler"], vae=parts["vae"]))
+
+
 # -- native CFG calls at scale s: batch 1, 2 steps (4 at strength 0.6), latents out -------------------------------
 
 def _base(s: float, **kw) -> dict:
@@ -183,4 +234,8 @@ BUILDS = {
     "TextToVideoSDPipeline": (text_to_video, lambda s: _sd_call(s, num_frames=2)),
     "VideoToVideoSDPipeline": (lambda: text_to_video("v2v"), lambda s: _base(
         s, **_embeds(), video=_frames(2), strength=0.6, num_inference_steps=4)),
+    "LDMTextToImagePipeline": (ldm_text2img, lambda s: dict(prompt="a cat", guidance_scale=s, num_inference_steps=2,
+                                                            height=IMAGE, width=IMAGE, output_type="pt")),
+    "I2VGenXLPipeline": (i2vgen_xl, lambda s: _sd_call(s, image=image(), num_frames=2)),
+    "StableUnCLIPImg2ImgPipeline": (stable_unclip_img2img, lambda s: _sd_call(s, image=image())),
 }
