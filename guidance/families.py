@@ -65,6 +65,9 @@ class Family:
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
+    ``frames_in_batch``: the pipeline steps its 5-D latent ``[B, C, F, H, W]`` with the frames folded into the batch
+    (``x.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)``: text-to-video SD, I2VGen-XL), so the scheduler's batch is
+    ``B * F`` and a prediction is folded the same way before it is stepped.
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
     one is served as it.
     """
@@ -95,6 +98,7 @@ class Family:
     residuals: tuple[str, ...] = ()
     variance: bool = False
     also_on: tuple[str, ...] = ()
+    frames_in_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -139,10 +143,13 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
             "StableDiffusionXLImg2ImgPipeline", "StableDiffusionLDM3DPipeline",
             "StableDiffusionImageVariationPipeline", "StableDiffusionModelEditingPipeline",
-            "TextToVideoSDPipeline", "VideoToVideoSDPipeline", "AudioLDMPipeline", "MusicLDMPipeline",
+            "AudioLDMPipeline", "MusicLDMPipeline",
             "AudioLDM2Pipeline", "LDMTextToImagePipeline", "AltDiffusionPipeline", "BlipDiffusionPipeline",
-            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline", "I2VGenXLPipeline"),
+            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline"),
            "uc", "diffusion", neutral=_RESCALE, **_UNET),
+    # 3-D UNets whose pipelines step the video with its frames folded into the batch
+    Family(("TextToVideoSDPipeline", "VideoToVideoSDPipeline", "I2VGenXLPipeline"), "uc", "diffusion",
+           frames_in_batch=True, **_UNET),
     # img2img that cut the schedule without telling the scheduler (no set_begin_index)
     Family(("AltDiffusionImg2ImgPipeline", "KandinskyImg2ImgPipeline"), "uc", "diffusion", start="timestep",
            neutral=_RESCALE, **_UNET),

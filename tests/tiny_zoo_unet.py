@@ -231,11 +231,11 @@ BUILDS = {
                                                                                  width=IMAGE)),
     "PaintByExamplePipeline": (paint_by_example, lambda s: _base(
         s, image=_pil(), mask_image=_pil(8).convert("L"), example_image=_pil(9), height=IMAGE, width=IMAGE)),
-    "TextToVideoSDPipeline": (text_to_video, lambda s: _sd_call(s, num_frames=2)),
+    "TextToVideoSDPipeline": (text_to_video, lambda s: _sd_call(s, num_frames=3)),
     "VideoToVideoSDPipeline": (lambda: text_to_video("v2v"), lambda s: _base(
-        s, **_embeds(), video=_frames(2), strength=0.6, num_inference_steps=4)),
+        s, **_embeds(), video=_frames(3), strength=0.6, num_inference_steps=4)),
     "LDMTextToImagePipeline": (ldm_text2img, lambda s: dict(prompt="a cat", guidance_scale=s, num_inference_steps=2,
                                                             height=IMAGE, width=IMAGE, output_type="pt")),
-    "I2VGenXLPipeline": (i2vgen_xl, lambda s: _sd_call(s, image=image(), num_frames=2)),
+    "I2VGenXLPipeline": (i2vgen_xl, lambda s: _sd_call(s, image=image(), num_frames=3)),
     "StableUnCLIPImg2ImgPipeline": (stable_unclip_img2img, lambda s: _sd_call(s, image=image())),
 }
