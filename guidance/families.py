@@ -145,7 +145,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionImageVariationPipeline", "StableDiffusionModelEditingPipeline",
             "AudioLDMPipeline", "MusicLDMPipeline",
             "AudioLDM2Pipeline", "LDMTextToImagePipeline", "AltDiffusionPipeline", "BlipDiffusionPipeline",
-            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline"),
+            "StableUnCLIPImg2ImgPipeline"),
            "uc", "diffusion", neutral=_RESCALE, **_UNET),
     # 3-D UNets whose pipelines step the video with its frames folded into the batch
     Family(("TextToVideoSDPipeline", "VideoToVideoSDPipeline", "I2VGenXLPipeline"), "uc", "diffusion",
@@ -153,8 +153,9 @@ FAMILIES: tuple[Family, ...] = (
     # img2img that cut the schedule without telling the scheduler (no set_begin_index)
     Family(("AltDiffusionImg2ImgPipeline", "KandinskyImg2ImgPipeline"), "uc", "diffusion", start="timestep",
            neutral=_RESCALE, **_UNET),
+    # (GLIGEN concatenates the masked image latents and the mask in its inpainting mode only: none otherwise)
     Family(("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionDepth2ImgPipeline",
-            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline"),
+            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline", "StableDiffusionGLIGENPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", **_UNET),
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",

@@ -43,3 +43,60 @@ def test_cfgpp_steps_each_frame_of_a_frames_folded_video():
         x0 = (x - (1 - a).sqrt() * (uncond + lam * (cond - uncond))) / a.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * uncond
     torch.testing.assert_close(out, x.float(), rtol=1e-5, atol=1e-5)
+
+
+CHANNELS_AND_START = {
+    "GLIGEN-inpaint": (lambda: builds.gligen(inpaint=True), lambda s: builds.gligen_call(s, inpaint=True)),
+    **{name: builds.BUILDS[name] for name in ("StableDiffusionGLIGENPipeline", "StableDiffusionDepth2ImgPipeline",
+                                              "StableDiffusionUpscalePipeline", "PaintByExamplePipeline",
+                                              "AltDiffusionImg2ImgPipeline")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHANNELS_AND_START))
+def test_guides_see_the_stepped_latent_and_level_and_apg_matches_its_oracle(name):
+    """Conditioning channels (GLIGEN inpainting, depth, low-res image, masked example) and a cut schedule
+    (AltDiffusion img2img, no set_begin_index): a probe guide is handed exactly the latent the scheduler steps and the
+    level it steps from, at every step, and APG (eta 0, no clamp, no momentum) equals its few-line oracle in x0."""
+    import torch
+
+    from diffguide import guidance
+    from test_pipeline_zoo import Recorder, from_x0, recording, to_x0
+    from zoo_harness import assert_native_reproduced, run
+
+    make, call = CHANNELS_AND_START[name]
+    pipe, scale = make(), 3.0
+    if pipe.scheduler.config.prediction_type == "v_prediction":  # x0 = a x - s v (the upscaler)
+        def x0_of(v, x, a, s):
+            return a * x - s * v
+
+        def pred_of(x0, x, a, s):
+            return (a * x - x0) / s
+    else:
+        def x0_of(eps, x, a, s):
+            return to_x0(eps, x, a, s, False)
+
+        def pred_of(x0, x, a, s):
+            return from_x0(x0, x, a, s, False)
+    assert_native_reproduced(pipe, call, scale)
+    kw = {k: v for k, v in call(scale).items() if k != "guidance_scale"}
+    for guide in (recording(guidance.CFG(scale)), recording(guidance.APG(scale, eta=0.0, norm_threshold=0.0,
+                                                                         momentum=0.0))):
+        rec = Recorder(pipe)
+        try:
+            run(pipe, kw, guide)
+        finally:
+            rec.remove()
+        assert len(guide.seen) == len(rec.steps) >= 2
+        for seen, step in zip(guide.seen, rec.steps):
+            assert torch.equal(seen["x"], step["sample"])
+            assert torch.equal(seen["alpha"], step["alpha"].to(seen["alpha"].dtype))
+            assert torch.equal(seen["sigma"], step["sigma"].to(seen["sigma"].dtype))
+            if isinstance(guide, guidance.APG):
+                x, a, s = step["sample"].double(), step["alpha"], step["sigma"]
+                d_c, d_u = (x0_of(seen[k].double(), x, a, s) for k in ("cond", "uncond"))
+                delta, dims = d_c - d_u, tuple(range(1, x.ndim))
+                par = (delta * d_c).sum(dims, keepdim=True) / (d_c * d_c).sum(dims, keepdim=True) * d_c
+                expected = pred_of(d_c + (scale - 1) * (delta - par), x, a, s)
+                atol = 64 * torch.finfo(torch.float32).eps * float(x.abs().max() / s + expected.abs().max())
+                torch.testing.assert_close(step["pred"].double(), expected, rtol=1e-4, atol=atol)

@@ -59,18 +59,29 @@ def alt_diffusion(kind: str = "text2img"):
                       requires_safety_checker=False))
 
 
-def gligen():
+def gligen(inpaint: bool = False):
+    """GLIGEN text-box generation, or (``inpaint``) its inpainting mode, whose UNet takes the latent with the masked
+    image latents and the mask concatenated (4 + 5 channels)."""
     from diffusers import StableDiffusionGLIGENPipeline
 
     parts = _sd_parts()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=9 if inpaint else 4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT, norm_num_groups=4, attention_head_dim=4, attention_type="gated").eval()
-    return _quiet(StableDiffusionGLIGENPipeline(**{k: parts[k] for k in (
+    pipe = StableDiffusionGLIGENPipeline(**{k: parts[k] for k in (
         "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")}, unet=unet,
-        requires_safety_checker=False))
+        requires_safety_checker=False)
+    # inpainting samples its image latents and each step's noise from the global RNG (no generator): reseed at the
+    # encode, so that every call draws the same
+    pipe.vae.encoder.register_forward_pre_hook(lambda module, args: torch.manual_seed(0) and None)
+    return _quiet(pipe)
+
+
+def gligen_call(s: float, inpaint: bool = False) -> dict:
+    kw = _sd_call(s, gligen_phrases=["a cat"], gligen_boxes=[[0.1, 0.1, 0.6, 0.6]], gligen_scheduled_sampling_beta=1.0)
+    return dict(kw, gligen_inpaint_image=_pil()) if inpaint else kw
 
 
 def upscale():
@@ -84,7 +95,7 @@ def upscale():
         cross_attention_dim=TEXT, norm_num_groups=4, attention_head_dim=4, num_class_embeds=100).eval()
     return _quiet(StableDiffusionUpscalePipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=unet,
-        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction", clip_sample=False),
         max_noise_level=350))
 
 
@@ -221,8 +232,7 @@ BUILDS = {
     "StableDiffusionModelEditingPipeline": (model_editing, _sd_call),
     "AltDiffusionPipeline": (alt_diffusion, _sd_call),
     "AltDiffusionImg2ImgPipeline": (lambda: alt_diffusion("img2img"), _img2img_call),
-    "StableDiffusionGLIGENPipeline": (gligen, lambda s: _sd_call(
-        s, gligen_phrases=["a cat"], gligen_boxes=[[0.1, 0.1, 0.6, 0.6]], gligen_scheduled_sampling_beta=1.0)),
+    "StableDiffusionGLIGENPipeline": (gligen, gligen_call),
     "StableDiffusionUpscalePipeline": (upscale, lambda s: _base(s, **_embeds(), image=image()[..., :8, :8],
                                                                  noise_level=20)),
     "StableDiffusionDepth2ImgPipeline": (depth2img, lambda s: _img2img_call(
