@@ -214,6 +214,23 @@ def stable_unclip_img2img():
         text_encoder=parts["text_encoder"], unet=unet, scheduler=parts["scheduler"], vae=parts["vae"]))
 
 
+def ldm3d():
+    """LDM3D: an RGB-D VAE (6 channels out); its outputs are ``rgb`` and ``depth`` (it has no latent output)."""
+    from diffusers import StableDiffusionLDM3DPipeline
+
+    parts = _sd_parts()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 8], in_channels=6, out_channels=6,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=IMAGE).eval()
+    return _quiet(StableDiffusionLDM3DPipeline(**dict(parts, vae=vae), requires_safety_checker=False))
+
+
+# LDM3D returns ``rgb`` / ``depth`` (no ``images``, no latent output), which zoo_harness.output_latents does not read:
+# checked in tests/test_zoo_unet.py on its ``rgb``
+LDM3D = (ldm3d, lambda s: _sd_call(s, output_type="np"))
+
+
 # -- native CFG calls at scale s: batch 1, 2 steps (4 at strength 0.6), latents out -------------------------------
 
 def _base(s: float, **kw) -> dict:
