@@ -95,6 +95,13 @@ class Layout:
             return tensor.transpose(1, 2).reshape(-1, tensor.shape[1], *tensor.shape[3:])
         return tensor
 
+    def unstepped(self, tensor: Tensor, like: Tensor) -> Tensor:
+        """A prediction in the :meth:`stepped` shape back in the shape of the network's prediction ``like``."""
+        if self.family.frames_in_batch:
+            batch, channels, frames = like.shape[:3]
+            return tensor.reshape(batch, frames, channels, *like.shape[3:]).transpose(1, 2)
+        return tensor.reshape(like.shape)
+
     # -- the stepped latent and the conditioning concatenated to it (``Family.conditioning``) ----------------------
     def width(self, prediction: Tensor, sample: Tensor) -> int:
         """The stepped latent's size along ``conditioning_dim``, from a network output's ``prediction`` and the

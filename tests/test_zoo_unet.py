@@ -129,3 +129,19 @@ def test_ldm3d_native_cfg_is_reproduced_bit_for_bit():
     rgb_g, depth_g, rows = run(native_guide(family_of(pipe), 3.0))
     assert rows == native_rows and sum(rows) > 0
     assert np.isfinite(rgb).all() and np.array_equal(rgb_g, rgb) and np.array_equal(depth_g, depth)
+
+
+def test_diffusers_cfg_guider_on_a_frames_folded_video_is_bit_identical_to_native_cfg():
+    """A diffusers guider combines the predictions in the shape the scheduler steps (frames folded into the batch);
+    its result is unfolded back to the network's [B, C, F, H, W] before the pipeline combines it."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from zoo_harness import run
+
+    make, call = builds.BUILDS["TextToVideoSDPipeline"]
+    pipe = make()
+    native, native_rows = run(pipe, call(3.0))
+    kw = {k: v for k, v in call(3.0).items() if k != "guidance_scale"}
+    guided, rows = run(pipe, kw, ClassifierFreeGuidance(guidance_scale=3.0))
+    assert rows == native_rows and native.shape[2] == 3
+    assert (guided == native).all()
