@@ -1,9 +1,77 @@
+"""ControlNet / T2I-Adapter / ControlNet-XS / PAG pipelines under apply: native CFG reproduced bit for bit on every
+tiny build, the control really steering the builds, ControlNet residuals following AdaptiveGuidance's row selection
+on SDXL, and PAG's own third branch refused up front."""
+
+from __future__ import annotations
+
 import pytest
+import torch
 
 import tiny_zoo_control as builds
-from zoo_harness import assert_build_reproduces_native
+from diffguide import guidance
+from zoo_harness import assert_build_reproduces_native, run
+
+CONTROLLED = sorted(name for name, (_, kind, _, _) in builds.CLASSES.items() if kind != "pag")
 
 
 @pytest.mark.parametrize("name", sorted(builds.BUILDS))
 def test_native_cfg_is_reproduced_bit_for_bit(name):
     assert_build_reproduces_native(builds.BUILDS, name)
+
+
+@pytest.mark.parametrize("name", CONTROLLED)
+def test_the_control_steers_the_tiny_build(name):
+    """Without it the residual arguments could be zero (diffusers starts ControlNets at zero) and a row mix-up in
+    them would not show in the bit-for-bit check."""
+    pipe, kw = builds.build(name), builds.call(name, 3.0)
+    scale = "adapter_conditioning_scale" if builds.CLASSES[name][1] == "adapter" else "controlnet_conditioning_scale"
+    controlled, _ = run(pipe, kw)
+    uncontrolled, _ = run(pipe, dict(kw, **{scale: 0.0}))
+    assert (controlled - uncontrolled).abs().max() > 1e-2
+
+
+def test_sdxl_controlnet_residuals_follow_adaptive_guidance_rows():
+    """On AG's conditional-only steps the UNet gets the conditional row of everything the pipeline batched, the
+    ControlNet residuals included: its output there equals a direct UNet call on those rows (and not on the
+    unconditional row's residuals)."""
+    name = "StableDiffusionXLControlNetPipeline"
+    pipe = builds.build(name)
+    calls, outputs = [], []
+    hooks = [pipe.unet.register_forward_pre_hook(lambda m, args, kw: calls.append((args, kw)), with_kwargs=True),
+             pipe.unet.conv_out.register_forward_hook(lambda m, args, out: outputs.append(out))]
+    try:
+        latents, _ = run(pipe, dict(builds.call(name, 3.0), num_inference_steps=4),
+                         guidance.AdaptiveGuidance(3.0, threshold=0.5))  # cosine > 0.5 at once: cond rows only
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.isfinite(latents).all() and len(calls) == len(outputs) == 4
+    rows = [len(out) for out in outputs]
+    assert rows[0] == 2 and rows.count(1) >= 2, rows  # full CFG first, then conditional rows only
+
+    def unet_on_row(args, kw, row: int, residual_row: int):
+        (sample, t), picked = args, lambda v: v[row:row + 1]
+        return pipe.unet(picked(sample), t, encoder_hidden_states=picked(kw["encoder_hidden_states"]),
+                         added_cond_kwargs={k: picked(v) for k, v in kw["added_cond_kwargs"].items()},
+                         down_block_additional_residuals=[d[residual_row:residual_row + 1]
+                                                          for d in kw["down_block_additional_residuals"]],
+                         mid_block_additional_residual=kw["mid_block_additional_residual"][
+                             residual_row:residual_row + 1], return_dict=False)[0]
+
+    with torch.no_grad():
+        for (args, kw), out in zip(calls, outputs):
+            assert kw["mid_block_additional_residual"].shape[0] == 2  # the pipeline batched both rows
+            if len(out) == 1:
+                assert torch.equal(out, unet_on_row(args, kw, 1, 1))
+                assert not torch.allclose(out, unet_on_row(args, kw, 1, 0))  # the wrong row's residuals differ
+
+
+def test_pag_third_branch_is_refused_up_front():
+    """PAG pipelines are served at pag_scale=0 only; their default (3.0) batches a third branch apply does not
+    combine: refused before any network call, naming the guide that does it."""
+    name = "StableDiffusionXLPAGPipeline"
+    pipe = builds.build(name)
+    kw = {k: v for k, v in builds.call(name, 3.0).items() if k != "pag_scale"}
+    with guidance.apply(pipe, guidance.CFG(3.0)):
+        with pytest.raises(ValueError, match="pag_scale must be 0.0 .*PerturbedAttentionGuidance"):
+            pipe(**kw)
