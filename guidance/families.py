@@ -152,10 +152,11 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionPipeline", "StableDiffusionXLControlNetUnionImg2ImgPipeline",
-            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline"),
-           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
-    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline",
+            # Union inpainting takes a 4-channel UNet only and blends the mask outside it (l. 1647)
             "StableDiffusionXLControlNetUnionInpaintPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
     # ControlNet-XS runs its control net inside the UNet call: extra passes recompute it, nothing to refuse
     Family(("StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"),
