@@ -75,3 +75,17 @@ def test_pag_third_branch_is_refused_up_front():
     with guidance.apply(pipe, guidance.CFG(3.0)):
         with pytest.raises(ValueError, match="pag_scale must be 0.0 .*PerturbedAttentionGuidance"):
             pipe(**kw)
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLControlNetInpaintPipeline",
+                                  "StableDiffusionControlNetPAGInpaintPipeline"])
+def test_guides_see_the_stepped_latent_on_controlnet_inpainting(name, monkeypatch):
+    """9-channel inpainting UNets fed ControlNet residuals, from strength 0.6: a probe is handed the 4-channel latent
+    the scheduler steps and its level, and APG and CFG++ equal their few-line oracles (the checks of
+    test_pipeline_zoo, run on these builds)."""
+    import test_pipeline_zoo as zoo
+
+    key = "sdxl-" + name if builds.CLASSES[name][0] else "sd-" + name  # its prefix names the UNet's first layer
+    monkeypatch.setitem(zoo.tiny_zoo.BUILDS, key, builds.BUILDS[name])
+    monkeypatch.setattr(zoo, "_BUILT", {})
+    zoo.test_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(key)
