@@ -89,3 +89,46 @@ def test_guides_see_the_stepped_latent_on_controlnet_inpainting(name, monkeypatc
     monkeypatch.setitem(zoo.tiny_zoo.BUILDS, key, builds.BUILDS[name])
     monkeypatch.setattr(zoo, "_BUILT", {})
     zoo.test_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(key)
+
+
+class _Reevaluates(guidance.CFG):
+    """CFG that also re-evaluates the conditional branch through ``step.evaluate`` (as GFCG's reference class does)
+    and records how far that pass lands from the step's own conditional prediction."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.gaps: list[float] = []
+
+    def combine(self, step):
+        self.gaps.append(float((step.evaluate(step.x, step.cond) - step.pred_cond).abs().max()))
+        return super().combine(step)
+
+
+def test_t2i_adapter_features_refuse_extra_passes(monkeypatch):
+    """The adapter's features come from the image alone, but the UNet pops them from their list as it runs
+    (``down_intrablock_additional_residuals``): an extra pass would run without them. The row's ``residuals``
+    refuses it; without the field the same pass silently misses the adapter (far from the conditional prediction
+    it re-evaluates)."""
+    import dataclasses
+
+    from diffguide.guidance import families
+
+    name = "StableDiffusionAdapterPipeline"
+    pipe = builds.build(name)
+    with pytest.raises(ValueError, match=r"passes ControlNet residuals \(down_intrablock_additional_residuals\)"):
+        run(pipe, builds.call(name, 3.0), _Reevaluates(3.0))
+    plain = dataclasses.replace(families.family_of(pipe), residuals=())
+    monkeypatch.setattr(families, "FAMILIES", (plain,) + families.FAMILIES)
+    probe = _Reevaluates(3.0)
+    run(pipe, builds.call(name, 3.0), probe)
+    assert len(probe.gaps) == 2 and min(probe.gaps) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"])
+def test_controlnet_xs_extra_passes_recompute_the_control(name):
+    """ControlNet-XS runs its control inside the UNet call (``controlnet_cond`` per row): an extra pass at the step's
+    own x and condition reproduces the conditional prediction to float32 rounding (batch 1 against the step's 2)."""
+    probe = _Reevaluates(3.0)
+    latents, _ = run(builds.build(name), builds.call(name, 3.0), probe)
+    assert torch.isfinite(latents).all() and len(probe.gaps) == 2
+    assert max(probe.gaps) < 1e-5, probe.gaps
