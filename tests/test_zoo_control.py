@@ -78,11 +78,12 @@ def test_pag_third_branch_is_refused_up_front():
 
 
 @pytest.mark.parametrize("name", ["StableDiffusionXLControlNetInpaintPipeline",
-                                  "StableDiffusionControlNetPAGInpaintPipeline"])
-def test_guides_see_the_stepped_latent_on_controlnet_inpainting(name, monkeypatch):
-    """9-channel inpainting UNets fed ControlNet residuals, from strength 0.6: a probe is handed the 4-channel latent
-    the scheduler steps and its level, and APG and CFG++ equal their few-line oracles (the checks of
-    test_pipeline_zoo, run on these builds)."""
+                                  "StableDiffusionControlNetPAGInpaintPipeline",
+                                  "StableDiffusionXLControlNetUnionImg2ImgPipeline", "StableDiffusionXLPAGImg2ImgPipeline"])
+def test_guides_see_the_stepped_latent_and_level_from_strength(name, monkeypatch):
+    """From strength 0.6 (the schedule cut, set_begin_index), on 9-channel inpainting UNets fed ControlNet residuals
+    and on img2img: a probe is handed the 4-channel latent the scheduler steps and its level, and APG and CFG++ equal
+    their few-line oracles (the checks of test_pipeline_zoo, run on these builds)."""
     import test_pipeline_zoo as zoo
 
     key = "sdxl-" + name if builds.CLASSES[name][0] else "sd-" + name  # its prefix names the UNet's first layer
