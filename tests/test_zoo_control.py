@@ -133,3 +133,22 @@ def test_controlnet_xs_extra_passes_recompute_the_control(name):
     latents, _ = run(builds.build(name), builds.call(name, 3.0), probe)
     assert torch.isfinite(latents).all() and len(probe.gaps) == 2
     assert max(probe.gaps) < 1e-5, probe.gaps
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLControlNetPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline"])
+def test_pag_guider_through_apply_equals_the_pipelines_own_pag(name):
+    """What the refusal of pag_scale > 0 points to: diffusers' PerturbedAttentionGuidance through apply on the PAG
+    pipeline at pag_scale=0 equals the pipeline's own PAG (its [u; c; c-perturbed] batch) to float32 rounding, with
+    ControlNet residuals (selected for the perturbed conditional pass) or inpainting channels."""
+    import test_diffusers_guiders_apply as guiders
+
+    pipe, kw = builds.build(name), builds.call(name, 3.0)
+    hooked, _ = run(pipe, kw, guiders.pag(3.0, 2.0))
+    classic = type(pipe)(**pipe.components, pag_applied_layers=["mid"])
+    classic.set_progress_bar_config(disable=True)
+    plain, _ = run(classic, kw)
+    # last: with latents out, SDXL ControlNet-PAG img2img returns before restoring its attention processors (l. 1670)
+    reference, _ = run(classic, dict(kw, pag_scale=2.0))
+    # one [u; c; c_perturbed] batch against a [u; c] and a [c] one: other batch shapes, rounding (measured < 3e-6)
+    assert (reference - hooked).abs().max() <= 1e-5
+    assert (reference - plain).abs().max() > 0.05
