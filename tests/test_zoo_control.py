@@ -152,3 +152,29 @@ def test_pag_guider_through_apply_equals_the_pipelines_own_pag(name):
     # one [u; c; c_perturbed] batch against a [u; c] and a [c] one: other batch shapes, rounding (measured < 3e-6)
     assert (reference - hooked).abs().max() <= 1e-5
     assert (reference - plain).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("variant", ["guess_mode", "multi_controlnet"])
+def test_controlnet_variants_reproduce_native_cfg(variant):
+    """guess_mode (the ControlNet on the conditional rows only, zero residuals for the unconditional ones) and two
+    ControlNets whose residuals the pipeline sums: still per-row UNet arguments, native CFG reproduced bit for bit,
+    and AG's conditional-only steps run."""
+    from diffusers import MultiControlNetModel
+
+    from zoo_harness import assert_native_reproduced
+
+    name = "StableDiffusionXLControlNetPipeline"
+    pipe = builds.build(name)
+    extra = dict(guess_mode=True)
+    if variant == "multi_controlnet":
+        second = builds._controlnet(sdxl=True)
+        with torch.no_grad():
+            for param in second.parameters():
+                param.mul_(1.5)  # a different second ControlNet
+        pipe = type(pipe)(**dict(pipe.components, controlnet=MultiControlNetModel([pipe.controlnet, second])))
+        pipe.set_progress_bar_config(disable=True)
+        extra = dict(image=[builds.image(seed=11), builds.image(seed=12)])
+    call = lambda s: dict(builds.call(name, s), **extra)  # noqa: E731
+    assert_native_reproduced(pipe, call)
+    latents, _ = run(pipe, dict(call(3.0), num_inference_steps=4), guidance.AdaptiveGuidance(3.0, threshold=0.5))
+    assert torch.isfinite(latents).all()
