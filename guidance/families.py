@@ -128,7 +128,9 @@ _PAG = {"pag_scale": (0.0, "perturbed-attention guidance is a third branch apply
                            "diffusers.guiders.PerturbedAttentionGuidance through guidance.apply instead"),
         "guidance_rescale": (0.0, "use guidance.CFGRescale")}
 _UNET = dict(networks=("unet",), latent="sample")
-# the UNet arguments that carry ControlNet / T2I-adapter residuals (computed for the step's own latent)
+# the UNet arguments that carry ControlNet / T2I-adapter residuals: ControlNet's are computed for the step's own
+# latent; the adapter's come from the image alone, but the UNet pops them from their list as it runs, so an extra
+# pass would run without them
 _UNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                    "down_intrablock_additional_residuals")
 _BLOCK_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
@@ -152,10 +154,11 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionPipeline", "StableDiffusionXLControlNetUnionImg2ImgPipeline",
-            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline"),
-           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
-    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline",
+            # Union inpainting takes a 4-channel UNet only and blends the mask outside it (l. 1647)
             "StableDiffusionXLControlNetUnionInpaintPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
     # ControlNet-XS runs its control net inside the UNet call: extra passes recompute it, nothing to refuse
     Family(("StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"),
