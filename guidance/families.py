@@ -238,7 +238,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
            **_TRUE_CFG),
-    Family(("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+    Family(("FluxControlNetPipeline",),
            "two_calls", "flow", residuals=_BLOCK_SAMPLES, **_TRUE_CFG),
     Family(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", **_TRUE_CFG),
@@ -295,6 +295,7 @@ REFUSED: dict[str, str] = {
     **_reasons("is guidance-distilled: it never evaluates an unconditional branch", "Flux2Pipeline",
                "FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
                "SanaSprintPipeline", "SanaSprintImg2ImgPipeline", "LatentConsistencyModelPipeline",
+               "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
                "LatentConsistencyModelImg2ImgPipeline", "ConsistencyModelPipeline"),
     **_reasons("runs network calls per step that are not CFG branches (self-attention guidance, attention "
                "optimisation, GLIGEN grounding, prior steps, spatio-temporal guidance), which apply() cannot "
