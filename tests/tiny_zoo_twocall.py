@@ -134,6 +134,76 @@ def _zimage_call(s: float, **kw) -> dict:
     return dict(embeds("zimage", 1), guidance_scale=s, **kw)
 
 
+# -- Wan derivatives (SkyReels-V2, ChronoEdit, VACE, Lucy Edit) ------------------------------------------------------
+FRAMES = 5
+
+
+def _wan_net(cls_name: str, in_channels: int = 16, **kw):
+    import diffusers
+
+    torch.manual_seed(0)
+    return getattr(diffusers, cls_name)(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=in_channels, out_channels=16, text_dim=16, freq_dim=32,
+                                        ffn_dim=16, num_layers=1, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **kw).eval()
+
+
+def _clip_vision() -> dict:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=16,
+                                                             intermediate_size=8, patch_size=4)).eval()
+    return dict(image_encoder=encoder, image_processor=CLIPImageProcessor(crop_size=16, size=16))
+
+
+def wan_derived(name: str):
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+
+    vae = tiny_pipes.tiny_wan().vae
+    flow = tiny_pipes.tiny_wan().scheduler
+    if name == "SkyReelsV2Pipeline":
+        parts = dict(transformer=_wan_net("SkyReelsV2Transformer3DModel"),
+                     scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction"))
+    elif name == "SkyReelsV2ImageToVideoPipeline":
+        parts = dict(transformer=_wan_net("SkyReelsV2Transformer3DModel", 36, image_dim=4),
+                     scheduler=UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
+                     **_clip_vision())
+    elif name == "ChronoEditPipeline":
+        parts = dict(transformer=_wan_net("ChronoEditTransformer3DModel", 36, image_dim=4), scheduler=flow,
+                     **_clip_vision())
+    elif name == "WanVACEPipeline":
+        parts = dict(transformer=_wan_net("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=96),
+                     scheduler=flow, transformer_2=None)
+    else:  # LucyEditPipeline: the video's latents concatenated on the channels
+        parts = dict(transformer=_wan_net("WanTransformer3DModel", 32), scheduler=flow, transformer_2=None)
+    return _quiet(getattr(diffusers, name)(tokenizer=None, text_encoder=None, vae=vae, **parts))
+
+
+def _video(frames: int = FRAMES, mode: str = "RGB") -> list:
+    from PIL import Image
+
+    pixels = (image().permute(0, 2, 3, 1)[0].numpy() * 255).astype("uint8")
+    picture = Image.fromarray(pixels)
+    return [picture.convert(mode)] * frames
+
+
+def _wan_call(s: float, **kw) -> dict:
+    return dict(embeds("wan", 1), guidance_scale=s, **STEPS, **kw)
+
+
+WAN_CALLS = {
+    "SkyReelsV2Pipeline": lambda s: _wan_call(s),
+    "SkyReelsV2ImageToVideoPipeline": lambda s: _wan_call(s, image=_video(1)[0]),
+    "ChronoEditPipeline": lambda s: _wan_call(s, image=_video(1)[0]),
+    "WanVACEPipeline": lambda s: _wan_call(s, video=_video(), mask=[m.point(lambda v: 255 * (v > 128))
+                                                                     for m in _video(mode="L")]),
+    "LucyEditPipeline": lambda s: _wan_call(s, video=_video()),
+}
+
+
 BUILDS = {
     "FluxKontextInpaintPipeline": (flux_kontext_inpaint, lambda s: _flux_call(
         s, image=image(), mask_image=mask(), height=IMAGE, width=IMAGE, _auto_resize=False, max_area=IMAGE * IMAGE,
@@ -153,4 +223,5 @@ BUILDS = {
                                                                                       **STEPS)),
     "ZImageControlNetInpaintPipeline": (lambda: zimage("ControlNetInpaint"), lambda s: _zimage_call(
         s, image=image(), mask_image=mask(), control_image=image(8), **STEPS)),
+    **{name: (lambda n=name: wan_derived(n), call) for name, call in WAN_CALLS.items()},
 }
