@@ -104,9 +104,9 @@ def qwen_controlnet(inpaint: bool = False):
 
 
 def _global_seed(kw: dict) -> dict:
-    """``kw``, after seeding torch's global generator: QwenImageControlNetInpaintPipeline samples its control
-    latents with ``latent_dist.sample()`` and no generator (``prepare_image_with_mask``), so the native call is
-    reproducible only from a fixed global seed."""
+    """``kw``, after seeding torch's global generator: QwenImageControlNetInpaintPipeline
+    (``prepare_image_with_mask``) and CogView4ControlPipeline sample their control latents with
+    ``latent_dist.sample()`` and no generator, so the native call is reproducible only from a fixed global seed."""
     torch.manual_seed(0)
     return kw
 
@@ -204,6 +204,90 @@ WAN_CALLS = {
 }
 
 
+# -- HunyuanVideo ---------------------------------------------------------------------------------------------------
+def hunyuan_video(i2v: bool = False):
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler,
+                           HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel)
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=8 if i2v else 4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        act_fn="silu", norm_num_groups=2, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True).eval()
+    cls = HunyuanSkyreelsImageToVideoPipeline if i2v else HunyuanVideoPipeline
+    return _quiet(cls(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                      scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None))
+
+
+def _hunyuan_call(s: float, **kw) -> dict:
+    return dict(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                pooled_prompt_embeds=_randn(1, 8, seed=3), negative_pooled_prompt_embeds=_randn(1, 8, seed=4),
+                prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
+                height=IMAGE, width=IMAGE, num_frames=FRAMES, true_cfg_scale=s, **STEPS, **kw)
+
+
+# -- CogView4 Control, Ovis-Image, NucleusMoE-Image, Krea 2 ------------------------------------------------------------
+def cogview4_control():
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+
+    parts = tiny_pipes.tiny_cogview4().components
+    torch.manual_seed(0)
+    parts["transformer"] = CogView4Transformer2DModel(patch_size=2, in_channels=8, num_layers=1, attention_head_dim=4,
+                                                      num_attention_heads=4, out_channels=4, text_embed_dim=16,
+                                                      time_embed_dim=8, condition_dim=4).eval()
+    return _quiet(CogView4ControlPipeline(**parts))
+
+
+def flux_like():
+    """Ovis-Image: Flux-style packed latents, two calls."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 4, 8)).eval()
+    return _quiet(OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(1),
+                                    text_encoder=None, tokenizer=None, transformer=transformer))
+
+
+def qwen_vae_pipe(name: str):
+    """NucleusMoE-Image and Krea 2: Qwen-Image VAE, packed latents."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = tiny_pipes.tiny_qwen().vae
+    torch.manual_seed(0)
+    if name == "NucleusMoEImagePipeline":
+        transformer = diffusers.NucleusMoEImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False, capacity_factors=[8.0])
+        return _quiet(diffusers.NucleusMoEImagePipeline(transformer=transformer.eval(),
+                                                        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                                        text_encoder=None, processor=None))
+    transformer = diffusers.Krea2Transformer2DModel(
+        in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3,
+        text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 2, 2), rope_theta=1000.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=6400)
+    return _quiet(diffusers.Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                          transformer=transformer.eval(), text_encoder_select_layers=(0, 1, 2)))
+
+
+def _text(s: float, scale: str = "guidance_scale", size: int = IMAGE, mask: torch.dtype | None = None, **kw) -> dict:
+    text = dict(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2))
+    if mask is not None:
+        text.update(prompt_embeds_mask=torch.ones(1, 5, dtype=mask),
+                    negative_prompt_embeds_mask=torch.ones(1, 5, dtype=mask))
+    return dict(text, height=size, width=size, **{scale: s}, **STEPS, **kw)
+
+
 BUILDS = {
     "FluxKontextInpaintPipeline": (flux_kontext_inpaint, lambda s: _flux_call(
         s, image=image(), mask_image=mask(), height=IMAGE, width=IMAGE, _auto_resize=False, max_area=IMAGE * IMAGE,
@@ -224,4 +308,13 @@ BUILDS = {
     "ZImageControlNetInpaintPipeline": (lambda: zimage("ControlNetInpaint"), lambda s: _zimage_call(
         s, image=image(), mask_image=mask(), control_image=image(8), **STEPS)),
     **{name: (lambda n=name: wan_derived(n), call) for name, call in WAN_CALLS.items()},
+    "HunyuanVideoPipeline": (hunyuan_video, lambda s: _hunyuan_call(s)),
+    "HunyuanSkyreelsImageToVideoPipeline": (lambda: hunyuan_video(True), lambda s: _hunyuan_call(s, image=image())),
+    "CogView4ControlPipeline": (cogview4_control, lambda s: _global_seed(_text(s, control_image=image(8)))),
+    "OvisImagePipeline": (flux_like, lambda s: _text(s, negative_prompt=None)),
+    "NucleusMoEImagePipeline": (lambda: qwen_vae_pipe("NucleusMoEImagePipeline"), lambda s: _text(
+        s, size=32, mask=torch.long)),
+    "Krea2Pipeline": (lambda: qwen_vae_pipe("Krea2Pipeline"), lambda s: dict(
+        _text(s, size=32, mask=torch.bool), prompt_embeds=_randn(1, 5, 3, 16, seed=1),
+        negative_prompt_embeds=_randn(1, 5, 3, 16, seed=2))),
 }
