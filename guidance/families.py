@@ -247,19 +247,25 @@ FAMILIES: tuple[Family, ...] = (
     Family(("QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", residuals=("controlnet_block_samples",), **_TRUE_CFG),
     Family(("HunyuanVideoPipeline",), "two_calls", "flow", **_TRUE_CFG),
-    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", flow_time=None,
-           **_TRUE_CFG),
-    # two calls, checked by their CFG block only (no tiny build yet): no passes at other levels
-    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline",
-            "LongCatImagePipeline", "SkyReelsV2Pipeline"), "two_calls", "flow", flow_time=None),
-    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
-           flow_time=None),
-    Family(("Krea2Pipeline",), "two_calls", "flow", flow_time=None, native="CFG(s + 1)", native_exact=False),
+    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", **_TRUE_CFG),
+    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline"), "two_calls",
+           "flow"),
+    # UniPC with flow sigmas feeds integer timesteps (999 at s = 1): no function of s apply knows
+    Family(("SkyReelsV2Pipeline",), "two_calls", "flow", flow_time=None),
+    # two calls, checked by their CFG block only (no tiny build: encode_prompt needs a prompt even with
+    # prompt_embeds, pipeline_longcat_image.py:342): no passes at other levels
+    Family(("LongCatImagePipeline",), "two_calls", "flow", flow_time=None,
+           neutral={"enable_cfg_renorm": (False, "its clamped norm rescale (cfg_renorm_min, 1e-8) is not a guide; "
+                                                 "guidance.NormRescale is the unclamped one")}),
+    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),
+    Family(("Krea2Pipeline",), "two_calls", "flow", native="CFG(s + 1)", native_exact=False),
     Family(("LongCatImageEditPipeline",), "two_calls", "flow", flow_time=None, conditioning="tokens"),
-    Family(("SkyReelsV2ImageToVideoPipeline", "ChronoEditPipeline"), "two_calls", "flow", flow_time=None,
-           conditioning="channels"),
-    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None),
-    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None,
+    Family(("SkyReelsV2ImageToVideoPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
+    Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
+           neutral={"enable_temporal_reasoning": (False, "it drops latent frames and scheduler history mid-run "
+                                                         "(pipeline_chronoedit.py:669-678)")}),
+    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2")),
+    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
            conditioning="channels"),
     Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
     Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),

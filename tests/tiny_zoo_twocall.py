@@ -103,6 +103,40 @@ def qwen_controlnet(inpaint: bool = False):
     return _quiet(cls(**parts, controlnet=unzeroed(controlnet)))
 
 
+EDIT_POOL = 16  # the Edit pipelines resize their input to ~1024^2 pixels: encoded 16x pooled, 64^2 pixels
+
+
+def qwen_edit(name: str):
+    """Qwen-Image Edit / Edit Inpaint / Edit Plus. They resize the input image to ``calculate_dimensions(1024 * 1024,
+    ratio)`` (pipeline_qwenimage_edit.py:623-624) whatever its size, so the VAE here average-pools by ``EDIT_POOL``
+    before the tiny 4x Qwen VAE and declares itself a ``4 * EDIT_POOL``x VAE (``temperal_downsample``'s length, from
+    which the pipelines read their scale factor): 64 image tokens instead of 16384."""
+    import diffusers
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKLQwenImage
+
+    class PooledQwenVAE(AutoencoderKLQwenImage):
+        def encode(self, x, return_dict: bool = True):
+            return super().encode(F.avg_pool3d(x, (1, EDIT_POOL, EDIT_POOL)), return_dict)
+
+    parts = tiny_pipes.tiny_qwen().components
+    torch.manual_seed(0)
+    vae = PooledQwenVAE(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                        latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    vae.temperal_downsample = vae.temperal_downsample + [False] * (EDIT_POOL.bit_length() - 1)
+    return _quiet(getattr(diffusers, name)(**dict(parts, vae=vae), processor=None))
+
+
+EDIT_SIZE = 256  # the generated image: a multiple of 2 * 64 pixels, 4 latent tokens
+
+
+def _edit_call(s: float, **kw) -> dict:
+    from PIL import Image
+
+    pixels = (picture(32).permute(0, 2, 3, 1)[0].numpy() * 255).astype("uint8")
+    return _qwen_call(s, image=Image.fromarray(pixels), **dict(dict(height=EDIT_SIZE, width=EDIT_SIZE), **kw))
+
+
 def _global_seed(kw: dict) -> dict:
     """``kw``, after seeding torch's global generator: QwenImageControlNetInpaintPipeline
     (``prepare_image_with_mask``) and CogView4ControlPipeline sample their control latents with
@@ -112,7 +146,7 @@ def _global_seed(kw: dict) -> dict:
 
 
 def _qwen_call(s: float, **kw) -> dict:
-    return dict(embeds("qwen", 1), true_cfg_scale=s, **kw)
+    return dict(embeds("qwen", 1), **dict(dict(true_cfg_scale=s), **kw))
 
 
 # -- Z-Image -------------------------------------------------------------------------------------------------------
@@ -317,4 +351,8 @@ BUILDS = {
     "Krea2Pipeline": (lambda: qwen_vae_pipe("Krea2Pipeline"), lambda s: dict(
         _text(s, size=32, mask=torch.bool), prompt_embeds=_randn(1, 5, 3, 16, seed=1),
         negative_prompt_embeds=_randn(1, 5, 3, 16, seed=2))),
+    "QwenImageEditPipeline": (lambda: qwen_edit("QwenImageEditPipeline"), lambda s: _edit_call(s, **STEPS)),
+    "QwenImageEditInpaintPipeline": (lambda: qwen_edit("QwenImageEditInpaintPipeline"), lambda s: _edit_call(
+        s, mask_image=hole(EDIT_SIZE), **IMG2IMG)),
+    "QwenImageEditPlusPipeline": (lambda: qwen_edit("QwenImageEditPlusPipeline"), lambda s: _edit_call(s, **STEPS)),
 }
