@@ -252,9 +252,7 @@ FAMILIES: tuple[Family, ...] = (
            "flow"),
     # UniPC with flow sigmas feeds integer timesteps (999 at s = 1): no function of s apply knows
     Family(("SkyReelsV2Pipeline",), "two_calls", "flow", flow_time=None),
-    # two calls, checked by their CFG block only (no tiny build: encode_prompt needs a prompt even with
-    # prompt_embeds, pipeline_longcat_image.py:342): no passes at other levels
-    Family(("LongCatImagePipeline",), "two_calls", "flow", flow_time=None,
+    Family(("LongCatImagePipeline",), "two_calls", "flow",
            neutral={"enable_cfg_renorm": (False, "its clamped norm rescale (cfg_renorm_min, 1e-8) is not a guide; "
                                                  "guidance.NormRescale is the unclamped one")}),
     Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),

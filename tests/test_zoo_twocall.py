@@ -23,3 +23,17 @@ def test_token_conditioned_guides_see_the_stepped_latent_and_level_and_apg_cfgpp
     monkeypatch.setitem(zoo.tiny_zoo.BUILDS, key, builds.BUILDS[name])
     monkeypatch.setitem(zoo._BUILT, key, builds.BUILDS[name][0]())
     zoo.test_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(key)
+
+
+@pytest.mark.parametrize("name, arg", [("LongCatImagePipeline", dict(enable_cfg_renorm=True)),
+                                       ("ChronoEditPipeline", dict(enable_temporal_reasoning=True))])
+def test_native_extras_that_are_not_cfg_are_refused_up_front(name, arg):
+    """LongCat's clamped norm rescale and ChronoEdit's mid-run frame drop are not CFG's block: refused, named."""
+    from diffguide import guidance
+
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    key = next(iter(arg))
+    with pytest.raises(ValueError, match=f"{key} must be False under guidance.apply"):
+        with guidance.apply(pipe, guidance.CFG(3.0)):
+            pipe(**dict(call(3.0), **arg))

@@ -289,6 +289,28 @@ def flux_like():
                                     text_encoder=None, tokenizer=None, transformer=transformer))
 
 
+def longcat():
+    """LongCat-Image encodes its prompt even when prompt embeddings are passed (``len(prompt)``,
+    pipeline_longcat_image.py:342, and check_inputs refuses both): a tiny Qwen2 text model over the offline byte
+    tokenizer (it only tokenizes and pads), 8 prompt tokens instead of 512."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+    from transformers import Qwen2Config, Qwen2Model
+
+    tokenizer = tiny_pipes.byte_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=512)).eval()
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8]).eval()
+    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(16),
+                                text_encoder=text_encoder, tokenizer=tokenizer, text_processor=None,
+                                transformer=transformer)
+    pipe.tokenizer_max_length = 8
+    return _quiet(pipe)
+
+
 def qwen_vae_pipe(name: str):
     """NucleusMoE-Image and Krea 2: Qwen-Image VAE, packed latents."""
     import diffusers
@@ -355,4 +377,7 @@ BUILDS = {
     "QwenImageEditInpaintPipeline": (lambda: qwen_edit("QwenImageEditInpaintPipeline"), lambda s: _edit_call(
         s, mask_image=hole(EDIT_SIZE), **IMG2IMG)),
     "QwenImageEditPlusPipeline": (lambda: qwen_edit("QwenImageEditPlusPipeline"), lambda s: _edit_call(s, **STEPS)),
+    "LongCatImagePipeline": (longcat, lambda s: dict(prompt="a cat", negative_prompt="blurry", height=IMAGE,
+                                                      width=IMAGE, guidance_scale=s, enable_prompt_rewrite=False,
+                                                      enable_cfg_renorm=False, **STEPS)),
 }
