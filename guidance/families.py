@@ -257,7 +257,7 @@ FAMILIES: tuple[Family, ...] = (
                                                  "guidance.NormRescale is the unclamped one")}),
     Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),
     Family(("Krea2Pipeline",), "two_calls", "flow", native="CFG(s + 1)", native_exact=False),
-    Family(("LongCatImageEditPipeline",), "two_calls", "flow", flow_time=None, conditioning="tokens"),
+    Family(("LongCatImageEditPipeline",), "two_calls", "flow", conditioning="tokens"),
     Family(("SkyReelsV2ImageToVideoPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
            neutral={"enable_temporal_reasoning": (False, "it drops latent frames and scheduler history mid-run "

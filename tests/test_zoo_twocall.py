@@ -1,5 +1,5 @@
 """The two-call and list-layout derived pipelines (tests/tiny_zoo_twocall.py): native CFG reproduced bit for bit;
-on the token-conditioned builds (Qwen-Image Edit, Flux Kontext inpaint), guides are handed exactly the latent the
+on the token-conditioned builds (Qwen-Image Edit, Flux Kontext inpaint, LongCat-Image Edit), guides are handed exactly the latent the
 scheduler steps and its level, and APG / CFG++ equal few-line oracles (tests/test_pipeline_zoo.py's check)."""
 
 import pytest
@@ -16,10 +16,12 @@ def test_native_cfg_is_reproduced_bit_for_bit(name):
 
 @pytest.mark.parametrize("name, key", [("QwenImageEditPipeline", "qwen-edit"),
                                        ("QwenImageEditInpaintPipeline", "qwen-editinpaint"),
-                                       ("FluxKontextInpaintPipeline", "flux-kontextinpaint")])
+                                       ("FluxKontextInpaintPipeline", "flux-kontextinpaint"),
+                                       ("LongCatImageEditPipeline", "longcat-edit")])
 def test_token_conditioned_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(monkeypatch, name,
                                                                                                key):
     """Image tokens appended to the sequence (and cut from the output), img2img start on the inpaint builds."""
+    monkeypatch.setitem(zoo.FIRST_LAYER, "longcat", "x_embedder")
     monkeypatch.setitem(zoo.tiny_zoo.BUILDS, key, builds.BUILDS[name])
     monkeypatch.setitem(zoo._BUILT, key, builds.BUILDS[name][0]())
     zoo.test_guides_see_the_stepped_latent_and_level_and_apg_cfgpp_match_oracles(key)

@@ -289,24 +289,55 @@ def flux_like():
                                     text_encoder=None, tokenizer=None, transformer=transformer))
 
 
-def longcat():
-    """LongCat-Image encodes its prompt even when prompt embeddings are passed (``len(prompt)``,
-    pipeline_longcat_image.py:342, and check_inputs refuses both): a tiny Qwen2 text model over the offline byte
-    tokenizer (it only tokenizes and pads), 8 prompt tokens instead of 512."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
-    from transformers import Qwen2Config, Qwen2Model
+def longcat(edit: bool = False):
+    """LongCat-Image (Edit) encode their prompt even when prompt embeddings are passed (``len(prompt)`` in
+    encode_prompt, pipeline_longcat_image.py:342, and check_inputs refuses both): a tiny Qwen2 (Qwen2.5-VL for Edit,
+    which reads the image too) text model over the offline byte tokenizer, 8 prompt tokens instead of 512. Edit
+    generates at ``calculate_dimensions(1024 * 1024, ratio)`` whatever is asked: a 64x VAE (7 blocks of 4 channels)
+    keeps that at 64 latent tokens."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, LongCatImageEditPipeline,
+                           LongCatImagePipeline, LongCatImageTransformer2DModel)
 
     tokenizer = tiny_pipes.byte_tokenizer()
     torch.manual_seed(0)
-    text_encoder = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
-                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                          max_position_embeddings=512)).eval()
     transformer = LongCatImageTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8]).eval()
-    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(16),
-                                text_encoder=text_encoder, tokenizer=tokenizer, text_processor=None,
-                                transformer=transformer)
+    if not edit:
+        from transformers import Qwen2Config, Qwen2Model
+
+        text_encoder = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                              max_position_embeddings=512)).eval()
+        pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(16),
+                                    text_encoder=text_encoder, tokenizer=tokenizer, text_processor=None,
+                                    transformer=transformer)
+    else:
+        from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor,
+                                  Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+        vision = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+        tokenizer.add_special_tokens({"additional_special_tokens": vision})
+        tokenizer.image_token = "<|image_pad|>"
+        start, pad, end = tokenizer.convert_tokens_to_ids(vision)
+        config = Qwen2_5_VLConfig(
+            text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
+                             rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                               fullatt_block_indexes=[0]),
+            vocab_size=len(tokenizer), hidden_size=16, bos_token_id=0, eos_token_id=1, image_token_id=pad,
+            vision_start_token_id=start, vision_end_token_id=end)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+                                     tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,) * 7, layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 7, up_block_types=("UpDecoderBlock2D",) * 7,
+                            latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035).eval()
+        pipe = LongCatImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tokenizer, text_processor=processor,
+                                        transformer=transformer)
     pipe.tokenizer_max_length = 8
     return _quiet(pipe)
 
@@ -380,4 +411,6 @@ BUILDS = {
     "LongCatImagePipeline": (longcat, lambda s: dict(prompt="a cat", negative_prompt="blurry", height=IMAGE,
                                                       width=IMAGE, guidance_scale=s, enable_prompt_rewrite=False,
                                                       enable_cfg_renorm=False, **STEPS)),
+    "LongCatImageEditPipeline": (lambda: longcat(edit=True), lambda s: dict(
+        image=_video(1)[0], prompt="a cat", negative_prompt="blurry", guidance_scale=s, **STEPS)),
 }
