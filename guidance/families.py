@@ -256,7 +256,8 @@ FAMILIES: tuple[Family, ...] = (
            neutral={"enable_cfg_renorm": (False, "its clamped norm rescale (cfg_renorm_min, 1e-8) is not a guide; "
                                                  "guidance.NormRescale is the unclamped one")}),
     Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),
-    Family(("Krea2Pipeline",), "two_calls", "flow", native="CFG(s + 1)", native_exact=False),
+    # Krea 2 computes c + s (c - u), CFG on at s > 0
+    Family(("Krea2Pipeline",), "two_calls", "flow", cfg_threshold=0.0, native="CFG(s + 1)", native_exact=False),
     Family(("LongCatImageEditPipeline",), "two_calls", "flow", conditioning="tokens"),
     Family(("SkyReelsV2ImageToVideoPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
