@@ -49,15 +49,23 @@ CHANNELS_AND_START = {
     "GLIGEN-inpaint": (lambda: builds.gligen(inpaint=True), lambda s: builds.gligen_call(s, inpaint=True)),
     **{name: builds.BUILDS[name] for name in ("StableDiffusionGLIGENPipeline", "StableDiffusionDepth2ImgPipeline",
                                               "StableDiffusionUpscalePipeline", "PaintByExamplePipeline",
-                                              "AltDiffusionImg2ImgPipeline")},
+                                              "AltDiffusionImg2ImgPipeline", "VideoToVideoSDPipeline",
+                                              "I2VGenXLPipeline")},
 }
+
+
+def _fold(video):
+    """``[B, C, F, H, W]`` with the frames folded into the batch, as text-to-video SD steps it."""
+    return video.transpose(1, 2).reshape(-1, video.shape[1], *video.shape[3:])
 
 
 @pytest.mark.parametrize("name", sorted(CHANNELS_AND_START))
 def test_guides_see_the_stepped_latent_and_level_and_apg_matches_its_oracle(name):
     """Conditioning channels (GLIGEN inpainting, depth, low-res image, masked example) and a cut schedule
     (AltDiffusion img2img, no set_begin_index): a probe guide is handed exactly the latent the scheduler steps and the
-    level it steps from, at every step, and APG (eta 0, no clamp, no momentum) equals its few-line oracle in x0."""
+    level it steps from, at every step, and APG (eta 0, no clamp, no momentum) equals its few-line oracle in x0.
+    Video-to-video SD and I2VGen-XL step the video with its frames folded into the batch: guides see the video, the
+    scheduler its frames."""
     import torch
 
     from diffguide import guidance
@@ -88,18 +96,20 @@ def test_guides_see_the_stepped_latent_and_level_and_apg_matches_its_oracle(name
         finally:
             rec.remove()
         assert len(guide.seen) == len(rec.steps) >= 2
+        folded = pipe.unet.config.get("down_block_types")[0].endswith("3D")
+        fold = _fold if folded else (lambda video: video)
         for seen, step in zip(guide.seen, rec.steps):
-            assert torch.equal(seen["x"], step["sample"])
+            assert torch.equal(fold(seen["x"]), step["sample"])
             assert torch.equal(seen["alpha"], step["alpha"].to(seen["alpha"].dtype))
             assert torch.equal(seen["sigma"], step["sigma"].to(seen["sigma"].dtype))
             if isinstance(guide, guidance.APG):
-                x, a, s = step["sample"].double(), step["alpha"], step["sigma"]
+                x, a, s = seen["x"].double(), step["alpha"], step["sigma"]
                 d_c, d_u = (x0_of(seen[k].double(), x, a, s) for k in ("cond", "uncond"))
                 delta, dims = d_c - d_u, tuple(range(1, x.ndim))
                 par = (delta * d_c).sum(dims, keepdim=True) / (d_c * d_c).sum(dims, keepdim=True) * d_c
                 expected = pred_of(d_c + (scale - 1) * (delta - par), x, a, s)
                 atol = 64 * torch.finfo(torch.float32).eps * float(x.abs().max() / s + expected.abs().max())
-                torch.testing.assert_close(step["pred"].double(), expected, rtol=1e-4, atol=atol)
+                torch.testing.assert_close(step["pred"].double(), fold(expected), rtol=1e-4, atol=atol)
 
 
 def test_ldm3d_native_cfg_is_reproduced_bit_for_bit():
