@@ -138,6 +138,9 @@ _UNET = dict(networks=("unet",), latent="sample")
 _UNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                    "down_intrablock_additional_residuals")
 _BLOCK_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
+# Wan 2.2's second (low-noise) transformer takes its own scale; under apply the guide rules both stages
+_STAGE_2 = {"guidance_scale_2": (None, "the guide's scale rules both stages; for another guide at low noise use "
+                                       "guidance.GuidanceInterval")}
 _TRUE_CFG = dict(scale_arg="true_cfg_scale", negative=("negative_prompt", "negative_prompt_embeds"))
 
 FAMILIES: tuple[Family, ...] = (
@@ -274,13 +277,14 @@ FAMILIES: tuple[Family, ...] = (
     Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
            neutral={"enable_temporal_reasoning": (False, "it drops latent frames and scheduler history mid-run "
                                                          "(pipeline_chronoedit.py:669-678)")}),
-    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2")),
-    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
+    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2),
+    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
            conditioning="channels"),
-    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
+    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
+           zero_init_steps=2),
     Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),
     Family(("WanImageToVideoPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
-           conditioning="channels"),
+           neutral=_STAGE_2, conditioning="channels"),
     Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None, zero_init_steps=2),
     Family(("CogView4ControlPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"), "list_cu", "flow", latent="x",
@@ -421,5 +425,5 @@ def native_guide(family: Family, scale: float):
     from .image_cfg import ImageCFG
     from .norm_rescale import NormRescale
 
-    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
-            "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()
+    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale),
+            "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)), "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()
