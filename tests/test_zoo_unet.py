@@ -112,35 +112,6 @@ def test_guides_see_the_stepped_latent_and_level_and_apg_matches_its_oracle(name
                 torch.testing.assert_close(step["pred"].double(), fold(expected), rtol=1e-4, atol=atol)
 
 
-def test_ldm3d_native_cfg_is_reproduced_bit_for_bit():
-    """LDM3D (RGB-D output, no latent output): its decoded ``rgb`` and ``depth`` under apply(CFG(s)) equal the native
-    call's bit for bit, with the same network rows."""
-    import numpy as np
-    import torch
-
-    from diffguide import guidance
-    from diffguide.guidance.families import family_of, native_guide
-    from zoo_harness import counting_rows
-
-    make, call = builds.LDM3D
-    pipe = make()
-
-    def run(guide=None):
-        kw = dict(call(3.0), generator=torch.Generator().manual_seed(0))
-        with counting_rows(pipe) as rows:
-            if guide is None:
-                out = pipe(**kw)
-            else:
-                with guidance.apply(pipe, guide):
-                    out = pipe(**kw)
-        return out.rgb, out.depth, rows
-
-    rgb, depth, native_rows = run()
-    rgb_g, depth_g, rows = run(native_guide(family_of(pipe), 3.0))
-    assert rows == native_rows and sum(rows) > 0
-    assert np.isfinite(rgb).all() and np.array_equal(rgb_g, rgb) and np.array_equal(depth_g, depth)
-
-
 def test_diffusers_cfg_guider_on_a_frames_folded_video_is_bit_identical_to_native_cfg():
     """A diffusers guider combines the predictions in the shape the scheduler steps (frames folded into the batch);
     its result is unfolded back to the network's [B, C, F, H, W] before the pipeline combines it."""

@@ -226,8 +226,7 @@ def ldm3d():
     return _quiet(StableDiffusionLDM3DPipeline(**dict(parts, vae=vae), requires_safety_checker=False))
 
 
-# LDM3D returns ``rgb`` / ``depth`` (no ``images``, no latent output), which zoo_harness.output_latents does not read:
-# checked in tests/test_zoo_unet.py on its ``rgb``
+# LDM3D returns ``rgb`` / ``depth`` (no latent output): zoo_harness.output_latents compares both
 LDM3D = (ldm3d, lambda s: _sd_call(s, output_type="np"))
 
 
@@ -265,4 +264,5 @@ BUILDS = {
                                                             height=IMAGE, width=IMAGE, output_type="pt")),
     "I2VGenXLPipeline": (i2vgen_xl, lambda s: _sd_call(s, image=image(), num_frames=3)),
     "StableUnCLIPImg2ImgPipeline": (stable_unclip_img2img, lambda s: _sd_call(s, image=image())),
+    "StableDiffusionLDM3DPipeline": LDM3D,
 }
