@@ -340,6 +340,45 @@ REFUSED: dict[str, str] = {
                "VersatileDiffusionTextToImagePipeline"),
     **_reasons("predicts discrete tokens (masked generative transformer), not a diffusion output",
                "AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline", "VQDiffusionPipeline"),
+    **_reasons("combines its branches with its own momentum APG (normalized_guidance, norm threshold 2.5) inside a "
+               "CFG interval and may blend a third cover pass, not CFG (pipeline_ace_step.py:1180-1231)",
+               "AceStepPipeline"),
+    **_reasons("generates frame chunks autoregressively with a key-value cache, skipping steps whose level equals "
+               "the next one (pipeline_anyflow_far.py:734-765)", "AnyFlowFARPipeline"),
+    **_reasons("appends the edited image's tokens to a batched [uncond; cond] call and cuts them only at "
+               "scheduler.step (pipeline_bria_fibo_edit.py:907, 936), which no batched layout describes",
+               "BriaFiboEditPipeline"),
+    **_reasons("predicts vision, sound and action velocities per call and masks their conditioning positions before "
+               "combining (pipeline_cosmos3_omni.py:1756-1795)", "Cosmos3OmniPipeline"),
+    **_reasons("is guidance-distilled: guidance_scale and image_guidance_scale are accepted and ignored "
+               "(pipeline_dreamlite_mobile.py:442), one network call per step", "DreamLiteMobilePipeline"),
+    **_reasons("is guidance-distilled: guidance_scale feeds the transformer's guidance embedding, one network call "
+               "per step (pipeline_visualcloze_generation.py:856-866)", "VisualClozeGenerationPipeline"),
+    **_reasons("denoises the video chunk by chunk (or stage by stage of a pyramid), a full denoising loop per chunk "
+               "conditioned on history latents (pipeline_helios.py:800-890, pipeline_helios_pyramid.py:860-929)",
+               "HeliosPipeline", "HeliosPyramidPipeline"),
+    **_reasons("runs its unconditional branch through a second network (unconditional_transformer) on another "
+               "sequence, with a per-step guidance schedule (pipeline_ideogram4.py:683-712)", "Ideogram4Pipeline"),
+    **_reasons("overwrites the reference items of its latent before every step and rescales the combination to the "
+               "conditional norm: the scheduler steps a latent part of which is conditioning, which no layout "
+               "describes (pipeline_joyimage_edit.py:815, 835-839; pipeline_joyimage_edit_plus.py:677, 704-707)",
+               "JoyImageEditPipeline", "JoyImageEditPlusPipeline"),
+    **_reasons("predicts video and audio in every call and steps both with two schedulers, overwriting the "
+               "conditioning frame of its latent (pipeline_kandinsky6_ti2va.py:885, 914-921)",
+               "Kandinsky6TI2VAPipeline"),
+    **_reasons("predicts video and audio in one call and combines its guidance in x0 (convert_velocity_to_x0), with "
+               "spatio-temporal and modality-isolation passes (pipeline_ltx2_hdr_lora.py:1407-1482, "
+               "pipeline_ltx2_ic_lora.py:2261-2341)", "LTX2HDRPipeline", "LTX2InContextPipeline"),
+    **_reasons("its network predicts x0, turned into a velocity with a clamped level after combining "
+               "(pipeline_prx_pixel.py:631-633), so guides would be handed x0 as a velocity", "PRXPixelPipeline"),
+    **_reasons("prepends input-image tokens and keeps them in a per-branch key-value cache filled on the first step "
+               "(pipeline_qwenimage21.py:776-812), which extra passes would corrupt", "QwenImage21Pipeline"),
+    **_reasons("conditions frames through a per-frame timestep and keeps the clean frames of its latent "
+               "(pipeline_sana_wm.py:602-630), which no layout describes", "SanaWMPipeline"),
+    **_reasons("denoises the video segment by segment, a full loop per segment conditioned on the previous one "
+               "(pipeline_wan_animate.py:1038-1146)", "WanAnimatePipeline"),
+    **_reasons("passes each sample as a list of clean condition images plus its target with a noise mask "
+               "(pipeline_z_image_omni.py:669-685), which the list layout does not describe", "ZImageOmniPipeline"),
 }
 
 
