@@ -280,6 +280,14 @@ FAMILIES: tuple[Family, ...] = (
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")},
            residuals=("controlnet_block_samples",)),
+    # deprecated Stable Diffusion variants: the parent's [uncond; cond] block
+    Family(("StableDiffusionPipelineSafe",), "uc", "diffusion",
+           neutral={"sld_guidance_scale": (0.0, "safe latent diffusion batches a third, safety-concept branch "
+                                                "apply() does not combine")}, **_UNET),
+    # cuts the schedule without set_begin_index; add_predicted_noise re-noises with the pipeline's uncond chunk
+    Family(("StableDiffusionInpaintPipelineLegacy",), "uc", "diffusion", start="timestep",
+           neutral={"add_predicted_noise": (False, "it re-noises the kept region with the unconditional "
+                                                   "prediction, which apply() replaces")}, **_UNET),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
