@@ -288,6 +288,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionInpaintPipelineLegacy",), "uc", "diffusion", start="timestep",
            neutral={"add_predicted_noise": (False, "it re-noises the kept region with the unconditional "
                                                    "prediction, which apply() replaces")}, **_UNET),
+    # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
+    Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "

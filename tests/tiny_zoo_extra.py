@@ -54,3 +54,57 @@ BUILDS.update({
     "StableDiffusionPipelineSafe": (sd_safe, sd_safe_call),
     "StableDiffusionInpaintPipelineLegacy": (sd_inpaint_legacy, sd_inpaint_legacy_call),
 })
+
+
+def _flux2_klein_parts() -> dict:
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                          timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+                                          guidance_embeds=False).eval()
+    vae = AutoencoderKLFlux2(sample_size=16, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                             up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+                             latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                             use_post_quant_conv=False).eval()
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None,
+                transformer=transformer, vae=vae)
+
+
+def flux2_klein():
+    from diffusers import Flux2KleinPipeline
+
+    return _quiet(Flux2KleinPipeline(**_flux2_klein_parts()))
+
+
+def flux2_klein_inpaint():
+    from diffusers import Flux2KleinInpaintPipeline
+
+    return _quiet(Flux2KleinInpaintPipeline(**_flux2_klein_parts()))
+
+
+def _pil(seed: int = 7, size: int = 16):
+    from PIL import Image
+
+    pixels = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((pixels.numpy() * 255).astype("uint8"))
+
+
+def flux2_klein_call(s: float) -> dict:
+    # with an image to edit (its processor takes >= 64 px): its tokens are appended to the latent's and cut from
+    # the output
+    return dict(image=_pil(size=64), prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                guidance_scale=s, height=16, width=16, num_inference_steps=2, output_type="latent")
+
+
+def flux2_klein_inpaint_call(s: float) -> dict:
+    return dict(image=tiny_zoo.image(), mask_image=tiny_zoo.mask(), prompt_embeds=_randn(1, 5, 16, seed=1),
+                negative_prompt_embeds=_randn(1, 5, 16, seed=2), guidance_scale=s, height=16, width=16,
+                strength=0.6, num_inference_steps=4, output_type="latent")
+
+
+BUILDS.update({
+    "Flux2KleinPipeline": (flux2_klein, flux2_klein_call),
+    "Flux2KleinInpaintPipeline": (flux2_klein_inpaint, flux2_klein_inpaint_call),
+})
