@@ -387,6 +387,8 @@ REFUSED: dict[str, str] = {
                "(pipeline_sana_wm.py:602-630), which no layout describes", "SanaWMPipeline"),
     **_reasons("denoises the video segment by segment, a full loop per segment conditioned on the previous one "
                "(pipeline_wan_animate.py:1038-1146)", "WanAnimatePipeline"),
+    **_reasons("steps on reversed flow sigmas (its default scheduler sets invert_sigmas, "
+               "pipeline_longcat_audio_dit.py:113), which apply() does not read", "LongCatAudioDiTPipeline"),
     **_reasons("passes each sample as a list of clean condition images plus its target with a noise mask "
                "(pipeline_z_image_omni.py:669-685), which the list layout does not describe", "ZImageOmniPipeline"),
 }
