@@ -290,6 +290,9 @@ FAMILIES: tuple[Family, ...] = (
                                                    "prediction, which apply() replaces")}, **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
     Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
+    # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images
+    # shown only at levels <= 0.9), so no passes at another level
+    Family(("BriaFibo2Pipeline",), "two_calls", "flow", float32=True, flow_time=None),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "

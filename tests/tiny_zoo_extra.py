@@ -108,3 +108,27 @@ BUILDS.update({
     "Flux2KleinPipeline": (flux2_klein, flux2_klein_call),
     "Flux2KleinInpaintPipeline": (flux2_klein_inpaint, flux2_klein_inpaint_call),
 })
+
+
+def bria_fibo2():
+    from diffusers import BriaFibo2Pipeline, BriaFibo2Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    vae = _flux2_klein_parts()["vae"]
+    torch.manual_seed(0)
+    transformer = BriaFibo2Transformer2DModel(
+        in_channels=4, patch_size=2, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+        injection_layer_ids=(0,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32)).eval()
+    return _quiet(BriaFibo2Pipeline(transformer=transformer, vae=vae, text_encoder=None, processor=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)))
+
+
+def bria_fibo2_call(s: float) -> dict:
+    # embeddings of the text encoder's last layer and of each injection layer: (batch, 1 + 1, tokens, dim)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    return dict(prompt_embeds=_randn(1, 2, 5, 16, seed=1), prompt_embeds_mask=mask,
+                negative_prompt_embeds=_randn(1, 2, 5, 16, seed=2), negative_prompt_embeds_mask=mask,
+                guidance_scale=s, height=16, width=16, num_inference_steps=2, output_type="latent")
+
+
+BUILDS["BriaFibo2Pipeline"] = (bria_fibo2, bria_fibo2_call)
