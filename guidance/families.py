@@ -288,6 +288,11 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionInpaintPipelineLegacy",), "uc", "diffusion", start="timestep",
            neutral={"add_predicted_noise": (False, "it re-noises the kept region with the unconditional "
                                                    "prediction, which apply() replaces")}, **_UNET),
+    # AnimateDiff SparseCtrl: AnimateDiff ControlNet's block; guess mode computes residuals for the conditional rows
+    # only and adds them to the whole batch
+    Family(("AnimateDiffSparseControlNetPipeline",), "uc", "diffusion",
+           repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
+           neutral={"guess_mode": (False, "its residuals then cover the conditional rows only")}, **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
     Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
     # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images

@@ -132,3 +132,35 @@ def bria_fibo2_call(s: float) -> dict:
 
 
 BUILDS["BriaFibo2Pipeline"] = (bria_fibo2, bria_fibo2_call)
+
+
+def _motion_adapter():
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(1)
+    return MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                         motion_num_attention_heads=2, motion_max_seq_length=8)
+
+
+def animatediff_sparsectrl():
+    from diffusers import AnimateDiffSparseControlNetPipeline, SparseControlNetModel
+
+    torch.manual_seed(2)
+    controlnet = SparseControlNetModel(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, conditioning_channels=3,
+        down_block_types=("DownBlockMotion", "CrossAttnDownBlockMotion"), cross_attention_dim=16,
+        conditioning_embedding_out_channels=(4, 8), norm_num_groups=4, attention_head_dim=4,
+        motion_num_attention_heads=2, motion_max_seq_length=8, use_simplified_condition_embedding=False).eval()
+    return _quiet(AnimateDiffSparseControlNetPipeline(**_sd_parts(), motion_adapter=_motion_adapter(),
+                                                      controlnet=controlnet, feature_extractor=None,
+                                                      image_encoder=None))
+
+
+def animatediff_sparsectrl_call(s: float) -> dict:
+    # one conditioning frame (the first of 3): the residuals are repeated per frame like the prompt embeddings
+    return dict(prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                conditioning_frames=[_pil()], controlnet_frame_indices=[0], num_frames=3, height=16, width=16,
+                guidance_scale=s, num_inference_steps=2, output_type="latent")
+
+
+BUILDS["AnimateDiffSparseControlNetPipeline"] = (animatediff_sparsectrl, animatediff_sparsectrl_call)
