@@ -293,6 +293,9 @@ FAMILIES: tuple[Family, ...] = (
     Family(("AnimateDiffSparseControlNetPipeline",), "uc", "diffusion",
            repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
            neutral={"guess_mode": (False, "its residuals then cover the conditional rows only")}, **_UNET),
+    # PIA: AnimateDiff's block on the latent with the frame mask and masked image latents concatenated
+    Family(("PIAPipeline",), "uc", "diffusion", conditioning="channels", repeated=("encoder_hidden_states",),
+           **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
     Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
     # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images

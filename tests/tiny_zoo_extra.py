@@ -164,3 +164,20 @@ def animatediff_sparsectrl_call(s: float) -> dict:
 
 
 BUILDS["AnimateDiffSparseControlNetPipeline"] = (animatediff_sparsectrl, animatediff_sparsectrl_call)
+
+
+def pia():
+    from diffusers.pipelines.deprecated import PIAPipeline
+
+    # PIA's UNet takes the latent, the frame mask and the masked image latents: 4 + 1 + 4 channels
+    parts = dict(_sd_parts(), unet=tiny_zoo._sd_unet(9))
+    return _quiet(PIAPipeline(**parts, motion_adapter=_motion_adapter(), feature_extractor=None, image_encoder=None))
+
+
+def pia_call(s: float) -> dict:
+    return dict(image=_pil(), prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                num_frames=3, height=16, width=16, strength=0.6, guidance_scale=s, num_inference_steps=4,
+                output_type="latent")
+
+
+BUILDS["PIAPipeline"] = (pia, pia_call)
