@@ -298,6 +298,9 @@ FAMILIES: tuple[Family, ...] = (
            **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
     Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
+    # Qwen-Image Layered: Qwen-Image Edit's two calls, the input image's tokens appended to the layers' tokens
+    Family(("QwenImageLayeredPipeline",), "two_calls", "flow", conditioning="tokens",
+           neutral={"cfg_normalize": (False, "use guidance.NormRescale")}, **_TRUE_CFG),
     # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images
     # shown only at levels <= 0.9), so no passes at another level
     Family(("BriaFibo2Pipeline",), "two_calls", "flow", float32=True, flow_time=None),
@@ -400,6 +403,9 @@ REFUSED: dict[str, str] = {
                "(pipeline_wan_animate.py:1038-1146)", "WanAnimatePipeline"),
     **_reasons("steps on reversed flow sigmas (its default scheduler sets invert_sigmas, "
                "pipeline_longcat_audio_dit.py:113), which apply() does not read", "LongCatAudioDiTPipeline"),
+    **_reasons("steps on reversed flow sigmas (its scheduler sets invert_sigmas; time runs from noise 0 to data 1) "
+               "and batches [cond; uncond] (plus an image branch with input images) stepping one copy "
+               "(pipeline_omnigen.py:440-465), which apply() does not read", "OmniGenPipeline"),
     **_reasons("passes each sample as a list of clean condition images plus its target with a noise mask "
                "(pipeline_z_image_omni.py:669-685), which the list layout does not describe", "ZImageOmniPipeline"),
 }

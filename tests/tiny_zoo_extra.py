@@ -181,3 +181,38 @@ def pia_call(s: float) -> dict:
 
 
 BUILDS["PIAPipeline"] = (pia, pia_call)
+
+
+def qwen_layered():
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+                                              use_additional_t_cond=True, use_layer3d_rope=True).eval()
+    # the pipeline works at 640 px or more: a VAE that downsamples 16 times keeps the sequence short
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    # the pipeline reads the text encoder's dtype even when given prompt embeddings
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=32, vocab_size=64, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=16))).eval()
+    return _quiet(QwenImageLayeredPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                           text_encoder=text_encoder, tokenizer=None, processor=None,
+                                           transformer=transformer))
+
+
+def qwen_layered_call(s: float) -> dict:
+    # a prompt is given so that the pipeline does not caption the image; output_type="latent" is broken in 0.42.1
+    mask = torch.ones(1, 5, dtype=torch.long)
+    return dict(image=_pil(size=64), prompt="x", prompt_embeds=_randn(1, 5, 16, seed=1), prompt_embeds_mask=mask,
+                negative_prompt_embeds=_randn(1, 5, 16, seed=2), negative_prompt_embeds_mask=mask, true_cfg_scale=s,
+                layers=1, num_inference_steps=2, output_type="np")
+
+
+BUILDS["QwenImageLayeredPipeline"] = (qwen_layered, qwen_layered_call)
