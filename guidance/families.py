@@ -65,6 +65,8 @@ class Family:
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
+    ``distilled_flag``: a pipeline config entry that, when true, marks a guidance-distilled checkpoint of the class
+    (Flux 2 Klein's ``is_distilled``: the pipeline then never runs the unconditional branch): refused up front.
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
     one is served as it.
     """
@@ -95,6 +97,7 @@ class Family:
     residuals: tuple[str, ...] = ()
     variance: bool = False
     also_on: tuple[str, ...] = ()
+    distilled_flag: str | None = None
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -297,7 +300,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(("PIAPipeline",), "uc", "diffusion", conditioning="channels", repeated=("encoder_hidden_states",),
            **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
-    Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens"),
+    Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
+           distilled_flag="is_distilled"),
     # Qwen-Image Layered: Qwen-Image Edit's two calls, the input image's tokens appended to the layers' tokens
     Family(("QwenImageLayeredPipeline",), "two_calls", "flow", conditioning="tokens",
            neutral={"cfg_normalize": (False, "use guidance.NormRescale")}, **_TRUE_CFG),
@@ -449,6 +453,9 @@ def family_of(pipe: Any) -> Family:
     owner = next((cls for cls in type(pipe).__mro__ if "__call__" in vars(cls)), type(pipe))
     for family in FAMILIES:
         if owner.__name__ in family.pipelines:
+            if family.distilled_flag and (getattr(pipe, "config", None) or {}).get(family.distilled_flag):
+                raise TypeError(f"{name} is guidance-distilled ({family.distilled_flag} set in its config): it "
+                                "never evaluates an unconditional branch")
             _check_networks(pipe, family, name)
             return family
     raise TypeError(f"{name} {_refusal(pipe, name)}. apply() serves {len(supported_pipelines())} classes: "
