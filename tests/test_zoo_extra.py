@@ -61,3 +61,40 @@ def test_a_distilled_klein_checkpoint_is_refused_up_front():
     with pytest.raises(TypeError, match="guidance-distilled \\(is_distilled"):
         family_of(pipe)
     assert family_of(builds.flux2_klein()).distilled_flag == "is_distilled"  # the undistilled one is served
+
+
+def _sigma_of(scheduler, timestep) -> torch.Tensor:
+    """The noise level of ``timestep`` read from the scheduler's own arrays (no begin index involved)."""
+    t = torch.as_tensor(timestep).flatten()[0]
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return scheduler.sigmas[int((scheduler.timesteps == t).nonzero()[0])].double()
+    return (1 - scheduler.alphas_cumprod[int(t)].double()).sqrt()
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionInpaintPipelineLegacy", "PIAPipeline", "Flux2KleinInpaintPipeline"])
+def test_runs_that_start_part_way_hand_guides_the_level_the_scheduler_steps_from(name):
+    """strength 0.6 of 4 steps: the run starts part-way down the schedule; every step's guide sees the level
+    of the timestep the scheduler is handed (Legacy cuts its timesteps without set_begin_index: start "timestep")."""
+    from diffguide import guidance
+
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    seen, stepped = [], []
+
+    class Probe(guidance.CFG):
+        def combine(self, step):
+            seen.append(step.sigma.double().flatten()[0])
+            return super().combine(step)
+
+    orig_step = pipe.scheduler.step
+
+    def step(model_output, timestep, *args, **kwargs):
+        stepped.append(_sigma_of(pipe.scheduler, timestep))
+        return orig_step(model_output, timestep, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    with guidance.apply(pipe, Probe(3.0)):
+        pipe(**call(3.0), generator=torch.Generator().manual_seed(0))
+    assert 0 < len(seen) == len(stepped) < 4  # the schedule was cut
+    torch.testing.assert_close(torch.stack(seen), torch.stack(stepped), rtol=1e-6, atol=0)
+    assert stepped[0] < _sigma_of(pipe.scheduler, pipe.scheduler.timesteps[0])  # part-way, not the first level
