@@ -296,9 +296,10 @@ FAMILIES: tuple[Family, ...] = (
     Family(("AnimateDiffSparseControlNetPipeline",), "uc", "diffusion",
            repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
            neutral={"guess_mode": (False, "its residuals then cover the conditional rows only")}, **_UNET),
-    # PIA: AnimateDiff's block on the latent with the frame mask and masked image latents concatenated
+    # PIA: AnimateDiff's block on the latent with the frame mask and masked image latents concatenated; it calls
+    # set_begin_index only on schedulers that have it (DDIM, PNDM, DDPM do not): the start is its first timestep's
     Family(("PIAPipeline",), "uc", "diffusion", conditioning="channels", repeated=("encoder_hidden_states",),
-           **_UNET),
+           start="timestep", **_UNET),
     # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
     Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
            distilled_flag="is_distilled"),

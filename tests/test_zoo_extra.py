@@ -73,23 +73,26 @@ def _sigma_of(scheduler, timestep) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["StableDiffusionInpaintPipelineLegacy", "PIAPipeline", "Flux2KleinInpaintPipeline"])
 def test_runs_that_start_part_way_hand_guides_the_level_the_scheduler_steps_from(name):
-    """strength 0.6 of 4 steps: the run starts part-way down the schedule; every step's guide sees the level
-    of the timestep the scheduler is handed (Legacy cuts its timesteps without set_begin_index: start "timestep")."""
+    """strength 0.6 of 4 steps: the run starts part-way down the schedule; every step's guide sees the level and
+    the step index of the timestep the scheduler is handed (Legacy cuts its timesteps without set_begin_index:
+    start "timestep")."""
     from diffguide import guidance
 
     make, call = builds.BUILDS[name]
     pipe = make()
-    seen, stepped = [], []
+    seen, stepped, indices, positions = [], [], [], []
 
     class Probe(guidance.CFG):
         def combine(self, step):
             seen.append(step.sigma.double().flatten()[0])
+            indices.append(step.index)
             return super().combine(step)
 
     orig_step = pipe.scheduler.step
 
     def step(model_output, timestep, *args, **kwargs):
         stepped.append(_sigma_of(pipe.scheduler, timestep))
+        positions.append(int((pipe.scheduler.timesteps == torch.as_tensor(timestep).flatten()[0]).nonzero()[0]))
         return orig_step(model_output, timestep, *args, **kwargs)
 
     pipe.scheduler.step = step
@@ -97,4 +100,5 @@ def test_runs_that_start_part_way_hand_guides_the_level_the_scheduler_steps_from
         pipe(**call(3.0), generator=torch.Generator().manual_seed(0))
     assert 0 < len(seen) == len(stepped) < 4  # the schedule was cut
     torch.testing.assert_close(torch.stack(seen), torch.stack(stepped), rtol=1e-6, atol=0)
+    assert indices == positions and positions[0] > 0
     assert stepped[0] < _sigma_of(pipe.scheduler, pipe.scheduler.timesteps[0])  # part-way, not the first level
