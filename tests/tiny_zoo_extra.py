@@ -194,7 +194,7 @@ def qwen_layered():
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4),
                                               use_additional_t_cond=True, use_layer3d_rope=True).eval()
     # the pipeline works at 640 px or more: a VAE that downsamples 16 times keeps the sequence short
-    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+    vae = AutoencoderKLQwenImage(base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
                                  temperal_downsample=[False, False, True, True], latents_mean=[0.0] * 4,
                                  latents_std=[1.0] * 4).eval()
     # the pipeline reads the text encoder's dtype even when given prompt embeddings
