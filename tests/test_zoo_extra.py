@@ -102,3 +102,19 @@ def test_runs_that_start_part_way_hand_guides_the_level_the_scheduler_steps_from
     torch.testing.assert_close(torch.stack(seen), torch.stack(stepped), rtol=1e-6, atol=0)
     assert indices == positions and positions[0] > 0
     assert stepped[0] < _sigma_of(pipe.scheduler, pipe.scheduler.timesteps[0])  # part-way, not the first level
+
+
+@pytest.mark.parametrize("name, change", [
+    ("StableDiffusionPipelineSafe", dict(sld_guidance_scale=1000)),  # its default: the safety-concept branch on
+    ("StableDiffusionInpaintPipelineLegacy", dict(add_predicted_noise=True)),
+    ("AnimateDiffSparseControlNetPipeline", dict(guess_mode=True)),
+    ("QwenImageLayeredPipeline", dict(cfg_normalize=True)),
+])
+def test_what_is_not_cfg_is_refused_before_the_run(name, change):
+    from diffguide import guidance
+
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    arg = next(iter(change))
+    with guidance.apply(pipe, guidance.CFG(3.0)), pytest.raises(ValueError, match=f"{arg} must be"):
+        pipe(**dict(call(3.0), **change))
