@@ -64,7 +64,7 @@ class Session:
         self.call_rows: list[int] = []      # the latent rows of the network calls since the last scheduler step
         self.latent_batch: int | None = None  # the batch the scheduler steps (from the first scheduler.step)
         self.frames = 1                     # frames folded into the stepped batch (Family.frames_in_batch)
-        self.first_index: int | None = None   # Family.start == "timestep": the first step's place in the schedule
+        self.first_index: int | None = None   # the first step's place in the schedule, read at the first step
 
     # -- installation -----------------------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, value: Any) -> None:
@@ -172,14 +172,14 @@ class Session:
 
     # -- the scheduler: noise levels ----------------------------------------------------------------------------
     def level(self, timestep: Any, device, dtype) -> Level:
-        """The noise level of the current step (the scheduler's, from where the run began)."""
-        if self.family.start == "timestep":
-            if self.first_index is None:
-                self.first_index = self._index_of(timestep)
-            begin = self.first_index
-        else:
-            begin = self.reader.begin_index()
-        index = min(begin + self.index, self.reader.num_steps)
+        """The noise level of the current step (the scheduler's, from where the run began): the run's first step is
+        the scheduler's ``begin_index`` (pipelines that start part-way set it), or, where the pipeline cuts the
+        timesteps without telling the scheduler (``Family.start == "timestep"``, or a scheduler with no
+        ``set_begin_index``: DDIM, DDPM, PNDM), the first timestep's place in the schedule."""
+        if self.first_index is None:
+            by_timestep = self.family.start == "timestep" or not hasattr(self.scheduler, "set_begin_index")
+            self.first_index = self._index_of(timestep) if by_timestep else self.reader.begin_index()
+        index = min(self.first_index + self.index, self.reader.num_steps)
         return self.reader.level(timestep, index, device, dtype)
 
     def _index_of(self, timestep: Any) -> int:
