@@ -65,6 +65,11 @@ class Family:
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
+    ``frames_in_batch``: the pipeline steps its 5-D latent ``[B, C, F, H, W]`` with the frames folded into the batch
+    (``x.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)``: text-to-video SD, I2VGen-XL), so the scheduler's batch is
+    ``B * F`` and a prediction is folded the same way before it is stepped.
+    ``distilled_flag``: a pipeline config entry that, when true, marks a guidance-distilled checkpoint of the class
+    (Flux 2 Klein's ``is_distilled``: the pipeline then never runs the unconditional branch): refused up front.
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
     one is served as it.
     """
@@ -95,6 +100,8 @@ class Family:
     residuals: tuple[str, ...] = ()
     variance: bool = False
     also_on: tuple[str, ...] = ()
+    frames_in_batch: bool = False
+    distilled_flag: str | None = None
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -128,10 +135,15 @@ _PAG = {"pag_scale": (0.0, "perturbed-attention guidance is a third branch apply
                            "diffusers.guiders.PerturbedAttentionGuidance through guidance.apply instead"),
         "guidance_rescale": (0.0, "use guidance.CFGRescale")}
 _UNET = dict(networks=("unet",), latent="sample")
-# the UNet arguments that carry ControlNet / T2I-adapter residuals (computed for the step's own latent)
+# the UNet arguments that carry ControlNet / T2I-adapter residuals: ControlNet's are computed for the step's own
+# latent; the adapter's come from the image alone, but the UNet pops them from their list as it runs, so an extra
+# pass would run without them
 _UNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                    "down_intrablock_additional_residuals")
 _BLOCK_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
+# Wan 2.2's second (low-noise) transformer takes its own scale; under apply the guide rules both stages
+_STAGE_2 = {"guidance_scale_2": (None, "the guide's scale rules both stages; for another guide at low noise use "
+                                       "guidance.GuidanceInterval")}
 _TRUE_CFG = dict(scale_arg="true_cfg_scale", negative=("negative_prompt", "negative_prompt_embeds"))
 
 FAMILIES: tuple[Family, ...] = (
@@ -139,22 +151,27 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
             "StableDiffusionXLImg2ImgPipeline", "StableDiffusionLDM3DPipeline",
             "StableDiffusionImageVariationPipeline", "StableDiffusionModelEditingPipeline",
-            "TextToVideoSDPipeline", "VideoToVideoSDPipeline", "AudioLDMPipeline", "MusicLDMPipeline",
+            "AudioLDMPipeline", "MusicLDMPipeline",
             "AudioLDM2Pipeline", "LDMTextToImagePipeline", "AltDiffusionPipeline", "BlipDiffusionPipeline",
-            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline", "I2VGenXLPipeline"),
+            "StableUnCLIPImg2ImgPipeline"),
            "uc", "diffusion", neutral=_RESCALE, **_UNET),
+    # 3-D UNets whose pipelines step the video with its frames folded into the batch
+    Family(("TextToVideoSDPipeline", "VideoToVideoSDPipeline", "I2VGenXLPipeline"), "uc", "diffusion",
+           frames_in_batch=True, **_UNET),
     # img2img that cut the schedule without telling the scheduler (no set_begin_index)
     Family(("AltDiffusionImg2ImgPipeline",), "uc", "diffusion", start="timestep", neutral=_RESCALE, **_UNET),
+    # (GLIGEN concatenates the masked image latents and the mask in its inpainting mode only: none otherwise)
     Family(("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionDepth2ImgPipeline",
-            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline"),
+            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline", "StableDiffusionGLIGENPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", **_UNET),
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionPipeline", "StableDiffusionXLControlNetUnionImg2ImgPipeline",
-            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline"),
-           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
-    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline",
+            # Union inpainting takes a 4-channel UNet only and blends the mask outside it (l. 1647)
             "StableDiffusionXLControlNetUnionInpaintPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
     # ControlNet-XS runs its control net inside the UNet call: extra passes recompute it, nothing to refuse
     Family(("StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"),
@@ -244,7 +261,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
            **_TRUE_CFG),
-    Family(("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+    Family(("FluxControlNetPipeline",),
            "two_calls", "flow", residuals=_BLOCK_SAMPLES, **_TRUE_CFG),
     Family(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", **_TRUE_CFG),
@@ -253,24 +270,30 @@ FAMILIES: tuple[Family, ...] = (
     Family(("QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", residuals=("controlnet_block_samples",), **_TRUE_CFG),
     Family(("HunyuanVideoPipeline",), "two_calls", "flow", **_TRUE_CFG),
-    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", flow_time=None,
-           **_TRUE_CFG),
-    # two calls, checked by their CFG block only (no tiny build yet): no passes at other levels
-    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline",
-            "LongCatImagePipeline", "SkyReelsV2Pipeline"), "two_calls", "flow", flow_time=None),
-    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
-           flow_time=None),
-    Family(("Krea2Pipeline",), "two_calls", "flow", flow_time=None, native="CFG(s + 1)", native_exact=False),
-    Family(("LongCatImageEditPipeline",), "two_calls", "flow", flow_time=None, conditioning="tokens"),
-    Family(("SkyReelsV2ImageToVideoPipeline", "ChronoEditPipeline"), "two_calls", "flow", flow_time=None,
+    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", **_TRUE_CFG),
+    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline"), "two_calls",
+           "flow"),
+    # UniPC with flow sigmas feeds integer timesteps (999 at s = 1): no function of s apply knows
+    Family(("SkyReelsV2Pipeline",), "two_calls", "flow", flow_time=None),
+    Family(("LongCatImagePipeline",), "two_calls", "flow",
+           neutral={"enable_cfg_renorm": (False, "its clamped norm rescale (cfg_renorm_min, 1e-8) is not a guide; "
+                                                 "guidance.NormRescale is the unclamped one")}),
+    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),
+    # Krea 2 computes c + s (c - u), CFG on at s > 0
+    Family(("Krea2Pipeline",), "two_calls", "flow", cfg_threshold=0.0, native="CFG(s + 1)", native_exact=False),
+    Family(("LongCatImageEditPipeline",), "two_calls", "flow", conditioning="tokens"),
+    Family(("SkyReelsV2ImageToVideoPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
+    Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
+           neutral={"enable_temporal_reasoning": (False, "it drops latent frames and scheduler history mid-run "
+                                                         "(pipeline_chronoedit.py:669-678)")}),
+    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2),
+    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
            conditioning="channels"),
-    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None),
-    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None,
-           conditioning="channels"),
-    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
+    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
+           zero_init_steps=2),
     Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),
     Family(("WanImageToVideoPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
-           conditioning="channels"),
+           neutral=_STAGE_2, conditioning="channels"),
     Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None, zero_init_steps=2),
     Family(("CogView4ControlPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"), "list_cu", "flow", latent="x",
@@ -286,6 +309,32 @@ FAMILIES: tuple[Family, ...] = (
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")},
            residuals=("controlnet_block_samples",)),
+    # deprecated Stable Diffusion variants: the parent's [uncond; cond] block
+    Family(("StableDiffusionPipelineSafe",), "uc", "diffusion",
+           neutral={"sld_guidance_scale": (0.0, "safe latent diffusion batches a third, safety-concept branch "
+                                                "apply() does not combine")}, **_UNET),
+    # cuts the schedule without set_begin_index; add_predicted_noise re-noises with the pipeline's uncond chunk
+    Family(("StableDiffusionInpaintPipelineLegacy",), "uc", "diffusion", start="timestep",
+           neutral={"add_predicted_noise": (False, "it re-noises the kept region with the unconditional "
+                                                   "prediction, which apply() replaces")}, **_UNET),
+    # AnimateDiff SparseCtrl: AnimateDiff ControlNet's block; guess mode computes residuals for the conditional rows
+    # only and adds them to the whole batch
+    Family(("AnimateDiffSparseControlNetPipeline",), "uc", "diffusion",
+           repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
+           neutral={"guess_mode": (False, "its residuals then cover the conditional rows only")}, **_UNET),
+    # PIA: AnimateDiff's block on the latent with the frame mask and masked image latents concatenated; it calls
+    # set_begin_index only on schedulers that have it (DDIM, PNDM, DDPM do not): the start is its first timestep's
+    Family(("PIAPipeline",), "uc", "diffusion", conditioning="channels", repeated=("encoder_hidden_states",),
+           start="timestep", **_UNET),
+    # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
+    Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
+           distilled_flag="is_distilled"),
+    # Qwen-Image Layered: Qwen-Image Edit's two calls, the input image's tokens appended to the layers' tokens
+    Family(("QwenImageLayeredPipeline",), "two_calls", "flow", conditioning="tokens",
+           neutral={"cfg_normalize": (False, "use guidance.NormRescale")}, **_TRUE_CFG),
+    # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images
+    # shown only at levels <= 0.9), so no passes at another level
+    Family(("BriaFibo2Pipeline",), "two_calls", "flow", float32=True, flow_time=None),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
@@ -301,6 +350,7 @@ REFUSED: dict[str, str] = {
     **_reasons("is guidance-distilled: it never evaluates an unconditional branch", "Flux2Pipeline",
                "FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
                "SanaSprintPipeline", "SanaSprintImg2ImgPipeline", "LatentConsistencyModelPipeline",
+               "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
                "LatentConsistencyModelImg2ImgPipeline", "ConsistencyModelPipeline"),
     **_reasons("runs network calls per step that are not CFG branches (self-attention guidance, attention "
                "optimisation, GLIGEN grounding, prior steps, spatio-temporal guidance), which apply() cannot "
@@ -346,6 +396,50 @@ REFUSED: dict[str, str] = {
                "VersatileDiffusionTextToImagePipeline"),
     **_reasons("predicts discrete tokens (masked generative transformer), not a diffusion output",
                "AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline", "VQDiffusionPipeline"),
+    **_reasons("combines its branches with its own momentum APG (normalized_guidance, norm threshold 2.5) inside a "
+               "CFG interval and may blend a third cover pass, not CFG (pipeline_ace_step.py:1180-1231)",
+               "AceStepPipeline"),
+    **_reasons("generates frame chunks autoregressively with a key-value cache, skipping steps whose level equals "
+               "the next one (pipeline_anyflow_far.py:734-765)", "AnyFlowFARPipeline"),
+    **_reasons("appends the edited image's tokens to a batched [uncond; cond] call and cuts them only at "
+               "scheduler.step (pipeline_bria_fibo_edit.py:907, 936), which no batched layout describes",
+               "BriaFiboEditPipeline"),
+    **_reasons("predicts vision, sound and action velocities per call and masks their conditioning positions before "
+               "combining (pipeline_cosmos3_omni.py:1756-1795)", "Cosmos3OmniPipeline"),
+    **_reasons("is guidance-distilled: guidance_scale and image_guidance_scale are accepted and ignored "
+               "(pipeline_dreamlite_mobile.py:442), one network call per step", "DreamLiteMobilePipeline"),
+    **_reasons("is guidance-distilled: guidance_scale feeds the transformer's guidance embedding, one network call "
+               "per step (pipeline_visualcloze_generation.py:856-866)", "VisualClozeGenerationPipeline"),
+    **_reasons("denoises the video chunk by chunk (or stage by stage of a pyramid), a full denoising loop per chunk "
+               "conditioned on history latents (pipeline_helios.py:800-890, pipeline_helios_pyramid.py:860-929)",
+               "HeliosPipeline", "HeliosPyramidPipeline"),
+    **_reasons("runs its unconditional branch through a second network (unconditional_transformer) on another "
+               "sequence, with a per-step guidance schedule (pipeline_ideogram4.py:683-712)", "Ideogram4Pipeline"),
+    **_reasons("overwrites the reference items of its latent before every step and rescales the combination to the "
+               "conditional norm: the scheduler steps a latent part of which is conditioning, which no layout "
+               "describes (pipeline_joyimage_edit.py:815, 835-839; pipeline_joyimage_edit_plus.py:677, 704-707)",
+               "JoyImageEditPipeline", "JoyImageEditPlusPipeline"),
+    **_reasons("predicts video and audio in every call and steps both with two schedulers, overwriting the "
+               "conditioning frame of its latent (pipeline_kandinsky6_ti2va.py:885, 914-921)",
+               "Kandinsky6TI2VAPipeline"),
+    **_reasons("predicts video and audio in one call and combines its guidance in x0 (convert_velocity_to_x0), with "
+               "spatio-temporal and modality-isolation passes (pipeline_ltx2_hdr_lora.py:1407-1482, "
+               "pipeline_ltx2_ic_lora.py:2261-2341)", "LTX2HDRPipeline", "LTX2InContextPipeline"),
+    **_reasons("its network predicts x0, turned into a velocity with a clamped level after combining "
+               "(pipeline_prx_pixel.py:631-633), so guides would be handed x0 as a velocity", "PRXPixelPipeline"),
+    **_reasons("prepends input-image tokens and keeps them in a per-branch key-value cache filled on the first step "
+               "(pipeline_qwenimage21.py:776-812), which extra passes would corrupt", "QwenImage21Pipeline"),
+    **_reasons("conditions frames through a per-frame timestep and keeps the clean frames of its latent "
+               "(pipeline_sana_wm.py:602-630), which no layout describes", "SanaWMPipeline"),
+    **_reasons("denoises the video segment by segment, a full loop per segment conditioned on the previous one "
+               "(pipeline_wan_animate.py:1038-1146)", "WanAnimatePipeline"),
+    **_reasons("steps on reversed flow sigmas (its default scheduler sets invert_sigmas, "
+               "pipeline_longcat_audio_dit.py:113), which apply() does not read", "LongCatAudioDiTPipeline"),
+    **_reasons("steps on reversed flow sigmas (its scheduler sets invert_sigmas; time runs from noise 0 to data 1) "
+               "and batches [cond; uncond] (plus an image branch with input images) stepping one copy "
+               "(pipeline_omnigen.py:440-465), which apply() does not read", "OmniGenPipeline"),
+    **_reasons("passes each sample as a list of clean condition images plus its target with a noise mask "
+               "(pipeline_z_image_omni.py:669-685), which the list layout does not describe", "ZImageOmniPipeline"),
 }
 
 
@@ -387,6 +481,9 @@ def family_of(pipe: Any) -> Family:
     owner = next((cls for cls in type(pipe).__mro__ if "__call__" in vars(cls)), type(pipe))
     for family in FAMILIES:
         if owner.__name__ in family.pipelines:
+            if family.distilled_flag and (getattr(pipe, "config", None) or {}).get(family.distilled_flag):
+                raise TypeError(f"{name} is guidance-distilled ({family.distilled_flag} set in its config): it "
+                                "never evaluates an unconditional branch")
             _check_networks(pipe, family, name)
             return family
     raise TypeError(f"{name} {_refusal(pipe, name)}. apply() serves {len(supported_pipelines())} classes: "
@@ -410,5 +507,5 @@ def native_guide(family: Family, scale: float):
     from .image_cfg import ImageCFG
     from .norm_rescale import NormRescale
 
-    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
-            "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()
+    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale),
+            "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)), "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()

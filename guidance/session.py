@@ -63,7 +63,8 @@ class Session:
         self.step_state: dict = {}
         self.call_rows: list[int] = []      # the latent rows of the network calls since the last scheduler step
         self.latent_batch: int | None = None  # the batch the scheduler steps (from the first scheduler.step)
-        self.first_index: int | None = None   # Family.start == "timestep": the first step's place in the schedule
+        self.frames = 1                     # frames folded into the stepped batch (Family.frames_in_batch)
+        self.first_index: int | None = None   # the first step's place in the schedule, read at the first step
 
     # -- installation -----------------------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, value: Any) -> None:
@@ -108,6 +109,8 @@ class Session:
         rows = len(latent) if isinstance(latent, (list, tuple)) else getattr(latent, "shape", (None,))[0]
         self.check_rows(rows, self.latent_batch)
         self.call_rows.append(rows)
+        if self.family.frames_in_batch:  # the scheduler steps B * frames rows (Family.frames_in_batch)
+            self.frames = int(latent.shape[2])
         return self.layout.forward(self, net, arguments)
 
     def check_rows(self, rows: int | None, latent_batch: int | None) -> None:
@@ -135,7 +138,7 @@ class Session:
         """``scheduler.step``: the guard on the step's network calls, then the layout's step."""
         sample = self._step_signature.bind_partial(*args, **kwargs).arguments.get("sample")
         if isinstance(sample, Tensor) and sample.ndim >= 2:
-            self.latent_batch = sample.shape[0]
+            self.latent_batch = sample.shape[0] // (self.frames if self.family.frames_in_batch else 1)
             for rows in self.call_rows:
                 self.check_rows(rows, self.latent_batch)
         self.call_rows = []
@@ -180,14 +183,14 @@ class Session:
 
     # -- the scheduler: noise levels ----------------------------------------------------------------------------
     def level(self, timestep: Any, device, dtype) -> Level:
-        """The noise level of the current step (the scheduler's, from where the run began)."""
-        if self.family.start == "timestep":
-            if self.first_index is None:
-                self.first_index = self._index_of(timestep)
-            begin = self.first_index
-        else:
-            begin = self.reader.begin_index()
-        index = min(begin + self.index, self.reader.num_steps)
+        """The noise level of the current step (the scheduler's, from where the run began): the run's first step is
+        the scheduler's ``begin_index`` (pipelines that start part-way set it), or, where the pipeline cuts the
+        timesteps without telling the scheduler (``Family.start == "timestep"``, or a scheduler with no
+        ``set_begin_index``: DDIM, DDPM, PNDM), the first timestep's place in the schedule."""
+        if self.first_index is None:
+            by_timestep = self.family.start == "timestep" or not hasattr(self.scheduler, "set_begin_index")
+            self.first_index = self._index_of(timestep) if by_timestep else self.reader.begin_index()
+        index = min(self.first_index + self.index, self.reader.num_steps)
         return self.reader.level(timestep, index, device, dtype)
 
     def _index_of(self, timestep: Any) -> int:

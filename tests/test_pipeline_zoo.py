@@ -80,7 +80,7 @@ def recording(base):
 
     class Probe(type(base)):
         def combine(self, step):
-            self.seen.append(dict(x=step.x.clone(), alpha=step.alpha, sigma=step.sigma,
+            self.seen.append(dict(x=step.x.clone(), alpha=step.alpha, sigma=step.sigma, index=step.index,
                                   cond=step.pred_cond.clone(), uncond=step.pred_uncond.clone()))
             return super().combine(step)
 
@@ -201,6 +201,30 @@ def test_start_level_is_where_the_scheduler_steps_from(name):
     first = int((sched.sigmas.double() == rec.steps[0]["sigma"]).nonzero()[0])
     assert first > 0 and probe.seen[0]["sigma"] == sched.sigmas[first].to(probe.seen[0]["sigma"].dtype)
     assert probe.seen[0]["sigma"] != sched.sigmas[0]
+
+
+@pytest.mark.parametrize("name", ["sd-img2img", "sd-inpaint", "flux-img2img", "wan-v2v"])
+def test_step_index_is_the_place_in_the_schedule_the_scheduler_steps(name):
+    """strength < 1: guides are told the step's place in the whole schedule (what step-dependent guides such as
+    CFG-Zero*'s zeroed first steps read), whether the scheduler knows its begin index (Flux), has none to set (DDIM)
+    or is not told (Wan video-to-video)."""
+    pipe = build(name)
+    probe = recording(guidance.CFG(SCALE))
+    timesteps = []
+    inner = pipe.scheduler.step
+
+    def step(model_output, timestep, *args, **kw):
+        timesteps.append(float(torch.as_tensor(timestep).flatten()[0]))
+        return inner(model_output, timestep, *args, **kw)
+
+    pipe.scheduler.step = step
+    try:
+        run(pipe, name, probe)
+    finally:
+        del pipe.scheduler.step
+    schedule = pipe.scheduler.timesteps.double().tolist()
+    places = [schedule.index(t) for t in timesteps]
+    assert places[0] > 0 and [seen["index"] for seen in probe.seen] == places
 
 
 def test_controlnet_residuals_follow_row_selection_and_extra_passes_are_refused():
