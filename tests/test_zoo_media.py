@@ -108,3 +108,39 @@ def test_free_init_passes_count_their_steps_from_their_own_start():
     run(pipe, call(3.0), probe)
     assert len(probe.sigmas) == len(stepped) == 4 and stepped[:2] == stepped[2:]  # two passes of 2 steps
     assert probe.sigmas == pytest.approx(stepped, rel=1e-6)
+
+
+class _LatentProbe(guidance.CFG):
+    """CFG that records the latent, level and predictions it is handed at every step."""
+
+    def combine(self, step):
+        self.seen.append((step.x.clone(), float(step.alpha), float(step.sigma), step.pred_cond.shape))
+        return super().combine(step)
+
+
+@pytest.mark.parametrize("name", ["KandinskyInpaintPipeline", "KandinskyV22InpaintPipeline",
+                                  "IFSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"])
+def test_guides_see_the_stepped_latent_beside_conditioning_and_variance_channels(name):
+    """Mask / masked-image (Kandinsky) or upscaled-image (IF) channels go into the network, learned-variance channels
+    come out of it: a guide is handed the latent the scheduler steps (its channels only, its values) and its level
+    (from ``alphas_cumprod`` at the step's timestep), with predictions of the latent's shape."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    sched, stepped = pipe.scheduler, []
+    step = sched.step
+
+    def recording_step(out, t, sample, *args, **kwargs):
+        abar = sched.alphas_cumprod[int(t)].double()
+        stepped.append((sample.clone(), float(abar.sqrt()), float((1 - abar).sqrt())))
+        return step(out, t, sample, *args, **kwargs)
+
+    sched.step = recording_step
+    probe = _LatentProbe(3.0)
+    probe.seen = []
+    run(pipe, call(3.0), probe)
+    unet_in, unet_out = pipe.unet.config.in_channels, pipe.unet.config.out_channels
+    assert len(probe.seen) == len(stepped) >= 2
+    for (x, alpha, sigma, pred_shape), (sample, alpha_ref, sigma_ref) in zip(probe.seen, stepped):
+        assert sample.shape[1] < unet_in and 2 * sample.shape[1] == unet_out
+        assert x.shape == sample.shape == pred_shape and torch.equal(x, sample)
+        assert (alpha, sigma) == pytest.approx((alpha_ref, sigma_ref), rel=1e-6)
