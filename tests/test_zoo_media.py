@@ -144,3 +144,18 @@ def test_guides_see_the_stepped_latent_beside_conditioning_and_variance_channels
         assert sample.shape[1] < unet_in and 2 * sample.shape[1] == unet_out
         assert x.shape == sample.shape == pred_shape and torch.equal(x, sample)
         assert (alpha, sigma) == pytest.approx((alpha_ref, sigma_ref), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["AnimateDiffControlNetPipeline", "AnimateDiffVideoToVideoPipeline"])
+def test_free_noise_context_windows_reproduce_native_cfg(name):
+    """AnimateDiff's FreeNoise runs the motion modules over sliding frame windows inside the UNet call and encodes
+    the prompts per frame (it takes prompts, not embeddings): still one ``[u; c]`` call per step, reproduced."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    pipe.enable_free_noise(context_length=2, context_stride=1)
+
+    def prompted(s):
+        kwargs = {k: v for k, v in call(s).items() if k not in ("prompt_embeds", "negative_prompt_embeds")}
+        return dict(kwargs, prompt="a cat", negative_prompt="a dog")
+
+    assert_native_reproduced(pipe, prompted)
