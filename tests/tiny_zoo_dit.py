@@ -1,0 +1,146 @@
+"""Tiny random-weight builds of the batched-CFG transformer pipelines (SD3 / Sana / PixArt / HunyuanDiT
+derivatives, video and audio transformers), offline, recipes after diffusers' own fast tests, sizes shrunk.
+
+Text encoders are left out: every call passes its prompt embeddings (and pooled embeddings / masks) directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+import tiny_pipes
+from tiny_pipes import _randn, embeds
+
+IMAGE = 16  # pixels
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _parts(pipe, cls) -> dict:
+    """The components of ``pipe`` that ``cls.__init__`` takes."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in pipe.components.items() if k in params}
+
+
+def _image(seed: int = 7, size: int = IMAGE) -> torch.Tensor:
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _t2i(name: str, s: float, **extra) -> dict:
+    """Prompt embeddings of ``tiny_pipes.embeds(name)`` for batch 1, 2 steps, latents out, CFG at ``s``."""
+    return dict(embeds(name, 1), guidance_scale=s, num_inference_steps=2, output_type="latent", **extra)
+
+
+# -- SD3 derivatives ---------------------------------------------------------------------------------------------
+
+def _sd3_controlnet(extra_conditioning_channels: int = 0):
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(1)
+    return SD3ControlNetModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4,
+                              extra_conditioning_channels=extra_conditioning_channels).eval()
+
+
+def sd3_controlnet():
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    return _quiet(StableDiffusion3ControlNetPipeline(**tiny_pipes.tiny_sd3().components, controlnet=_sd3_controlnet()))
+
+
+def sd3_controlnet_inpaint():
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline
+
+    return _quiet(StableDiffusion3ControlNetInpaintingPipeline(**tiny_pipes.tiny_sd3().components,
+                                                               controlnet=_sd3_controlnet(1)))
+
+
+def sd3_pag(img2img: bool = False):
+    from diffusers import StableDiffusion3PAGImg2ImgPipeline, StableDiffusion3PAGPipeline
+
+    cls = StableDiffusion3PAGImg2ImgPipeline if img2img else StableDiffusion3PAGPipeline
+    return _quiet(cls(**_parts(tiny_pipes.tiny_sd3(), cls), pag_applied_layers=["blocks.0"]))
+
+
+def _control_mask() -> torch.Tensor:
+    m = torch.zeros(1, 1, IMAGE, IMAGE)
+    m[..., IMAGE // 4: 3 * IMAGE // 4, IMAGE // 4: 3 * IMAGE // 4] = 1.0
+    return m
+
+
+# -- Sana / PixArt / HunyuanDiT derivatives ----------------------------------------------------------------------
+
+def sana_pag():
+    from diffusers import SanaPAGPipeline
+
+    return _quiet(SanaPAGPipeline(**tiny_pipes.tiny_sana().components, pag_applied_layers="transformer_blocks.0"))
+
+
+def sana_controlnet():
+    from diffusers import SanaControlNetModel, SanaControlNetPipeline
+
+    torch.manual_seed(1)
+    controlnet = SanaControlNetModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                     attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                     cross_attention_dim=8, caption_channels=8, sample_size=32).eval()
+    return _quiet(SanaControlNetPipeline(**tiny_pipes.tiny_sana().components, controlnet=controlnet))
+
+
+def pixart_alpha():
+    from diffusers import PixArtAlphaPipeline
+
+    return _quiet(PixArtAlphaPipeline(**tiny_pipes.tiny_pixart().components))
+
+
+def pixart_sigma_pag():
+    from diffusers import PixArtSigmaPAGPipeline
+
+    return _quiet(PixArtSigmaPAGPipeline(**tiny_pipes.tiny_pixart().components, pag_applied_layers="blocks.0"))
+
+
+def hunyuan_pag():
+    from diffusers import HunyuanDiTPAGPipeline
+
+    parts = {k: v for k, v in tiny_pipes.tiny_hunyuan().components.items() if k != "requires_safety_checker"}
+    return _quiet(HunyuanDiTPAGPipeline(**parts, pag_applied_layers="blocks.0", requires_safety_checker=False))
+
+
+def hunyuan_controlnet():
+    from diffusers import HunyuanDiT2DControlNetModel, HunyuanDiTControlNetPipeline
+
+    torch.manual_seed(1)
+    controlnet = HunyuanDiT2DControlNetModel(sample_size=16, transformer_num_layers=1, patch_size=2,
+                                             attention_head_dim=8, num_attention_heads=2, in_channels=4,
+                                             cross_attention_dim=16, cross_attention_dim_t5=16,
+                                             pooled_projection_dim=8, hidden_size=16, text_len=5, text_len_t5=5,
+                                             activation_fn="gelu-approximate").eval()
+    return _quiet(HunyuanDiTControlNetPipeline(**tiny_pipes.tiny_hunyuan().components, controlnet=controlnet,
+                                               requires_safety_checker=False))
+
+
+BUILDS = {
+    "StableDiffusion3ControlNetPipeline": (
+        sd3_controlnet, lambda s: _t2i("sd3", s, control_image=_image(), controlnet_conditioning_scale=0.5)),
+    "StableDiffusion3ControlNetInpaintingPipeline": (
+        sd3_controlnet_inpaint,
+        lambda s: _t2i("sd3", s, control_image=_image(), control_mask=_control_mask(),
+                       controlnet_conditioning_scale=0.95)),
+    "StableDiffusion3PAGPipeline": (sd3_pag, lambda s: _t2i("sd3", s, pag_scale=0.0)),
+    "StableDiffusion3PAGImg2ImgPipeline": (
+        lambda: sd3_pag(img2img=True),
+        lambda s: dict(_t2i("sd3", s, pag_scale=0.0, image=_image(), strength=0.6), num_inference_steps=4)),
+    "SanaPAGPipeline": (sana_pag, lambda s: _t2i("sana", s, pag_scale=0.0)),
+    "SanaControlNetPipeline": (
+        sana_controlnet, lambda s: _t2i("sana", s, control_image=_image(size=32), controlnet_conditioning_scale=1.0)),
+    "PixArtAlphaPipeline": (pixart_alpha, lambda s: _t2i("pixart", s)),
+    "PixArtSigmaPAGPipeline": (pixart_sigma_pag, lambda s: _t2i("pixart", s, pag_scale=0.0)),
+    "HunyuanDiTPAGPipeline": (hunyuan_pag, lambda s: _t2i("hunyuan", s, pag_scale=0.0)),
+    "HunyuanDiTControlNetPipeline": (
+        hunyuan_controlnet, lambda s: _t2i("hunyuan", s, control_image=_image(), controlnet_conditioning_scale=0.5)),
+}
