@@ -144,3 +144,88 @@ BUILDS = {
     "HunyuanDiTControlNetPipeline": (
         hunyuan_controlnet, lambda s: _t2i("hunyuan", s, control_image=_image(), controlnet_conditioning_scale=0.5)),
 }
+
+
+# -- video transformers with one batched call --------------------------------------------------------------------
+
+def _text(dim: int, masks: bool = True, length: int = 5) -> dict:
+    """Prompt and negative prompt embeddings (``masks``: with all-ones attention masks), fixed seeds."""
+    kw = dict(prompt_embeds=_randn(1, length, dim, seed=1), negative_prompt_embeds=_randn(1, length, dim, seed=2))
+    if masks:
+        kw.update(prompt_attention_mask=torch.ones(1, length), negative_prompt_attention_mask=torch.ones(1, length))
+    return kw
+
+
+def _run(s: float, **kw) -> dict:
+    return dict(kw, guidance_scale=s, num_inference_steps=2, output_type="latent")
+
+
+def latte():
+    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = LatteTransformer3DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                          num_attention_heads=2, caption_channels=16, in_channels=4,
+                                          cross_attention_dim=16, out_channels=8, attention_bias=True,
+                                          activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                          norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                          norm_eps=1e-6, video_length=2).eval()
+    return _quiet(LattePipeline(tokenizer=None, text_encoder=None, vae=tiny_pipes._tiny_vae(), transformer=transformer,
+                                scheduler=DDIMScheduler()))
+
+
+def allegro():
+    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
+
+    torch.manual_seed(0)
+    transformer = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                                            num_layers=1, cross_attention_dim=24, sample_width=8, sample_height=8,
+                                            sample_frames=8, caption_channels=16).eval()
+    vae = AutoencoderKLAllegro(in_channels=3, out_channels=3, down_block_types=("AllegroDownBlock3D",) * 4,
+                               up_block_types=("AllegroUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                               latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                               temporal_compression_ratio=4).eval()
+    return _quiet(AllegroPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                  scheduler=DDIMScheduler()))
+
+
+def auraflow():
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                             num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                             caption_projection_dim=16, joint_attention_dim=16, out_channels=4,
+                                             pos_embed_max_size=64).eval()
+    return _quiet(AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=tiny_pipes._tiny_vae(),
+                                   transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()))
+
+
+def ltx():
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=1, caption_channels=16).eval()
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False, False, False, False, False),
+                                upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                decoder_causal=False).eval()
+    return _quiet(LTXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                              scheduler=FlowMatchEulerDiscreteScheduler()))
+
+
+BUILDS.update({
+    "LattePipeline": (latte, lambda s: _run(s, **_text(16, masks=False), negative_prompt=None, video_length=2, height=8, width=8,
+                                            clean_caption=False)),
+    "AllegroPipeline": (allegro, lambda s: _run(s, **_text(16), negative_prompt=None, num_frames=8, height=32, width=32)),
+    "AuraFlowPipeline": (auraflow, lambda s: _run(s, **_text(16), negative_prompt=None, height=16, width=16)),
+    "LTXPipeline": (ltx, lambda s: _run(s, **_text(16), num_frames=9, height=32, width=32)),
+})
