@@ -171,7 +171,7 @@ def latte():
                                           norm_type="ada_norm_single", norm_elementwise_affine=False,
                                           norm_eps=1e-6, video_length=2).eval()
     return _quiet(LattePipeline(tokenizer=None, text_encoder=None, vae=tiny_pipes._tiny_vae(), transformer=transformer,
-                                scheduler=DDIMScheduler()))
+                                scheduler=DDIMScheduler(clip_sample=False)))
 
 
 def allegro():
@@ -186,7 +186,7 @@ def allegro():
                                latent_channels=4, layers_per_block=1, norm_num_groups=2,
                                temporal_compression_ratio=4).eval()
     return _quiet(AllegroPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                  scheduler=DDIMScheduler()))
+                                  scheduler=DDIMScheduler(clip_sample=False)))
 
 
 def auraflow():
@@ -228,4 +228,62 @@ BUILDS.update({
     "AllegroPipeline": (allegro, lambda s: _run(s, **_text(16), negative_prompt=None, num_frames=8, height=32, width=32)),
     "AuraFlowPipeline": (auraflow, lambda s: _run(s, **_text(16), negative_prompt=None, height=16, width=16)),
     "LTXPipeline": (ltx, lambda s: _run(s, **_text(16), num_frames=9, height=32, width=32)),
+})
+
+
+# -- CogVideoX ([B, F, C, H, W] latents) and CogView3-Plus ----------------------------------------------------------
+
+def _cogvideox(cls_name: str, in_channels: int = 4):
+    import diffusers
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=16, num_layers=1,
+                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=5,
+                                              use_rotary_positional_embeddings=in_channels == 8).eval()
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    cls = getattr(diffusers, cls_name)
+    return _quiet(cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                      scheduler=CogVideoXDDIMScheduler()))
+
+
+def _frames(n: int = 8, size: int = IMAGE) -> list:
+    from PIL import Image
+
+    pixels = (_image(size=size).permute(0, 2, 3, 1)[0].numpy() * 255).astype("uint8")
+    return [Image.fromarray(pixels)] * n
+
+
+def cogview3plus():
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4,
+                                                 num_attention_heads=2, out_channels=4, text_embed_dim=16,
+                                                 time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
+                                                 sample_size=8).eval()
+    return _quiet(CogView3PlusPipeline(tokenizer=None, text_encoder=None, vae=tiny_pipes._tiny_vae(),
+                                       transformer=transformer, scheduler=CogVideoXDDIMScheduler()))
+
+
+_COG = dict(height=IMAGE, width=IMAGE, negative_prompt=None)
+BUILDS.update({
+    "CogVideoXPipeline": (lambda: _cogvideox("CogVideoXPipeline"),
+                          lambda s: _run(s, **_text(16, masks=False), num_frames=8, **_COG)),
+    "CogVideoXVideoToVideoPipeline": (
+        lambda: _cogvideox("CogVideoXVideoToVideoPipeline"),
+        lambda s: dict(_run(s, **_text(16, masks=False), video=_frames(), strength=0.6, **_COG),
+                       num_inference_steps=4)),
+    "CogVideoXImageToVideoPipeline": (
+        lambda: _cogvideox("CogVideoXImageToVideoPipeline", in_channels=8),
+        lambda s: _run(s, **_text(16, masks=False), image=_frames(1)[0], num_frames=8, **_COG)),
+    "CogVideoXFunControlPipeline": (
+        lambda: _cogvideox("CogVideoXFunControlPipeline", in_channels=8),
+        lambda s: _run(s, **_text(16, masks=False), control_video=_frames(), **_COG)),
+    "CogView3PlusPipeline": (cogview3plus, lambda s: _run(s, **_text(16, masks=False), **_COG)),
 })
