@@ -287,3 +287,60 @@ BUILDS.update({
         lambda s: _run(s, **_text(16, masks=False), control_video=_frames(), **_COG)),
     "CogView3PlusPipeline": (cogview3plus, lambda s: _run(s, **_text(16, masks=False), **_COG)),
 })
+
+
+# -- EasyAnimate (control / inpaint latents passed to the transformer, which concatenates them) -------------------
+
+def easyanimate(cls_name: str, in_channels: int = 4):
+    """``in_channels``: 4 + the control latents' and reference image latents' 4 + 4 (Control) or the mask's and masked video's 4 + 4 (Inpaint, its mask
+    encoded by the VAE: the ``resize_inpaint_mask_directly`` path reads a VAE config key diffusers 0.42.1's
+    AutoencoderKLMagvit does not have)."""
+    import diffusers
+    from diffusers import AutoencoderKLMagvit, EasyAnimateTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+                                                out_channels=4, time_embed_dim=2, text_embed_dim=16, num_layers=1,
+                                                sample_width=16, sample_height=16, patch_size=2,
+                                                resize_inpaint_mask_directly=False).eval()
+    vae = AutoencoderKLMagvit(in_channels=3, out_channels=3,
+                              down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+                              up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
+                              block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                              norm_num_groups=2, spatial_group_norm=False).eval()
+    cls = getattr(diffusers, cls_name)
+    pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+               scheduler=FlowMatchEulerDiscreteScheduler())
+    if "text_encoder_index" not in inspect.signature(pipe.encode_prompt).parameters:
+        # diffusers 0.42.1's EasyAnimateControlPipeline.__call__ passes text_encoder_index=0 to an encode_prompt that
+        # does not take it (pipeline_easyanimate_control.py:818): drop it, leaving the denoising loop as it is
+        encode_prompt = pipe.encode_prompt
+        pipe.encode_prompt = lambda *a, text_encoder_index=0, **kw: encode_prompt(*a, **kw)
+    return _quiet(pipe)
+
+
+def _video(n: int = 5) -> torch.Tensor:
+    """A [1, C, F, H, W] video in [0, 1]."""
+    return torch.rand(1, 3, n, IMAGE, IMAGE, generator=torch.Generator().manual_seed(7))
+
+
+def _mask_video(n: int = 5) -> torch.Tensor:
+    return _control_mask()[:, :, None].expand(1, 1, n, IMAGE, IMAGE).clone()
+
+
+def _easyanimate_inpaint_call(s: float) -> dict:
+    # at its default strength 1: below it, the pipeline samples the video's latent distribution without the generator
+    # (prepare_latents: ``video_bs.sample()``), and no two runs start alike
+    return _run(s, **_text(16), video=_video(), mask_video=_mask_video(), strength=1.0, **_EA)
+
+
+_EA = dict(height=IMAGE, width=IMAGE, num_frames=5, negative_prompt=None)
+BUILDS.update({
+    "EasyAnimatePipeline": (lambda: easyanimate("EasyAnimatePipeline"), lambda s: _run(s, **_text(16), **_EA)),
+    "EasyAnimateControlPipeline": (
+        lambda: easyanimate("EasyAnimateControlPipeline", in_channels=12),
+        lambda s: _run(s, **_text(16), control_video=_video(), **_EA)),
+    "EasyAnimateInpaintPipeline": (
+        lambda: easyanimate("EasyAnimateInpaintPipeline", in_channels=12),
+        _easyanimate_inpaint_call),
+})
