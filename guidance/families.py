@@ -231,7 +231,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("EasyAnimatePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline"), "uc", "flow",
            neutral=_RESCALE, flow_time=None),
     Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", flow_time=None),
-    Family(("AnyFlowPipeline", "BriaFiboPipeline", "PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"),
+    Family(("BriaFiboPipeline", "PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"),
            "uc", "flow", flow_time=None),
     Family(("SanaVideoPipeline",), "uc", "flow", float32=True, flow_time=None),
     # -- two calls per step (cond, then uncond) ---------------------------------------------------------------
@@ -318,6 +318,9 @@ REFUSED: dict[str, str] = {
                "CosmosVideoToWorldPipeline", "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline",
                "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"),
     **_reasons("rescales the combined prediction by its standard deviation after CFG", "BriaPipeline"),
+    **_reasons("predicts a flow map (the mean velocity from t to r: its network takes r_timestep, and steps where "
+               "t == r are skipped, pipeline_anyflow.py:578-603) stepped by FlowMapEulerDiscreteScheduler, whose "
+               "levels apply() does not read", "AnyFlowPipeline"),
     **_reasons("runs an extra network call per step to fill a key-value cache", "GlmImagePipeline"),
     **_reasons("steps only part of its latent (conditioning frames or channels kept), which no layout describes",
                "Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline", "Kandinsky5T2IPipeline",

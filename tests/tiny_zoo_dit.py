@@ -344,3 +344,68 @@ BUILDS.update({
         lambda: easyanimate("EasyAnimateInpaintPipeline", in_channels=12),
         _easyanimate_inpaint_call),
 })
+
+
+# -- batched flow transformers ------------------------------------------------------------------------------------
+
+def hidream():
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                                 num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                 caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=4,
+                                                 num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                                                 max_resolution=(16, 16), llama_layers=(0, 1)).eval()
+    return _quiet(HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(),
+                                       text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                       text_encoder_3=None, tokenizer_3=None, text_encoder_4=None, tokenizer_4=None,
+                                       transformer=transformer))
+
+
+def _hidream_call(s: float) -> dict:
+    """T5 embeddings [B, L, D], Llama embeddings [layers, B, L, D] (batch on dim 1), pooled CLIP embeddings."""
+    return _run(s, prompt_embeds_t5=_randn(1, 5, 16, seed=1), negative_prompt_embeds_t5=_randn(1, 5, 16, seed=2),
+                prompt_embeds_llama3=_randn(2, 1, 5, 16, seed=3),
+                negative_prompt_embeds_llama3=_randn(2, 1, 5, 16, seed=4),
+                pooled_prompt_embeds=_randn(1, 16, seed=5), negative_pooled_prompt_embeds=_randn(1, 16, seed=6),
+                height=IMAGE, width=IMAGE)
+
+
+def prx():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PRXTransformer2DModel(patch_size=1, in_channels=4, context_in_dim=8, hidden_size=8, mlp_ratio=2.0,
+                                        num_heads=2, depth=1, axes_dim=[2, 2]).eval()
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0, scaling_factor=1.0).eval()
+    return _quiet(PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                              tokenizer=None, vae=vae))
+
+
+def sana_video():
+    from diffusers import DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = SanaVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2,
+                                              attention_head_dim=12, num_layers=1, num_cross_attention_heads=2,
+                                              cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=8,
+                                              mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8,
+                                              patch_size=(1, 2, 2), norm_elementwise_affine=False, norm_eps=1e-6,
+                                              qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    # Sana-Video's own scheduler: DPM-Solver++ on flow sigmas
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=8.0)
+    return _quiet(SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_pipes.tiny_wan().vae,
+                                    transformer=transformer, scheduler=scheduler))
+
+
+BUILDS.update({
+    "HiDreamImagePipeline": (hidream, _hidream_call),
+    "PRXPipeline": (prx, lambda s: _run(s, **_text(8), negative_prompt=None, height=IMAGE, width=IMAGE,
+                                        use_resolution_binning=False)),
+    "SanaVideoPipeline": (sana_video, lambda s: _run(s, **_text(8), negative_prompt=None, height=32, width=32,
+                                                     frames=5, use_resolution_binning=False,
+                                                     complex_human_instruction=[])),
+})
