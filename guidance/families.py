@@ -63,6 +63,8 @@ class Family:
     reference class, Rectified-CFG++'s sub-step) are refused where a call carries them.
     ``variance``: the network also predicts a variance per latent channel (learned sigma: twice the latent's
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
+    ``batch_dims``: network arguments whose rows lie along another dimension than the first, by name (HiDream's
+    Llama embeddings ``[layers, B, L, D]``: 1); their rows are selected along it.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
@@ -95,6 +97,7 @@ class Family:
     residuals: tuple[str, ...] = ()
     variance: bool = False
     also_on: tuple[str, ...] = ()
+    batch_dims: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -227,13 +230,17 @@ FAMILIES: tuple[Family, ...] = (
     Family(("CogVideoXImageToVideoPipeline", "CogVideoXFunControlPipeline"), "uc", "diffusion",
            unbatched=("image_rotary_emb",), conditioning="channels", conditioning_dim=2,
            neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
-    # batched flow transformers checked by their CFG block only (no tiny build yet): no passes at other levels
+    # batched flow transformers, network time 1000 s (EasyAnimate, HiDream; Sana-Video: the scheduler's integer
+    # timesteps) or s (PRX), measured on tiny builds
     Family(("EasyAnimatePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline"), "uc", "flow",
-           neutral=_RESCALE, flow_time=None),
-    Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", flow_time=None),
-    Family(("BriaFiboPipeline", "PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"),
-           "uc", "flow", flow_time=None),
-    Family(("SanaVideoPipeline",), "uc", "flow", float32=True, flow_time=None),
+           neutral=_RESCALE),
+    # HiDream steps on the negated output (pipeline_hidream_image.py:942); its Llama embeddings batch on dim 1 (l.885)
+    Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", output_sign=-1,
+           batch_dims={"encoder_hidden_states_llama3": 1}),
+    Family(("PRXPipeline",), "uc", "flow"),
+    Family(("SanaVideoPipeline",), "uc", "flow", float32=True),
+    # batched flow transformers checked by their CFG block only (no tiny build yet): no passes at other levels
+    Family(("BriaFiboPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"), "uc", "flow", flow_time=None),
     # -- two calls per step (cond, then uncond) ---------------------------------------------------------------
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",

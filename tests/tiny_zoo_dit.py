@@ -357,10 +357,12 @@ def hidream():
                                                  caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=4,
                                                  num_activated_experts=2, axes_dims_rope=(4, 2, 2),
                                                  max_resolution=(16, 16), llama_layers=(0, 1)).eval()
-    return _quiet(HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(),
-                                       text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                       text_encoder_3=None, tokenizer_3=None, text_encoder_4=None, tokenizer_4=None,
-                                       transformer=transformer))
+    pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_pipes._tiny_vae(),
+                                text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                text_encoder_3=None, tokenizer_3=None, text_encoder_4=None, tokenizer_4=None,
+                                transformer=transformer)
+    pipe.default_sample_size = IMAGE  # the pipeline rescales every request to this area (128 x 128 latents)
+    return _quiet(pipe)
 
 
 def _hidream_call(s: float) -> dict:
