@@ -230,17 +230,17 @@ FAMILIES: tuple[Family, ...] = (
     Family(("CogVideoXImageToVideoPipeline", "CogVideoXFunControlPipeline"), "uc", "diffusion",
            unbatched=("image_rotary_emb",), conditioning="channels", conditioning_dim=2,
            neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
-    # batched flow transformers, network time 1000 s (EasyAnimate, HiDream; Sana-Video: the scheduler's integer
-    # timesteps) or s (PRX), measured on tiny builds
+    # batched flow transformers, network time 1000 s (EasyAnimate, HiDream, Ernie-Image, Bria-FIBO; Sana-Video: the
+    # scheduler's integer timesteps) or s (PRX, Stable Audio 3), measured on tiny builds
     Family(("EasyAnimatePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline"), "uc", "flow",
            neutral=_RESCALE),
     # HiDream steps on the negated output (pipeline_hidream_image.py:942); its Llama embeddings batch on dim 1 (l.885)
     Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", output_sign=-1,
-           batch_dims={"encoder_hidden_states_llama3": 1}),
-    Family(("PRXPipeline",), "uc", "flow"),
+           condition="encoder_hidden_states_t5", batch_dims={"encoder_hidden_states_llama3": 1}),
+    Family(("PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"), "uc", "flow"),
     Family(("SanaVideoPipeline",), "uc", "flow", float32=True),
-    # batched flow transformers checked by their CFG block only (no tiny build yet): no passes at other levels
-    Family(("BriaFiboPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"), "uc", "flow", flow_time=None),
+    # Bria-FIBO's position ids are [tokens, 3] for every row (its network takes the first row of 3-D ones)
+    Family(("BriaFiboPipeline",), "uc", "flow", unbatched=("txt_ids", "img_ids")),
     # -- two calls per step (cond, then uncond) ---------------------------------------------------------------
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",

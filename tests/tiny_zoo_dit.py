@@ -411,3 +411,69 @@ BUILDS.update({
                                                      frames=5, use_resolution_binning=False,
                                                      complex_human_instruction=[])),
 })
+
+
+def ernie_image():
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=1,
+                                               ffn_hidden_size=32, in_channels=16, out_channels=16, text_in_dim=16,
+                                               rope_axes_dim=(4, 6, 6)).eval()
+    # no VAE: latents out, the pipeline's latent size is then height / 16
+    return _quiet(ErnieImagePipeline(transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
+                                     scheduler=FlowMatchEulerDiscreteScheduler(), pe=None, pe_tokenizer=None))
+
+
+def bria_fibo():
+    """Its ``__call__`` takes prompts only: a tiny SmolLM3 text encoder over the offline byte tokenizer."""
+    from diffusers import BriaFiboPipeline, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(0)
+    transformer = BriaFiboTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                             text_encoder_dim=16, pooled_projection_dim=None,
+                                             axes_dims_rope=[0, 4, 4]).eval()
+    text_encoder = SmolLM3ForCausalLM(SmolLM3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, num_key_value_heads=1,
+                                                    vocab_size=128, pad_token_id=1, bos_token_id=0,
+                                                    eos_token_id=1)).eval()
+    return _quiet(BriaFiboPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                   vae=tiny_pipes.tiny_wan().vae, text_encoder=text_encoder,
+                                   tokenizer=tiny_pipes.byte_tokenizer()))
+
+
+def stable_audio3():
+    from diffusers import AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel, StableAudio3Pipeline
+    from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+
+    torch.manual_seed(0)
+    transformer = StableAudio3DiTModel(io_channels=8, patch_size=1, embed_dim=32, depth=1, num_heads=2,
+                                       cond_token_dim=16, global_cond_dim=16, local_add_cond_dim=5,
+                                       timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+                                       use_differential_attention=False).eval()
+    vae = AutoencoderSAME(audio_channels=2, patch_size=2, encoder_channels=8, encoder_c_mults=(2,),
+                          encoder_strides=(2,), encoder_transformer_depths=(1,), latent_dim=8,
+                          use_differential_attention=False, dim_heads=4, ff_mult=2, sampling_rate=16).eval()
+    duration_embedder = StableAudio3DurationEmbedder(output_dim=16, fourier_dim=16).eval()
+    # the distilled model's ping-pong sampler: x0 from the velocity, then fresh noise (num_train_timesteps=1: t = s)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=True)
+    return _quiet(StableAudio3Pipeline(vae=vae, text_encoder=None, tokenizer=None,
+                                       duration_embedder=duration_embedder, transformer=transformer,
+                                       scheduler=scheduler))
+
+
+BUILDS.update({
+    "ErnieImagePipeline": (ernie_image, lambda s: _run(s, prompt_embeds=[_randn(5, 16, seed=1)],
+                                                       negative_prompt_embeds=[_randn(3, 16, seed=2)],
+                                                       height=32, width=32)),
+    # prompts of different lengths: padded, with a per-row attention mask in joint_attention_kwargs
+    "BriaFiboPipeline": (bria_fibo, lambda s: _run(s, prompt="a red cat", negative_prompt="blur", height=32,
+                                                   width=32)),
+    "StableAudio3Pipeline": (stable_audio3, lambda s: _run(s, prompt_embeds=_randn(1, 5, 16, seed=1),
+                                                           encoder_attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                                           negative_prompt_embeds=_randn(1, 5, 16, seed=2),
+                                                           negative_encoder_attention_mask=torch.ones(
+                                                               1, 5, dtype=torch.long), duration=1.0)),
+})
