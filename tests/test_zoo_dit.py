@@ -1,12 +1,54 @@
 import pytest
+import torch
 
 import tiny_zoo_dit as builds
+from diffguide import guidance
+from diffguide.guidance.families import family_of
 from zoo_harness import assert_build_reproduces_native
+
+SCALE = 3.0
 
 
 @pytest.mark.parametrize("name", sorted(builds.BUILDS))
 def test_native_cfg_is_reproduced_bit_for_bit(name):
     assert_build_reproduces_native(builds.BUILDS, name)
+
+
+class SeeingCFG(guidance.CFG):
+    """CFG that records the latent and the two predictions it is handed."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.seen = []
+
+    def combine(self, step):
+        self.seen.append((step.x.clone(), step.pred_cond.clone(), step.pred_uncond.clone()))
+        return super().combine(step)
+
+
+@pytest.mark.parametrize("name", sorted(builds.BUILDS))
+def test_guides_see_the_stepped_latent_and_the_prediction_it_steps_on(name):
+    """At every step a guide's ``x`` is the latent the scheduler steps (conditioning channels cut off) and its
+    predictions are in the sign the scheduler steps on: ``u + s (c - u)`` of what it saw is what gets stepped
+    (HiDream and others negate the network output first: ``Family.output_sign``)."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    stepped, step = [], pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        stepped.append((model_output.clone(), sample.clone()))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    probe = SeeingCFG(SCALE)
+    kwargs = dict(call(SCALE), generator=torch.Generator().manual_seed(0))
+    del kwargs[family_of(pipe).scale_arg]
+    with guidance.apply(pipe, probe):
+        pipe(**kwargs)
+    assert len(probe.seen) == len(stepped) >= 1
+    for (x, cond, uncond), (model_output, sample) in zip(probe.seen, stepped):
+        assert x.shape == sample.shape and torch.equal(x, sample)
+        torch.testing.assert_close(model_output, uncond + SCALE * (cond - uncond), rtol=1e-6, atol=1e-6)
 
 
 def test_rows_along_another_dimension_follow_row_selection():
