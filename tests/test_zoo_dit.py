@@ -30,7 +30,7 @@ class SeeingCFG(guidance.CFG):
 def test_guides_see_the_stepped_latent_and_the_prediction_it_steps_on(name):
     """At every step a guide's ``x`` is the latent the scheduler steps (conditioning channels cut off) and its
     predictions are in the sign the scheduler steps on: ``u + s (c - u)`` of what it saw is what gets stepped
-    (HiDream and others negate the network output first: ``Family.output_sign``)."""
+    (HiDream negates the network output first: ``Family.output_sign``)."""
     make, call = builds.BUILDS[name]
     pipe = make()
     stepped, step = [], pipe.scheduler.step
@@ -46,6 +46,8 @@ def test_guides_see_the_stepped_latent_and_the_prediction_it_steps_on(name):
     with guidance.apply(pipe, probe):
         pipe(**kwargs)
     assert len(probe.seen) == len(stepped) >= 1
+    # the build is no trivial one: its network tells the prompt from the negative one
+    assert any(not torch.equal(cond, uncond) for _, cond, uncond in probe.seen)
     for (x, cond, uncond), (model_output, sample) in zip(probe.seen, stepped):
         assert x.shape == sample.shape and torch.equal(x, sample)
         torch.testing.assert_close(model_output, uncond + SCALE * (cond - uncond), rtol=1e-6, atol=1e-6)

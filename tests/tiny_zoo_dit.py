@@ -21,6 +21,17 @@ def _quiet(pipe):
     return pipe
 
 
+def _unzeroed(module: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
+    """``module`` with its zero-initialised weights (ControlNet output blocks, adaLN-zero, final layers) drawn at
+    random, so that every path reaches the output: with them zero, a residual or a whole network output is 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.numel() and not param.any() and not name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return module
+
+
 def _parts(pipe, cls) -> dict:
     """The components of ``pipe`` that ``cls.__init__`` takes."""
     params = inspect.signature(cls.__init__).parameters
@@ -42,10 +53,12 @@ def _sd3_controlnet(extra_conditioning_channels: int = 0):
     from diffusers import SD3ControlNetModel
 
     torch.manual_seed(1)
-    return SD3ControlNetModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                              pooled_projection_dim=16, out_channels=4,
-                              extra_conditioning_channels=extra_conditioning_channels).eval()
+    controlnet = SD3ControlNetModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                    pooled_projection_dim=16, out_channels=4,
+                                    extra_conditioning_channels=extra_conditioning_channels)
+    return _unzeroed(controlnet.eval())
+
 
 
 def sd3_controlnet():
@@ -88,7 +101,8 @@ def sana_controlnet():
     torch.manual_seed(1)
     controlnet = SanaControlNetModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
                                      attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                     cross_attention_dim=8, caption_channels=8, sample_size=32).eval()
+                                     cross_attention_dim=8, caption_channels=8, sample_size=32)
+    controlnet = _unzeroed(controlnet.eval())
     return _quiet(SanaControlNetPipeline(**tiny_pipes.tiny_sana().components, controlnet=controlnet))
 
 
@@ -115,11 +129,12 @@ def hunyuan_controlnet():
     from diffusers import HunyuanDiT2DControlNetModel, HunyuanDiTControlNetPipeline
 
     torch.manual_seed(1)
-    controlnet = HunyuanDiT2DControlNetModel(sample_size=16, transformer_num_layers=1, patch_size=2,
-                                             attention_head_dim=8, num_attention_heads=2, in_channels=4,
-                                             cross_attention_dim=16, cross_attention_dim_t5=16,
-                                             pooled_projection_dim=8, hidden_size=16, text_len=5, text_len_t5=5,
-                                             activation_fn="gelu-approximate").eval()
+    controlnet = _unzeroed(HunyuanDiT2DControlNetModel(sample_size=16, transformer_num_layers=1, patch_size=2,
+                                                       attention_head_dim=8, num_attention_heads=2, in_channels=4,
+                                                       cross_attention_dim=16, cross_attention_dim_t5=16,
+                                                       pooled_projection_dim=8, hidden_size=16, text_len=5,
+                                                       text_len_t5=5,
+                                                       activation_fn="gelu-approximate").eval())
     return _quiet(HunyuanDiTControlNetPipeline(**tiny_pipes.tiny_hunyuan().components, controlnet=controlnet,
                                                requires_safety_checker=False))
 
@@ -223,9 +238,11 @@ def ltx():
 
 
 BUILDS.update({
-    "LattePipeline": (latte, lambda s: _run(s, **_text(16, masks=False), negative_prompt=None, video_length=2, height=8, width=8,
+    "LattePipeline": (latte, lambda s: _run(s, **_text(16, masks=False), negative_prompt=None, video_length=2,
+                                            height=8, width=8,
                                             clean_caption=False)),
-    "AllegroPipeline": (allegro, lambda s: _run(s, **_text(16), negative_prompt=None, num_frames=8, height=32, width=32)),
+    "AllegroPipeline": (allegro, lambda s: _run(s, **_text(16), negative_prompt=None, num_frames=8, height=32,
+                                                width=32)),
     "AuraFlowPipeline": (auraflow, lambda s: _run(s, **_text(16), negative_prompt=None, height=16, width=16)),
     "LTXPipeline": (ltx, lambda s: _run(s, **_text(16), num_frames=9, height=32, width=32)),
 })
@@ -292,9 +309,9 @@ BUILDS.update({
 # -- EasyAnimate (control / inpaint latents passed to the transformer, which concatenates them) -------------------
 
 def easyanimate(cls_name: str, in_channels: int = 4):
-    """``in_channels``: 4 + the control latents' and reference image latents' 4 + 4 (Control) or the mask's and masked video's 4 + 4 (Inpaint, its mask
-    encoded by the VAE: the ``resize_inpaint_mask_directly`` path reads a VAE config key diffusers 0.42.1's
-    AutoencoderKLMagvit does not have)."""
+    """``in_channels``: 4, plus the control and reference image latents' 4 + 4 (Control) or the mask's and masked
+    video's 4 + 4 (Inpaint, its mask encoded by the VAE: the ``resize_inpaint_mask_directly`` path reads a VAE
+    config key diffusers 0.42.1's AutoencoderKLMagvit does not have)."""
     import diffusers
     from diffusers import AutoencoderKLMagvit, EasyAnimateTransformer3DModel, FlowMatchEulerDiscreteScheduler
 
@@ -379,7 +396,8 @@ def prx():
 
     torch.manual_seed(0)
     transformer = PRXTransformer2DModel(patch_size=1, in_channels=4, context_in_dim=8, hidden_size=8, mlp_ratio=2.0,
-                                        num_heads=2, depth=1, axes_dim=[2, 2]).eval()
+                                        num_heads=2, depth=1, axes_dim=[2, 2])
+    transformer = _unzeroed(transformer.eval())
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0, scaling_factor=1.0).eval()
@@ -417,9 +435,10 @@ def ernie_image():
     from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
-    transformer = ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=1,
-                                               ffn_hidden_size=32, in_channels=16, out_channels=16, text_in_dim=16,
-                                               rope_axes_dim=(4, 6, 6)).eval()
+    transformer = _unzeroed(ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=1,
+                                                         ffn_hidden_size=32, in_channels=16, out_channels=16,
+                                                         text_in_dim=16,
+                                                         rope_axes_dim=(4, 6, 6)).eval())
     # no VAE: latents out, the pipeline's latent size is then height / 16
     return _quiet(ErnieImagePipeline(transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
                                      scheduler=FlowMatchEulerDiscreteScheduler(), pe=None, pe_tokenizer=None))
@@ -449,10 +468,10 @@ def stable_audio3():
     from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
 
     torch.manual_seed(0)
-    transformer = StableAudio3DiTModel(io_channels=8, patch_size=1, embed_dim=32, depth=1, num_heads=2,
-                                       cond_token_dim=16, global_cond_dim=16, local_add_cond_dim=5,
-                                       timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
-                                       use_differential_attention=False).eval()
+    transformer = _unzeroed(StableAudio3DiTModel(io_channels=8, patch_size=1, embed_dim=32, depth=1, num_heads=2,
+                                                 cond_token_dim=16, global_cond_dim=16, local_add_cond_dim=5,
+                                                 timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+                                                 use_differential_attention=False).eval())
     vae = AutoencoderSAME(audio_channels=2, patch_size=2, encoder_channels=8, encoder_c_mults=(2,),
                           encoder_strides=(2,), encoder_transformer_depths=(1,), latent_dim=8,
                           use_differential_attention=False, dim_heads=4, ff_mult=2, sampling_rate=16).eval()
