@@ -22,21 +22,35 @@ class SeeingCFG(guidance.CFG):
         self.seen = []
 
     def combine(self, step):
-        self.seen.append((step.x.clone(), step.pred_cond.clone(), step.pred_uncond.clone()))
+        alpha, sigma = (float(torch.as_tensor(v).flatten()[0]) for v in (step.alpha, step.sigma))
+        self.seen.append((step.x.clone(), step.pred_cond.clone(), step.pred_uncond.clone(), alpha, sigma))
         return super().combine(step)
+
+
+def scheduler_level(scheduler, timestep) -> tuple[float, float]:
+    """``(alpha, sigma)`` of ``timestep`` read from the scheduler's own arrays: ``(1 - s, s)`` at the timestep's place
+    in a flow schedule, ``(sqrt(abar_t), sqrt(1 - abar_t))`` on a diffusion one."""
+    t = torch.as_tensor(timestep).flatten()[0]
+    if type(scheduler).__name__.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas", False):
+        s = float(scheduler.sigmas[int((scheduler.timesteps == t).nonzero()[0])])
+        return 1 - s, s
+    abar = float(scheduler.alphas_cumprod[int(t)])
+    return abar ** 0.5, (1 - abar) ** 0.5
 
 
 @pytest.mark.parametrize("name", sorted(builds.BUILDS))
 def test_guides_see_the_stepped_latent_and_the_prediction_it_steps_on(name):
-    """At every step a guide's ``x`` is the latent the scheduler steps (conditioning channels cut off) and its
-    predictions are in the sign the scheduler steps on: ``u + s (c - u)`` of what it saw is what gets stepped
-    (HiDream negates the network output first: ``Family.output_sign``)."""
+    """At every step a guide's ``x`` is the latent the scheduler steps (conditioning channels cut off), its level
+    the one the scheduler steps from (img2img-like runs start part-way: ``Family.start``), and its predictions are
+    in the sign the scheduler steps on: ``u + s (c - u)`` of what it saw is what gets stepped (HiDream negates the
+    network output first: ``Family.output_sign``)."""
     make, call = builds.BUILDS[name]
     pipe = make()
     stepped, step = [], pipe.scheduler.step
 
     def recording_step(model_output, timestep, sample, *args, **kwargs):
-        stepped.append((model_output.clone(), sample.clone()))
+        stepped.append((model_output.clone(), sample.clone(),
+                        scheduler_level(pipe.scheduler, timestep)))
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
@@ -47,9 +61,10 @@ def test_guides_see_the_stepped_latent_and_the_prediction_it_steps_on(name):
         pipe(**kwargs)
     assert len(probe.seen) == len(stepped) >= 1
     # the build is no trivial one: its network tells the prompt from the negative one
-    assert any(not torch.equal(cond, uncond) for _, cond, uncond in probe.seen)
-    for (x, cond, uncond), (model_output, sample) in zip(probe.seen, stepped):
+    assert any(not torch.equal(cond, uncond) for _, cond, uncond, _, _ in probe.seen)
+    for (x, cond, uncond, alpha, sigma), (model_output, sample, level) in zip(probe.seen, stepped):
         assert x.shape == sample.shape and torch.equal(x, sample)
+        assert (alpha, sigma) == pytest.approx(level, rel=1e-6, abs=1e-7)
         torch.testing.assert_close(model_output, uncond + SCALE * (cond - uncond), rtol=1e-6, atol=1e-6)
 
 
