@@ -237,7 +237,8 @@ FAMILIES: tuple[Family, ...] = (
     # HiDream steps on the negated output (pipeline_hidream_image.py:942); its Llama embeddings batch on dim 1 (l.885)
     Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", output_sign=-1,
            condition="encoder_hidden_states_t5", batch_dims={"encoder_hidden_states_llama3": 1}),
-    Family(("PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"), "uc", "flow"),
+    Family(("PRXPipeline", "StableAudio3Pipeline"), "uc", "flow"),
+    Family(("ErnieImagePipeline",), "uc", "flow", condition="text_bth"),
     Family(("SanaVideoPipeline",), "uc", "flow", float32=True),
     # Bria-FIBO's position ids are [tokens, 3] for every row (its network takes the first row of 3-D ones)
     Family(("BriaFiboPipeline",), "uc", "flow", unbatched=("txt_ids", "img_ids")),
