@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from diffguide import guidance
 from diffguide.samplers import diffusers_model_fn
-from common import write_section
+from common import save_figure, write_section
 from diffguide.tasks import zoo
 from diffguide.tasks.classifier import DigitClassifier
 from diffguide.tasks.digits import NUM_CLASSES, caption, load_digits_tensors
@@ -325,10 +325,7 @@ def plot(results: dict[str, list[Method]], path: Path) -> None:
         ax.grid(alpha=0.3)
         for extra in row[len(keys):-1]:
             extra.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def findings(methods: list[Method], reference: str) -> str:

@@ -25,7 +25,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from diffguide import guidance
-from common import write_section
+from common import save_figure, write_section
 from bench_adaptive import (FeatureFidelity, MakeGuide, Method, Objective, calibrated_linear_ag,
                                               guide_classifier)
 from diffguide.tasks import zoo
@@ -209,10 +209,7 @@ def plot(methods: list[Method], path: Path) -> None:
             axes[row, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{MODEL}: guides on a rectified-flow SD3 pipeline (mean ± s.e. over seeds)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 from diffguide.scripts import evaluate
-from common import write_section
+from common import save_figure, write_section
 from diffguide.tasks.run_folder import write_json
 
 GUIDES = {
@@ -123,10 +123,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_title(model, fontsize=9)
             ax.grid(alpha=0.3)
         row_axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

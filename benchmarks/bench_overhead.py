@@ -1,12 +1,11 @@
-"""Overhead of ``guidance.apply``: wall-time and network-row ratios vs each pipeline's native CFG.
+"""Overhead of ``guidance.apply``: wall-time, CPU-time and network-row ratios vs each pipeline's native CFG.
 
 For a StableDiffusionPipeline (batched ``[uncond; cond]`` UNet), a StableDiffusion3Pipeline (batched transformer,
 flow matching) and a FluxPipeline (true CFG: two transformer calls per step), and the derived SD img2img (strength
-0.6), inpaint (9-channel UNet) and ControlNet pipelines (``--zoo``: those three only, written to their own
-``overhead-zoo`` section), runs native CFG and the hooked
-guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports paired time
-ratios and the rows the network really evaluates (counted at its first layer). Writes the ``overhead`` section of
-BENCHMARKS.md.
+0.6), inpaint (9-channel UNet) and ControlNet pipelines (``--zoo``: those three only, printed), runs native CFG and
+the hooked guides interleaved (round-robin, same seeds) on offline pipelines with random weights, and reports
+paired time ratios, the CPU time spent outside the network beyond native's, and the rows the network really
+evaluates (counted at its first layer). Writes the ``overhead`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -130,29 +129,45 @@ def measure(make, layer: str, kw: dict, native_kw: dict, guides: dict, steps: in
     net_rows: list[int] = []
     # count at the first layer every pass goes through: a hook on the network itself sees only the pipeline's
     # input, since the hooked forward calls the original forward directly
-    getattr(net, layer).register_forward_pre_hook(lambda m, a: net_rows.append(a[0].shape[0]))
+    # CPU time inside the network: from its first layer to the end of its forward (apply's own work before the first
+    # layer and after the network returns counts as outside)
+    inside = {"start": 0.0, "total": 0.0}
+
+    def first_layer(module, args) -> None:
+        net_rows.append(args[0].shape[0])
+        inside["start"] = time.thread_time()
+
+    def network_done(module, args, output) -> None:
+        inside["total"] += time.thread_time() - inside["start"]
+
+    getattr(net, layer).register_forward_pre_hook(first_layer)
+    net.register_forward_hook(network_done)
     kw = dict(kw, num_inference_steps=steps, output_type="latent")
     times: dict[str, list[float]] = {name: [] for name in ["native", *guides]}
     cpu: dict[str, list[float]] = {name: [] for name in times}
+    outside: dict[str, list[float]] = {name: [] for name in times}
     rows: dict[str, int] = {}
 
     def run(name: str) -> None:
         net_rows.clear()
+        inside["total"] = 0.0
         gen = torch.Generator().manual_seed(0)
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         if name == "native":
             pipe(generator=gen, **native_kw, **kw)
         else:
             with guidance.apply(pipe, guides[name]):
                 pipe(generator=gen, **kw)
         times[name].append(time.perf_counter() - start)
-        cpu[name].append(time.process_time() - start_cpu)
+        cpu[name].append(time.thread_time() - start_cpu)
+        outside[name].append(cpu[name][-1] - inside["total"])
         rows[name] = sum(net_rows)
 
     for name in times:  # warm-up
         run(name)
         times[name].clear()
         cpu[name].clear()
+        outside[name].clear()
     names = list(times)
     for r in range(repeats):  # rotate the order each round so no run always follows another
         for name in names[r % len(names):] + names[: r % len(names)]:
@@ -163,8 +178,13 @@ def measure(make, layer: str, kw: dict, native_kw: dict, guides: dict, steps: in
         """Median over rounds of the run's time / the native time of the same round (drift cancels)."""
         return statistics.median(a / b for a, b in zip(series[name], series["native"]))
 
-    return [(native_name if name == "native" else name, paired(times, name), paired(cpu, name), rows[name],
-             rows[name] / rows["native"]) for name in times]
+    def extra_outside(name: str) -> float:
+        """Median over rounds of (CPU time outside the network, minus native's) / native's total CPU time."""
+        return statistics.median((o - o_native) / c_native for o, o_native, c_native
+                                 in zip(outside[name], outside["native"], cpu["native"]))
+
+    return [(native_name if name == "native" else name, paired(times, name), paired(cpu, name),
+             extra_outside(name), rows[name], rows[name] / rows["native"]) for name in times]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,29 +193,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
-    parser.add_argument("--zoo", action="store_true", help="only the img2img, inpaint and ControlNet rows")
+    parser.add_argument("--zoo", action="store_true", help="only the img2img, inpaint and ControlNet rows (printed, "
+                        "not written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["Written by `benchmarks/bench_overhead.py`: offline pipelines with random weights, batch "
              f"{args.batch}, {args.steps} steps, one torch thread, {args.repeats} interleaved rounds (native and "
              "hooked side by side in one process, order rotated each round); a ratio is the median over rounds "
              "of the run's time over the native time of the same round. Rows are counted at the "
-             "network's first layer, so skipped rows and calls show. The machine is shared: the process CPU-time "
-             "ratio is the less noisy of the two.", "",
-             "| pipeline | run | wall-time ratio vs native CFG | CPU-time ratio | network rows | rows ratio |",
-             "|---|---|---|---|---|---|"]
+             "network's first layer, so skipped rows and calls show. The CPU time outside the network (from its "
+             "first layer to its return counts as inside) is what apply and the guide add beyond the network: its "
+             "excess over native's, as a share of native's whole CPU time, is the least noisy measure of the "
+             "overhead.", "",
+             "| pipeline | run | wall-time ratio vs native CFG | CPU-time ratio | extra CPU outside the network | "
+             "network rows | rows ratio |",
+             "|---|---|---|---|---|---|---|"]
     chosen = zoo_setups(args.batch) if args.zoo else setups(args.batch) + zoo_setups(args.batch)
     for title, make, layer, kw, native_kw, guides in chosen:
-        for name, ratio, cpu_ratio, rows, rows_ratio in measure(make, layer, kw, native_kw, guides, args.steps,
-                                                                 args.repeats):
-            lines.append(f"| {title} | {name} | {ratio:.3f} | {cpu_ratio:.3f} | {rows} | {rows_ratio:.2f} |")
+        for name, ratio, cpu_ratio, extra, rows, rows_ratio in measure(make, layer, kw, native_kw, guides,
+                                                                        args.steps, args.repeats):
+            lines.append(f"| {title} | {name} | {ratio:.3f} | {cpu_ratio:.3f} | {extra:+.2%} | {rows} | "
+                         f"{rows_ratio:.2f} |")
     text = "\n".join(lines)
     print(text)
-    if not args.no_write:
-        if args.zoo:
-            write_section("overhead-zoo", "## Hook overhead on img2img, inpaint and ControlNet\n\n" + text)
-        else:
-            write_section("overhead", "## Hook overhead\n\n" + text)
+    if not args.no_write and not args.zoo:  # --zoo is a quick look: the full run writes those rows too
+        write_section("overhead", "## Hook overhead\n\n" + text)
 
 
 if __name__ == "__main__":

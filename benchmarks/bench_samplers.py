@@ -31,7 +31,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffguide.guidance import GuidedDenoiser
 from diffguide.samplers import SAMPLERS, GaussianNoise, karras_plan, plan_from_scheduler
-from common import write_section
+from common import save_figure, write_section
 from diffguide.tasks.gmm import ClassConditionalGMM, FlowMatchingGMM, GaussianMixture, SlicedWasserstein
 
 F64 = torch.float64
@@ -334,10 +334,7 @@ def plot_nfe(results, floors, plans, path: Path) -> None:
                    title=f"{dim}-D mixture, {p}")
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

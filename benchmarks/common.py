@@ -1,4 +1,4 @@
-"""Write one named section of BENCHMARKS.md, leaving the other sections untouched."""
+"""What every benchmark shares: writing its section of BENCHMARKS.md, saving its figure."""
 
 from __future__ import annotations
 
@@ -19,3 +19,13 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, save (100 dpi, parent folders made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -120,15 +120,15 @@ def render(table: list[list[str]]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     measured = {row[0] for row in table}
+    unmeasured = [(name, family) for family in FAMILIES for name in family.pipelines if name not in measured]
+    if not unmeasured:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Served without a tiny build", "",
               "Rows read from each pipeline's `__call__` in diffusers 0.42.1 (the network's `forward` takes the row's "
               "argument names: `tests/test_pipeline_zoo.py`), not yet run on a tiny build. Flow rows among them refuse "
               "passes at other levels (`flow_time` unset).", "",
               "| pipeline | CFG layout | native CFG as a guide | fields |", "|---|---|---|---|"]
-    for family in FAMILIES:
-        for name in family.pipelines:
-            if name not in measured:
-                lines.append(f"| {name} | {family.layout} | `{family.native}` | {_fields(family)} |")
+    lines += [f"| {name} | {family.layout} | `{family.native}` | {_fields(family)} |" for name, family in unmeasured]
     return "\n".join(lines) + "\n"
 
 
@@ -147,9 +147,12 @@ def summary(table: list[list[str]]) -> str:
     served = len(supported_pipelines())
     lines = [f"`apply` serves {served} diffusers pipeline classes, one family row per CFG block "
              "(`guidance/families.py`); every other class is refused up front with its reason. "
-             f"{len(measured)} of them are measured on tiny random-weight builds; the other {served - len(measured)} "
-             "are served from a reading of their `__call__` in diffusers 0.42.1 and have not been run here (a "
-             "network call whose batch is not the layout's multiple is refused at run time). The full matrix, "
+             + ("Every one of them is measured on a tiny random-weight build (native CFG reproduced, every guide run "
+                "or refused with its reason). " if served == len(measured) else
+                f"{len(measured)} of them are measured on tiny random-weight builds; the other "
+                f"{served - len(measured)} are served from a reading of their `__call__` in diffusers 0.42.1 and have "
+                "not been run here. ")
+             + "A network call whose batch is not the layout's multiple is refused at run time. The full matrix, "
              "every served class x guide: [docs/support_matrix.md](docs/support_matrix.md) (written by "
              "`benchmarks/support_matrix.py`).", "",
              "| family (first class) | classes | CFG layout | measured on a tiny build | native CFG there |",

@@ -131,10 +131,15 @@ _PAG = {"pag_scale": (0.0, "perturbed-attention guidance is a third branch apply
                            "diffusers.guiders.PerturbedAttentionGuidance through guidance.apply instead"),
         "guidance_rescale": (0.0, "use guidance.CFGRescale")}
 _UNET = dict(networks=("unet",), latent="sample")
-# the UNet arguments that carry ControlNet / T2I-adapter residuals (computed for the step's own latent)
+# the UNet arguments that carry ControlNet / T2I-adapter residuals: ControlNet's are computed for the step's own
+# latent; the adapter's come from the image alone, but the UNet pops them from their list as it runs, so an extra
+# pass would run without them
 _UNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                    "down_intrablock_additional_residuals")
 _BLOCK_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
+# Wan 2.2's second (low-noise) transformer takes its own scale; under apply the guide rules both stages
+_STAGE_2 = {"guidance_scale_2": (None, "the guide's scale rules both stages; for another guide at low noise use "
+                                       "guidance.GuidanceInterval")}
 _TRUE_CFG = dict(scale_arg="true_cfg_scale", negative=("negative_prompt", "negative_prompt_embeds"))
 
 FAMILIES: tuple[Family, ...] = (
@@ -155,10 +160,11 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionPipeline", "StableDiffusionXLControlNetUnionImg2ImgPipeline",
-            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline"),
-           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
-    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "BlipDiffusionControlNetPipeline",
+            # Union inpainting takes a 4-channel UNet only and blends the mask outside it (l. 1647)
             "StableDiffusionXLControlNetUnionInpaintPipeline"),
+           "uc", "diffusion", neutral=_RESCALE, residuals=_UNET_RESIDUALS, **_UNET),
+    Family(("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", residuals=_UNET_RESIDUALS, **_UNET),
     # ControlNet-XS runs its control net inside the UNet call: extra passes recompute it, nothing to refuse
     Family(("StableDiffusionControlNetXSPipeline", "StableDiffusionXLControlNetXSPipeline"),
@@ -246,7 +252,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
            **_TRUE_CFG),
-    Family(("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+    Family(("FluxControlNetPipeline",),
            "two_calls", "flow", residuals=_BLOCK_SAMPLES, **_TRUE_CFG),
     Family(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", **_TRUE_CFG),
@@ -255,24 +261,30 @@ FAMILIES: tuple[Family, ...] = (
     Family(("QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"), "two_calls", "flow",
            native="NormRescale(CFG(s))", residuals=("controlnet_block_samples",), **_TRUE_CFG),
     Family(("HunyuanVideoPipeline",), "two_calls", "flow", **_TRUE_CFG),
-    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", flow_time=None,
-           **_TRUE_CFG),
-    # two calls, checked by their CFG block only (no tiny build yet): no passes at other levels
-    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline",
-            "LongCatImagePipeline", "SkyReelsV2Pipeline"), "two_calls", "flow", flow_time=None),
-    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))",
-           flow_time=None),
-    Family(("Krea2Pipeline",), "two_calls", "flow", flow_time=None, native="CFG(s + 1)", native_exact=False),
-    Family(("LongCatImageEditPipeline",), "two_calls", "flow", flow_time=None, conditioning="tokens"),
-    Family(("SkyReelsV2ImageToVideoPipeline", "ChronoEditPipeline"), "two_calls", "flow", flow_time=None,
+    Family(("HunyuanSkyreelsImageToVideoPipeline",), "two_calls", "flow", conditioning="channels", **_TRUE_CFG),
+    Family(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "OvisImagePipeline"), "two_calls",
+           "flow"),
+    # UniPC with flow sigmas feeds integer timesteps (999 at s = 1): no function of s apply knows
+    Family(("SkyReelsV2Pipeline",), "two_calls", "flow", flow_time=None),
+    Family(("LongCatImagePipeline",), "two_calls", "flow",
+           neutral={"enable_cfg_renorm": (False, "its clamped norm rescale (cfg_renorm_min, 1e-8) is not a guide; "
+                                                 "guidance.NormRescale is the unclamped one")}),
+    Family(("NucleusMoEImagePipeline",), "two_calls", "flow", output_sign=-1, native="NormRescale(CFG(s))"),
+    # Krea 2 computes c + s (c - u), CFG on at s > 0
+    Family(("Krea2Pipeline",), "two_calls", "flow", cfg_threshold=0.0, native="CFG(s + 1)", native_exact=False),
+    Family(("LongCatImageEditPipeline",), "two_calls", "flow", conditioning="tokens"),
+    Family(("SkyReelsV2ImageToVideoPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
+    Family(("ChronoEditPipeline",), "two_calls", "flow", conditioning="channels",
+           neutral={"enable_temporal_reasoning": (False, "it drops latent frames and scheduler history mid-run "
+                                                         "(pipeline_chronoedit.py:669-678)")}),
+    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2),
+    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
            conditioning="channels"),
-    Family(("WanVACEPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None),
-    Family(("LucyEditPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), flow_time=None,
-           conditioning="channels"),
-    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), zero_init_steps=2),
+    Family(("WanPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"), neutral=_STAGE_2,
+           zero_init_steps=2),
     Family(("WanVideoToVideoPipeline",), "two_calls", "flow", start="timestep"),
     Family(("WanImageToVideoPipeline",), "two_calls", "flow", networks=("transformer", "transformer_2"),
-           conditioning="channels"),
+           neutral=_STAGE_2, conditioning="channels"),
     Family(("CogView4Pipeline",), "two_calls", "flow", flow_time=None, zero_init_steps=2),
     Family(("CogView4ControlPipeline",), "two_calls", "flow", flow_time=None, conditioning="channels"),
     Family(("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"), "list_cu", "flow", latent="x",
@@ -303,6 +315,7 @@ REFUSED: dict[str, str] = {
     **_reasons("is guidance-distilled: it never evaluates an unconditional branch", "Flux2Pipeline",
                "FluxFillPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
                "SanaSprintPipeline", "SanaSprintImg2ImgPipeline", "LatentConsistencyModelPipeline",
+               "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
                "LatentConsistencyModelImg2ImgPipeline", "ConsistencyModelPipeline"),
     **_reasons("runs network calls per step that are not CFG branches (self-attention guidance, attention "
                "optimisation, GLIGEN grounding, prior steps, spatio-temporal guidance), which apply() cannot "
@@ -415,5 +428,5 @@ def native_guide(family: Family, scale: float):
     from .image_cfg import ImageCFG
     from .norm_rescale import NormRescale
 
-    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale), "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)),
-            "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()
+    return {"ImageCFG(s, 1.5)": lambda: ImageCFG(scale, 1.5), "CFG(s)": lambda: CFG(scale),
+            "NormRescale(CFG(s))": lambda: NormRescale(CFG(scale)), "CFG(s + 1)": lambda: CFG(scale + 1)}[family.native]()

@@ -28,24 +28,40 @@ def _log_midpoint(a: float, b: float) -> float:
     return math.exp(math.log(a) + 0.5 * (math.log(b) - math.log(a)))
 
 
+def _prepare(model: DenoiseFn, x: Tensor, plan: Plan, churn: tuple[float, float, float, float], name: str,
+             noise_sampler: NoiseSampler | None, generator: torch.Generator | None) -> NoiseSampler:
+    """Check the arguments of a churned second-order sampler; its noise sampler."""
+    check_plan(x, plan)
+    check_churn(*churn)
+    refuse_renoise(model, name, _WHY)
+    return default_noise(x, plan.sigmas, noise_sampler, generator, brownian=False)
+
+
+def _churned_estimate(model: DenoiseFn, x: Tensor, plan: Plan, i: int, churn: tuple[float, float, float, float],
+                      noise: NoiseSampler, name: str):
+    """Step ``i``'s first stage (Karras et al. 2022, Alg. 2 lines 5-7): the state raised to ``s_hat``, ``s_hat``,
+    the step's end ``s_next`` and the estimate there."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
+    s_hat = churn_level(s, plan.num_steps, s_churn, s_tmin, s_tmax)
+    if s_hat > s:
+        x = add_churn(x, s, s_hat, noise(s_hat, s), s_noise)
+    est = evaluate(model, x, plan, i, s_hat)
+    check_renoise_estimate(est, name, _WHY)
+    return x, s_hat, s_next, est
+
+
 def sample_heun(model: DenoiseFn, x: Tensor, plan: Plan, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, generator: torch.Generator | None = None,
                 noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
                 disable: bool = False) -> Tensor:
     """Heun's method with churn (Karras et al. 2022, Alg. 2; k-diffusion ``sample_heun``): raise the level to
     ``s_hat`` (:func:`stepping.churn_level`), Euler to ``s'``, then average the two derivatives (Alg. 2 line 11)."""
-    check_plan(x, plan)
-    check_churn(s_churn, s_tmin, s_tmax, s_noise)
-    refuse_renoise(model, "sample_heun", _WHY)
-    noise = default_noise(x, plan.sigmas, noise_sampler, generator, brownian=False)
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    noise = _prepare(model, x, plan, churn, "sample_heun", noise_sampler, generator)
     with torch.no_grad():
         for i in trange(plan.num_steps, disable=disable, desc="sampling"):
-            s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
-            s_hat = churn_level(s, plan.num_steps, s_churn, s_tmin, s_tmax)
-            if s_hat > s:
-                x = add_churn(x, s, s_hat, noise(s_hat, s), s_noise)
-            est = evaluate(model, x, plan, i, s_hat)
-            check_renoise_estimate(est, "sample_heun", _WHY)
+            x, s_hat, s_next, est = _churned_estimate(model, x, plan, i, churn, noise, "sample_heun")
             y = est.x0 + s_next * est.eps  # Euler step
             if s_next > 0 and not math.isinf(s_hat):
                 est_2 = evaluate(model, to_vp(y, s_next), plan, i, s_next)
@@ -61,18 +77,11 @@ def sample_dpm_2(model: DenoiseFn, x: Tensor, plan: Plan, s_churn: float = 0.0, 
                  disable: bool = False) -> Tensor:
     """DPM-Solver-2 in Karras' derivative form (k-diffusion ``sample_dpm_2``; Lu et al. 2022, Alg. 1 with the
     midpoint ``sqrt(s_hat s')``), with Alg. 2's churn: ``x' = x + (s' - s_hat) e(x + (s_mid - s_hat) e, s_mid)``."""
-    check_plan(x, plan)
-    check_churn(s_churn, s_tmin, s_tmax, s_noise)
-    refuse_renoise(model, "sample_dpm_2", _WHY)
-    noise = default_noise(x, plan.sigmas, noise_sampler, generator, brownian=False)
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    noise = _prepare(model, x, plan, churn, "sample_dpm_2", noise_sampler, generator)
     with torch.no_grad():
         for i in trange(plan.num_steps, disable=disable, desc="sampling"):
-            s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
-            s_hat = churn_level(s, plan.num_steps, s_churn, s_tmin, s_tmax)
-            if s_hat > s:
-                x = add_churn(x, s, s_hat, noise(s_hat, s), s_noise)
-            est = evaluate(model, x, plan, i, s_hat)
-            check_renoise_estimate(est, "sample_dpm_2", _WHY)
+            x, s_hat, s_next, est = _churned_estimate(model, x, plan, i, churn, noise, "sample_dpm_2")
             if s_next == 0 or math.isinf(s_hat):
                 y = est.x0 + s_next * est.eps
             else:

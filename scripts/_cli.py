@@ -251,12 +251,18 @@ def start_problem(scheduler, steps: int, x0_check: bool = True) -> str | None:
     step of leading spacing sits at t = 1 and would return the noise as the image); and an epsilon model's
     x0 estimate sqrt(1 / alpha_bar) (x - sqrt(1 - alpha_bar) eps) is unusable where alpha_bar < MIN_START_SIGNAL.
     """
+    import torch
+
+    from ..samplers.schedule import ScheduleReader
+
     scheduler.set_timesteps(steps)
-    if not hasattr(scheduler, "alphas_cumprod"):  # flow matching: the first level must be pure noise (s = 1)
-        first_level = float(scheduler.sigmas[0])
-        return None if first_level >= 1 - 1e-6 else f"starts at s = {first_level:.3g} (not noise, s = 1)"
+    reader = ScheduleReader(scheduler)
+    first_level = reader.level(scheduler.timesteps[0], 0, "cpu", torch.float64)
+    if reader.flow:  # flow matching: the first level must be pure noise (s = 1)
+        s = float(first_level.sigma)
+        return None if s >= 1 - 1e-6 else f"starts at s = {s:.3g} (not noise, s = 1)"
     first = int(round(float(scheduler.timesteps[0])))
-    alpha_bar = float(scheduler.alphas_cumprod[first])
+    alpha_bar = float(first_level.alpha) ** 2
     if alpha_bar > MAX_START_SIGNAL:
         return f"starts at t = {first} (alpha_bar {alpha_bar:.2g} > {MAX_START_SIGNAL}: not noise)"
     if x0_check and alpha_bar < MIN_START_SIGNAL and scheduler.config.prediction_type == "epsilon":

@@ -82,6 +82,10 @@ def test_wan22_two_networks_are_both_guided_bit_exact():
     for h in handles:
         h.remove()
     assert torch.equal(native, hooked) and stats.rows == native_rows == sum(rows) == 3 * 2 * 2
+    # a second scale for the low-noise stage is the guide's to decide: refused up front, naming what to use
+    with pytest.raises(ValueError, match="guidance_scale_2 must be None under guidance.apply.*GuidanceInterval"):
+        with guidance.apply(pipe, guidance.CFG(4.0)):
+            run(pipe, "wan", steps=3, guidance_scale_2=2.0)
 
 
 def test_qwen_native_cfg_needs_the_norm_rescale():

@@ -49,21 +49,34 @@ def output_latents(out) -> torch.Tensor:
 
 @contextmanager
 def counting_rows(pipe) -> Iterator[list[int]]:
-    """The batch of every call of the pipeline's denoising network(s) (``Family.networks``), in order."""
+    """The batch of every pass through the pipeline's denoising network(s) (``Family.networks``), in order,
+    counted inside the network: at the first of its layers a pass calls (with a batched tensor or a list first),
+    so rows that apply skips or adds show (a hook on the network itself sees only the pipeline's call)."""
     family = family_of(pipe)
+    layers = {id(child): name for name in family.networks if getattr(pipe, name, None) is not None
+              for child in getattr(pipe, name).children()}
+    first: dict[str, int] = {}  # network -> id of the first layer its passes call
     rows: list[int] = []
 
-    def count(module, args, kwargs):
-        latent = kwargs.get(family.latent, args[0] if args else None)
-        rows.append(len(latent) if isinstance(latent, (list, tuple)) else int(latent.shape[0]))
+    def count(module, args):
+        network = layers.get(id(module))
+        if network is None or not args:
+            return
+        value = args[0]
+        if isinstance(value, (list, tuple)):
+            size = len(value)
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1:
+            size = int(value.shape[0])
+        else:
+            return
+        if first.setdefault(network, id(module)) == id(module):
+            rows.append(size)
 
-    handles = [net.register_forward_pre_hook(count, with_kwargs=True)
-               for net in (getattr(pipe, n, None) for n in family.networks) if net is not None]
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         yield rows
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 def run(pipe, kwargs: dict, guide=None) -> tuple[torch.Tensor, list[int]]:

@@ -89,6 +89,24 @@ def _noise_cov(noise_cov: float | Tensor, m: int, like: Tensor) -> Tensor:
                      f"got shape {tuple(cov.shape)}")
 
 
+class MeansLayout:
+    """``dim``, ``dtype`` and ``device`` of an object holding component ``means`` of shape ``(K, d)``."""
+
+    means: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+
 class ComponentPosterior(NamedTuple):
     """``p(x0 | x_t) = sum_k weights_k N(means_k, covs_k)`` (G3).
 
@@ -103,7 +121,7 @@ class ComponentPosterior(NamedTuple):
 # --------------------------------------------------------------------------------------------------------
 # the mixture
 # --------------------------------------------------------------------------------------------------------
-class GaussianMixture:
+class GaussianMixture(MeansLayout):
     """``sum_k w_k N(mu_k, Sigma_k)`` with full covariances. Weights are normalised on construction.
 
     Args:
@@ -168,17 +186,6 @@ class GaussianMixture:
     def num_components(self) -> int:
         return self.means.shape[0]
 
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.means.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.means.device
 
     def to(self, *args, **kwargs) -> GaussianMixture:
         return GaussianMixture(self.weights.to(*args, **kwargs), self.means.to(*args, **kwargs),

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .mixture import GaussianMixture
+from .mixture import GaussianMixture, MeansLayout
 
 
 class _Config(dict):
@@ -27,7 +27,7 @@ class _Config(dict):
     __setitem__ = __delitem__ = update = pop = setdefault = _blocked
 
 
-class ClassConditionalGMM(torch.nn.Module):
+class ClassConditionalGMM(MeansLayout, torch.nn.Module):
     """One Gaussian mixture per class plus the unconditional mixture ``sum_c prior_c p_c``; exact eps/x0.
 
     The mixture lives on the flattened ``sample_shape = (C, H, W)`` image. Two uses:
@@ -88,17 +88,6 @@ class ClassConditionalGMM(torch.nn.Module):
     def null_class_label(self) -> int:
         return self.num_classes
 
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.means.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.means.device
 
     def mixture(self, label: int | None = None) -> GaussianMixture:
         """The class-``label`` mixture; ``None`` or ``null_class_label`` gives the unconditional one."""
