@@ -91,3 +91,21 @@ def test_rows_along_another_dimension_follow_row_selection():
     torch.testing.assert_close(last[0], kwargs["prompt_embeds_llama3"][0], rtol=0, atol=0)
     torch.testing.assert_close(last[1], kwargs["prompt_embeds_llama3"][1], rtol=0, atol=0)
     torch.testing.assert_close(last[2], kwargs["prompt_embeds_t5"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["HunyuanDiTPAGPipeline", "PixArtSigmaPAGPipeline", "SanaPAGPipeline",
+                                  "StableDiffusion3PAGPipeline"])
+def test_pag_pipelines_refuse_a_perturbed_branch_and_name_the_guider_that_runs_it(name):
+    """With ``pag_scale > 0`` the PAG pipelines batch a third, perturbed-attention branch: refused before any
+    network call, naming diffusers' PerturbedAttentionGuidance."""
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    calls = []
+    network = pipe.transformer
+    network.register_forward_pre_hook(lambda module, args: calls.append(1))
+    kwargs = dict(call(SCALE), pag_scale=3.0, generator=torch.Generator().manual_seed(0))
+    del kwargs["guidance_scale"]
+    with pytest.raises(ValueError, match="pag_scale must be 0.0 under guidance.apply.*PerturbedAttentionGuidance"):
+        with guidance.apply(pipe, guidance.CFG(SCALE)):
+            pipe(**kwargs)
+    assert not calls
