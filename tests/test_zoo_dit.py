@@ -109,3 +109,25 @@ def test_pag_pipelines_refuse_a_perturbed_branch_and_name_the_guider_that_runs_i
         with guidance.apply(pipe, guidance.CFG(SCALE)):
             pipe(**kwargs)
     assert not calls
+
+
+def test_rectified_cfgpp_passes_run_the_network_at_the_predicted_level():
+    """Rectified-CFG++'s corrector passes (conditional, then unconditional) run HiDream's network at time
+    ``1000 s_hat``, ``s_hat = s + f (s' - s)`` on the scheduler's own sigmas (``flow_time="proportional"``, its time
+    argument named ``timesteps``); the step's own call (its conditional row only) runs at ``1000 s``."""
+    make, call = builds.BUILDS["HiDreamImagePipeline"]
+    pipe = make()
+    times = []
+    pipe.transformer.t_embedder.register_forward_pre_hook(lambda module, args: times.append(args[0].double()))
+    kwargs = dict(call(SCALE), generator=torch.Generator().manual_seed(0))
+    del kwargs["guidance_scale"]
+    with guidance.apply(pipe, guidance.RectifiedCFGPlusPlus(1.5, predictor_fraction=0.5)):
+        pipe(**kwargs)
+    sigmas = pipe.scheduler.sigmas.double()
+    expected = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        s_hat = s + 0.5 * (s_next - s)
+        expected += [(1, 1000 * s), (1, 1000 * s_hat), (1, 1000 * s_hat)]
+    assert [len(t) for t in times] == [rows for rows, _ in expected]
+    for t, (_, time) in zip(times, expected):
+        torch.testing.assert_close(t, torch.full_like(t, float(time)), rtol=1e-6, atol=1e-4)
