@@ -131,3 +131,21 @@ def test_rectified_cfgpp_passes_run_the_network_at_the_predicted_level():
     assert [len(t) for t in times] == [rows for rows, _ in expected]
     for t, (_, time) in zip(times, expected):
         torch.testing.assert_close(t, torch.full_like(t, float(time)), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_diffusers_cfg_guider_reproduces_hidream_with_llama_rows_on_dim_1(layers):
+    """diffusers' ClassifierFreeGuidance under apply joins its batches on dim 0: HiDream's Llama embeddings
+    ``[layers, B, L, D]`` are handed to it rows first and back (``Family.batch_dims``), whether or not ``layers``
+    happens to equal the CFG batch; the result is the native call's, bit for bit."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    make, call = builds.BUILDS["HiDreamImagePipeline"]
+    pipe = make()
+    kwargs = dict(call(SCALE), prompt_embeds_llama3=torch.randn(layers, 1, 5, 16),
+                  negative_prompt_embeds_llama3=torch.randn(layers, 1, 5, 16))
+    native = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    del kwargs["guidance_scale"]
+    with guidance.apply(pipe, ClassifierFreeGuidance(guidance_scale=SCALE)):
+        guided = pipe(**kwargs, generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(guided, native)
