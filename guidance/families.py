@@ -67,6 +67,11 @@ class Family:
     Llama embeddings ``[layers, B, L, D]``: 1); their rows are selected along it.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
+    ``frames_in_batch``: the pipeline steps its 5-D latent ``[B, C, F, H, W]`` with the frames folded into the batch
+    (``x.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)``: text-to-video SD, I2VGen-XL), so the scheduler's batch is
+    ``B * F`` and a prediction is folded the same way before it is stepped.
+    ``distilled_flag``: a pipeline config entry that, when true, marks a guidance-distilled checkpoint of the class
+    (Flux 2 Klein's ``is_distilled``: the pipeline then never runs the unconditional branch): refused up front.
     ``pipelines`` lists every class served by its exact name; a class whose ``__call__`` is inherited from a listed
     one is served as it.
     """
@@ -97,6 +102,8 @@ class Family:
     residuals: tuple[str, ...] = ()
     variance: bool = False
     also_on: tuple[str, ...] = ()
+    frames_in_batch: bool = False
+    distilled_flag: str | None = None
     batch_dims: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,15 +154,19 @@ FAMILIES: tuple[Family, ...] = (
     Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
             "StableDiffusionXLImg2ImgPipeline", "StableDiffusionLDM3DPipeline",
             "StableDiffusionImageVariationPipeline", "StableDiffusionModelEditingPipeline",
-            "TextToVideoSDPipeline", "VideoToVideoSDPipeline", "AudioLDMPipeline", "MusicLDMPipeline",
+            "AudioLDMPipeline", "MusicLDMPipeline",
             "AudioLDM2Pipeline", "LDMTextToImagePipeline", "AltDiffusionPipeline", "BlipDiffusionPipeline",
-            "StableUnCLIPImg2ImgPipeline", "StableDiffusionGLIGENPipeline", "I2VGenXLPipeline"),
+            "StableUnCLIPImg2ImgPipeline"),
            "uc", "diffusion", neutral=_RESCALE, **_UNET),
+    # 3-D UNets whose pipelines step the video with its frames folded into the batch
+    Family(("TextToVideoSDPipeline", "VideoToVideoSDPipeline", "I2VGenXLPipeline"), "uc", "diffusion",
+           frames_in_batch=True, **_UNET),
     # img2img that cut the schedule without telling the scheduler (no set_begin_index)
     Family(("AltDiffusionImg2ImgPipeline", "KandinskyImg2ImgPipeline"), "uc", "diffusion", start="timestep",
            neutral=_RESCALE, **_UNET),
+    # (GLIGEN concatenates the masked image latents and the mask in its inpainting mode only: none otherwise)
     Family(("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionDepth2ImgPipeline",
-            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline"),
+            "StableDiffusionUpscalePipeline", "PaintByExamplePipeline", "StableDiffusionGLIGENPipeline"),
            "uc", "diffusion", neutral=_RESCALE, conditioning="channels", **_UNET),
     Family(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
@@ -300,6 +311,32 @@ FAMILIES: tuple[Family, ...] = (
                     "cfg_truncation": (1.0, "use a guide that skips the unconditional branch, e.g. "
                                             "guidance.GuidanceInterval")},
            residuals=("controlnet_block_samples",)),
+    # deprecated Stable Diffusion variants: the parent's [uncond; cond] block
+    Family(("StableDiffusionPipelineSafe",), "uc", "diffusion",
+           neutral={"sld_guidance_scale": (0.0, "safe latent diffusion batches a third, safety-concept branch "
+                                                "apply() does not combine")}, **_UNET),
+    # cuts the schedule without set_begin_index; add_predicted_noise re-noises with the pipeline's uncond chunk
+    Family(("StableDiffusionInpaintPipelineLegacy",), "uc", "diffusion", start="timestep",
+           neutral={"add_predicted_noise": (False, "it re-noises the kept region with the unconditional "
+                                                   "prediction, which apply() replaces")}, **_UNET),
+    # AnimateDiff SparseCtrl: AnimateDiff ControlNet's block; guess mode computes residuals for the conditional rows
+    # only and adds them to the whole batch
+    Family(("AnimateDiffSparseControlNetPipeline",), "uc", "diffusion",
+           repeated=("encoder_hidden_states",) + _UNET_RESIDUALS, residuals=_UNET_RESIDUALS,
+           neutral={"guess_mode": (False, "its residuals then cover the conditional rows only")}, **_UNET),
+    # PIA: AnimateDiff's block on the latent with the frame mask and masked image latents concatenated; it calls
+    # set_begin_index only on schedulers that have it (DDIM, PNDM, DDPM do not): the start is its first timestep's
+    Family(("PIAPipeline",), "uc", "diffusion", conditioning="channels", repeated=("encoder_hidden_states",),
+           start="timestep", **_UNET),
+    # Flux 2 Klein (undistilled): two calls on the latent's tokens with the reference images' tokens appended
+    Family(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
+           distilled_flag="is_distilled"),
+    # Qwen-Image Layered: Qwen-Image Edit's two calls, the input image's tokens appended to the layers' tokens
+    Family(("QwenImageLayeredPipeline",), "two_calls", "flow", conditioning="tokens",
+           neutral={"cfg_normalize": (False, "use guidance.NormRescale")}, **_TRUE_CFG),
+    # Bria Fibo 2: two calls combining float32 copies; its conditional embeddings switch with the level (text images
+    # shown only at levels <= 0.9), so no passes at another level
+    Family(("BriaFibo2Pipeline",), "two_calls", "flow", float32=True, flow_time=None),
     Family(("Lumina2Pipeline",), "two_calls", "flow", output_sign=-1, flow_time="one_minus",
            native="NormRescale(CFG(s))",
            neutral={"cfg_trunc_ratio": (1.0, "use a guide that skips the unconditional branch, e.g. "
@@ -364,6 +401,50 @@ REFUSED: dict[str, str] = {
                "VersatileDiffusionTextToImagePipeline"),
     **_reasons("predicts discrete tokens (masked generative transformer), not a diffusion output",
                "AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline", "VQDiffusionPipeline"),
+    **_reasons("combines its branches with its own momentum APG (normalized_guidance, norm threshold 2.5) inside a "
+               "CFG interval and may blend a third cover pass, not CFG (pipeline_ace_step.py:1180-1231)",
+               "AceStepPipeline"),
+    **_reasons("generates frame chunks autoregressively with a key-value cache, skipping steps whose level equals "
+               "the next one (pipeline_anyflow_far.py:734-765)", "AnyFlowFARPipeline"),
+    **_reasons("appends the edited image's tokens to a batched [uncond; cond] call and cuts them only at "
+               "scheduler.step (pipeline_bria_fibo_edit.py:907, 936), which no batched layout describes",
+               "BriaFiboEditPipeline"),
+    **_reasons("predicts vision, sound and action velocities per call and masks their conditioning positions before "
+               "combining (pipeline_cosmos3_omni.py:1756-1795)", "Cosmos3OmniPipeline"),
+    **_reasons("is guidance-distilled: guidance_scale and image_guidance_scale are accepted and ignored "
+               "(pipeline_dreamlite_mobile.py:442), one network call per step", "DreamLiteMobilePipeline"),
+    **_reasons("is guidance-distilled: guidance_scale feeds the transformer's guidance embedding, one network call "
+               "per step (pipeline_visualcloze_generation.py:856-866)", "VisualClozeGenerationPipeline"),
+    **_reasons("denoises the video chunk by chunk (or stage by stage of a pyramid), a full denoising loop per chunk "
+               "conditioned on history latents (pipeline_helios.py:800-890, pipeline_helios_pyramid.py:860-929)",
+               "HeliosPipeline", "HeliosPyramidPipeline"),
+    **_reasons("runs its unconditional branch through a second network (unconditional_transformer) on another "
+               "sequence, with a per-step guidance schedule (pipeline_ideogram4.py:683-712)", "Ideogram4Pipeline"),
+    **_reasons("overwrites the reference items of its latent before every step and rescales the combination to the "
+               "conditional norm: the scheduler steps a latent part of which is conditioning, which no layout "
+               "describes (pipeline_joyimage_edit.py:815, 835-839; pipeline_joyimage_edit_plus.py:677, 704-707)",
+               "JoyImageEditPipeline", "JoyImageEditPlusPipeline"),
+    **_reasons("predicts video and audio in every call and steps both with two schedulers, overwriting the "
+               "conditioning frame of its latent (pipeline_kandinsky6_ti2va.py:885, 914-921)",
+               "Kandinsky6TI2VAPipeline"),
+    **_reasons("predicts video and audio in one call and combines its guidance in x0 (convert_velocity_to_x0), with "
+               "spatio-temporal and modality-isolation passes (pipeline_ltx2_hdr_lora.py:1407-1482, "
+               "pipeline_ltx2_ic_lora.py:2261-2341)", "LTX2HDRPipeline", "LTX2InContextPipeline"),
+    **_reasons("its network predicts x0, turned into a velocity with a clamped level after combining "
+               "(pipeline_prx_pixel.py:631-633), so guides would be handed x0 as a velocity", "PRXPixelPipeline"),
+    **_reasons("prepends input-image tokens and keeps them in a per-branch key-value cache filled on the first step "
+               "(pipeline_qwenimage21.py:776-812), which extra passes would corrupt", "QwenImage21Pipeline"),
+    **_reasons("conditions frames through a per-frame timestep and keeps the clean frames of its latent "
+               "(pipeline_sana_wm.py:602-630), which no layout describes", "SanaWMPipeline"),
+    **_reasons("denoises the video segment by segment, a full loop per segment conditioned on the previous one "
+               "(pipeline_wan_animate.py:1038-1146)", "WanAnimatePipeline"),
+    **_reasons("steps on reversed flow sigmas (its default scheduler sets invert_sigmas, "
+               "pipeline_longcat_audio_dit.py:113), which apply() does not read", "LongCatAudioDiTPipeline"),
+    **_reasons("steps on reversed flow sigmas (its scheduler sets invert_sigmas; time runs from noise 0 to data 1) "
+               "and batches [cond; uncond] (plus an image branch with input images) stepping one copy "
+               "(pipeline_omnigen.py:440-465), which apply() does not read", "OmniGenPipeline"),
+    **_reasons("passes each sample as a list of clean condition images plus its target with a noise mask "
+               "(pipeline_z_image_omni.py:669-685), which the list layout does not describe", "ZImageOmniPipeline"),
 }
 
 
@@ -405,6 +486,9 @@ def family_of(pipe: Any) -> Family:
     owner = next((cls for cls in type(pipe).__mro__ if "__call__" in vars(cls)), type(pipe))
     for family in FAMILIES:
         if owner.__name__ in family.pipelines:
+            if family.distilled_flag and (getattr(pipe, "config", None) or {}).get(family.distilled_flag):
+                raise TypeError(f"{name} is guidance-distilled ({family.distilled_flag} set in its config): it "
+                                "never evaluates an unconditional branch")
             _check_networks(pipe, family, name)
             return family
     raise TypeError(f"{name} {_refusal(pipe, name)}. apply() serves {len(supported_pipelines())} classes: "

@@ -148,7 +148,7 @@ class GuiderCombiner:
         pred, extra = layout.split(next(t for state, t in zip(batches, outputs) if self._slot(state) == 0), sample)
         guided = self._combine(session, batches, [layout.stepped(t) for t in outputs], sample.shape[1])
         session.end_step()
-        return layout.output(self._last_out, guided.reshape(pred.shape), extra)
+        return layout.output(self._last_out, layout.unstepped(guided, pred), extra)
 
     @staticmethod
     def _slot(state) -> int:

@@ -89,8 +89,18 @@ class Layout:
         return with_prediction(out, list(tensor.unbind(0)) if self.lists else tensor)
 
     def stepped(self, tensor: Tensor) -> Tensor:
-        """A prediction in the shape the pipeline hands ``scheduler.step``."""
+        """A prediction in the shape the pipeline hands ``scheduler.step`` (frames folded into the batch where the
+        family steps them so, ``Family.frames_in_batch``)."""
+        if self.family.frames_in_batch:
+            return tensor.transpose(1, 2).reshape(-1, tensor.shape[1], *tensor.shape[3:])
         return tensor
+
+    def unstepped(self, tensor: Tensor, like: Tensor) -> Tensor:
+        """A prediction in the :meth:`stepped` shape back in the shape of the network's prediction ``like``."""
+        if self.family.frames_in_batch:
+            batch, channels, frames = like.shape[:3]
+            return tensor.reshape(batch, frames, channels, *like.shape[3:]).transpose(1, 2)
+        return tensor.reshape(like.shape)
 
     # -- the stepped latent and the conditioning concatenated to it (``Family.conditioning``) ----------------------
     def width(self, prediction: Tensor, sample: Tensor) -> int:
@@ -205,6 +215,7 @@ class BatchedLayout(Layout):
         renoise = None if pending is None else pending.renoise
         if renoise is None:
             return session.orig_step(model_output, timestep, sample, *args, **kwargs)
+        renoise = self.stepped(renoise)
         if model_output.shape[0] != renoise.shape[0]:  # DiT steps on the doubled batch
             raise TypeError("guides that change the renoise term need a pipeline that steps on one batch copy")
         denoise = model_output[:, : renoise.shape[1]]

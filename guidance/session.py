@@ -63,6 +63,7 @@ class Session:
         self.step_state: dict = {}
         self.call_rows: list[int] = []      # the latent rows of the network calls since the last scheduler step
         self.latent_batch: int | None = None  # the batch the scheduler steps (from the first scheduler.step)
+        self.frames = 1                     # frames folded into the stepped batch (Family.frames_in_batch)
         self.first_index: int | None = None   # Family.start == "timestep": the first step's place in the schedule
 
     # -- installation -----------------------------------------------------------------------------------------
@@ -106,6 +107,8 @@ class Session:
         rows = len(latent) if isinstance(latent, (list, tuple)) else getattr(latent, "shape", (None,))[0]
         self.check_rows(rows, self.latent_batch)
         self.call_rows.append(rows)
+        if self.family.frames_in_batch:  # the scheduler steps B * frames rows (Family.frames_in_batch)
+            self.frames = int(latent.shape[2])
         return self.layout.forward(self, net, arguments)
 
     def check_rows(self, rows: int | None, latent_batch: int | None) -> None:
@@ -124,7 +127,7 @@ class Session:
         """``scheduler.step``: the guard on the step's network calls, then the layout's step."""
         sample = self._step_signature.bind_partial(*args, **kwargs).arguments.get("sample")
         if isinstance(sample, Tensor) and sample.ndim >= 2:
-            self.latent_batch = sample.shape[0]
+            self.latent_batch = sample.shape[0] // (self.frames if self.family.frames_in_batch else 1)
             for rows in self.call_rows:
                 self.check_rows(rows, self.latent_batch)
         self.call_rows = []

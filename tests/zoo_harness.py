@@ -38,9 +38,12 @@ def all_builds() -> Builds:
 
 
 def output_latents(out) -> torch.Tensor:
-    """The latents of a pipeline output (``output_type="latent"``): tuple, ``images``, ``frames`` or ``audios``."""
+    """The latents of a pipeline output (``output_type="latent"``): tuple, ``images``, ``frames`` or ``audios``;
+    LDM3D's ``rgb`` and ``depth`` (it has no latent output) flattened side by side."""
     if isinstance(out, tuple):
         return torch.as_tensor(out[0])
+    if getattr(out, "rgb", None) is not None:
+        return torch.cat([torch.as_tensor(out.rgb).flatten(1), torch.as_tensor(out.depth).flatten(1)], 1)
     for attr in ("images", "frames", "audios", "videos"):
         if getattr(out, attr, None) is not None:
             return torch.as_tensor(getattr(out, attr))
