@@ -63,6 +63,8 @@ class Family:
     reference class, Rectified-CFG++'s sub-step) are refused where a call carries them.
     ``variance``: the network also predicts a variance per latent channel (learned sigma: twice the latent's
     channels out), so with conditioning channels the stepped latent is half the prediction's width.
+    ``batch_dims``: network arguments whose rows lie along another dimension than the first, by name (HiDream's
+    Llama embeddings ``[layers, B, L, D]``: 1); their rows are selected along it.
     ``also_on``: further call arguments the pipeline needs ``>= 1`` to batch all its branches (InstructPix2Pix's
     ``image_guidance_scale``): raised to 1 under apply when lower (the guide's own scales rule).
     ``frames_in_batch``: the pipeline steps its 5-D latent ``[B, C, F, H, W]`` with the frames folded into the batch
@@ -102,6 +104,7 @@ class Family:
     also_on: tuple[str, ...] = ()
     frames_in_batch: bool = False
     distilled_flag: str | None = None
+    batch_dims: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.start not in ("begin_index", "timestep"):
@@ -250,13 +253,18 @@ FAMILIES: tuple[Family, ...] = (
     Family(("CogVideoXImageToVideoPipeline", "CogVideoXFunControlPipeline"), "uc", "diffusion",
            unbatched=("image_rotary_emb",), conditioning="channels", conditioning_dim=2,
            neutral={"use_dynamic_cfg": (False, "use guidance.DynamicCFG")}),
-    # batched flow transformers checked by their CFG block only (no tiny build yet): no passes at other levels
+    # batched flow transformers, network time 1000 s (EasyAnimate, HiDream, Ernie-Image, Bria-FIBO; Sana-Video: the
+    # scheduler's integer timesteps) or s (PRX, Stable Audio 3), measured on tiny builds
     Family(("EasyAnimatePipeline", "EasyAnimateControlPipeline", "EasyAnimateInpaintPipeline"), "uc", "flow",
-           neutral=_RESCALE, flow_time=None),
-    Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", flow_time=None),
-    Family(("AnyFlowPipeline", "BriaFiboPipeline", "PRXPipeline", "ErnieImagePipeline", "StableAudio3Pipeline"),
-           "uc", "flow", flow_time=None),
-    Family(("SanaVideoPipeline",), "uc", "flow", float32=True, flow_time=None),
+           neutral=_RESCALE),
+    # HiDream steps on the negated output (pipeline_hidream_image.py:942); its Llama embeddings batch on dim 1 (l.885)
+    Family(("HiDreamImagePipeline",), "uc", "flow", timestep="timesteps", output_sign=-1,
+           condition="encoder_hidden_states_t5", batch_dims={"encoder_hidden_states_llama3": 1}),
+    Family(("PRXPipeline", "StableAudio3Pipeline"), "uc", "flow"),
+    Family(("ErnieImagePipeline",), "uc", "flow", condition="text_bth"),
+    Family(("SanaVideoPipeline",), "uc", "flow", float32=True),
+    # Bria-FIBO's position ids are [tokens, 3] for every row (its network takes the first row of 3-D ones)
+    Family(("BriaFiboPipeline",), "uc", "flow", unbatched=("txt_ids", "img_ids")),
     # -- two calls per step (cond, then uncond) ---------------------------------------------------------------
     Family(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"), "two_calls", "flow", **_TRUE_CFG),
     Family(("FluxKontextPipeline", "FluxKontextInpaintPipeline"), "two_calls", "flow", conditioning="tokens",
@@ -374,6 +382,9 @@ REFUSED: dict[str, str] = {
                "CosmosVideoToWorldPipeline", "Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline",
                "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"),
     **_reasons("rescales the combined prediction by its standard deviation after CFG", "BriaPipeline"),
+    **_reasons("predicts a flow map (the mean velocity from t to r: its network takes r_timestep, and steps where "
+               "t == r are skipped, pipeline_anyflow.py:578-603) stepped by FlowMapEulerDiscreteScheduler, whose "
+               "levels apply() does not read", "AnyFlowPipeline"),
     **_reasons("runs an extra network call per step to fill a key-value cache", "GlmImagePipeline"),
     **_reasons("steps only part of its latent (conditioning frames or channels kept), which no layout describes",
                "Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline", "Kandinsky5T2IPipeline",

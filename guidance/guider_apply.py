@@ -62,20 +62,32 @@ def check_guider(pipe, guider) -> None:
 
 
 def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, Any], full: int,
-           unbatched: tuple[str, ...], lists: bool = False) -> dict[str, tuple[Any, Any]]:
+           unbatched: tuple[str, ...], lists: bool = False,
+           batch_dims: dict[str, int] | None = None) -> dict[str, tuple[Any, Any]]:
     """The ``(cond, uncond)`` pair of every per-row network input, wherever it is nested (by dotted path); with
-    ``lists``, also of every list of ``full`` per-sample tensors (Z-Image's list batches)."""
+    ``lists``, also of every list of ``full`` per-sample tensors (Z-Image's list batches). Inputs batched along
+    another dimension (``Family.batch_dims``) are paired rows first, as the guider joins batches on dim 0."""
     flat_c, flat_u, flat_full = {}, {}, {}
     whole = (full, full // 2) if lists else (None, None)
+    batch_dims = batch_dims or {}
     for name in cond:
         if name in unbatched:
             continue
-        flatten(cond[name], name, flat_c, whole[1])
-        flatten(uncond[name], name, flat_u, whole[1])
-        flatten(full_args[name], name, flat_full, whole[0])
+        values = (cond[name], uncond[name], full_args[name])
+        if batch_dims.get(name, 0) and isinstance(values[2], Tensor):
+            values = tuple(v.movedim(batch_dims[name], 0) for v in values)
+        flatten(values[0], name, flat_c, whole[1])
+        flatten(values[1], name, flat_u, whole[1])
+        flatten(values[2], name, flat_full, whole[0])
     return {name: (flat_c[name], flat_u[name]) for name, value in flat_full.items()
             if (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == full)
             or (lists and isinstance(value, list) and len(value) == full)}
+
+
+def _batch_dims_back(values: dict[str, Any], batch_dims: dict[str, int]) -> dict[str, Any]:
+    """Guider batch ``values`` (by dotted path) with the inputs of ``Family.batch_dims`` moved back to their own
+    batch dimension."""
+    return {key: value.movedim(0, batch_dims[key]) if key in batch_dims else value for key, value in values.items()}
 
 
 def _network_state(module: torch.nn.Module) -> list[tuple[int, int]]:
@@ -124,12 +136,13 @@ class GuiderCombiner:
         cond_rows, uncond_rows = layout.cfg_rows(full)
         cond = layout.select(arguments, cond_rows.to(device), full)
         uncond = layout.select(arguments, uncond_rows.to(device), full)
-        pairs = _pairs(cond, uncond, arguments, full, session.family.unbatched, layout.lists)
+        pairs = _pairs(cond, uncond, arguments, full, session.family.unbatched, layout.lists,
+                       session.family.batch_dims)
         batches, outputs, plain = self._run_batches(session, net, (cond, uncond), pairs, call.timestep, batch)
         if plain:  # one call on the plain batches, in the pipeline's own row order
             plain.sort(key=lambda i: self._slot(batches[i]) != (0 if layout.cond_first else 1))
             values = {key: join_batches([getattr(batches[i], key) for i in plain]) for key in pairs}
-            merged = self._run(session, net, assemble(cond, values))
+            merged = self._run(session, net, assemble(cond, _batch_dims_back(values, session.family.batch_dims)))
             for j, i in enumerate(plain):
                 outputs[i] = merged[j * batch:(j + 1) * batch]
         pred, extra = layout.split(next(t for state, t in zip(batches, outputs) if self._slot(state) == 0), sample)
@@ -170,7 +183,7 @@ class GuiderCombiner:
                 plain.append(i)  # the unmodified network
             else:
                 fix_block_skip_order(module)
-                values = {key: getattr(state, key) for key in pairs}
+                values = _batch_dims_back({key: getattr(state, key) for key in pairs}, session.family.batch_dims)
                 outputs[i] = self._run(session, net, assemble(templates[self._slot(state)], values))
             guider.cleanup_models(module)
         return batches, outputs, plain

@@ -151,6 +151,9 @@ class Layout:
         if name in self.family.repeated and repeats > 1:
             rows = (rows[:, None] * repeats + torch.arange(repeats, device=rows.device)).flatten()
             full = full * repeats
+        dim = self.family.batch_dims.get(name, 0)
+        if dim and isinstance(value, Tensor):  # rows along another dimension (Family.batch_dims)
+            return select_rows(value.movedim(dim, 0), rows, full, self.lists).movedim(0, dim)
         return select_rows(value, rows, full, self.lists)
 
     # -- the pipeline's control flow ----------------------------------------------------------------------------
