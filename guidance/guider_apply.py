@@ -63,10 +63,13 @@ def check_guider(pipe, guider) -> None:
 
 def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, Any], full: int,
            unbatched: tuple[str, ...], lists: bool = False,
-           batch_dims: dict[str, int] | None = None) -> dict[str, tuple[Any, Any]]:
+           batch_dims: dict[str, int] | None = None, repeated: tuple[str, ...] = (),
+           repeats: int = 1) -> dict[str, tuple[Any, Any]]:
     """The ``(cond, uncond)`` pair of every per-row network input, wherever it is nested (by dotted path); with
     ``lists``, also of every list of ``full`` per-sample tensors (Z-Image's list batches). Inputs batched along
-    another dimension (``Family.batch_dims``) are paired rows first, as the guider joins batches on dim 0."""
+    another dimension (``Family.batch_dims``) are paired rows first, as the guider joins batches on dim 0; inputs
+    repeated ``repeats`` times per row (``Family.repeated``: AnimateDiff's per-frame embeddings) have
+    ``full * repeats`` rows."""
     flat_c, flat_u, flat_full = {}, {}, {}
     whole = (full, full // 2) if lists else (None, None)
     batch_dims = batch_dims or {}
@@ -79,8 +82,11 @@ def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, An
         flatten(values[0], name, flat_c, whole[1])
         flatten(values[1], name, flat_u, whole[1])
         flatten(values[2], name, flat_full, whole[0])
+    def rows(name: str) -> int:
+        return full * repeats if name.split(".")[0] in repeated else full
+
     return {name: (flat_c[name], flat_u[name]) for name, value in flat_full.items()
-            if (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == full)
+            if (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows(name))
             or (lists and isinstance(value, list) and len(value) == full)}
 
 
@@ -137,7 +143,7 @@ class GuiderCombiner:
         cond = layout.select(arguments, cond_rows.to(device), full)
         uncond = layout.select(arguments, uncond_rows.to(device), full)
         pairs = _pairs(cond, uncond, arguments, full, session.family.unbatched, layout.lists,
-                       session.family.batch_dims)
+                       session.family.batch_dims, session.family.repeated, layout.repeats(arguments))
         batches, outputs, plain = self._run_batches(session, net, (cond, uncond), pairs, call.timestep, batch)
         if plain:  # one call on the plain batches, in the pipeline's own row order
             plain.sort(key=lambda i: self._slot(batches[i]) != (0 if layout.cond_first else 1))

@@ -159,3 +159,42 @@ def test_free_noise_context_windows_reproduce_native_cfg(name):
         return dict(kwargs, prompt="a cat", negative_prompt="a dog")
 
     assert_native_reproduced(pipe, prompted)
+
+
+@pytest.mark.parametrize("name", ["AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoControlNetPipeline"])
+def test_diffusers_cfg_guider_reproduces_native_cfg_on_per_frame_arguments(name):
+    """diffusers' ClassifierFreeGuidance through apply pairs the per-frame repeated arguments (prompt embeddings,
+    ControlNet residuals: ``frames`` rows per latent row) like the per-row ones: bit-identical to native CFG, same
+    network rows."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    make, call = builds.BUILDS[name]
+    pipe = make()
+    native, native_rows = run(pipe, call(3.0))
+    guided, rows = run(pipe, call(3.0), ClassifierFreeGuidance(guidance_scale=3.0))
+    assert rows == native_rows and torch.equal(guided, native)
+
+
+def test_pag_guider_through_apply_equals_animatediff_pag():
+    """What the refusal of pag_scale > 0 points to, on AnimateDiff: diffusers' PerturbedAttentionGuidance through
+    apply at pag_scale=0, skipping the attention scores where the pipeline's ``pag_applied_layers=["mid"]`` puts its
+    identity processors (the mid block's spatial transformer and its motion module), equals the pipeline's own PAG
+    (one [u; c; c-perturbed] batch) to float32 rounding."""
+    from diffusers.guiders import PerturbedAttentionGuidance
+    from diffusers.hooks import LayerSkipConfig
+
+    make, call = builds.BUILDS["AnimateDiffPAGPipeline"]
+    pipe = make()
+    skips = [LayerSkipConfig(indices=[0], fqn=f"mid_block.{blocks}.0.transformer_blocks", skip_attention=False,
+                             skip_attention_scores=True, skip_ff=False) for blocks in ("attentions", "motion_modules")]
+    # diffusers' guider perturbs steps int(start N) < i (strict): start -1 includes step 0, as the pipeline does
+    pag = PerturbedAttentionGuidance(guidance_scale=3.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=-1.0,
+                                     perturbed_guidance_stop=1.0, perturbed_guidance_config=skips)
+    hooked, _ = run(pipe, call(3.0), pag)
+    plain, _ = run(pipe, call(3.0))
+    reference, _ = run(pipe, dict(call(3.0), pag_scale=2.0))
+    assert (reference - hooked).abs().max() <= 1e-5  # other batch shapes than the pipeline's: rounding (2e-6)
+    assert (reference - plain).abs().max() > 0.05
+    with guidance.apply(pipe, guidance.CFG(3.0)):
+        with pytest.raises(ValueError, match="pag_scale must be 0.0 .*PerturbedAttentionGuidance"):
+            pipe(**{k: v for k, v in call(3.0).items() if k != "pag_scale"})  # its default is 3.0
