@@ -151,7 +151,10 @@ class GuiderCombiner:
             merged = self._run(session, net, assemble(cond, _batch_dims_back(values, session.family.batch_dims)))
             for j, i in enumerate(plain):
                 outputs[i] = merged[j * batch:(j + 1) * batch]
-        pred, extra = layout.split(next(t for state, t in zip(batches, outputs) if self._slot(state) == 0), sample)
+        cond_out = next(t for state, t in zip(batches, outputs) if self._slot(state) == 0)
+        # the latent the scheduler steps: conditioning channels cut, learned-variance channels kept from cond's
+        sample = layout.latent_part(sample, layout.width(cond_out, sample))
+        pred, extra = layout.split(cond_out, sample)
         guided = self._combine(session, batches, [layout.stepped(t) for t in outputs], sample.shape[1])
         session.end_step()
         return layout.output(self._last_out, layout.unstepped(guided, pred), extra)

@@ -161,11 +161,13 @@ def test_free_noise_context_windows_reproduce_native_cfg(name):
     assert_native_reproduced(pipe, prompted)
 
 
-@pytest.mark.parametrize("name", ["AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoControlNetPipeline"])
-def test_diffusers_cfg_guider_reproduces_native_cfg_on_per_frame_arguments(name):
-    """diffusers' ClassifierFreeGuidance through apply pairs the per-frame repeated arguments (prompt embeddings,
-    ControlNet residuals: ``frames`` rows per latent row) like the per-row ones: bit-identical to native CFG, same
-    network rows."""
+@pytest.mark.parametrize("name", ["AnimateDiffSDXLPipeline", "AnimateDiffVideoToVideoControlNetPipeline",
+                                  "IFSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"])
+def test_diffusers_cfg_guider_reproduces_native_cfg(name):
+    """diffusers' ClassifierFreeGuidance through apply pairs the per-frame repeated arguments (AnimateDiff's prompt
+    embeddings and ControlNet residuals: ``frames`` rows per latent row) like the per-row ones, and combines IF
+    super-resolution's 3 noise channels only, beside its 3 upscaled-image input channels, handing on the
+    conditional rows' variance channels: bit-identical to native CFG, same network rows."""
     from diffusers.guiders import ClassifierFreeGuidance
 
     make, call = builds.BUILDS[name]
