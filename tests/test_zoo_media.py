@@ -18,8 +18,8 @@ def test_native_cfg_is_reproduced_bit_for_bit(name):
 @pytest.mark.parametrize("name", sorted(builds.LEARNED_VARIANCE))
 def test_learned_variance_channels_are_the_native_ones(name):
     """With a scheduler that steps on the learned variance (DDPM ``learned_range``), the variance channels the
-    pipeline hands ``scheduler.step`` under apply must be the native ones (the conditional rows'), or the latents
-    differ."""
+    pipeline hands ``scheduler.step`` under apply (a diffguide guide or a diffusers guider) must be the native ones
+    (the conditional rows'), or the latents differ."""
     make, call = builds.BUILDS[name]
     pipe = make()
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
@@ -28,6 +28,9 @@ def test_learned_variance_channels_are_the_native_ones(name):
     learned, _ = run(pipe, call(3.0))
     assert not torch.equal(fixed, learned)  # the variance channels reach the step
     assert_native_reproduced(pipe, call)
+    from diffusers.guiders import ClassifierFreeGuidance  # diffusers' guider path hands on the same channels
+
+    assert torch.equal(run(pipe, call(3.0), ClassifierFreeGuidance(guidance_scale=3.0))[0], learned)
 
 
 class _Probe(guidance.CFG):
