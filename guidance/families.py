@@ -472,8 +472,8 @@ def _refusal(pipe: Any, name: str) -> str:
     params = inspect.signature(call).parameters if callable(call) else {}
     if "guider" in inspect.signature(type(pipe).__init__).parameters:
         return ("runs CFG through its guider component (a diffusers guider: pipe.guider), not through __call__ "
-                "arguments apply() could take over; its CFG is whatever that guider computes (set one of "
-                "diffusers.guiders there)")
+                "arguments apply() could take over; its CFG is whatever that guider computes. Put the guide in that "
+                "slot instead: pipe.guider = guidance.modular.as_diffusers_guider(guide, pipe.scheduler)")
     if not any(p in params for p in ("guidance_scale", "true_cfg_scale")):
         return "does not run classifier-free guidance (its __call__ takes no guidance_scale or true_cfg_scale)"
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:

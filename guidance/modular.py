@@ -263,6 +263,10 @@ class DiffguideGuider(BaseGuidance):
         guided = guided_checked(self.guide, step)
         if self.guide.changes_renoise:
             self._install_step(guided.renoise)
+        if self._step == self._num_inference_steps - 1:
+            # classic pipelines ask num_conditions before the next call's first set_state (to decide whether to
+            # encode the negative prompt): after the last step it is 2 again, not the last step's need
+            self._mask = None
         return GuiderOutput(pred=guided.denoise, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     # -- the scheduler step of guides that renoise differently (CFG++) ----------------------------------------

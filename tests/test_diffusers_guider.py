@@ -172,7 +172,7 @@ def test_adaptive_guidance_skips_unconditional_passes():
     assert stats.rows_per_step == [2 + n for n in needs_uncond]
     assert guider.stats.rows_per_step == [4 if n else 2 for n in needs_uncond]
     assert rows == [2] * sum(2 if n else 1 for n in needs_uncond)  # one UNet call per batch of 2 rows
-    assert guider.num_conditions == 1  # after the last step
+    assert guider.num_conditions == 2  # after the last step: the next call encodes its negative prompt again
 
 
 def test_linear_ag_replaced_step_skips_the_unconditional_pass():

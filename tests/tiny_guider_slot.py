@@ -1,0 +1,48 @@
+"""Tiny random-weight classic pipelines that run CFG through a ``guider`` component, built offline.
+
+Sizes follow diffusers' fast tests (``tests/pipelines/hunyuan_video1_5``), shrunk. The text encoders and
+tokenizers are left out: calls pass prompt embeddings (:func:`video15_embeddings`) directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                       HunyuanVideo15Transformer3DModel)
+from diffusers.guiders import ClassifierFreeGuidance
+
+TEXT_DIM, TEXT_2_DIM = 16, 32  # widths of the two prompt embeddings (MLLM, ByT5)
+
+
+def tiny_video15(seed: int = 0, guider=None) -> HunyuanVideo15Pipeline:
+    """A text-to-video HunyuanVideo 1.5 pipeline: 1 block, 4 latent channels, VAE compression 4x (space) 2x (time)."""
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=TEXT_DIM,
+        text_embed_2_dim=TEXT_2_DIM, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+        upsample_match_channel=False)
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+        guider=guider if guider is not None else ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def video15_embeddings(batch: int = 1, seed: int = 1, tokens: int = 6, tokens_2: int = 5) -> dict[str, torch.Tensor]:
+    """Random prompt and negative-prompt embeddings with masks (last token of each negative masked out)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix in ("", "negative_"):
+        out[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, TEXT_DIM, generator=gen)
+        out[f"{prefix}prompt_embeds_2"] = torch.randn(batch, tokens_2, TEXT_2_DIM, generator=gen)
+        mask, mask_2 = torch.ones(batch, tokens), torch.ones(batch, tokens_2)
+        if prefix:
+            mask[:, -1] = 0
+            mask_2[:, -1] = 0
+        out[f"{prefix}prompt_embeds_mask"], out[f"{prefix}prompt_embeds_mask_2"] = mask, mask_2
+    return out
