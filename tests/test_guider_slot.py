@@ -1,4 +1,5 @@
-"""diffguide guides in the ``guider`` slot of classic pipelines that run CFG through it (HunyuanVideo 1.5).
+"""diffguide guides in the ``guider`` slot of classic pipelines that run CFG through it (HunyuanVideo 1.5,
+HunyuanImage 2.1).
 
 ``guidance.apply`` refuses these pipelines; ``pipe.guider = as_diffusers_guider(guide, pipe.scheduler)`` runs the
 guide inside the pipeline's own loop. References: diffusers' own guiders in the same slot, same call.
@@ -15,28 +16,33 @@ from diffguide import guidance  # noqa: E402
 from diffguide.guidance.families import _refusal as family_refusal  # noqa: E402
 from diffguide.guidance.modular import as_diffusers_guider  # noqa: E402
 
-from tiny_guider_slot import tiny_video15, video15_embeddings  # noqa: E402
+from tiny_guider_slot import IMAGE_TEXT_DIM, tiny_image, tiny_video15, video15_embeddings  # noqa: E402
 
 SCALE = 4.0
-SHAPE = (1, 4, 2, 4, 4)  # batch, latent channels, latent frames (3 frames / 2 + 1), 16 / 4, 16 / 4
+SHAPES = {"HunyuanVideo15Pipeline": (1, 4, 2, 4, 4),  # batch, channels, frames (3 // 2 + 1), 16 / 4, 16 / 4
+          "HunyuanImagePipeline": (1, 4, 2, 2)}  # batch, channels, 16 / 8, 16 / 8
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_video15()
+@pytest.fixture(scope="module", params=[tiny_video15, tiny_image], ids=["video15", "image"])
+def pipe(request):
+    return request.param()
 
 
 def run(pipe, guider) -> torch.Tensor:
+    """Latents of a 2-step 16x16 call (3 frames for video) with ``guider`` in the slot."""
     pipe.guider = guider
-    return pipe(**video15_embeddings(), height=16, width=16, num_frames=3, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    kwargs = dict(height=16, width=16, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="latent")
+    if type(pipe).__name__ == "HunyuanVideo15Pipeline":
+        return pipe(**video15_embeddings(), num_frames=3, **kwargs).frames
+    return pipe(**video15_embeddings(dims=(IMAGE_TEXT_DIM, IMAGE_TEXT_DIM)), **kwargs).images
 
 
 def test_cfg_in_the_slot_is_bit_identical_to_diffusers_cfg(pipe):
     native = run(pipe, ClassifierFreeGuidance(guidance_scale=SCALE))
     guider = as_diffusers_guider(guidance.CFG(SCALE), pipe.scheduler)
     ours = run(pipe, guider)
-    assert ours.shape == SHAPE
+    assert ours.shape == SHAPES[type(pipe).__name__]
     assert torch.equal(ours, native)
     assert guider.stats.rows_per_step == [2, 2]
     assert not torch.equal(native, run(pipe, ClassifierFreeGuidance(guidance_scale=1.5)))  # the scale matters
@@ -67,7 +73,7 @@ def test_adaptive_guidance_truncation_matches_diffusers_cfg_stopped_after_the_fi
 def test_apg_in_the_slot_runs(pipe):
     guider = as_diffusers_guider(guidance.APG(SCALE), pipe.scheduler)
     ours = run(pipe, guider)
-    assert ours.shape == SHAPE and bool(ours.isfinite().all())
+    assert ours.shape == SHAPES[type(pipe).__name__] and bool(ours.isfinite().all())
     assert guider.stats.rows_per_step == [2, 2]
     assert not torch.equal(ours, run(pipe, ClassifierFreeGuidance(guidance_scale=SCALE)))
 

@@ -1,17 +1,19 @@
 """Tiny random-weight classic pipelines that run CFG through a ``guider`` component, built offline.
 
-Sizes follow diffusers' fast tests (``tests/pipelines/hunyuan_video1_5``), shrunk. The text encoders and
+Sizes follow diffusers' fast tests (``tests/pipelines/hunyuan_video1_5``, ``tests/pipelines/hunyuan_image_21``). The text encoders and
 tokenizers are left out: calls pass prompt embeddings (:func:`video15_embeddings`) directly.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+from diffusers import (AutoencoderKLHunyuanImage, AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler,
+                       HunyuanImagePipeline, HunyuanImageTransformer2DModel, HunyuanVideo15Pipeline,
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 
-TEXT_DIM, TEXT_2_DIM = 16, 32  # widths of the two prompt embeddings (MLLM, ByT5)
+TEXT_DIM, TEXT_2_DIM = 16, 32  # widths of the two prompt embeddings (MLLM, ByT5) of the video build
+IMAGE_TEXT_DIM = 32  # both widths of the image build
 
 
 def tiny_video15(seed: int = 0, guider=None) -> HunyuanVideo15Pipeline:
@@ -33,13 +35,37 @@ def tiny_video15(seed: int = 0, guider=None) -> HunyuanVideo15Pipeline:
     return pipe
 
 
-def video15_embeddings(batch: int = 1, seed: int = 1, tokens: int = 6, tokens_2: int = 5) -> dict[str, torch.Tensor]:
-    """Random prompt and negative-prompt embeddings with masks (last token of each negative masked out)."""
+def tiny_image(seed: int = 0, guider=None) -> HunyuanImagePipeline:
+    """A HunyuanImage 2.1 pipeline: 1 double- and 1 single-stream block, 4 latent channels, VAE compression 8x.
+
+    No ``ocr_guider``: the pipeline runs ``guider`` whatever the prompt (with one set, it runs ``ocr_guider``
+    whenever ``prompt_embeds_2`` is not all zero)."""
+    torch.manual_seed(seed)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), guidance_embeds=False,
+        text_embed_dim=IMAGE_TEXT_DIM, text_embed_2_dim=IMAGE_TEXT_DIM, rope_axes_dim=(4, 4))
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+        scaling_factor=0.476986, spatial_compression_ratio=8, sample_size=128)
+    pipe = HunyuanImagePipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+        guider=guider if guider is not None else ClassifierFreeGuidance(guidance_scale=1.0), ocr_guider=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def video15_embeddings(batch: int = 1, seed: int = 1, tokens: int = 6, tokens_2: int = 5, dims=None
+                       ) -> dict[str, torch.Tensor]:
+    """Random prompt and negative-prompt embeddings with masks (last token of each negative masked out);
+    ``dims``: the widths of the two embeddings (default HunyuanVideo 1.5's)."""
+    dim, dim_2 = dims or (TEXT_DIM, TEXT_2_DIM)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for prefix in ("", "negative_"):
-        out[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, TEXT_DIM, generator=gen)
-        out[f"{prefix}prompt_embeds_2"] = torch.randn(batch, tokens_2, TEXT_2_DIM, generator=gen)
+        out[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, dim, generator=gen)
+        out[f"{prefix}prompt_embeds_2"] = torch.randn(batch, tokens_2, dim_2, generator=gen)
         mask, mask_2 = torch.ones(batch, tokens), torch.ones(batch, tokens_2)
         if prefix:
             mask[:, -1] = 0
