@@ -1,5 +1,5 @@
 """diffguide guides in the ``guider`` slot of classic pipelines that run CFG through it (HunyuanVideo 1.5
-text- and image-to-video, HunyuanImage 2.1).
+text- and image-to-video, HunyuanImage 2.1 and its refiner).
 
 ``guidance.apply`` refuses these pipelines; ``pipe.guider = as_diffusers_guider(guide, pipe.scheduler)`` runs the
 guide inside the pipeline's own loop. References: diffusers' own guiders in the same slot, same call.
@@ -16,17 +16,18 @@ from diffguide import guidance  # noqa: E402
 from diffguide.guidance.families import _refusal as family_refusal  # noqa: E402
 from diffguide.guidance.modular import as_diffusers_guider  # noqa: E402
 
-from tiny_guider_slot import (IMAGE_TEXT_DIM, tiny_image, tiny_video15, tiny_video15_i2v,  # noqa: E402
-                              video15_embeddings, video15_image)
+from tiny_guider_slot import (IMAGE_TEXT_DIM, refiner_image_latents, tiny_image, tiny_image_refiner,  # noqa: E402
+                              tiny_video15, tiny_video15_i2v, prompt_embeddings, video15_image)
 
 SCALE = 4.0
 SHAPES = {"HunyuanVideo15Pipeline": (1, 4, 2, 4, 4),  # batch, channels, frames (3 // 2 + 1), 16 / 4, 16 / 4
           "HunyuanVideo15ImageToVideoPipeline": (1, 4, 2, 4, 4),
-          "HunyuanImagePipeline": (1, 4, 2, 2)}  # batch, channels, 16 / 8, 16 / 8
+          "HunyuanImagePipeline": (1, 4, 2, 2),  # batch, channels, 16 / 8, 16 / 8
+          "HunyuanImageRefinerPipeline": (1, 4, 1, 4, 4)}  # batch, channels, 1 frame, 16 / 4, 16 / 4
 
 
-@pytest.fixture(scope="module", params=[tiny_video15, tiny_video15_i2v, tiny_image],
-                ids=["video15", "video15_i2v", "image"])
+@pytest.fixture(scope="module", params=[tiny_video15, tiny_video15_i2v, tiny_image, tiny_image_refiner],
+                ids=["video15", "video15_i2v", "image", "image_refiner"])
 def pipe(request):
     return request.param()
 
@@ -36,11 +37,15 @@ def run(pipe, guider) -> torch.Tensor:
     pipe.guider = guider
     kwargs = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
     if type(pipe).__name__ == "HunyuanVideo15ImageToVideoPipeline":  # its size is the image's
-        return pipe(image=video15_image(), **video15_embeddings(), num_frames=3, **kwargs).frames
+        return pipe(image=video15_image(), **prompt_embeddings(), num_frames=3, **kwargs).frames
     kwargs.update(height=16, width=16)
     if type(pipe).__name__ == "HunyuanVideo15Pipeline":
-        return pipe(**video15_embeddings(), num_frames=3, **kwargs).frames
-    return pipe(**video15_embeddings(dims=(IMAGE_TEXT_DIM, IMAGE_TEXT_DIM)), **kwargs).images
+        return pipe(**prompt_embeddings(), num_frames=3, **kwargs).frames
+    embeddings = prompt_embeddings(dims=(IMAGE_TEXT_DIM, IMAGE_TEXT_DIM))
+    if type(pipe).__name__ == "HunyuanImageRefinerPipeline":  # one text encoder
+        embeddings = {name: value for name, value in embeddings.items() if not name.endswith("_2")}
+        kwargs.update(image=refiner_image_latents())
+    return pipe(**embeddings, **kwargs).images
 
 
 def test_cfg_in_the_slot_is_bit_identical_to_diffusers_cfg(pipe):

@@ -1,7 +1,7 @@
 """Tiny random-weight classic pipelines that run CFG through a ``guider`` component, built offline.
 
-Sizes follow diffusers' fast tests (``tests/pipelines/hunyuan_video1_5``, ``tests/pipelines/hunyuan_image_21``). The text encoders and
-tokenizers are left out: calls pass prompt embeddings (:func:`video15_embeddings`) directly.
+Sizes follow diffusers' fast tests (``tests/pipelines/hunyuan_video1_5``, ``tests/pipelines/hunyuan_image_21``),
+shrunk. The text encoders and tokenizers are left out: calls pass prompt embeddings (:func:`prompt_embeddings`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import numpy as np
 import PIL.Image
-from diffusers import (AutoencoderKLHunyuanImage, AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler,
-                       HunyuanImagePipeline, HunyuanImageTransformer2DModel, HunyuanVideo15ImageToVideoPipeline,
-                       HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+from diffusers import (AutoencoderKLHunyuanImage, AutoencoderKLHunyuanImageRefiner, AutoencoderKLHunyuanVideo15,
+                       FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageRefinerPipeline,
+                       HunyuanImageTransformer2DModel, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline,
+                       HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
@@ -85,8 +86,32 @@ def tiny_image(seed: int = 0, guider=None) -> HunyuanImagePipeline:
     return pipe
 
 
-def video15_embeddings(batch: int = 1, seed: int = 1, tokens: int = 6, tokens_2: int = 5, dims=None
-                       ) -> dict[str, torch.Tensor]:
+def tiny_image_refiner(seed: int = 0, guider=None) -> HunyuanImageRefinerPipeline:
+    """A HunyuanImage 2.1 refiner: the image build's transformer on (latents, conditioning latents) with 3-D
+    patches and a distilled-guidance embedding, a 2-block refiner VAE (4x space); its ``image`` may be given as
+    latents (:func:`refiner_image_latents`)."""
+    torch.manual_seed(seed)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1, 1), guidance_embeds=True,
+        text_embed_dim=IMAGE_TEXT_DIM, rope_axes_dim=(2, 2, 4))
+    vae = AutoencoderKLHunyuanImageRefiner(
+        latent_channels=4, block_out_channels=(16, 16), layers_per_block=1, spatial_compression_ratio=4,
+        temporal_compression_ratio=2, downsample_match_channel=False, upsample_match_channel=False)
+    pipe = HunyuanImageRefinerPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=vae.eval(), text_encoder=None, tokenizer=None,
+        transformer=transformer.eval(), guider=guider)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def refiner_image_latents(seed: int = 2) -> torch.Tensor:
+    """Random latents of a 16x16 image for :func:`tiny_image_refiner`: (1, 4, 1, 4, 4)."""
+    return torch.randn(1, 4, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_embeddings(batch: int = 1, seed: int = 1, tokens: int = 6, tokens_2: int = 5,
+                      dims: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Random prompt and negative-prompt embeddings with masks (last token of each negative masked out);
     ``dims``: the widths of the two embeddings (default HunyuanVideo 1.5's)."""
     dim, dim_2 = dims or (TEXT_DIM, TEXT_2_DIM)
