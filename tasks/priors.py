@@ -59,7 +59,21 @@ def text_states(pipe: Any, prompt: str = "") -> Tensor:
         return pipe.text_encoder(tokens)[0]
 
 
-class PixelPrior:
+class NetworkPlacement:
+    """``device`` and ``dtype`` of a prior: its denoising ``network``'s."""
+
+    network: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+
+class PixelPrior(NetworkPlacement):
     """A pixel-space prior: a diffusers ``UNet2DModel`` and the scheduler it was trained with.
 
     Args:
@@ -114,14 +128,6 @@ class PixelPrior:
     def modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.network,)
 
-    @property
-    def device(self) -> torch.device:
-        return self.network.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.network.dtype
-
     def denoiser(self) -> DenoiseFn:
         """``(x_t, level) -> x0_hat`` of the network at the VP state ``x_t``, for any batch size."""
         model_fn, prediction_type, label = self.model_fn, self.prediction_type, self.label
@@ -145,7 +151,7 @@ class PixelPrior:
                 f"prediction_type={self.prediction_type!r}, label={self.label})")
 
 
-class LatentPrior:
+class LatentPrior(NetworkPlacement):
     """A latent prior: a pipeline's denoising network, scheduler and VAE, with fixed conditioning.
 
     ``cond`` is a dict of per-row tensors with batch 1: the text embeddings ``prompt_embeds`` (and
@@ -360,14 +366,6 @@ class LatentPrior:
     def modules(self) -> tuple[torch.nn.Module, ...]:
         encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
         return (self.network, self.vae, *[e for e in encoders if e is not None])
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.network.dtype
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents the network steps -> images in [-1, 1]."""
