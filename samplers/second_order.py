@@ -51,6 +51,16 @@ def _churned_estimate(model: DenoiseFn, x: Tensor, plan: Plan, i: int, churn: tu
     return x, s_hat, s_next, est
 
 
+def _dpm_2_step(model: DenoiseFn, plan: Plan, i: int, est, s: float, s_to: float) -> Tensor:
+    """The VE state at ``s_to`` from the estimate at ``s``: ``x0 + s e + (s_to - s) e(s_mid)`` with ``s_mid`` the
+    log-midpoint (DPM-Solver-2); an Euler step to sigma 0 or from pure noise."""
+    if s_to == 0 or math.isinf(s):
+        return est.x0 + s_to * est.eps
+    s_mid = _log_midpoint(s, s_to)
+    est_2 = evaluate(model, to_vp(est.x0 + s_mid * est.eps, s_mid), plan, i, s_mid)
+    return est.x0 + s * est.eps + (s_to - s) * est_2.eps
+
+
 def sample_heun(model: DenoiseFn, x: Tensor, plan: Plan, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, generator: torch.Generator | None = None,
                 noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
@@ -82,12 +92,7 @@ def sample_dpm_2(model: DenoiseFn, x: Tensor, plan: Plan, s_churn: float = 0.0, 
     with torch.no_grad():
         for i in trange(plan.num_steps, disable=disable, desc="sampling"):
             x, s_hat, s_next, est = _churned_estimate(model, x, plan, i, churn, noise, "sample_dpm_2")
-            if s_next == 0 or math.isinf(s_hat):
-                y = est.x0 + s_next * est.eps
-            else:
-                s_mid = _log_midpoint(s_hat, s_next)
-                est_2 = evaluate(model, to_vp(est.x0 + s_mid * est.eps, s_mid), plan, i, s_mid)
-                y = est.x0 + s_hat * est.eps + (s_next - s_hat) * est_2.eps
+            y = _dpm_2_step(model, plan, i, est, s_hat, s_next)
             x = to_vp(y, s_next)
             report(callback, x, i, plan, est)
     return x
@@ -108,12 +113,7 @@ def sample_dpm_2_ancestral(model: DenoiseFn, x: Tensor, plan: Plan, eta: float =
             est = evaluate(model, x, plan, i, s)
             check_renoise_estimate(est, "sample_dpm_2_ancestral", _WHY)
             down, up = ancestral_sigmas(s, s_next, eta)
-            if down == 0 or math.isinf(s):
-                y = est.x0 + down * est.eps
-            else:
-                s_mid = _log_midpoint(s, down)
-                est_2 = evaluate(model, to_vp(est.x0 + s_mid * est.eps, s_mid), plan, i, s_mid)
-                y = est.x0 + s * est.eps + (down - s) * est_2.eps
+            y = _dpm_2_step(model, plan, i, est, s, down)
             if s_next > 0 and up > 0:
                 y = y + up * s_noise * noise(s, s_next)
             x = to_vp(y, s_next)
