@@ -187,11 +187,17 @@ def measure(make, layer: str, kw: dict, native_kw: dict, guides: dict, steps: in
              extra_outside(name), rows[name], rows[name] / rows["native"]) for name in times]
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=_positive, default=7)
+    parser.add_argument("--steps", type=_positive, default=20)
+    parser.add_argument("--batch", type=_positive, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     parser.add_argument("--zoo", action="store_true", help="only the img2img, inpaint and ControlNet rows (printed, "
                         "not written)")
