@@ -82,6 +82,7 @@ def _pairs(cond: dict[str, Any], uncond: dict[str, Any], full_args: dict[str, An
         flatten(values[0], name, flat_c, whole[1])
         flatten(values[1], name, flat_u, whole[1])
         flatten(values[2], name, flat_full, whole[0])
+
     def rows(name: str) -> int:
         return full * repeats if name.split(".")[0] in repeated else full
 
